@@ -1,0 +1,355 @@
+//! Chunks: how one block of plaintext becomes a named, compressed, encrypted blob and back.
+//!
+//! A block is named by a keyed BLAKE3 hash of its plaintext ([`TenantKey::chunk_id`]), so equal
+//! blocks dedupe across disks and time, while the storage (which sees only names and ciphertext)
+//! cannot test a guess of a block's content without the tenant's key.
+//!
+//! A sealed blob is `header || ciphertext || tag` (see `docs/formats.md`, "Chunk blob"): zstd is
+//! applied first and kept only when it makes the block smaller; AES-256-GCM (ring) then encrypts
+//! with a random 96-bit nonce. The associated data is the header plus a caller-chosen context:
+//! for stored chunks that context is the chunk's own name, so a blob stored under another name
+//! fails authentication. Position binding (disk, block index) lives in the authenticated block
+//! map (map pages are named by a keyed hash that covers disk, level and index), because one stored
+//! chunk serves every position that holds the same plaintext.
+//!
+//! This crate has no I/O policy: it transforms bytes.
+
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+use std::fmt;
+use std::str::FromStr;
+
+/// The default block size of a protected disk's block map (64 KiB).
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+/// The largest plaintext a blob may carry; anything bigger is refused before allocation.
+pub const MAX_PLAINTEXT: usize = 16 * 1024 * 1024;
+
+const BLOB_MAGIC: [u8; 4] = *b"FCB1";
+const BLOB_VERSION: u8 = 1;
+const FLAG_ZSTD: u8 = 1;
+/// magic(4) version(1) flags(1) reserved(2) plaintext_len(4) nonce(12)
+pub const BLOB_HEADER_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+const ZSTD_LEVEL: i32 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChunkError {
+    #[error("blob is too short ({0} bytes)")]
+    Truncated(usize),
+    #[error("blob has a bad magic number or unsupported version")]
+    BadHeader,
+    #[error("blob declares {0} bytes of plaintext, more than the limit")]
+    TooLarge(usize),
+    #[error("blob failed authentication (corrupted, truncated, or stored under another name)")]
+    Authentication,
+    #[error("blob's compressed payload is corrupt")]
+    Decompress,
+    #[error("chunk content does not match its name {0}")]
+    NameMismatch(ChunkId),
+    #[error("bad key material: {0}")]
+    BadKey(&'static str),
+}
+
+/// The name of a chunk: keyed BLAKE3 of its plaintext.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    pub const ZERO: ChunkId = ChunkId([0; 32]);
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 32]
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", &self.to_hex()[..16])
+    }
+}
+
+impl FromStr for ChunkId {
+    type Err = ChunkError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let v = hex::decode(s).map_err(|_| ChunkError::BadKey("chunk id is not hex"))?;
+        let a: [u8; 32] = v
+            .try_into()
+            .map_err(|_| ChunkError::BadKey("chunk id is not 32 bytes"))?;
+        Ok(ChunkId(a))
+    }
+}
+
+/// A tenant's key material, derived from one 32-byte secret.
+pub struct TenantKey {
+    hash_key: [u8; 32],
+    map_key: [u8; 32],
+    aead: LessSafeKey,
+    rng: SystemRandom,
+}
+
+impl TenantKey {
+    /// Derive the hashing and encryption keys from the tenant secret (BLAKE3 derive_key, which is
+    /// a KDF with domain separation by context string).
+    pub fn from_secret(secret: &[u8; 32]) -> Self {
+        let hash_key = blake3::derive_key("ferry 2026 chunk-name key v1", secret);
+        let map_key = blake3::derive_key("ferry 2026 map-page key v1", secret);
+        let enc_key = blake3::derive_key("ferry 2026 chunk aes-256-gcm key v1", secret);
+        let unbound = UnboundKey::new(&AES_256_GCM, &enc_key).expect("32-byte AES-256 key");
+        TenantKey {
+            hash_key,
+            map_key,
+            aead: LessSafeKey::new(unbound),
+            rng: SystemRandom::new(),
+        }
+    }
+
+    /// Parse a secret written as 64 hex digits (the key file format), surrounding space ignored.
+    pub fn from_hex(text: &str) -> Result<Self, ChunkError> {
+        let v = hex::decode(text.trim()).map_err(|_| ChunkError::BadKey("key is not hex"))?;
+        let a: [u8; 32] = v
+            .try_into()
+            .map_err(|_| ChunkError::BadKey("key must be 32 bytes (64 hex digits)"))?;
+        Ok(Self::from_secret(&a))
+    }
+
+    /// A fresh random secret, as 64 hex digits.
+    pub fn generate_hex() -> String {
+        let mut s = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut s)
+            .expect("system random source");
+        hex::encode(s)
+    }
+
+    /// The name of a block of plaintext.
+    pub fn chunk_id(&self, plaintext: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.hash_key, plaintext).as_bytes())
+    }
+
+    /// The name of a block-map page: binds the page's bytes to its disk, tree level and index.
+    pub fn map_page_id(&self, disk: &str, level: u8, index: u64, bytes: &[u8]) -> ChunkId {
+        let mut h = blake3::Hasher::new_keyed(&self.map_key);
+        h.update(&(disk.len() as u32).to_le_bytes());
+        h.update(disk.as_bytes());
+        h.update(&[level]);
+        h.update(&index.to_le_bytes());
+        h.update(bytes);
+        ChunkId(*h.finalize().as_bytes())
+    }
+
+    /// A keyed MAC over arbitrary bytes (for small authenticated records such as checkpoint roots).
+    pub fn mac(&self, context: &str, bytes: &[u8]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.map_key);
+        h.update(context.as_bytes());
+        h.update(&[0]);
+        h.update(bytes);
+        *h.finalize().as_bytes()
+    }
+
+    /// Seal a stored chunk: the associated data is its name.
+    pub fn seal_chunk(&self, id: &ChunkId, plaintext: &[u8]) -> Vec<u8> {
+        self.seal(plaintext, &id.0)
+    }
+
+    /// Open a stored chunk and check that its plaintext matches its name.
+    pub fn open_chunk(&self, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, ChunkError> {
+        let plain = self.open(blob, &id.0)?;
+        if self.chunk_id(&plain) != *id {
+            return Err(ChunkError::NameMismatch(*id));
+        }
+        Ok(plain)
+    }
+
+    /// Compress (when it helps) and encrypt `plaintext`, authenticating `context` with it.
+    pub fn seal(&self, plaintext: &[u8], context: &[u8]) -> Vec<u8> {
+        assert!(plaintext.len() <= MAX_PLAINTEXT, "plaintext over MAX_PLAINTEXT");
+        let compressed = zstd::bulk::compress(plaintext, ZSTD_LEVEL).ok();
+        let (flags, payload): (u8, &[u8]) = match &compressed {
+            Some(c) if c.len() < plaintext.len() => (FLAG_ZSTD, c),
+            _ => (0, plaintext),
+        };
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).expect("system random source");
+        let mut out = Vec::with_capacity(BLOB_HEADER_LEN + payload.len() + TAG_LEN);
+        out.extend_from_slice(&BLOB_MAGIC);
+        out.push(BLOB_VERSION);
+        out.push(flags);
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&(plaintext.len() as u32).to_le_bytes());
+        out.extend_from_slice(&nonce);
+        let aad = aad_bytes(&out[..BLOB_HEADER_LEN], context);
+        let mut body = payload.to_vec();
+        let tag = self
+            .aead
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad),
+                &mut body,
+            )
+            .expect("AES-GCM seal of a bounded buffer");
+        out.extend_from_slice(&body);
+        out.extend_from_slice(tag.as_ref());
+        out
+    }
+
+    /// Decrypt and decompress a blob made by [`TenantKey::seal`] with the same `context`.
+    pub fn open(&self, blob: &[u8], context: &[u8]) -> Result<Vec<u8>, ChunkError> {
+        let header = parse_header(blob)?;
+        let aad = aad_bytes(&blob[..BLOB_HEADER_LEN], context);
+        let mut body = blob[BLOB_HEADER_LEN..].to_vec();
+        let nonce = Nonce::try_assume_unique_for_key(&blob[12..24])
+            .map_err(|_| ChunkError::BadHeader)?;
+        let plain = self
+            .aead
+            .open_in_place(nonce, Aad::from(&aad), &mut body)
+            .map_err(|_| ChunkError::Authentication)?;
+        let out = if header.flags & FLAG_ZSTD != 0 {
+            let v = zstd::bulk::decompress(plain, header.plaintext_len)
+                .map_err(|_| ChunkError::Decompress)?;
+            if v.len() != header.plaintext_len {
+                return Err(ChunkError::Decompress);
+            }
+            v
+        } else {
+            if plain.len() != header.plaintext_len {
+                return Err(ChunkError::Authentication);
+            }
+            plain.to_vec()
+        };
+        Ok(out)
+    }
+}
+
+struct Header {
+    flags: u8,
+    plaintext_len: usize,
+}
+
+fn parse_header(blob: &[u8]) -> Result<Header, ChunkError> {
+    if blob.len() < BLOB_HEADER_LEN + TAG_LEN {
+        return Err(ChunkError::Truncated(blob.len()));
+    }
+    if blob[0..4] != BLOB_MAGIC || blob[4] != BLOB_VERSION || blob[5] & !FLAG_ZSTD != 0 {
+        return Err(ChunkError::BadHeader);
+    }
+    let plaintext_len = u32::from_le_bytes(blob[8..12].try_into().expect("4 bytes")) as usize;
+    if plaintext_len > MAX_PLAINTEXT {
+        return Err(ChunkError::TooLarge(plaintext_len));
+    }
+    Ok(Header {
+        flags: blob[5],
+        plaintext_len,
+    })
+}
+
+fn aad_bytes(header: &[u8], context: &[u8]) -> Vec<u8> {
+    let mut a = Vec::with_capacity(header.len() + 4 + context.len());
+    a.extend_from_slice(header);
+    a.extend_from_slice(&(context.len() as u32).to_le_bytes());
+    a.extend_from_slice(context);
+    a
+}
+
+/// True when every byte is zero (such blocks become holes, never chunks).
+pub fn is_zero(data: &[u8]) -> bool {
+    let words = data.chunks_exact(8);
+    let tail = words.remainder();
+    tail.iter().all(|&b| b == 0)
+        && words
+            .into_iter()
+            .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> TenantKey {
+        TenantKey::from_secret(&[7u8; 32])
+    }
+
+    #[test]
+    fn round_trip_compressible_and_random() {
+        let k = key();
+        let text = b"ferry ".repeat(10_000);
+        let mut random = vec![0u8; 65536];
+        SystemRandom::new().fill(&mut random).unwrap();
+        for plain in [&text[..], &random[..], b"", b"x"] {
+            let id = k.chunk_id(plain);
+            let blob = k.seal_chunk(&id, plain);
+            assert_eq!(k.open_chunk(&id, &blob).unwrap(), plain);
+        }
+        // compression kept only when it helps
+        assert!(k.seal(&text, b"").len() < text.len() / 10);
+        assert!(k.seal(&random, b"").len() <= random.len() + BLOB_HEADER_LEN + TAG_LEN);
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let k = key();
+        let plain = b"marker FERRY-SECRET data".repeat(100);
+        let id = k.chunk_id(&plain);
+        let blob = k.seal_chunk(&id, &plain);
+        for i in [0, 5, 9, 13, BLOB_HEADER_LEN, blob.len() - 1] {
+            let mut bad = blob.clone();
+            bad[i] ^= 0x40;
+            assert!(k.open_chunk(&id, &bad).is_err(), "flip at {i} not caught");
+        }
+        assert_eq!(
+            k.open_chunk(&id, &blob[..10]),
+            Err(ChunkError::Truncated(10))
+        );
+        // A valid blob stored under another name is rejected.
+        let other = k.chunk_id(b"other");
+        assert_eq!(
+            k.open_chunk(&other, &blob),
+            Err(ChunkError::Authentication)
+        );
+        // No plaintext in the blob.
+        assert!(!blob.windows(12).any(|w| w == b"FERRY-SECRET"));
+    }
+
+    #[test]
+    fn names_depend_on_key_and_position_binding_on_map() {
+        let a = key();
+        let b = TenantKey::from_secret(&[8u8; 32]);
+        assert_ne!(a.chunk_id(b"x"), b.chunk_id(b"x"));
+        assert_ne!(
+            a.map_page_id("d1", 0, 1, b"p"),
+            a.map_page_id("d1", 0, 2, b"p")
+        );
+        assert_ne!(
+            a.map_page_id("d1", 0, 1, b"p"),
+            a.map_page_id("d2", 0, 1, b"p")
+        );
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 65536]));
+        assert!(is_zero(&[0u8; 13]));
+        let mut v = vec![0u8; 65537];
+        v[65536] = 1;
+        assert!(!is_zero(&v));
+        v[65536] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn hex_ids_and_keys() {
+        let k = key();
+        let id = k.chunk_id(b"abc");
+        assert_eq!(id.to_hex().parse::<ChunkId>().unwrap(), id);
+        assert!(TenantKey::from_hex("zz").is_err());
+        assert!(TenantKey::from_hex(&TenantKey::generate_hex()).is_ok());
+    }
+}
