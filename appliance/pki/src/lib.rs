@@ -1,1 +1,215 @@
-//! placeholder
+//! Certificates and TLS configurations for Ferry's links.
+//!
+//! Two links use TLS: QEMU → process server (NBD with `OPT_STARTTLS`, QEMU's `tls-creds-x509`)
+//! and process server → master target (replication, mutual TLS). One PKI directory serves both and
+//! uses QEMU's own file names, so QEMU can be pointed at it with `tls-creds-x509,dir=...`:
+//!
+//! | file | what |
+//! | --- | --- |
+//! | `ca-cert.pem` | the site CA every peer trusts |
+//! | `ca-key.pem` | the CA's key (kept only where certificates are issued) |
+//! | `server-cert.pem`, `server-key.pem` | server identity (NBD server, master target) |
+//! | `client-cert.pem`, `client-key.pem` | client identity (QEMU, process server) |
+//!
+//! Keys are ECDSA P-256; rustls uses the ring provider throughout.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no usable PEM item ({what})")]
+    Pem { path: PathBuf, what: &'static str },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(String),
+    #[error("{0} already exists; refusing to overwrite a PKI")]
+    Exists(PathBuf),
+}
+
+/// The names a server certificate is always valid for, besides the ones asked for.
+const LOCAL_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// Create a new CA and a server and a client certificate in `dir`.
+/// `server_names` are extra DNS names or IP addresses for the server certificate.
+pub fn init(dir: &Path, server_names: &[String]) -> Result<(), PkiError> {
+    let ca_path = dir.join("ca-cert.pem");
+    if ca_path.exists() {
+        return Err(PkiError::Exists(ca_path));
+    }
+    fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name = name("Ferry site CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let mut names: Vec<String> = LOCAL_NAMES.iter().map(|s| s.to_string()).collect();
+    names.extend(server_names.iter().cloned());
+    let server_key = KeyPair::generate()?;
+    let mut server_params = CertificateParams::new(names)?;
+    server_params.distinguished_name = name("Ferry server");
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = server_params.signed_by(&server_key, &issuer)?;
+
+    let client_key = KeyPair::generate()?;
+    let mut client_params = CertificateParams::new(vec!["ferry-client".to_string()])?;
+    client_params.distinguished_name = name("Ferry client");
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &issuer)?;
+
+    write(dir, "ca-key.pem", &issuer.key().serialize_pem(), true)?;
+    write(dir, "server-cert.pem", &server_cert.pem(), false)?;
+    write(dir, "server-key.pem", &server_key.serialize_pem(), true)?;
+    write(dir, "client-cert.pem", &client_cert.pem(), false)?;
+    write(dir, "client-key.pem", &client_key.serialize_pem(), true)?;
+    // Written last: its presence means the PKI is complete.
+    write(dir, "ca-cert.pem", &ca_cert.pem(), false)?;
+    Ok(())
+}
+
+fn name(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn.push(DnType::OrganizationName, "Ferry");
+    dn
+}
+
+fn io(path: &Path, source: std::io::Error) -> PkiError {
+    PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write(dir: &Path, file: &str, text: &str, secret: bool) -> Result<(), PkiError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(file);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&path)
+        .map_err(|e| io(&path, e))?;
+    f.write_all(text.as_bytes()).map_err(|e| io(&path, e))?;
+    f.sync_all().map_err(|e| io(&path, e))
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let v: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|_| PkiError::Pem {
+            path: path.into(),
+            what: "certificate",
+        })?
+        .collect::<Result<_, _>>()
+        .map_err(|_| PkiError::Pem {
+            path: path.into(),
+            what: "certificate",
+        })?;
+    if v.is_empty() {
+        return Err(PkiError::Pem {
+            path: path.into(),
+            what: "certificate",
+        });
+    }
+    Ok(v)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|_| PkiError::Pem {
+        path: path.into(),
+        what: "private key",
+    })
+}
+
+fn roots(dir: &Path) -> Result<rustls::RootCertStore, PkiError> {
+    let mut store = rustls::RootCertStore::empty();
+    for c in certs(&dir.join("ca-cert.pem"))? {
+        store.add(c)?;
+    }
+    Ok(store)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server side. With `require_client_cert`, only clients holding a certificate from the site CA
+/// may connect (the replication link); without it, any client may (NBD from QEMU).
+pub fn server_config(
+    dir: &Path,
+    require_client_cert: bool,
+) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
+    let builder = if require_client_cert {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots(dir)?),
+            provider(),
+        )
+        .build()
+        .map_err(|e| PkiError::Verifier(e.to_string()))?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let cfg = builder.with_single_cert(
+        certs(&dir.join("server-cert.pem"))?,
+        key(&dir.join("server-key.pem"))?,
+    )?;
+    Ok(Arc::new(cfg))
+}
+
+/// Client side: trusts the site CA and presents the client certificate.
+pub fn client_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(dir)?)
+        .with_client_auth_cert(
+            certs(&dir.join("client-cert.pem"))?,
+            key(&dir.join("client-key.pem"))?,
+        )?;
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_then_load_and_refuse_overwrite() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path(), &["ferry.example".into()]).unwrap();
+        server_config(d.path(), true).unwrap();
+        server_config(d.path(), false).unwrap();
+        client_config(d.path()).unwrap();
+        assert!(matches!(init(d.path(), &[]), Err(PkiError::Exists(_))));
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let e = client_config(d.path()).unwrap_err().to_string();
+        assert!(e.contains("ca-cert.pem"), "{e}");
+    }
+}
