@@ -1,1 +1,464 @@
-fn main() {}
+//! `ferry`: one program, a subcommand per role. The roles live in their crates; this file reads
+//! arguments, sets up logging, and reports errors with context.
+
+mod demo;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use ferry::{load_key, parse_size};
+use ferry_repository::{ExportFormat, Repository, RetentionPolicy, RetentionTier};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Ferry disaster-recovery replication gateway")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct RepoArgs {
+    /// The recovery repository directory (master target).
+    #[arg(long, default_value = "/var/lib/ferry/repository")]
+    repo: PathBuf,
+    /// The tenant key file (64 hex digits).
+    #[arg(long, default_value = "/etc/ferry/tenant.key")]
+    key: PathBuf,
+}
+
+impl RepoArgs {
+    fn open(&self) -> anyhow::Result<Repository> {
+        if !self.repo.exists() {
+            bail!("no repository at {}", self.repo.display());
+        }
+        Repository::open(&self.repo, load_key(&self.key)?)
+            .with_context(|| format!("opening the repository {}", self.repo.display()))
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the demo: protect a disk, replicate it, recover it, prove it matches.
+    Demo(demo::DemoArgs),
+    /// Create a tenant key file.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Create a site CA and server and client certificates in a directory.
+    PkiInit {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Extra DNS names or IP addresses for the server certificate.
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+    /// Run the process server: NBD target for the hypervisor's mirror, journal, shipping.
+    ProcessServer(ProcessServerArgs),
+    /// Run the master target: receive replication into the recovery repository.
+    MasterTarget {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// PKI directory (ca-cert.pem, server-cert.pem, server-key.pem).
+        #[arg(long, default_value = "/etc/ferry/pki")]
+        pki: PathBuf,
+    },
+    /// List protected disks and their recovery points.
+    Points {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Only this disk.
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a recovery point to a raw or qcow2 file.
+    Export {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(long)]
+        disk: String,
+        /// A point's sequence number, or `latest`.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2"])]
+        format: String,
+    },
+    /// Serve a recovery point read-only over NBD at once (instant access); export name = disk.
+    Serve {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(long)]
+        disk: String,
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long, default_value = "127.0.0.1:10810")]
+        listen: SocketAddr,
+    },
+    /// Check that every chunk decrypts and matches its name, and every point is intact.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Thin out old recovery points by the retention tiers, then collect unreferenced chunks.
+    Retention {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Keep every point younger than this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        keep_all_secs: u64,
+        /// Coarser tiers as EVERY:FOR in seconds, e.g. 300:86400 3600:1209600.
+        #[arg(long = "tier", default_values_t = ["300:86400".to_string(), "3600:1209600".to_string()])]
+        tiers: Vec<String>,
+    },
+    /// Show each protected disk's replication state at this process server.
+    Status {
+        #[arg(long, default_value = "/var/cache/ferry")]
+        cache: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ProcessServerArgs {
+    /// Cache directory on the NVMe device (journals, status).
+    #[arg(long, default_value = "/var/cache/ferry")]
+    cache: PathBuf,
+    #[arg(long, default_value = "0.0.0.0:10809")]
+    nbd_listen: SocketAddr,
+    /// A protected disk as NAME=SIZE (SIZE must equal the source disk's size). Repeatable.
+    #[arg(long = "disk", required = true)]
+    disks: Vec<String>,
+    /// The master target, HOST:PORT.
+    #[arg(long)]
+    master: String,
+    #[arg(long, default_value = "/etc/ferry/pki")]
+    pki: PathBuf,
+    #[arg(long, default_value = "/etc/ferry/tenant.key")]
+    key: PathBuf,
+    /// Require TLS on NBD connections (QEMU tls-creds-x509 with this PKI's ca-cert.pem).
+    #[arg(long)]
+    nbd_tls: bool,
+    /// Checkpoint interval in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// Journal capacity per disk in bytes (K/M/G suffixes allowed).
+    #[arg(long, default_value = "1G")]
+    journal_capacity: String,
+    /// Block size of the recovery repository's block map.
+    #[arg(long, default_value_t = ferry_chunk::DEFAULT_BLOCK_SIZE)]
+    block_size: u32,
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("ferry: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn point_seq(repo: &Repository, disk: &str, point: &str) -> anyhow::Result<u64> {
+    if point == "latest" {
+        return repo
+            .latest(disk)
+            .map(|p| p.meta.seq)
+            .with_context(|| format!("disk {disk} has no recovery point"));
+    }
+    point
+        .parse()
+        .with_context(|| format!("--point must be a sequence number or `latest`, not {point:?}"))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Demo(a) => demo::run(a),
+        Cmd::Keygen { out } => {
+            ferry::write_new_key(&out)?;
+            println!("wrote a new tenant key to {}", out.display());
+            Ok(())
+        }
+        Cmd::PkiInit { dir, names } => {
+            ferry_pki::init(&dir, &names)?;
+            println!("created a site CA and certificates in {}", dir.display());
+            Ok(())
+        }
+        Cmd::ProcessServer(a) => process_server(a),
+        Cmd::MasterTarget { repo, listen, pki } => {
+            std::fs::create_dir_all(&repo.repo)
+                .with_context(|| format!("creating {}", repo.repo.display()))?;
+            let r = Repository::open(&repo.repo, load_key(&repo.key)?)
+                .with_context(|| format!("opening the repository {}", repo.repo.display()))?;
+            let cfg = ferry_master_target::Config {
+                listen,
+                tls: ferry_pki::server_config(&pki, true)?,
+                repo: Arc::new(r),
+                key: Arc::new(load_key(&repo.key)?),
+            };
+            runtime()?.block_on(ferry_master_target::run(cfg))
+        }
+        Cmd::Points { repo, disk, json } => {
+            let r = repo.open()?;
+            let disks: Vec<String> = match disk {
+                Some(d) => vec![d],
+                None => r.disks().into_iter().map(|d| d.name).collect(),
+            };
+            let mut all = Vec::new();
+            for d in &disks {
+                all.extend(r.points(d)?);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:>8} {:<24} {:>12} {:>12} {:<11} {:>10}",
+                "DISK", "POINT", "TIME (UTC)", "JOURNAL", "SIZE", "CONSISTENCY", "CHANGED"
+            );
+            for p in &all {
+                println!(
+                    "{:<16} {:>8} {:<24} {:>12} {:>12} {:<11} {:>10}",
+                    p.disk,
+                    p.meta.seq,
+                    format_time(p.meta.created_unix_ns),
+                    p.meta.journal_end,
+                    human(p.meta.disk_size),
+                    format!("{:?}", p.meta.consistency).to_lowercase(),
+                    p.changed_blocks
+                );
+            }
+            if all.is_empty() {
+                println!("(no recovery points)");
+            }
+            Ok(())
+        }
+        Cmd::Export {
+            repo,
+            disk,
+            point,
+            output,
+            format,
+        } => {
+            let r = repo.open()?;
+            let seq = point_seq(&r, &disk, &point)?;
+            let fmt = if format == "qcow2" {
+                ExportFormat::Qcow2
+            } else {
+                ExportFormat::Raw
+            };
+            r.export(&disk, seq, &output, fmt)?;
+            println!("exported {disk} point {seq} to {} ({format})", output.display());
+            Ok(())
+        }
+        Cmd::Serve {
+            repo,
+            disk,
+            point,
+            listen,
+        } => {
+            let r = repo.open()?;
+            let seq = point_seq(&r, &disk, &point)?;
+            let reader = Arc::new(r.reader(&disk, seq)?);
+            let mut exports: std::collections::HashMap<String, Arc<dyn ferry_nbd::Export>> =
+                Default::default();
+            exports.insert(
+                disk.clone(),
+                Arc::new(ferry_master_target::instant::PointExport { reader }),
+            );
+            let cfg = Arc::new(ferry_nbd::ServerConfig {
+                exports,
+                tls: None,
+                require_tls: false,
+            });
+            runtime()?.block_on(async move {
+                let l = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                eprintln!("serving {disk} point {seq} read-only at nbd://{listen}/{disk}");
+                ferry_nbd::serve_tcp(l, cfg).await.context("NBD server")
+            })
+        }
+        Cmd::Verify { repo, json } => {
+            let r = repo.open()?;
+            let report = r.verify();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "checked {} points, {} pages, {} chunks: {} problems",
+                    report.points_checked,
+                    report.pages_checked,
+                    report.chunks_checked,
+                    report.bad.len()
+                );
+                for b in &report.bad {
+                    let pts: Vec<String> =
+                        b.points.iter().map(|(d, s)| format!("{d}@{s}")).collect();
+                    println!("BAD {} {}: {} (used by {})", b.kind, b.id, b.reason, pts.join(", "));
+                }
+            }
+            if !report.bad.is_empty() {
+                bail!("the repository has {} damaged objects", report.bad.len());
+            }
+            Ok(())
+        }
+        Cmd::Retention {
+            repo,
+            keep_all_secs,
+            tiers,
+        } => {
+            let r = repo.open()?;
+            let mut policy = RetentionPolicy {
+                keep_all_secs,
+                tiers: Vec::new(),
+            };
+            for t in &tiers {
+                let (e, f) = t
+                    .split_once(':')
+                    .with_context(|| format!("tier {t:?} must be EVERY:FOR in seconds"))?;
+                policy.tiers.push(RetentionTier {
+                    every_secs: e.parse().context("tier EVERY")?,
+                    for_secs: f.parse().context("tier FOR")?,
+                });
+            }
+            let now = ferry_process_server::status::now_unix_ns();
+            for d in r.disks() {
+                let gone = r.apply_retention(&d.name, &policy, now)?;
+                println!("{}: removed {} points", d.name, gone.len());
+            }
+            let gc = r.gc()?;
+            println!("{gc:?}");
+            Ok(())
+        }
+        Cmd::Status { cache, json } => {
+            let st = ferry_process_server::read_statuses(&cache)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:<16} {:>9} {:>10} {:>10} {:>12}  LAST ERROR",
+                "DISK", "STATE", "CONNECTED", "POINT", "BACKLOG", "JOURNAL"
+            );
+            for s in st {
+                println!(
+                    "{:<16} {:<16} {:>9} {:>10} {:>10} {:>12}  {}",
+                    s.disk,
+                    serde_json::to_value(&s.state)?.as_str().unwrap_or("?"),
+                    s.connected,
+                    s.acked_seq,
+                    s.journal_durable_seq.saturating_sub(s.acked_journal_seq),
+                    human(s.journal_used_bytes),
+                    s.last_error.unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
+    let mut disks = Vec::new();
+    for d in &a.disks {
+        let (name, size) = d
+            .split_once('=')
+            .with_context(|| format!("--disk {d:?} must be NAME=SIZE"))?;
+        disks.push(ferry_process_server::DiskSpec {
+            name: name.to_string(),
+            size: parse_size(size)?,
+        });
+    }
+    if !a.block_size.is_power_of_two() || !(4096..=1 << 20).contains(&a.block_size) {
+        bail!("--block-size must be a power of two from 4096 to 1048576");
+    }
+    let host = a
+        .master
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']'))
+        .with_context(|| format!("--master {:?} must be HOST:PORT", a.master))?;
+    let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .with_context(|| format!("{host:?} is not a valid host name"))?;
+    let cfg = ferry_process_server::Config {
+        cache_dir: a.cache,
+        nbd_listen: a.nbd_listen,
+        nbd_tls: if a.nbd_tls {
+            Some(ferry_pki::server_config(&a.pki, false)?)
+        } else {
+            None
+        },
+        disks,
+        block_size: a.block_size,
+        journal_capacity: parse_size(&a.journal_capacity)?,
+        link: ferry_process_server::Link {
+            addr: a.master.clone(),
+            server_name,
+            tls: ferry_pki::client_config(&a.pki)?,
+        },
+        tuning: ferry_process_server::Tuning {
+            interval: Duration::from_millis(a.interval_ms.max(10)),
+            ..Default::default()
+        },
+        key: load_key(&a.key)?,
+    };
+    runtime()?.block_on(ferry_process_server::run(cfg))
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, without a date crate (civil-from-days, Howard Hinnant's
+/// published algorithm).
+fn format_time(unix_ns: u64) -> String {
+    let secs = (unix_ns / 1_000_000_000) as i64;
+    let ms = (unix_ns / 1_000_000) % 1000;
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

@@ -1,1 +1,272 @@
-//! placeholder
+//! The master target: the recovery site's end of replication.
+//!
+//! Each TLS connection (client certificate from the site CA required) carries one disk. A
+//! checkpoint is received whole into memory (bounded by [`MAX_CHECKPOINT_BYTES`]) before it is
+//! applied, so a connection that dies half-way leaves nothing behind and never holds the disk's
+//! lock; applying it (authenticating every chunk, merging patches, committing the point durably)
+//! happens under a per-disk lock, after which the point is visible and `Committed` is sent.
+//! [`instant`] serves any recovery point read-only over NBD without copying it.
+
+pub mod instant;
+
+use anyhow::{bail, Context};
+use ferry_chunk::TenantKey;
+use ferry_repository::{CheckpointMeta, Consistency, RepoError, Repository};
+use ferry_wire::{
+    patch_context, read_msg, BlockBody, Checkpoint, Msg, Patch, RejectReason, WireError, VERSION,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// A checkpoint larger than this (blobs and patches as received) is refused.
+pub const MAX_CHECKPOINT_BYTES: usize = 512 << 20;
+/// A connection that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct Config {
+    pub listen: SocketAddr,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub repo: Arc<Repository>,
+    /// The tenant key (patches are decrypted and merged here; chunks are authenticated).
+    pub key: Arc<TenantKey>,
+}
+
+#[derive(Default)]
+struct Locks(Mutex<HashMap<String, Arc<Mutex<()>>>>);
+
+impl Locks {
+    fn get(&self, disk: &str) -> Arc<Mutex<()>> {
+        self.0
+            .lock()
+            .expect("locks")
+            .entry(disk.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+/// Accept replication connections forever.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    tracing::info!(listen = %cfg.listen, "master target ready");
+    serve(listener, cfg).await
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, cfg: Config) -> anyhow::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg.tls.clone());
+    let locks = Arc::new(Locks::default());
+    loop {
+        let (tcp, peer) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, repo, key, locks) = (
+            acceptor.clone(),
+            cfg.repo.clone(),
+            cfg.key.clone(),
+            locks.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = session(tcp, acceptor, repo, key, locks).await {
+                tracing::warn!(%peer, error = format!("{e:#}"), "replication session ended");
+            }
+        });
+    }
+}
+
+async fn session(
+    tcp: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    repo: Arc<Repository>,
+    key: Arc<TenantKey>,
+    locks: Arc<Locks>,
+) -> anyhow::Result<()> {
+    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+        .await
+        .context("TLS handshake timed out")?
+        .context("TLS handshake")?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let hello = tokio::time::timeout(Duration::from_secs(15), read_msg(&mut rd))
+        .await
+        .context("no hello")??;
+    let Msg::Hello {
+        version,
+        disk,
+        disk_size,
+        block_size,
+    } = hello
+    else {
+        bail!("expected hello, got {hello:?}");
+    };
+    if version != VERSION {
+        let m = Msg::Rejected {
+            seq: 0,
+            reason: RejectReason::Protocol,
+            chunk: None,
+            message: format!("protocol version {version} not supported (this side speaks {VERSION})"),
+        };
+        wr.write_all(&m.encode()).await?;
+        bail!("peer speaks protocol version {version}");
+    }
+    let latest = repo.latest(&disk);
+    let (last_seq, journal_end) = latest
+        .as_ref()
+        .map(|p| (p.meta.seq, p.meta.journal_end))
+        .unwrap_or((0, 0));
+    wr.write_all(
+        &Msg::Welcome {
+            version: VERSION,
+            last_seq,
+            journal_end,
+        }
+        .encode(),
+    )
+    .await?;
+    wr.flush().await?;
+    tracing::info!(%disk, disk_size, block_size, last_seq, journal_end, "replication session started");
+    let lock = locks.get(&disk);
+
+    loop {
+        let first = match tokio::time::timeout(IDLE_TIMEOUT, read_msg(&mut rd)).await {
+            Err(_) => bail!("idle for {IDLE_TIMEOUT:?}"),
+            Ok(Err(WireError::Closed)) => return Ok(()),
+            Ok(r) => r?,
+        };
+        let Msg::Begin(c) = first else {
+            bail!("expected a checkpoint, got {first:?}");
+        };
+        let seq = c.seq;
+        let blocks = match receive(&mut rd, &c, disk_size, block_size).await {
+            Ok(b) => b,
+            Err(e) => {
+                let m = Msg::Rejected {
+                    seq,
+                    reason: RejectReason::Protocol,
+                    chunk: None,
+                    message: format!("{e:#}"),
+                };
+                wr.write_all(&m.encode()).await?;
+                wr.flush().await?;
+                return Err(e);
+            }
+        };
+        let (r, k, l, d) = (repo.clone(), key.clone(), lock.clone(), disk.clone());
+        let journal_end = c.journal_end;
+        let outcome = tokio::task::spawn_blocking(move || apply(&r, &k, &l, &d, c, blocks)).await?;
+        let reply = match outcome {
+            Ok(()) => Msg::Committed { seq, journal_end },
+            Err((reason, chunk, message)) => Msg::Rejected {
+                seq,
+                reason,
+                chunk,
+                message,
+            },
+        };
+        wr.write_all(&reply.encode()).await?;
+        wr.flush().await?;
+        if let Msg::Rejected { message, .. } = reply {
+            bail!("rejected checkpoint {seq} of {disk}: {message}");
+        }
+    }
+}
+
+/// Read a checkpoint's blocks up to its `End`, checking every index and the total size.
+async fn receive<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    c: &Checkpoint,
+    disk_size: u64,
+    block_size: u32,
+) -> anyhow::Result<Vec<(u64, BlockBody)>> {
+    if c.block_size != block_size || c.disk_size != disk_size || block_size == 0 {
+        bail!("checkpoint geometry differs from the session's");
+    }
+    let nblocks = disk_size.div_ceil(u64::from(block_size));
+    let mut blocks = Vec::new();
+    let mut bytes = 0usize;
+    loop {
+        let m = tokio::time::timeout(IDLE_TIMEOUT, read_msg(rd))
+            .await
+            .context("idle inside a checkpoint")??;
+        match m {
+            Msg::Block { index, body } => {
+                if index >= nblocks {
+                    bail!("block {index} is past the end of the disk ({nblocks} blocks)");
+                }
+                bytes += match &body {
+                    BlockBody::Zero => 8,
+                    BlockBody::Chunk { blob, .. } => 40 + blob.as_ref().map_or(0, |b| b.len()),
+                    BlockBody::Patch { sealed } => sealed.len(),
+                };
+                if bytes > MAX_CHECKPOINT_BYTES || blocks.len() as u64 >= nblocks * 2 {
+                    bail!("checkpoint {} is too large", c.seq);
+                }
+                blocks.push((index, body));
+            }
+            Msg::End { seq, blocks: n } => {
+                if seq != c.seq || n != blocks.len() as u64 {
+                    bail!("checkpoint {} ended as {seq} with {n} blocks, {} received", c.seq, blocks.len());
+                }
+                return Ok(blocks);
+            }
+            other => bail!("unexpected message inside checkpoint {}: {other:?}", c.seq),
+        }
+    }
+}
+
+type Refusal = (RejectReason, Option<ferry_chunk::ChunkId>, String);
+
+fn apply(
+    repo: &Repository,
+    key: &TenantKey,
+    lock: &Mutex<()>,
+    disk: &str,
+    c: Checkpoint,
+    blocks: Vec<(u64, BlockBody)>,
+) -> Result<(), Refusal> {
+    let _guard = lock.lock().expect("disk lock");
+    let meta = CheckpointMeta {
+        seq: c.seq,
+        created_unix_ns: c.created_unix_ns,
+        journal_start: c.journal_start,
+        journal_end: c.journal_end,
+        disk_size: c.disk_size,
+        block_size: c.block_size,
+        consistency: match c.consistency {
+            ferry_wire::Consistency::Crash => Consistency::Crash,
+            ferry_wire::Consistency::Application => Consistency::Application,
+        },
+    };
+    let mut w = repo.begin(disk, meta).map_err(refusal)?;
+    for (index, body) in blocks {
+        match body {
+            BlockBody::Zero => w.put_zero(index).map_err(refusal)?,
+            BlockBody::Chunk { id, blob } => w.put_chunk(index, id, blob.as_deref()).map_err(refusal)?,
+            BlockBody::Patch { sealed } => {
+                let plain = key
+                    .open(&sealed, &patch_context(disk, c.seq, index))
+                    .map_err(|e| (RejectReason::BadData, None, format!("patch of block {index}: {e}")))?;
+                let start = index * u64::from(c.block_size);
+                let block_len = u64::from(c.block_size).min(c.disk_size - start) as u32;
+                let patch = Patch::decode(&plain, block_len)
+                    .map_err(|e| (RejectReason::BadData, None, format!("patch of block {index}: {e}")))?;
+                w.put_patch(index, &patch.extents).map_err(refusal)?;
+            }
+        }
+    }
+    w.commit().map_err(refusal)?;
+    Ok(())
+}
+
+fn refusal(e: RepoError) -> Refusal {
+    let reason = match &e {
+        RepoError::MissingChunk(id) => return (RejectReason::MissingChunk, Some(*id), e.to_string()),
+        RepoError::OutOfOrder { .. } => RejectReason::OutOfOrder,
+        RepoError::BadChunk { .. } => RejectReason::BadData,
+        _ => RejectReason::Storage,
+    };
+    tracing::warn!(error = %e, "checkpoint refused");
+    (reason, None, e.to_string())
+}

@@ -1,0 +1,221 @@
+//! A replication lab on one machine: master target and process server as real `ferry`
+//! processes on loopback, with their keys, certificates, cache and repository in one directory.
+//! The demo runs one; the end-to-end tests run many and kill its processes at will.
+
+use anyhow::{bail, Context};
+use ferry_process_server::DiskStatus;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Lab {
+    pub dir: PathBuf,
+    pub exe: PathBuf,
+    pub key: PathBuf,
+    pub pki: PathBuf,
+    pub repo: PathBuf,
+    pub cache: PathBuf,
+    pub master_port: u16,
+    pub nbd_port: u16,
+    /// Where the process server connects to reach the master target (a test may put a proxy here).
+    pub master_connect: String,
+    pub disks: Vec<(String, u64)>,
+    pub interval_ms: u64,
+    pub journal_capacity: Option<u64>,
+    pub nbd_tls: bool,
+    master: Option<Child>,
+    process: Option<Child>,
+}
+
+/// A free TCP port on loopback (bound and released; good enough for tests on one machine).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Lab {
+    /// Create keys and certificates in `dir` for the given disks (name, size).
+    pub fn new(exe: &Path, dir: &Path, disks: &[(&str, u64)]) -> anyhow::Result<Lab> {
+        let key = dir.join("tenant.key");
+        crate::write_new_key(&key)?;
+        let pki = dir.join("pki");
+        ferry_pki::init(&pki, &[]).context("creating certificates")?;
+        let master_port = free_port()?;
+        Ok(Lab {
+            dir: dir.to_path_buf(),
+            exe: exe.to_path_buf(),
+            key,
+            pki,
+            repo: dir.join("repo"),
+            cache: dir.join("cache"),
+            master_port,
+            nbd_port: free_port()?,
+            master_connect: format!("127.0.0.1:{master_port}"),
+            disks: disks.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+            interval_ms: 500,
+            journal_capacity: None,
+            nbd_tls: true,
+            master: None,
+            process: None,
+        })
+    }
+
+    fn spawn(&self, name: &str, args: &[String]) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))?;
+        Command::new(&self.exe)
+            .args(args)
+            .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} {name}", self.exe.display()))
+    }
+
+    pub fn start_master(&mut self) -> anyhow::Result<()> {
+        let args = vec![
+            "master-target".into(),
+            "--repo".into(),
+            self.repo.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.master_port),
+            "--pki".into(),
+            self.pki.display().to_string(),
+            "--key".into(),
+            self.key.display().to_string(),
+        ];
+        self.master = Some(self.spawn("master-target", &args)?);
+        wait_port(self.master_port, Duration::from_secs(20))
+    }
+
+    pub fn start_process(&mut self) -> anyhow::Result<()> {
+        let mut args: Vec<String> = vec![
+            "process-server".into(),
+            "--cache".into(),
+            self.cache.display().to_string(),
+            "--nbd-listen".into(),
+            format!("127.0.0.1:{}", self.nbd_port),
+            "--master".into(),
+            self.master_connect.clone(),
+            "--pki".into(),
+            self.pki.display().to_string(),
+            "--key".into(),
+            self.key.display().to_string(),
+            "--interval-ms".into(),
+            self.interval_ms.to_string(),
+        ];
+        if self.nbd_tls {
+            args.push("--nbd-tls".into());
+        }
+        if let Some(c) = self.journal_capacity {
+            args.push("--journal-capacity".into());
+            args.push(c.to_string());
+        }
+        for (n, s) in &self.disks {
+            args.push("--disk".into());
+            args.push(format!("{n}={s}"));
+        }
+        self.process = Some(self.spawn("process-server", &args)?);
+        wait_port(self.nbd_port, Duration::from_secs(20))
+    }
+
+    /// SIGKILL the master target (no chance to clean up).
+    pub fn kill_master(&mut self) {
+        kill(&mut self.master);
+    }
+
+    /// SIGKILL the process server (no chance to clean up).
+    pub fn kill_process(&mut self) {
+        kill(&mut self.process);
+    }
+
+    pub fn status(&self, disk: &str) -> anyhow::Result<DiskStatus> {
+        let p = self.cache.join(disk).join("status.json");
+        ferry_process_server::status::read(&p).with_context(|| format!("reading {}", p.display()))
+    }
+
+    /// Wait until the master target holds every durable journal record of `disk` as a point.
+    pub fn wait_caught_up(&self, disk: &str, timeout: Duration) -> anyhow::Result<DiskStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(s) = self.status(disk) {
+                if s.connected
+                    && s.journal_last_seq == s.journal_durable_seq
+                    && s.acked_journal_seq == s.journal_durable_seq
+                {
+                    return Ok(s);
+                }
+                if Instant::now() > deadline {
+                    bail!("disk {disk} did not catch up within {timeout:?}: {s:?}");
+                }
+            } else if Instant::now() > deadline {
+                bail!("disk {disk} has no status after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn repository(&self) -> anyhow::Result<ferry_repository::Repository> {
+        ferry_repository::Repository::open(&self.repo, crate::load_key(&self.key)?)
+            .context("opening the repository")
+    }
+
+    /// Run `ferry ARGS` to completion with this lab's repository and key appended, returning stdout.
+    pub fn ferry(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let out = Command::new(&self.exe)
+            .args(args)
+            .arg("--repo")
+            .arg(&self.repo)
+            .arg("--key")
+            .arg(&self.key)
+            .output()
+            .context("running ferry")?;
+        Ok(out)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        kill(&mut self.process);
+        kill(&mut self.master);
+    }
+}
+
+fn kill(c: &mut Option<Child>) {
+    if let Some(mut child) = c.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Wait until something accepts connections on a loopback port.
+pub fn wait_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}")
+}
+
+/// Run a command, failing with its stderr when it fails.
+pub fn sh(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}{}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

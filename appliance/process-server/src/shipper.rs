@@ -1,0 +1,339 @@
+//! Shipping checkpoints to the master target, one TLS connection per disk.
+//!
+//! The master target's answer to `Hello` is the only resume state: it names the last journal
+//! record it holds durably, and the journal still has everything after it because records are
+//! trimmed only when a `Committed` arrives. So after any disconnect or crash of either side the
+//! shipper reconnects (with backoff) and continues from there; nothing else needs to agree.
+
+use crate::checkpoint::Builder;
+use crate::status::{now_unix_ns, State};
+use crate::Disk;
+use anyhow::{anyhow, bail, Context};
+use ferry_chunk::{ChunkId, TenantKey};
+use ferry_wire::{read_msg, BlockBody, Checkpoint, Consistency, Msg, RejectReason, VERSION};
+use rustls::pki_types::ServerName;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// Where and how to reach the master target.
+pub struct Link {
+    pub addr: String,
+    pub server_name: ServerName<'static>,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    /// How often a checkpoint is cut (the recovery point granularity).
+    pub interval: Duration,
+    /// A checkpoint holds at most this much written data; more is cut at once into the next.
+    pub max_checkpoint_bytes: usize,
+    /// A checkpoint touches at most this many blocks (bounds the builder's memory).
+    pub max_checkpoint_blocks: usize,
+    /// Checkpoints sent but not yet acknowledged.
+    pub window: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            interval: Duration::from_secs(1),
+            max_checkpoint_bytes: 64 << 20,
+            max_checkpoint_blocks: 2048,
+            window: 4,
+        }
+    }
+}
+
+/// State shared by every disk's shipper: the key and the chunks the master target holds.
+pub struct Shared {
+    pub key: TenantKey,
+    /// Chunks the master target has acknowledged; bounded (cleared when it grows past
+    /// [`KNOWN_LIMIT`]), and cleared when the master target reports one missing.
+    pub known: Mutex<HashSet<ChunkId>>,
+}
+
+const KNOWN_LIMIT: usize = 1 << 20;
+
+struct InFlight {
+    seq: u64,
+    journal_end: u64,
+    created_unix_ns: u64,
+    chunks: Vec<ChunkId>,
+}
+
+struct Cut {
+    journal_end: u64,
+    frames: Vec<Vec<u8>>,
+    chunks: Vec<ChunkId>,
+    more: bool,
+    created_unix_ns: u64,
+}
+
+/// Replicate one disk forever, reconnecting after any failure.
+pub async fn replicate(disk: Arc<Disk>, link: Arc<Link>, tuning: Tuning, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut welcomed = false;
+        let result = session(&disk, &link, &tuning, &shared, &mut welcomed).await;
+        let msg = match result {
+            Ok(()) => "session ended".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        tracing::warn!(disk = %disk.name, error = %msg, "replication link down; reconnecting");
+        disk.update(|s| {
+            s.connected = false;
+            s.reconnects += 1;
+            s.last_error = Some(msg.clone());
+            if s.state == State::Replicating {
+                s.state = State::Connecting;
+            }
+        });
+        if welcomed {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn session(
+    disk: &Arc<Disk>,
+    link: &Link,
+    tuning: &Tuning,
+    shared: &Arc<Shared>,
+    welcomed: &mut bool,
+) -> anyhow::Result<()> {
+    let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&link.addr))
+        .await
+        .context("connect timed out")?
+        .with_context(|| format!("connect to {}", link.addr))?;
+    tcp.set_nodelay(true)?;
+    let connector = tokio_rustls::TlsConnector::from(link.tls.clone());
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        connector.connect(link.server_name.clone(), tcp),
+    )
+    .await
+    .context("TLS handshake timed out")?
+    .context("TLS handshake")?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+
+    let hello = Msg::Hello {
+        version: VERSION,
+        disk: disk.name.clone(),
+        disk_size: disk.size,
+        block_size: disk.block_size,
+    };
+    wr.write_all(&hello.encode()).await?;
+    wr.flush().await?;
+    let welcome = tokio::time::timeout(Duration::from_secs(15), read_msg(&mut rd))
+        .await
+        .context("no answer to hello")??;
+    let (last_seq, journal_end) = match welcome {
+        Msg::Welcome {
+            last_seq,
+            journal_end,
+            ..
+        } => (last_seq, journal_end),
+        Msg::Rejected { message, .. } => bail!("master target refused the disk: {message}"),
+        other => bail!("unexpected answer to hello: {other:?}"),
+    };
+    *welcomed = true;
+
+    let stats = disk.journal.stats();
+    if journal_end > stats.durable_seq || (last_seq > 0 && journal_end + 1 < stats.first_seq) {
+        disk.update(|s| s.state = State::ResyncRequired);
+        bail!(
+            "the recovery site holds journal position {journal_end} but this cache holds {}..={}: resync required",
+            stats.first_seq,
+            stats.durable_seq
+        );
+    }
+    trim(disk, journal_end).await?;
+    disk.update(|s| {
+        s.connected = true;
+        s.last_error = None;
+        s.acked_seq = last_seq;
+        s.acked_journal_seq = journal_end;
+        if s.state == State::Connecting {
+            s.state = State::Replicating;
+        }
+    });
+    tracing::info!(disk = %disk.name, last_seq, journal_end, "replication resumed");
+
+    let (ack_tx, mut ack_rx) = mpsc::channel(64);
+    let reader = tokio::spawn(async move {
+        loop {
+            let m = read_msg(&mut rd).await;
+            let stop = m.is_err();
+            if ack_tx.send(m).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
+
+    let mut pos = journal_end;
+    let mut next_seq = last_seq + 1;
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let mut tick = tokio::time::interval(tuning.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut more = false;
+    loop {
+        let can_send = inflight.len() < tuning.window;
+        tokio::select! {
+            m = ack_rx.recv() => {
+                let m = m.ok_or_else(|| anyhow!("connection reader ended"))?;
+                match m.context("reading from the master target")? {
+                    Msg::Committed { seq, journal_end } => {
+                        let f = inflight.pop_front().ok_or_else(|| anyhow!("acknowledgement of {seq} with nothing in flight"))?;
+                        if f.seq != seq || f.journal_end != journal_end {
+                            bail!("acknowledgement of {seq}/{journal_end}, expected {}/{}", f.seq, f.journal_end);
+                        }
+                        trim(disk, journal_end).await?;
+                        {
+                            let mut known = shared.known.lock().expect("known lock");
+                            if known.len() + f.chunks.len() > KNOWN_LIMIT {
+                                known.clear();
+                            }
+                            known.extend(f.chunks);
+                        }
+                        disk.update(|s| {
+                            s.acked_seq = seq;
+                            s.acked_journal_seq = journal_end;
+                            s.acked_point_created_unix_ns = f.created_unix_ns;
+                        });
+                    }
+                    Msg::Rejected { seq, reason, chunk, message } => {
+                        if reason == RejectReason::MissingChunk {
+                            shared.known.lock().expect("known lock").clear();
+                        }
+                        bail!("checkpoint {seq} rejected ({reason:?}, chunk {chunk:?}): {message}");
+                    }
+                    other => bail!("unexpected message {other:?}"),
+                }
+            }
+            _ = tick.tick(), if can_send && !more => {
+                (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, pos, next_seq).await?;
+            }
+            _ = std::future::ready(()), if can_send && more => {
+                (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, pos, next_seq).await?;
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn trim(disk: &Arc<Disk>, upto: u64) -> anyhow::Result<()> {
+    let j = disk.journal.clone();
+    tokio::task::spawn_blocking(move || j.trim_upto(upto))
+        .await?
+        .context("trimming the journal")?;
+    disk.refresh_journal_stats();
+    Ok(())
+}
+
+/// Cut the next checkpoint (if anything was written) and send it.
+async fn ship<W: tokio::io::AsyncWrite + Unpin>(
+    disk: &Arc<Disk>,
+    tuning: &Tuning,
+    shared: &Arc<Shared>,
+    wr: &mut W,
+    inflight: &mut VecDeque<InFlight>,
+    pos: u64,
+    seq: u64,
+) -> anyhow::Result<(u64, u64, bool)> {
+    let (d, t, sh) = (disk.clone(), tuning.clone(), shared.clone());
+    let cut = tokio::task::spawn_blocking(move || build(&d, &t, &sh, pos, seq)).await??;
+    disk.refresh_journal_stats();
+    let Some(cut) = cut else {
+        return Ok((pos, seq, false));
+    };
+    let mut sent = 0u64;
+    for f in &cut.frames {
+        wr.write_all(f).await?;
+        sent += f.len() as u64;
+    }
+    wr.flush().await?;
+    inflight.push_back(InFlight {
+        seq,
+        journal_end: cut.journal_end,
+        created_unix_ns: cut.created_unix_ns,
+        chunks: cut.chunks,
+    });
+    disk.update(|s| {
+        s.checkpoints_sent += 1;
+        s.bytes_sent += sent;
+    });
+    Ok((cut.journal_end, seq + 1, cut.more))
+}
+
+fn build(disk: &Disk, tuning: &Tuning, shared: &Shared, pos: u64, seq: u64) -> anyhow::Result<Option<Cut>> {
+    disk.journal.sync().context("journal sync")?;
+    let records = disk
+        .journal
+        .read_durable(pos, tuning.max_checkpoint_bytes)
+        .context("reading the journal")?;
+    if records.is_empty() {
+        return Ok(None);
+    }
+    let created_unix_ns = now_unix_ns();
+    let mut builder = Builder::new(disk.size, disk.block_size);
+    let mut end = pos;
+    let mut bytes = 0usize;
+    for r in &records {
+        builder.apply(r);
+        end = r.seq;
+        if let ferry_journal::OwnedOp::Write { data, .. } = &r.op {
+            bytes += data.len();
+        }
+        if builder.touched() >= tuning.max_checkpoint_blocks {
+            break;
+        }
+    }
+    let more = end < records.last().map(|r| r.seq).unwrap_or(end) || bytes >= tuning.max_checkpoint_bytes;
+    let blocks = {
+        let known = shared.known.lock().expect("known lock");
+        builder.finish(&shared.key, &disk.name, seq, &known)
+    };
+    let mut frames = Vec::with_capacity(blocks.len() + 2);
+    frames.push(
+        Msg::Begin(Checkpoint {
+            seq,
+            created_unix_ns,
+            journal_start: pos,
+            journal_end: end,
+            disk_size: disk.size,
+            block_size: disk.block_size,
+            consistency: Consistency::Crash,
+        })
+        .encode(),
+    );
+    let mut chunks = Vec::new();
+    let count = blocks.len() as u64;
+    for b in blocks {
+        if let (Some(id), BlockBody::Chunk { .. }) = (b.chunk, &b.body) {
+            chunks.push(id);
+        }
+        frames.push(Msg::Block { index: b.index, body: b.body }.encode());
+    }
+    frames.push(Msg::End { seq, blocks: count }.encode());
+    Ok(Some(Cut {
+        journal_end: end,
+        frames,
+        chunks,
+        more,
+        created_unix_ns,
+    }))
+}
