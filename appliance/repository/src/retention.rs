@@ -1,0 +1,201 @@
+//! Retention: thin a disk's points as they age (e.g. every second for an hour, every 5 minutes
+//! for a day, hourly for two weeks).
+//!
+//! Why this rule: a point's fate must not flip-flop as time passes, or a point kept today could
+//! have been the only survivor deleted yesterday. Points are bucketed by absolute time
+//! (`created / every`), and in each bucket the NEWEST point of the bucket survives — counting
+//! younger points in the same bucket that are still in a finer tier. So when the younger points
+//! age into the tier, the survivor is the same one, and with nested intervals (300 s inside
+//! 3600 s) the survivor of a coarse bucket is also the survivor of its fine bucket.
+//! Points older than every tier are deleted. The latest point is never deleted.
+//!
+//! Deleting a point removes only its root; `gc` later frees what no point names.
+
+use crate::root::root_path;
+use crate::store::sync_dir;
+use crate::{RepoError, Repository};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RetentionPolicy {
+    /// Every point younger than this is kept.
+    pub keep_all_secs: u64,
+    /// Consecutive age ranges after `keep_all_secs`: one point per `every_secs` for `for_secs`.
+    pub tiers: Vec<RetentionTier>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RetentionTier {
+    pub every_secs: u64,
+    pub for_secs: u64,
+}
+
+impl Default for RetentionPolicy {
+    /// Keep all for an hour, then one per 5 minutes for a day, then one per hour for 14 days.
+    fn default() -> Self {
+        RetentionPolicy {
+            keep_all_secs: 3600,
+            tiers: vec![
+                RetentionTier {
+                    every_secs: 300,
+                    for_secs: 86_400,
+                },
+                RetentionTier {
+                    every_secs: 3600,
+                    for_secs: 14 * 86_400,
+                },
+            ],
+        }
+    }
+}
+
+const NS: u64 = 1_000_000_000;
+
+impl RetentionPolicy {
+    /// Which of `points` (seq, created_unix_ns) to delete at `now_unix_ns`. The point with the
+    /// highest seq is always kept.
+    pub fn select_deletions(&self, points: &[(u64, u64)], now_unix_ns: u64) -> Vec<u64> {
+        let Some(latest) = points.iter().map(|p| p.0).max() else {
+            return Vec::new();
+        };
+        // Newest point per (tier, bucket) over ALL points, so younger ones count.
+        let mut newest: HashMap<(usize, u64), (u64, u64)> = HashMap::new();
+        for &(seq, created) in points {
+            for (t, tier) in self.tiers.iter().enumerate() {
+                if tier.every_secs == 0 {
+                    continue;
+                }
+                let b = created / (tier.every_secs.saturating_mul(NS));
+                let e = newest.entry((t, b)).or_insert((created, seq));
+                if (created, seq) > *e {
+                    *e = (created, seq);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for &(seq, created) in points {
+            if seq == latest {
+                continue;
+            }
+            let age = now_unix_ns.saturating_sub(created);
+            if age <= self.keep_all_secs.saturating_mul(NS) {
+                continue;
+            }
+            let mut upper = self.keep_all_secs.saturating_mul(NS);
+            let mut keep = false;
+            for (t, tier) in self.tiers.iter().enumerate() {
+                upper = upper.saturating_add(tier.for_secs.saturating_mul(NS));
+                if age <= upper {
+                    keep = tier.every_secs == 0 || {
+                        let b = created / (tier.every_secs.saturating_mul(NS));
+                        newest.get(&(t, b)).map(|e| e.1) == Some(seq)
+                    };
+                    break;
+                }
+            }
+            if !keep {
+                out.push(seq);
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+}
+
+impl Repository {
+    /// Delete the points of `disk` that `policy` no longer keeps at `now_unix_ns`; returns their
+    /// seqs. Never deletes the latest point, nor a point with a live [`crate::PointReader`]. Space is reclaimed by [`Repository::gc`].
+    pub fn apply_retention(
+        &self,
+        disk: &str,
+        policy: &RetentionPolicy,
+        now_unix_ns: u64,
+    ) -> Result<Vec<u64>, RepoError> {
+        self.writable()?;
+        let points: Vec<(u64, u64)> = self
+            .points(disk)?
+            .iter()
+            .map(|p| (p.meta.seq, p.meta.created_unix_ns))
+            .collect();
+        let doomed = policy.select_deletions(&points, now_unix_ns);
+        let root = self.inner().store.root().to_path_buf();
+        let mut deleted = Vec::new();
+        for &seq in &doomed {
+            // A point being served (a live PointReader) is kept. Forget before deleting the
+            // file: from here on no new reader is handed this point.
+            {
+                let pins = self.inner().pins.lock().expect("pins");
+                if pins.contains_key(&(disk.to_string(), seq)) {
+                    tracing::info!(disk, seq, "retention keeps a point that is being read");
+                    continue;
+                }
+                self.forget(disk, seq);
+            }
+            match std::fs::remove_file(root_path(&root, disk, seq)) {
+                Ok(()) => deleted.push(seq),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => deleted.push(seq),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !deleted.is_empty() {
+            sync_dir(&crate::root::points_dir(&root, disk))?;
+            tracing::info!(disk, deleted = deleted.len(), "retention deleted points");
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_keep_newest_per_bucket() {
+        let p = RetentionPolicy {
+            keep_all_secs: 10,
+            tiers: vec![
+                RetentionTier {
+                    every_secs: 10,
+                    for_secs: 100,
+                },
+                RetentionTier {
+                    every_secs: 100,
+                    for_secs: 1000,
+                },
+            ],
+        };
+        // One point per second from t=0 to t=2000 s; now = 2000 s.
+        let pts: Vec<(u64, u64)> = (0..=2000).map(|s| (s + 1, s * NS)).collect();
+        let del = p.select_deletions(&pts, 2000 * NS);
+        let kept: Vec<u64> = pts
+            .iter()
+            .filter(|x| !del.contains(&x.0))
+            .map(|x| x.1 / NS)
+            .collect();
+        // Keep-all: ages 0..=10 → t 1990..=2000.
+        for t in 1990..=2000 {
+            assert!(kept.contains(&t), "{t}");
+        }
+        // Tier 1: ages (10, 110] → t 1890..1990: newest of each 10-s bucket, i.e. t%10==9.
+        for t in 1890..1990 {
+            assert_eq!(kept.contains(&t), t % 10 == 9, "{t}");
+        }
+        // Tier 2: ages (110, 1110] → t 890..1890: newest per 100-s bucket (t%100==99).
+        for t in 890..1890 {
+            assert_eq!(kept.contains(&t), t % 100 == 99, "{t}");
+        }
+        // Older than every tier: gone.
+        assert!(kept.iter().all(|&t| t >= 890));
+        // Stable: applying again later to the survivors never deletes a tier-2 survivor early.
+        let pts2: Vec<(u64, u64)> = pts
+            .iter()
+            .copied()
+            .filter(|x| !del.contains(&x.0))
+            .collect();
+        let del2 = p.select_deletions(&pts2, 2000 * NS);
+        assert!(del2.is_empty());
+        // The latest point is kept even when ancient.
+        assert!(p.select_deletions(&[(7, 0)], u64::MAX).is_empty());
+    }
+}

@@ -1,0 +1,274 @@
+//! Checkpoint writers: turn one checkpoint's block updates into a new recovery point.
+//!
+//! Why: a checkpoint must become visible all at once or not at all, and must cost in proportion
+//! to what changed, not to the disk's size. A writer therefore keeps in memory only the map pages
+//! it changed (copied from the previous point on first touch), stores chunks as they arrive
+//! (content-addressed, so a crash leaves only unreferenced objects that gc removes), and on
+//! [`CheckpointWriter::commit`] writes the changed pages bottom-up, `syncfs`es, and writes the
+//! root last. Dropping a writer without commit leaves no point.
+//!
+//! Every chunk that enters the repository is authenticated first (a blob from the network is
+//! opened with the tenant key and must match its name), so the store never holds a chunk that
+//! could not be served.
+
+use crate::map::{zero_page, Geometry, Page, FANOUT, FANOUT_BITS};
+use crate::root::{write_root, PointRecord};
+use crate::store::Kind;
+use crate::{CheckpointMeta, RecoveryPoint, RepoError, Repository};
+use ferry_chunk::{is_zero, ChunkId};
+use std::collections::{BTreeMap, HashMap};
+
+pub struct CheckpointWriter<'a> {
+    repo: &'a Repository,
+    disk: String,
+    meta: CheckpointMeta,
+    geo: Geometry,
+    prev: Option<PointRecord>,
+    /// Changed pages of this checkpoint by (level, index), copied from `prev` on first touch.
+    pages: BTreeMap<(u8, u64), Page>,
+    /// Per changed leaf: which of its blocks this checkpoint wrote (for `changed_blocks`).
+    touched: HashMap<u64, [u64; FANOUT / 64]>,
+    stored_bytes: u64,
+    done: bool,
+}
+
+impl<'a> CheckpointWriter<'a> {
+    pub(crate) fn new(
+        repo: &'a Repository,
+        disk: String,
+        meta: CheckpointMeta,
+        prev: Option<PointRecord>,
+    ) -> Self {
+        let geo = Geometry::new(meta.disk_size, meta.block_size);
+        let mut w = CheckpointWriter {
+            repo,
+            disk,
+            meta,
+            geo,
+            prev,
+            pages: BTreeMap::new(),
+            touched: HashMap::new(),
+            stored_bytes: 0,
+            done: false,
+        };
+        // Growth past the old tree's height: the new upper levels are changed pages (their
+        // child 0 is the old root), so the commit links the old tree under the new root.
+        if let Some(p) = &w.prev {
+            if !p.root_page.is_zero() {
+                for level in p.root_level + 1..=geo.root_level {
+                    let mut page = zero_page();
+                    if level == p.root_level + 1 {
+                        page[0] = p.root_page;
+                    }
+                    w.pages.insert((level, 0), page);
+                }
+            }
+        }
+        w
+    }
+
+    /// The metadata this checkpoint will carry.
+    pub fn meta(&self) -> &CheckpointMeta {
+        &self.meta
+    }
+
+    /// Block `index` becomes a hole (reads as zeros, stores nothing).
+    pub fn put_zero(&mut self, index: u64) -> Result<(), RepoError> {
+        self.set(index, ChunkId::ZERO)
+    }
+
+    /// Block `index` becomes chunk `id`. With `blob`, the blob is authenticated against `id`
+    /// (else `BadChunk`) and stored if new; without, the chunk must already be stored
+    /// (else `MissingChunk`). A chunk whose plaintext is all zero becomes a hole.
+    pub fn put_chunk(
+        &mut self,
+        index: u64,
+        id: ChunkId,
+        blob: Option<&[u8]>,
+    ) -> Result<(), RepoError> {
+        self.check_index(index)?;
+        if id.is_zero() {
+            return self.put_zero(index);
+        }
+        let inner = self.repo.inner();
+        match blob {
+            Some(blob) => {
+                let plain = inner
+                    .key
+                    .open_chunk(&id, blob)
+                    .map_err(|e| RepoError::BadChunk {
+                        id,
+                        reason: e.to_string(),
+                    })?;
+                if plain.len() > self.geo.block_len(index) {
+                    return Err(RepoError::BadChunk {
+                        id,
+                        reason: format!(
+                            "{} bytes do not fit block {index} ({} bytes)",
+                            plain.len(),
+                            self.geo.block_len(index)
+                        ),
+                    });
+                }
+                if is_zero(&plain) {
+                    return self.put_zero(index);
+                }
+                if inner.store.put(Kind::Chunk, &id, blob)? {
+                    self.stored_bytes += blob.len() as u64;
+                }
+            }
+            None => {
+                if !inner.store.exists(Kind::Chunk, &id) {
+                    return Err(RepoError::MissingChunk(id));
+                }
+            }
+        }
+        self.set(index, id)
+    }
+
+    /// Partial-block write: the block's current content (this checkpoint's earlier put, else the
+    /// previous point's, else zeros) with `extents` (offset in block, bytes) applied, stored as
+    /// a full block.
+    pub fn put_patch(&mut self, index: u64, extents: &[(u32, Vec<u8>)]) -> Result<(), RepoError> {
+        self.check_index(index)?;
+        let len = self.geo.block_len(index);
+        for (off, data) in extents {
+            if *off as usize + data.len() > len {
+                return Err(RepoError::Invalid(format!(
+                    "extent {off}+{} outside block {index} ({len} bytes)",
+                    data.len()
+                )));
+            }
+        }
+        let cur = self.leaf(index >> FANOUT_BITS)?[(index as usize) & (FANOUT - 1)];
+        let mut block = if cur.is_zero() {
+            vec![0u8; len]
+        } else {
+            let mut b = crate::reader::load_chunk(self.repo.inner(), &cur)?;
+            if b.len() > len {
+                return Err(RepoError::BadChunk {
+                    id: cur,
+                    reason: "chunk longer than its block".into(),
+                });
+            }
+            b.resize(len, 0);
+            b
+        };
+        for (off, data) in extents {
+            block[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+        }
+        if is_zero(&block) {
+            return self.put_zero(index);
+        }
+        let inner = self.repo.inner();
+        let id = inner.key.chunk_id(&block);
+        if !inner.store.exists(Kind::Chunk, &id) {
+            let blob = inner.key.seal_chunk(&id, &block);
+            if inner.store.put(Kind::Chunk, &id, &blob)? {
+                self.stored_bytes += blob.len() as u64;
+            }
+        }
+        self.set(index, id)
+    }
+
+    /// Write the changed pages, make everything durable, then write the root: from the moment
+    /// the root's rename is durable the point exists, and not before.
+    pub fn commit(mut self) -> Result<RecoveryPoint, RepoError> {
+        let inner = self.repo.inner().clone();
+        let top = self.geo.root_level;
+        for level in 0..top {
+            let keys: Vec<u64> = self
+                .pages
+                .range((level, 0)..=(level, u64::MAX))
+                .map(|(k, _)| k.1)
+                .collect();
+            for idx in keys {
+                let page = self.pages.remove(&(level, idx)).expect("listed page");
+                let id = inner.store_page(&self.disk, level, idx, page)?;
+                let parent = self.page_mut(level + 1, idx >> FANOUT_BITS)?;
+                parent[(idx as usize) & (FANOUT - 1)] = id;
+            }
+        }
+        let root_page = match self.pages.remove(&(top, 0)) {
+            Some(page) => inner.store_page(&self.disk, top, 0, page)?,
+            None => self.prev.as_ref().map_or(ChunkId::ZERO, |p| p.root_page),
+        };
+        let changed_blocks = self
+            .touched
+            .values()
+            .flat_map(|bits| bits.iter())
+            .map(|w| w.count_ones() as u64)
+            .sum();
+        let rec = PointRecord {
+            point: RecoveryPoint {
+                disk: self.disk.clone(),
+                meta: self.meta.clone(),
+                changed_blocks,
+                stored_bytes: self.stored_bytes,
+            },
+            root_page,
+            root_level: top,
+        };
+        inner.store.sync_all()?;
+        write_root(&inner.store, &inner.key, &rec)?;
+        self.repo.publish(rec.clone());
+        tracing::debug!(disk = %self.disk, seq = self.meta.seq, changed_blocks, "checkpoint committed");
+        self.finish();
+        Ok(rec.point)
+    }
+
+    fn finish(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.repo.end_write(&self.disk, true);
+        }
+    }
+
+    fn check_index(&self, index: u64) -> Result<(), RepoError> {
+        if index >= self.geo.blocks {
+            return Err(RepoError::Invalid(format!(
+                "block {index} beyond the disk ({} blocks)",
+                self.geo.blocks
+            )));
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, index: u64, id: ChunkId) -> Result<(), RepoError> {
+        self.check_index(index)?;
+        let leaf = index >> FANOUT_BITS;
+        let slot = (index as usize) & (FANOUT - 1);
+        self.leaf(leaf)?[slot] = id;
+        self.touched.entry(leaf).or_insert([0; FANOUT / 64])[slot / 64] |= 1 << (slot % 64);
+        Ok(())
+    }
+
+    fn leaf(&mut self, leaf: u64) -> Result<&mut Page, RepoError> {
+        self.page_mut(0, leaf)
+    }
+
+    /// A changed page, copied from the previous point the first time it is touched.
+    fn page_mut(&mut self, level: u8, index: u64) -> Result<&mut Page, RepoError> {
+        if !self.pages.contains_key(&(level, index)) {
+            let page = match &self.prev {
+                Some(p) => self
+                    .repo
+                    .inner()
+                    .find_page(&self.disk, &p.root_page, p.root_level, level, index)?
+                    .map_or_else(zero_page, |a| a.as_ref().clone()),
+                None => zero_page(),
+            };
+            self.pages.insert((level, index), page);
+        }
+        Ok(self.pages.get_mut(&(level, index)).expect("inserted"))
+    }
+}
+
+impl Drop for CheckpointWriter<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::info!(disk = %self.disk, seq = self.meta.seq, "checkpoint abandoned");
+        }
+        self.finish();
+    }
+}
