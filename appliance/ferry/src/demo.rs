@@ -111,6 +111,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     let port = free_port()?;
+    let t = Instant::now();
     let mut serve = Command::new(&exe)
         .args(["serve", "--disk", DISK, "--point", "latest", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
@@ -120,7 +121,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .arg(&lab.key)
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    let t = Instant::now();
     let served = wait_port(port, Duration::from_secs(20)).and_then(|_| {
         let ready = t.elapsed();
         sh(Command::new("qemu-img")

@@ -137,12 +137,16 @@ impl Lab {
         ferry_process_server::status::read(&p).with_context(|| format!("reading {}", p.display()))
     }
 
-    /// Wait until the master target holds every durable journal record of `disk` as a point.
+    /// Wait until the master target holds, as a recovery point, every write that was journaled
+    /// before this call. Only a status the process server wrote after the call began counts (it
+    /// refreshes it at every checkpoint tick, after syncing the journal).
     pub fn wait_caught_up(&self, disk: &str, timeout: Duration) -> anyhow::Result<DiskStatus> {
         let deadline = Instant::now() + timeout;
+        let since = ferry_process_server::status::now_unix_ns();
         loop {
             if let Ok(s) = self.status(disk) {
-                if s.connected
+                if s.updated_unix_ns > since
+                    && s.connected
                     && s.journal_last_seq == s.journal_durable_seq
                     && s.acked_journal_seq == s.journal_durable_seq
                 {
@@ -159,7 +163,7 @@ impl Lab {
     }
 
     pub fn repository(&self) -> anyhow::Result<ferry_repository::Repository> {
-        ferry_repository::Repository::open(&self.repo, crate::load_key(&self.key)?)
+        ferry_repository::Repository::open_read_only(&self.repo, crate::load_key(&self.key)?)
             .context("opening the repository")
     }
 

@@ -34,8 +34,21 @@ impl RepoArgs {
         if !self.repo.exists() {
             bail!("no repository at {}", self.repo.display());
         }
-        Repository::open(&self.repo, load_key(&self.key)?)
+        Repository::open_read_only(&self.repo, load_key(&self.key)?)
             .with_context(|| format!("opening the repository {}", self.repo.display()))
+    }
+
+    /// The exclusive handle, for changes (retention); refused while a master target runs.
+    fn open_writable(&self) -> anyhow::Result<Repository> {
+        if !self.repo.exists() {
+            bail!("no repository at {}", self.repo.display());
+        }
+        Repository::open(&self.repo, load_key(&self.key)?).with_context(|| {
+            format!(
+                "opening the repository {} for changes (is a master target running on it?)",
+                self.repo.display()
+            )
+        })
     }
 }
 
@@ -328,7 +341,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             keep_all_secs,
             tiers,
         } => {
-            let r = repo.open()?;
+            let r = repo.open_writable()?;
             let mut policy = RetentionPolicy {
                 keep_all_secs,
                 tiers: Vec::new(),

@@ -226,7 +226,7 @@ impl StorageDaemon {
     pub fn export(&mut self, node: &str, name: &str, socket: &Path) -> Result<()> {
         self.qmp.execute(
             "nbd-server-start",
-            json!({"addr": {"type": "unix", "path": socket}}),
+            json!({"addr": {"type": "unix", "data": {"path": socket}}}),
         )?;
         self.qmp.execute(
             "block-export-add",
