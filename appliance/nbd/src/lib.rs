@@ -16,6 +16,7 @@
 //! Not implemented on purpose: `NBD_FLAG_CAN_MULTI_CONN` (one connection per writer keeps the
 //! order story simple), extended headers, `NBD_CMD_CACHE`, resize and fast-zero.
 
+pub mod client;
 mod error;
 mod handshake;
 mod mem;

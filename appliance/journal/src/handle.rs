@@ -1,0 +1,98 @@
+//! The public [`Journal`] handle: the shared state plus its writer thread.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::journal::Shared;
+use crate::{Appended, JournalConfig, JournalError, JournalState, Op, Record, Stats};
+
+/// The per-disk write journal. `Send + Sync`: share it (e.g. in an `Arc`) between
+/// the NBD handlers, the flush path and the drainer. A background thread writes
+/// buffered records to the segment files; only [`Journal::sync`] makes them durable.
+/// Dropping the journal does not sync: call [`Journal::sync`] first for a clean stop.
+pub struct Journal {
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal in `cfg.dir` and replays it. A torn
+    /// tail (short record, bad crc) is truncated away and logged; corruption that is
+    /// followed by valid records is [`JournalError::Corrupt`].
+    pub fn open(cfg: JournalConfig) -> Result<Journal, JournalError> {
+        let shared = Arc::new(Shared::open(cfg)?);
+        let s = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("ferry-journal-writer".into())
+            .spawn(move || s.writer_loop())
+            .map_err(|e| crate::io_err(std::path::Path::new("<writer thread>"), e))?;
+        Ok(Journal {
+            shared,
+            writer: Some(writer),
+        })
+    }
+
+    /// Appends one operation. The record is in the kernel (written to its segment file)
+    /// when this returns, so a crash of the process loses nothing appended; it is durable
+    /// against power loss after the next [`sync`](Self::sync). Out-of-range operations are rejected and change
+    /// nothing. Once the journal is full this and every later write returns
+    /// [`Appended::Dirty`] and is only recorded in the dirty bitmap.
+    pub fn append(&self, op: Op<'_>) -> Result<Appended, JournalError> {
+        self.shared.append(op)
+    }
+
+    /// Makes everything appended before the call durable and returns the durable
+    /// seq. Concurrent callers share one fdatasync (group commit). Also persists the
+    /// dirty bitmap if it changed. Returns at once if there is nothing new.
+    pub fn sync(&self) -> Result<u64, JournalError> {
+        self.shared.sync()
+    }
+
+    /// Durable records with `after_seq < seq <= durable_seq`, in order, stopping
+    /// before their encoded size (36 bytes + data each) would exceed `max_bytes`;
+    /// at least one record if any is available. [`JournalError::Trimmed`] if
+    /// `after_seq + 1` was already trimmed away.
+    pub fn read_durable(
+        &self,
+        after_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, JournalError> {
+        self.shared.read_durable(after_seq, max_bytes)
+    }
+
+    /// The recovery site has made records `<= seq` durable: deletes whole segments
+    /// whose records are all `<= seq`, persisting the trim point first so seq
+    /// numbering continues after a restart. `seq` must not exceed the durable seq.
+    pub fn trim_upto(&self, seq: u64) -> Result<(), JournalError> {
+        self.shared.trim_upto(seq)
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    pub fn state(&self) -> JournalState {
+        self.shared.state()
+    }
+
+    /// (offset, len) of the dirty bitmap regions (granularity-aligned, merged).
+    pub fn dirty_extents(&self) -> Vec<(u64, u64)> {
+        self.shared.dirty_extents()
+    }
+
+    /// Leaves the resync state: clears the dirty bitmap and resumes journaling,
+    /// persisted before returning. Call only once the caller has durably taken over
+    /// the dirty extents (e.g. recorded a resync of them elsewhere).
+    pub fn reset_resync(&self) -> Result<(), JournalError> {
+        self.shared.reset_resync()
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.shared.stop_writer();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}

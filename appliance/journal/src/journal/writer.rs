@@ -1,0 +1,99 @@
+//! The writer side of [`Shared`]: the background writer thread, draining sealed
+//! chunks to segment files, fdatasync accounting and failure poisoning.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
+
+use super::{lock, Io, Shared, FLUSH_BYTES};
+use crate::{io_err, JournalError};
+
+impl Shared {
+    /// Writes all sealed chunks in order (caller holds `io`).
+    pub(super) fn drain(&self, io: &mut Io) -> Result<(), JournalError> {
+        let mut spares = Vec::new();
+        loop {
+            let chunks = {
+                let mut m = lock(&self.mem);
+                if let Some(e) = &m.failed {
+                    return Err(JournalError::Failed(e.clone()));
+                }
+                for s in spares.drain(..) {
+                    if m.spare.len() < 4 {
+                        m.spare.push(s);
+                    }
+                }
+                m.sealed_bytes = 0;
+                std::mem::take(&mut m.sealed)
+            };
+            if chunks.is_empty() {
+                return Ok(());
+            }
+            for c in chunks {
+                if io.cur_seg != c.seg_first {
+                    // The previous segment must be durable before the next one gets records.
+                    if io.unsynced {
+                        let (f, p) = io.cur.as_ref().expect("unsynced implies a current file");
+                        self.fdatasync(f, p)?;
+                    }
+                    io.cur_seg = c.seg_first;
+                    io.cur = Some((c.file.clone(), c.path.clone()));
+                    io.unsynced = false;
+                }
+                c.file
+                    .write_all_at(&c.data, c.file_off)
+                    .map_err(|e| self.fail(io_err(&c.path, e)))?;
+                io.unsynced = true;
+                io.written_seq = c.last_seq;
+                let mut d = c.data;
+                if d.capacity() <= 2 * FLUSH_BYTES {
+                    d.clear();
+                    spares.push(d);
+                }
+            }
+        }
+    }
+
+    /// Body of the writer thread: writes sealed chunks as they appear.
+    pub fn writer_loop(&self) {
+        loop {
+            {
+                let mut m = lock(&self.mem);
+                while m.sealed.is_empty() && !m.stop && m.failed.is_none() {
+                    m = self.work.wait(m).unwrap_or_else(PoisonError::into_inner);
+                }
+                if m.stop || m.failed.is_some() {
+                    return;
+                }
+            }
+            if self.drain(&mut lock(&self.io)).is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn stop_writer(&self) {
+        lock(&self.mem).stop = true;
+        self.work.notify_all();
+    }
+
+    pub(super) fn fdatasync(&self, f: &File, path: &Path) -> Result<(), JournalError> {
+        self.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+        rustix::fs::fdatasync(f).map_err(|e| self.fail(io_err(path, e.into())))
+    }
+
+    /// Marks the journal failed after an I/O error on the write path: the state of
+    /// the files is unknown, so no later write may be acknowledged.
+    pub(super) fn fail(&self, e: JournalError) -> JournalError {
+        let mut m = lock(&self.mem);
+        tracing::error!(error = %e, "journal failed");
+        if m.failed.is_none() {
+            m.failed = Some(e.to_string());
+        }
+        self.cv.notify_all();
+        self.work.notify_all();
+        e
+    }
+}

@@ -1,0 +1,276 @@
+//! Shared pieces of the end-to-end tests: a protected site (qemu-storage-daemon mirroring to a
+//! real process server, shipping to a real master target), a writer whose data names its own
+//! sequence number, and the checker that proves a recovery point is a prefix of its log.
+#![allow(dead_code)]
+
+use ferry::lab::{sh, Lab};
+use ferry_nbd::client::Client;
+use ferry_qemu::{StorageDaemon, MIRROR_FILTER};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+pub mod proxy;
+
+pub const SECTOR: usize = 512;
+const MAGIC: &[u8; 8] = b"FERRYSEQ";
+
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// A protected site: the lab's two roles plus the "hypervisor" and a guest entry point.
+pub struct Site {
+    pub qsd: Option<StorageDaemon>,
+    pub lab: Lab,
+    pub image: PathBuf,
+    pub guest_sock: PathBuf,
+    pub disk: String,
+    pub size: u64,
+    pub dir: tempfile::TempDir,
+}
+
+impl Site {
+    /// Create a qcow2 of `size` (with `prefill` qemu-io commands applied before protection),
+    /// start master target and process server, mirror the disk to the process server and export
+    /// the mirror's filter node as the guest's disk.
+    pub fn start(disk: &str, size: u64, prefill: &[&str], tune: impl FnOnce(&mut Lab)) -> Site {
+        let dir = tempfile::Builder::new().prefix("ferry-e2e-").tempdir().unwrap();
+        let image = dir.path().join("protected.qcow2");
+        sh(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&image)
+            .arg(size.to_string()))
+        .unwrap();
+        if !prefill.is_empty() {
+            let mut c = Command::new("qemu-io");
+            c.args(["-f", "qcow2"]).arg(&image);
+            for p in prefill {
+                c.arg("-c").arg(p);
+            }
+            sh(&mut c).unwrap();
+        }
+        let mut lab = Lab::new(&exe(), dir.path(), &[(disk, size)]).unwrap();
+        lab.interval_ms = 200;
+        tune(&mut lab);
+        lab.start_master().unwrap();
+        lab.start_process().unwrap();
+        let mut qsd = StorageDaemon::start(&image, "qcow2", dir.path()).unwrap();
+        let tls = lab.nbd_tls.then_some(lab.pki.as_path());
+        qsd.mirror_to_nbd("127.0.0.1", lab.nbd_port, disk, tls, Duration::from_secs(120))
+            .unwrap();
+        let guest_sock = dir.path().join("guest.sock");
+        qsd.export(MIRROR_FILTER, "guest", &guest_sock).unwrap();
+        Site {
+            qsd: Some(qsd),
+            lab,
+            image,
+            guest_sock,
+            disk: disk.to_string(),
+            size,
+            dir,
+        }
+    }
+
+    pub fn guest_uri(&self) -> String {
+        format!("nbd+unix:///guest?socket={}", self.guest_sock.display())
+    }
+
+    /// Run qemu-io commands against the guest's disk, then flush.
+    pub fn qemu_io(&self, cmds: &[String]) {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]).arg(self.guest_uri());
+        for cmd in cmds {
+            c.arg("-c").arg(cmd);
+        }
+        c.args(["-c", "flush"]);
+        sh(&mut c).unwrap();
+    }
+
+    pub async fn guest(&self) -> Client<tokio::net::UnixStream> {
+        Client::connect_unix(&self.guest_sock, "guest").await.unwrap()
+    }
+
+    /// Read the guest's whole disk as it is now.
+    pub fn guest_image(&self) -> Vec<u8> {
+        let out = self.dir.path().join("guest-now.raw");
+        sh(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(self.guest_uri())
+            .arg(&out))
+        .unwrap();
+        let v = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        v
+    }
+
+    /// Wait for the newest writes to become a recovery point; returns that point's sequence.
+    pub fn caught_up(&self) -> u64 {
+        self.lab
+            .wait_caught_up(&self.disk, Duration::from_secs(120))
+            .unwrap()
+            .acked_seq
+    }
+
+    /// Read a recovery point whole, from the repository (a read-only handle).
+    pub fn point_image(&self, seq: u64) -> Vec<u8> {
+        let repo = self.lab.repository().unwrap();
+        let r = repo.reader(&self.disk, seq).unwrap();
+        let mut buf = vec![0u8; r.size() as usize];
+        r.read_at(0, &mut buf).unwrap();
+        buf
+    }
+
+    /// Export a point with `ferry export` to qcow2 and compare it with the guest's disk.
+    pub fn assert_point_equals_guest(&self, seq: u64) {
+        let out = self.dir.path().join(format!("point-{seq}.qcow2"));
+        let o = self
+            .lab
+            .ferry(&[
+                "export",
+                "--disk",
+                &self.disk,
+                "--point",
+                &seq.to_string(),
+                "--format",
+                "qcow2",
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .unwrap();
+        assert!(o.status.success(), "export: {}", String::from_utf8_lossy(&o.stderr));
+        let cmp = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "qcow2"])
+            .arg(self.guest_uri())
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            cmp.status.success(),
+            "point {seq} differs from the source: {}{}",
+            String::from_utf8_lossy(&cmp.stdout),
+            String::from_utf8_lossy(&cmp.stderr)
+        );
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(q) = self.qsd.take() {
+            q.stop();
+        }
+    }
+}
+
+/// A small deterministic PRNG (xorshift), so a failing run can be replayed from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The writer's log: write `i` (sequence `i + 1`) covered `log[i] = (offset, len)`.
+pub type Log = Vec<(u64, usize)>;
+
+/// The data of write `seq` at `offset`: every sector starts with a tag naming the write.
+pub fn tagged(seq: u64, offset: u64, len: usize) -> Vec<u8> {
+    assert!(offset % SECTOR as u64 == 0 && len % SECTOR == 0 && len > 0);
+    let mut v = vec![0u8; len];
+    for (i, s) in v.chunks_mut(SECTOR).enumerate() {
+        s[..8].copy_from_slice(MAGIC);
+        s[8..16].copy_from_slice(&seq.to_le_bytes());
+        s[16..24].copy_from_slice(&(offset + (i * SECTOR) as u64).to_le_bytes());
+        for (j, b) in s[24..].iter_mut().enumerate() {
+            *b = (seq as usize * 31 + j) as u8;
+        }
+    }
+    v
+}
+
+/// A random sector-aligned write inside a disk of `size` bytes: 512 B to 128 KiB.
+pub fn random_extent(rng: &mut Rng, size: u64) -> (u64, usize) {
+    let sectors = (1 + rng.below(256)) as usize;
+    let len = sectors * SECTOR;
+    let offset = rng.below((size - len as u64) / SECTOR as u64) * SECTOR as u64;
+    (offset, len)
+}
+
+/// Prove `image == base + the first N writes of log` for some N, and return N. N is the largest
+/// sequence number any sector carries: the last write of a prefix always shows in its sectors.
+pub fn check_prefix(image: &[u8], base: &[u8], log: &Log) -> Result<u64, String> {
+    let mut n = 0u64;
+    for s in image.chunks(SECTOR) {
+        if s.len() >= 16 && &s[..8] == MAGIC {
+            n = n.max(u64::from_le_bytes(s[8..16].try_into().unwrap()));
+        }
+    }
+    if n as usize > log.len() {
+        return Err(format!("image holds write {n} but only {} were issued", log.len()));
+    }
+    let mut model = base.to_vec();
+    for (i, &(off, len)) in log[..n as usize].iter().enumerate() {
+        model[off as usize..off as usize + len].copy_from_slice(&tagged(i as u64 + 1, off, len));
+    }
+    if let Some(at) = model.iter().zip(image).position(|(a, b)| a != b) {
+        return Err(format!(
+            "image is not base + first {n} writes: first difference at byte {at}"
+        ));
+    }
+    Ok(n)
+}
+
+/// Every recovery point of `disk` newer than `after`.
+pub fn points_after(site: &Site, after: u64) -> Vec<u64> {
+    let repo = site.lab.repository().unwrap();
+    repo.points(&site.disk)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.meta.seq)
+        .filter(|&s| s > after)
+        .collect()
+}
+
+/// Pick at most `k` of `v`, evenly spread, always keeping the last.
+pub fn spread(v: &[u64], k: usize) -> Vec<u64> {
+    if v.len() <= k {
+        return v.to_vec();
+    }
+    let mut out: Vec<u64> = (0..k - 1).map(|i| v[i * v.len() / (k - 1)]).collect();
+    out.push(*v.last().unwrap());
+    out.dedup();
+    out
+}
+
+/// Every file's bytes under `dir` contain `needle` nowhere.
+pub fn assert_no_plaintext(dir: &std::path::Path, needle: &[u8]) {
+    for e in walk(dir) {
+        let bytes = std::fs::read(&e).unwrap();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "{} holds plaintext",
+            e.display()
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
