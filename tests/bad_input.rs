@@ -84,7 +84,10 @@ fn malformed_nbd_traffic_is_refused_and_other_disks_keep_replicating() {
     s.write_all(&opt).unwrap();
     let mut rep = [0u8; 20];
     s.read_exact(&mut rep).unwrap();
-    assert_eq!(u32::from_be_bytes(rep[12..16].try_into().unwrap()), (1 << 31) | 1);
+    assert_eq!(
+        u32::from_be_bytes(rep[12..16].try_into().unwrap()),
+        (1 << 31) | 1
+    );
 
     // Offsets past the end: an error reply, nothing journaled.
     let mut s = negotiate(port, "victim");
@@ -112,8 +115,14 @@ fn malformed_nbd_traffic_is_refused_and_other_disks_keep_replicating() {
 
     // The victim disk journaled nothing of all that; the good disk still replicates.
     let victim = site.lab.status("victim").unwrap();
-    assert_eq!(victim.journal_last_seq, 0, "bad traffic reached the journal: {victim:?}");
-    site.qemu_io(&["write -P 0x42 1M 2M".into(), "write -P 0x43 5000 3000".into()]);
+    assert_eq!(
+        victim.journal_last_seq, 0,
+        "bad traffic reached the journal: {victim:?}"
+    );
+    site.qemu_io(&[
+        "write -P 0x42 1M 2M".into(),
+        "write -P 0x43 5000 3000".into(),
+    ]);
     let seq = site.caught_up();
     site.assert_point_equals_guest(seq);
 }
@@ -149,12 +158,22 @@ fn a_damaged_chunk_is_caught_by_verify_and_never_served() {
         .iter()
         .find(|b| b["id"] == name.as_str())
         .unwrap_or_else(|| panic!("damaged chunk {name} not reported: {report}"));
-    assert!(!entry["points"].as_array().unwrap().is_empty(), "no points named: {entry}");
+    assert!(
+        !entry["points"].as_array().unwrap().is_empty(),
+        "no points named: {entry}"
+    );
 
     // Instant access of the point refuses the damaged block instead of serving it.
     let port = ferry::lab::free_port().unwrap();
     let mut serve = Command::new(exe())
-        .args(["serve", "--disk", "tamper", "--point", &seq.to_string(), "--listen"])
+        .args([
+            "serve",
+            "--disk",
+            "tamper",
+            "--point",
+            &seq.to_string(),
+            "--listen",
+        ])
         .arg(format!("127.0.0.1:{port}"))
         .arg("--repo")
         .arg(&site.lab.repo)
@@ -173,11 +192,25 @@ fn a_damaged_chunk_is_caught_by_verify_and_never_served() {
         .unwrap();
     let _ = serve.kill();
     let _ = serve.wait();
-    assert!(!convert.status.success(), "a damaged point was read back without error");
+    assert!(
+        !convert.status.success(),
+        "a damaged point was read back without error"
+    );
     // And the export command refuses it too.
     let export = site
         .lab
-        .ferry(&["export", "--disk", "tamper", "--point", &seq.to_string(), "--output", out.to_str().unwrap()])
+        .ferry(&[
+            "export",
+            "--disk",
+            "tamper",
+            "--point",
+            &seq.to_string(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
         .unwrap();
-    assert!(!export.status.success(), "export of a damaged point succeeded");
+    assert!(
+        !export.status.success(),
+        "export of a damaged point succeeded"
+    );
 }

@@ -29,7 +29,9 @@ fn each_phase_becomes_a_matching_recovery_point() {
     rt.block_on(async {
         let mut g = site.guest().await;
         for i in 0..8u64 {
-            g.write(i * MIB, &marker_block(MIB as usize, i as u8), false).await.unwrap();
+            g.write(i * MIB, &marker_block(MIB as usize, i as u8), false)
+                .await
+                .unwrap();
         }
         g.flush().await.unwrap();
     });
@@ -42,7 +44,9 @@ fn each_phase_becomes_a_matching_recovery_point() {
         let mut g = site.guest().await;
         for i in 0..300u64 {
             let off = rng.below(64 * MIB / 4096) * 4096;
-            g.write(off, &vec![(i % 251) as u8 + 1; 4096], false).await.unwrap();
+            g.write(off, &vec![(i % 251) as u8 + 1; 4096], false)
+                .await
+                .unwrap();
         }
         g.flush().await.unwrap();
     });
@@ -66,14 +70,23 @@ fn each_phase_becomes_a_matching_recovery_point() {
 
     // Every earlier phase's point is still intact after later ones.
     for (seq, image) in &phases {
-        assert!(site.point_image(*seq) == *image, "point {seq} changed after later phases");
+        assert!(
+            site.point_image(*seq) == *image,
+            "point {seq} changed after later phases"
+        );
     }
     // The recovery site holds no plaintext.
     assert_no_plaintext(&site.lab.repo, MARKER);
     // Instant access: serve the phase-2 point over NBD and compare with its recorded image.
     let port = ferry::lab::free_port().unwrap();
     let mut serve = Command::new(exe())
-        .args(["serve", "--disk", "vm1-disk0", "--point", &phases[1].0.to_string()])
+        .args([
+            "serve",
+            "--disk",
+            "vm1-disk0",
+            "--point",
+            &phases[1].0.to_string(),
+        ])
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--repo")
@@ -93,7 +106,11 @@ fn each_phase_becomes_a_matching_recovery_point() {
         .unwrap();
     let _ = serve.kill();
     let _ = serve.wait();
-    assert!(cmp.status.success(), "{}", String::from_utf8_lossy(&cmp.stdout));
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
     // And the repository verifies clean.
     let v = site.lab.ferry(&["verify"]).unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
@@ -110,7 +127,10 @@ fn under_load_every_recovery_point_is_a_prefix_of_the_writes() {
     });
     let s0 = site.caught_up();
     let base = site.guest_image();
-    assert!(site.point_image(s0) == base, "the seeded point differs from the source");
+    assert!(
+        site.point_image(s0) == base,
+        "the seeded point differs from the source"
+    );
 
     let log: Arc<Mutex<Log>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -119,7 +139,9 @@ fn under_load_every_recovery_point_is_a_prefix_of_the_writes() {
         let (log, stop) = (log.clone(), stop.clone());
         let sock = site.guest_sock.clone();
         rt.spawn(async move {
-            let mut g = ferry_nbd::client::Client::connect_unix(&sock, "guest").await.unwrap();
+            let mut g = ferry_nbd::client::Client::connect_unix(&sock, "guest")
+                .await
+                .unwrap();
             let mut rng = Rng(0xfeed_beef);
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -127,7 +149,7 @@ fn under_load_every_recovery_point_is_a_prefix_of_the_writes() {
                 n += 1;
                 log.lock().unwrap().push((off, len));
                 g.write(off, &tagged(n, off, len), false).await.unwrap();
-                if n % 50 == 0 {
+                if n.is_multiple_of(50) {
                     g.flush().await.unwrap();
                 }
             }
@@ -140,7 +162,9 @@ fn under_load_every_recovery_point_is_a_prefix_of_the_writes() {
     let mut seen = s0;
     while started.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(300));
-        let Some(&latest) = points_after(&site, seen).last() else { continue };
+        let Some(&latest) = points_after(&site, seen).last() else {
+            continue;
+        };
         seen = latest;
         let image = site.point_image(latest);
         let snapshot = log.lock().unwrap().clone();
@@ -155,7 +179,17 @@ fn under_load_every_recovery_point_is_a_prefix_of_the_writes() {
     let n = check_prefix(&site.point_image(last), &base, &all).unwrap();
     assert_eq!(n as usize, all.len(), "the final point misses writes");
     site.assert_point_equals_guest(last);
-    eprintln!("checked {} points while writing: {checked:?}; {} writes in all", checked.len(), all.len());
-    assert!(checked.len() >= 5, "too few points sampled under load: {checked:?}");
-    assert!(checked.windows(2).all(|w| w[0].1 <= w[1].1), "prefixes went backwards");
+    eprintln!(
+        "checked {} points while writing: {checked:?}; {} writes in all",
+        checked.len(),
+        all.len()
+    );
+    assert!(
+        checked.len() >= 5,
+        "too few points sampled under load: {checked:?}"
+    );
+    assert!(
+        checked.windows(2).all(|w| w[0].1 <= w[1].1),
+        "prefixes went backwards"
+    );
 }

@@ -33,7 +33,9 @@ fn sigkill_either_side_during_writes_loses_nothing_flushed() {
         let (log, stop, flushed) = (log.clone(), stop.clone(), flushed.clone());
         let sock = site.guest_sock.clone();
         rt.spawn(async move {
-            let mut g = ferry_nbd::client::Client::connect_unix(&sock, "guest").await.unwrap();
+            let mut g = ferry_nbd::client::Client::connect_unix(&sock, "guest")
+                .await
+                .unwrap();
             let mut rng = Rng(0xc0ff_ee11);
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -41,7 +43,7 @@ fn sigkill_either_side_during_writes_loses_nothing_flushed() {
                 n += 1;
                 log.lock().unwrap().push((off, len));
                 g.write(off, &tagged(n, off, len), false).await.unwrap();
-                if n % 20 == 0 {
+                if n.is_multiple_of(20) {
                     g.flush().await.unwrap();
                     flushed.store(n, Ordering::Relaxed);
                 }
@@ -73,7 +75,10 @@ fn sigkill_either_side_during_writes_loses_nothing_flushed() {
     let all = log.lock().unwrap().clone();
     let acked = flushed.load(Ordering::Relaxed);
     let n = check_prefix(&site.point_image(last), &base, &all).unwrap();
-    assert!(n >= acked, "final point holds {n} writes but {acked} were flushed");
+    assert!(
+        n >= acked,
+        "final point holds {n} writes but {acked} were flushed"
+    );
     assert_eq!(n as usize, all.len());
     site.assert_point_equals_guest(last);
 
@@ -83,7 +88,10 @@ fn sigkill_either_side_during_writes_loses_nothing_flushed() {
     for seq in &sample {
         let n = check_prefix(&site.point_image(*seq), &base, &all)
             .unwrap_or_else(|e| panic!("point {seq} after crashes: {e}"));
-        assert!(n >= prev, "point {seq} holds fewer writes than an older one");
+        assert!(
+            n >= prev,
+            "point {seq} holds fewer writes than an older one"
+        );
         prev = n;
     }
     let v = site.lab.ferry(&["verify"]).unwrap();

@@ -32,7 +32,9 @@ fn replication_survives_repeated_link_cuts() {
         let (log, stop) = (log.clone(), stop.clone());
         let sock = site.guest_sock.clone();
         rt.spawn(async move {
-            let mut g = ferry_nbd::client::Client::connect_unix(&sock, "guest").await.unwrap();
+            let mut g = ferry_nbd::client::Client::connect_unix(&sock, "guest")
+                .await
+                .unwrap();
             let mut rng = Rng(0xabcd_ef01);
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -45,7 +47,7 @@ fn replication_survives_repeated_link_cuts() {
         })
     };
     let cuts = 15;
-    let mut rng = Rng(0x0ddb_a11);
+    let mut rng = Rng(0x00dd_ba11);
     for _ in 0..cuts {
         std::thread::sleep(Duration::from_millis(200 + rng.below(400)));
         rt.block_on(proxy.cut(Duration::from_millis(rng.below(400))));
@@ -55,7 +57,10 @@ fn replication_survives_repeated_link_cuts() {
 
     let last = site.caught_up();
     let all = log.lock().unwrap().clone();
-    assert_eq!(check_prefix(&site.point_image(last), &base, &all).unwrap() as usize, all.len());
+    assert_eq!(
+        check_prefix(&site.point_image(last), &base, &all).unwrap() as usize,
+        all.len()
+    );
     site.assert_point_equals_guest(last);
     for seq in spread(&points_after(&site, s0), 10) {
         check_prefix(&site.point_image(seq), &base, &all)

@@ -35,7 +35,10 @@ impl Site {
     /// start master target and process server, mirror the disk to the process server and export
     /// the mirror's filter node as the guest's disk.
     pub fn start(disk: &str, size: u64, prefill: &[&str], tune: impl FnOnce(&mut Lab)) -> Site {
-        let dir = tempfile::Builder::new().prefix("ferry-e2e-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-e2e-")
+            .tempdir()
+            .unwrap();
         let image = dir.path().join("protected.qcow2");
         sh(Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
@@ -57,8 +60,14 @@ impl Site {
         lab.start_process().unwrap();
         let mut qsd = StorageDaemon::start(&image, "qcow2", dir.path()).unwrap();
         let tls = lab.nbd_tls.then_some(lab.pki.as_path());
-        qsd.mirror_to_nbd("127.0.0.1", lab.nbd_port, disk, tls, Duration::from_secs(120))
-            .unwrap();
+        qsd.mirror_to_nbd(
+            "127.0.0.1",
+            lab.nbd_port,
+            disk,
+            tls,
+            Duration::from_secs(120),
+        )
+        .unwrap();
         let guest_sock = dir.path().join("guest.sock");
         qsd.export(MIRROR_FILTER, "guest", &guest_sock).unwrap();
         Site {
@@ -88,7 +97,9 @@ impl Site {
     }
 
     pub async fn guest(&self) -> Client<tokio::net::UnixStream> {
-        Client::connect_unix(&self.guest_sock, "guest").await.unwrap()
+        Client::connect_unix(&self.guest_sock, "guest")
+            .await
+            .unwrap()
     }
 
     /// Read the guest's whole disk as it is now.
@@ -138,7 +149,11 @@ impl Site {
                 out.to_str().unwrap(),
             ])
             .unwrap();
-        assert!(o.status.success(), "export: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "export: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let cmp = Command::new("qemu-img")
             .args(["compare", "-f", "raw", "-F", "qcow2"])
             .arg(self.guest_uri())
@@ -183,7 +198,7 @@ pub type Log = Vec<(u64, usize)>;
 
 /// The data of write `seq` at `offset`: every sector starts with a tag naming the write.
 pub fn tagged(seq: u64, offset: u64, len: usize) -> Vec<u8> {
-    assert!(offset % SECTOR as u64 == 0 && len % SECTOR == 0 && len > 0);
+    assert!(offset.is_multiple_of(SECTOR as u64) && len.is_multiple_of(SECTOR) && len > 0);
     let mut v = vec![0u8; len];
     for (i, s) in v.chunks_mut(SECTOR).enumerate() {
         s[..8].copy_from_slice(MAGIC);
@@ -214,7 +229,10 @@ pub fn check_prefix(image: &[u8], base: &[u8], log: &Log) -> Result<u64, String>
         }
     }
     if n as usize > log.len() {
-        return Err(format!("image holds write {n} but only {} were issued", log.len()));
+        return Err(format!(
+            "image holds write {n} but only {} were issued",
+            log.len()
+        ));
     }
     let mut model = base.to_vec();
     for (i, &(off, len)) in log[..n as usize].iter().enumerate() {

@@ -26,7 +26,9 @@ impl Proxy {
         let (d, a) = (down.clone(), accepted.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { return };
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
                 if d.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
@@ -36,7 +38,9 @@ impl Proxy {
                 rx.borrow_and_update();
                 let target = target.clone();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(&target).await else { return };
+                    let Ok(server) = TcpStream::connect(&target).await else {
+                        return;
+                    };
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     tokio::select! {

@@ -170,7 +170,10 @@ impl TenantKey {
 
     /// Compress (when it helps) and encrypt `plaintext`, authenticating `context` with it.
     pub fn seal(&self, plaintext: &[u8], context: &[u8]) -> Vec<u8> {
-        assert!(plaintext.len() <= MAX_PLAINTEXT, "plaintext over MAX_PLAINTEXT");
+        assert!(
+            plaintext.len() <= MAX_PLAINTEXT,
+            "plaintext over MAX_PLAINTEXT"
+        );
         let compressed = zstd::bulk::compress(plaintext, ZSTD_LEVEL).ok();
         let (flags, payload): (u8, &[u8]) = match &compressed {
             Some(c) if c.len() < plaintext.len() => (FLAG_ZSTD, c),
@@ -205,8 +208,8 @@ impl TenantKey {
         let header = parse_header(blob)?;
         let aad = aad_bytes(&blob[..BLOB_HEADER_LEN], context);
         let mut body = blob[BLOB_HEADER_LEN..].to_vec();
-        let nonce = Nonce::try_assume_unique_for_key(&blob[12..24])
-            .map_err(|_| ChunkError::BadHeader)?;
+        let nonce =
+            Nonce::try_assume_unique_for_key(&blob[12..24]).map_err(|_| ChunkError::BadHeader)?;
         let plain = self
             .aead
             .open_in_place(nonce, Aad::from(&aad), &mut body)
@@ -309,10 +312,7 @@ mod tests {
         );
         // A valid blob stored under another name is rejected.
         let other = k.chunk_id(b"other");
-        assert_eq!(
-            k.open_chunk(&other, &blob),
-            Err(ChunkError::Authentication)
-        );
+        assert_eq!(k.open_chunk(&other, &blob), Err(ChunkError::Authentication));
         // No plaintext in the blob.
         assert!(!blob.windows(12).any(|w| w == b"FERRY-SECRET"));
     }

@@ -29,7 +29,9 @@ const DISK: &str = "demo-disk";
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     for tool in ["qemu-img", "qemu-io", "qemu-storage-daemon"] {
         if which(tool).is_none() {
-            bail!("{tool} is not installed: install Debian's qemu-utils (apt-get install qemu-utils)");
+            bail!(
+                "{tool} is not installed: install Debian's qemu-utils (apt-get install qemu-utils)"
+            );
         }
     }
     let size = ferry::parse_size(&args.size)?;
@@ -56,9 +58,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     say(&format!("work directory {}", dir.display()));
 
     let image = dir.join("protected.qcow2");
-    sh(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg(size.to_string()))?;
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(size.to_string()))?;
     // Data that exists before protection starts: the mirror's first full copy seeds it.
-    sh(Command::new("qemu-io").args(["-f", "qcow2"]).arg(&image).args(["-c", "write -P 0x11 32M 8M"]))?;
+    sh(Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&image)
+        .args(["-c", "write -P 0x11 32M 8M"]))?;
 
     lab.start_master()?;
     lab.start_process()?;
@@ -68,12 +76,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     ));
 
     let mut qsd = StorageDaemon::start(&image, "qcow2", dir)?;
-    qsd.mirror_to_nbd("127.0.0.1", lab.nbd_port, DISK, Some(&lab.pki), Duration::from_secs(120))
-        .context("starting the mirror job")?;
+    qsd.mirror_to_nbd(
+        "127.0.0.1",
+        lab.nbd_port,
+        DISK,
+        Some(&lab.pki),
+        Duration::from_secs(120),
+    )
+    .context("starting the mirror job")?;
     let guest_sock = dir.join("guest.sock");
     qsd.export(MIRROR_FILTER, "guest", &guest_sock)?;
     let guest = format!("nbd+unix:///guest?socket={}", guest_sock.display());
-    say("qemu-storage-daemon mirrors every write to the process server (sync=full, write-blocking)");
+    say(
+        "qemu-storage-daemon mirrors every write to the process server (sync=full, write-blocking)",
+    );
 
     let phases: Vec<(&str, Vec<String>)> = vec![
         ("sequential 16 MiB", vec!["write -P 0x5a 0 16M".into()]),
@@ -99,9 +115,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let st = lab.wait_caught_up(DISK, Duration::from_secs(120))?;
         let out = dir.join(format!("phase{}.raw", i + 1));
         let repo = lab.repository()?;
-        repo.export(DISK, st.acked_seq, &out, ferry_repository::ExportFormat::Raw)?;
-        sh(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&guest).arg(&out))
-            .with_context(|| format!("recovery point {} differs from the source", st.acked_seq))?;
+        repo.export(
+            DISK,
+            st.acked_seq,
+            &out,
+            ferry_repository::ExportFormat::Raw,
+        )?;
+        sh(Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&guest)
+            .arg(&out))
+        .with_context(|| format!("recovery point {} differs from the source", st.acked_seq))?;
         say(&format!(
             "phase {}: {name}: recovery point {} == source disk (qemu-img compare)",
             i + 1,
@@ -138,7 +162,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     ));
 
     println!();
-    print!("{}", String::from_utf8_lossy(&lab.ferry(&["points"])?.stdout));
+    print!(
+        "{}",
+        String::from_utf8_lossy(&lab.ferry(&["points"])?.stdout)
+    );
     let v = lab.ferry(&["verify"])?;
     print!("{}", String::from_utf8_lossy(&v.stdout));
     if !v.status.success() {
@@ -163,8 +190,14 @@ fn random_writes(size: u64, n: usize) -> Vec<String> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     (0..n)
         .map(|i| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            format!("write -P {} {} 4k", (i % 250) + 1, (x >> 11) % blocks * 4096)
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            format!(
+                "write -P {} {} 4k",
+                (i % 250) + 1,
+                (x >> 11) % blocks * 4096
+            )
         })
         .collect()
 }

@@ -67,7 +67,10 @@ impl Lab {
             .open(self.dir.join(format!("{name}.log")))?;
         Command::new(&self.exe)
             .args(args)
-            .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "FERRY_LOG",
+                std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -16,9 +16,9 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
         Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
         _ => (s, 1),
     };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("bad size {s:?}: expected a number with an optional K, M, G or T"))?;
+    let n: u64 = num.parse().with_context(|| {
+        format!("bad size {s:?}: expected a number with an optional K, M, G or T")
+    })?;
     match n.checked_mul(mult) {
         Some(v) if v > 0 => Ok(v),
         _ => bail!("bad size {s:?}: must be above zero and below 16 EiB"),

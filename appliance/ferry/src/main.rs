@@ -13,7 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Ferry disaster-recovery replication gateway")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry disaster-recovery replication gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -189,7 +193,9 @@ fn main() {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn point_seq(repo: &Repository, disk: &str, point: &str) -> anyhow::Result<u64> {
@@ -281,7 +287,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ExportFormat::Raw
             };
             r.export(&disk, seq, &output, fmt)?;
-            println!("exported {disk} point {seq} to {} ({format})", output.display());
+            println!(
+                "exported {disk} point {seq} to {} ({format})",
+                output.display()
+            );
             Ok(())
         }
         Cmd::Serve {
@@ -328,7 +337,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for b in &report.bad {
                     let pts: Vec<String> =
                         b.points.iter().map(|(d, s)| format!("{d}@{s}")).collect();
-                    println!("BAD {} {}: {} (used by {})", b.kind, b.id, b.reason, pts.join(", "));
+                    println!(
+                        "BAD {} {}: {} (used by {})",
+                        b.kind,
+                        b.id,
+                        b.reason,
+                        pts.join(", ")
+                    );
                 }
             }
             if !report.bad.is_empty() {

@@ -64,7 +64,11 @@ impl Export for PointExport {
             while pos < end {
                 let block = pos / bs;
                 let next = ((block + 1) * bs).min(end);
-                let flags = if r.is_hole(block)? { STATE_HOLE_ZERO } else { 0 };
+                let flags = if r.is_hole(block)? {
+                    STATE_HOLE_ZERO
+                } else {
+                    0
+                };
                 let n = (next - pos) as u32;
                 match out.last_mut() {
                     Some((l, f)) if *f == flags => *l += n,

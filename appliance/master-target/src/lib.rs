@@ -106,7 +106,9 @@ async fn session(
             seq: 0,
             reason: RejectReason::Protocol,
             chunk: None,
-            message: format!("protocol version {version} not supported (this side speaks {VERSION})"),
+            message: format!(
+                "protocol version {version} not supported (this side speaks {VERSION})"
+            ),
         };
         wr.write_all(&m.encode()).await?;
         bail!("peer speaks protocol version {version}");
@@ -207,7 +209,11 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
             }
             Msg::End { seq, blocks: n } => {
                 if seq != c.seq || n != blocks.len() as u64 {
-                    bail!("checkpoint {} ended as {seq} with {n} blocks, {} received", c.seq, blocks.len());
+                    bail!(
+                        "checkpoint {} ended as {seq} with {n} blocks, {} received",
+                        c.seq,
+                        blocks.len()
+                    );
                 }
                 return Ok(blocks);
             }
@@ -243,15 +249,28 @@ fn apply(
     for (index, body) in blocks {
         match body {
             BlockBody::Zero => w.put_zero(index).map_err(refusal)?,
-            BlockBody::Chunk { id, blob } => w.put_chunk(index, id, blob.as_deref()).map_err(refusal)?,
+            BlockBody::Chunk { id, blob } => {
+                w.put_chunk(index, id, blob.as_deref()).map_err(refusal)?
+            }
             BlockBody::Patch { sealed } => {
                 let plain = key
                     .open(&sealed, &patch_context(disk, c.seq, index))
-                    .map_err(|e| (RejectReason::BadData, None, format!("patch of block {index}: {e}")))?;
+                    .map_err(|e| {
+                        (
+                            RejectReason::BadData,
+                            None,
+                            format!("patch of block {index}: {e}"),
+                        )
+                    })?;
                 let start = index * u64::from(c.block_size);
                 let block_len = u64::from(c.block_size).min(c.disk_size - start) as u32;
-                let patch = Patch::decode(&plain, block_len)
-                    .map_err(|e| (RejectReason::BadData, None, format!("patch of block {index}: {e}")))?;
+                let patch = Patch::decode(&plain, block_len).map_err(|e| {
+                    (
+                        RejectReason::BadData,
+                        None,
+                        format!("patch of block {index}: {e}"),
+                    )
+                })?;
                 w.put_patch(index, &patch.extents).map_err(refusal)?;
             }
         }
@@ -262,7 +281,9 @@ fn apply(
 
 fn refusal(e: RepoError) -> Refusal {
     let reason = match &e {
-        RepoError::MissingChunk(id) => return (RejectReason::MissingChunk, Some(*id), e.to_string()),
+        RepoError::MissingChunk(id) => {
+            return (RejectReason::MissingChunk, Some(*id), e.to_string())
+        }
         RepoError::OutOfOrder { .. } => RejectReason::OutOfOrder,
         RepoError::BadChunk { .. } => RejectReason::BadData,
         _ => RejectReason::Storage,

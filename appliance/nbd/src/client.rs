@@ -108,7 +108,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.flags
     }
 
-    async fn request(&mut self, cmd: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> Result<u64> {
+    async fn request(
+        &mut self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> Result<u64> {
         self.cookie += 1;
         let mut h = Vec::with_capacity(28 + data.len());
         h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -142,7 +149,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             return Err(ClientError::Protocol("write larger than the payload limit"));
         }
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
-        let c = self.request(CMD_WRITE, flags, offset, data.len() as u32, data).await?;
+        let c = self
+            .request(CMD_WRITE, flags, offset, data.len() as u32, data)
+            .await?;
         self.reply(c).await
     }
 
@@ -192,7 +201,11 @@ mod tests {
         let mem = Arc::new(MemExport::new(1 << 20));
         let mut exports: HashMap<String, Arc<dyn crate::Export>> = HashMap::new();
         exports.insert("m".into(), mem.clone());
-        let cfg = Arc::new(ServerConfig { exports, tls: None, require_tls: false });
+        let cfg = Arc::new(ServerConfig {
+            exports,
+            tls: None,
+            require_tls: false,
+        });
         let (a, b) = tokio::io::duplex(1 << 20);
         tokio::spawn(crate::serve_connection(a, cfg));
         let mut c = Client::handshake(b, "m").await.unwrap();
@@ -201,8 +214,14 @@ mod tests {
         c.write(100, &[1; 3], true).await.unwrap();
         c.flush().await.unwrap();
         c.write_zeroes(4096, 1000).await.unwrap();
-        assert_eq!(c.read(4096, 5000).await.unwrap()[..1001], [[0u8; 1000].as_slice(), &[7]].concat());
-        assert!(matches!(c.write((1 << 20) - 1, &[1, 2], false).await, Err(ClientError::Errno(_))));
+        assert_eq!(
+            c.read(4096, 5000).await.unwrap()[..1001],
+            [[0u8; 1000].as_slice(), &[7]].concat()
+        );
+        assert!(matches!(
+            c.write((1 << 20) - 1, &[1, 2], false).await,
+            Err(ClientError::Errno(_))
+        ));
         assert_eq!(c.read(100, 3).await.unwrap(), vec![1; 3]);
         c.disconnect().await.unwrap();
         assert_eq!(mem.contents()[100..103], [1, 1, 1]);

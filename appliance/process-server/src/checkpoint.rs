@@ -15,7 +15,10 @@ enum Delta {
     /// The whole block was zeroed or trimmed.
     Zero,
     /// `ranges` (sorted, disjoint, `[start, end)`) of `buf` were written.
-    Partial { buf: Vec<u8>, ranges: Vec<(u32, u32)> },
+    Partial {
+        buf: Vec<u8>,
+        ranges: Vec<(u32, u32)>,
+    },
 }
 
 /// Accumulates records of one checkpoint; memory grows with the blocks touched, which the caller
@@ -75,12 +78,10 @@ impl Builder {
         let bs = self.block_size;
         let first = offset / bs;
         let last = if end > offset { (end - 1) / bs } else { 0 };
-        (first..=last)
-            .filter(move |_| end > offset)
-            .map(move |b| {
-                let base = b * bs;
-                (b, offset.max(base) - base, end.min(base + bs) - base)
-            })
+        (first..=last).filter(move |_| end > offset).map(move |b| {
+            let base = b * bs;
+            (b, offset.max(base) - base, end.min(base + bs) - base)
+        })
     }
 
     fn partial(&mut self, index: u64) -> (&mut Vec<u8>, &mut Vec<(u32, u32)>) {
@@ -143,8 +144,7 @@ impl Builder {
                     chunk: None,
                 },
                 Delta::Partial { buf, ranges }
-                    if ranges.len() == 1
-                        && ranges[0] == (0, buf.len() as u32) =>
+                    if ranges.len() == 1 && ranges[0] == (0, buf.len() as u32) =>
                 {
                     if is_zero(&buf) {
                         BuiltBlock {
@@ -244,13 +244,55 @@ mod tests {
         let mut model = vec![0xEEu8; size as usize];
         let base = model.clone();
         let records = vec![
-            rec(1, OwnedOp::Write { offset: 100, data: vec![1; 5000] }),
-            rec(2, OwnedOp::Write { offset: 4096, data: vec![2; 4096] }),
-            rec(3, OwnedOp::Zero { offset: 8192, len: 4096 }),
-            rec(4, OwnedOp::Write { offset: 8200, data: vec![3; 10] }),
-            rec(5, OwnedOp::Trim { offset: 12288, len: 8192 + 100 }),
-            rec(6, OwnedOp::Write { offset: size - 50, data: vec![4; 50] }),
-            rec(7, OwnedOp::Write { offset: 4096, data: vec![0; 4096] }),
+            rec(
+                1,
+                OwnedOp::Write {
+                    offset: 100,
+                    data: vec![1; 5000],
+                },
+            ),
+            rec(
+                2,
+                OwnedOp::Write {
+                    offset: 4096,
+                    data: vec![2; 4096],
+                },
+            ),
+            rec(
+                3,
+                OwnedOp::Zero {
+                    offset: 8192,
+                    len: 4096,
+                },
+            ),
+            rec(
+                4,
+                OwnedOp::Write {
+                    offset: 8200,
+                    data: vec![3; 10],
+                },
+            ),
+            rec(
+                5,
+                OwnedOp::Trim {
+                    offset: 12288,
+                    len: 8192 + 100,
+                },
+            ),
+            rec(
+                6,
+                OwnedOp::Write {
+                    offset: size - 50,
+                    data: vec![4; 50],
+                },
+            ),
+            rec(
+                7,
+                OwnedOp::Write {
+                    offset: 4096,
+                    data: vec![0; 4096],
+                },
+            ),
         ];
         let mut b = Builder::new(size, bs);
         for r in &records {
@@ -291,7 +333,13 @@ mod tests {
     fn known_chunks_go_by_reference() {
         let k = key();
         let mut b = Builder::new(8192, 4096);
-        b.apply(&rec(1, OwnedOp::Write { offset: 0, data: vec![7; 8192] }));
+        b.apply(&rec(
+            1,
+            OwnedOp::Write {
+                offset: 0,
+                data: vec![7; 8192],
+            },
+        ));
         let id = k.chunk_id(&[7; 4096]);
         let known: HashSet<_> = [id].into_iter().collect();
         let out = b.finish(&k, "d", 1, &known);

@@ -63,7 +63,10 @@ impl Export for JournalExport {
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> NbdResult<()> {
         self.in_range(offset, data.len() as u64)?;
-        self.append(Op::Write { offset, data: &data })?;
+        self.append(Op::Write {
+            offset,
+            data: &data,
+        })?;
         if fua {
             self.durable().await?;
         }

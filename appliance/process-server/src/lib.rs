@@ -90,7 +90,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.nbd_listen)
         .await
         .with_context(|| format!("cannot listen for NBD on {}", cfg.nbd_listen))?;
-    let disks = open_disks(&cfg.cache_dir, &cfg.disks, cfg.block_size, cfg.journal_capacity)?;
+    let disks = open_disks(
+        &cfg.cache_dir,
+        &cfg.disks,
+        cfg.block_size,
+        cfg.journal_capacity,
+    )?;
     let shared = Arc::new(Shared {
         key: cfg.key,
         known: Mutex::new(Default::default()),

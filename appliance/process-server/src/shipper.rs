@@ -279,7 +279,13 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
     Ok((cut.journal_end, seq + 1, cut.more))
 }
 
-fn build(disk: &Disk, tuning: &Tuning, shared: &Shared, pos: u64, seq: u64) -> anyhow::Result<Option<Cut>> {
+fn build(
+    disk: &Disk,
+    tuning: &Tuning,
+    shared: &Shared,
+    pos: u64,
+    seq: u64,
+) -> anyhow::Result<Option<Cut>> {
     disk.journal.sync().context("journal sync")?;
     let records = disk
         .journal
@@ -302,7 +308,8 @@ fn build(disk: &Disk, tuning: &Tuning, shared: &Shared, pos: u64, seq: u64) -> a
             break;
         }
     }
-    let more = end < records.last().map(|r| r.seq).unwrap_or(end) || bytes >= tuning.max_checkpoint_bytes;
+    let more =
+        end < records.last().map(|r| r.seq).unwrap_or(end) || bytes >= tuning.max_checkpoint_bytes;
     let blocks = {
         let known = shared.known.lock().expect("known lock");
         builder.finish(&shared.key, &disk.name, seq, &known)
@@ -326,7 +333,13 @@ fn build(disk: &Disk, tuning: &Tuning, shared: &Shared, pos: u64, seq: u64) -> a
         if let (Some(id), BlockBody::Chunk { .. }) = (b.chunk, &b.body) {
             chunks.push(id);
         }
-        frames.push(Msg::Block { index: b.index, body: b.body }.encode());
+        frames.push(
+            Msg::Block {
+                index: b.index,
+                body: b.body,
+            }
+            .encode(),
+        );
     }
     frames.push(Msg::End { seq, blocks: count }.encode());
     Ok(Some(Cut {

@@ -53,5 +53,6 @@ pub fn write(path: &Path, status: &DiskStatus) -> std::io::Result<()> {
 
 pub fn read(path: &Path) -> std::io::Result<DiskStatus> {
     let bytes = std::fs::read(path)?;
-    serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

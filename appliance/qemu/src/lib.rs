@@ -161,11 +161,17 @@ impl StorageDaemon {
             .arg("--blockdev")
             .arg(format!("driver={format},node-name=disk0,file=file0"))
             .arg("--chardev")
-            .arg(format!("socket,id=qmp0,path={},server=on,wait=off", qmp_path.display()))
+            .arg(format!(
+                "socket,id=qmp0,path={},server=on,wait=off",
+                qmp_path.display()
+            ))
             .arg("--monitor")
             .arg("chardev=qmp0")
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| QemuError::Io("log".into(), e))?)
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| QemuError::Io("log".into(), e))?,
+            )
             .stderr(log)
             .spawn()
             .map_err(|e| QemuError::Io("starting qemu-storage-daemon".into(), e))?;
@@ -290,7 +296,10 @@ mod tests {
             .unwrap();
         assert!(ok.success());
         let mut qsd = StorageDaemon::start(&img, "qcow2", d.path()).unwrap();
-        let nodes = qsd.qmp.execute("query-named-block-nodes", json!({})).unwrap();
+        let nodes = qsd
+            .qmp
+            .execute("query-named-block-nodes", json!({}))
+            .unwrap();
         assert!(nodes.to_string().contains("disk0"));
         let err = qsd.qmp.execute("no-such-command", json!({})).unwrap_err();
         assert!(matches!(err, QemuError::Command { .. }), "{err}");

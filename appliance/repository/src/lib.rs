@@ -169,7 +169,10 @@ impl Repository {
     /// are refused on such a handle.
     pub fn open_read_only(root: &Path, key: TenantKey) -> Result<Repository, RepoError> {
         if !root.join("repo.json").exists() {
-            return Err(RepoError::NotFound(format!("repository {}", root.display())));
+            return Err(RepoError::NotFound(format!(
+                "repository {}",
+                root.display()
+            )));
         }
         Self::open_with(root, key, None)
     }

@@ -31,7 +31,10 @@ fn read_only_handle_beside_the_writer() {
     assert!(Repository::open(d.path(), key()).is_err());
     let r = Repository::open_read_only(d.path(), key()).unwrap();
     let mut buf = vec![0u8; 5];
-    r.reader("d", 1).unwrap().read_at(65536 + 10, &mut buf).unwrap();
+    r.reader("d", 1)
+        .unwrap()
+        .read_at(65536 + 10, &mut buf)
+        .unwrap();
     assert_eq!(&buf, b"hello");
     assert!(r.verify().bad.is_empty());
     let mut m2 = meta;

@@ -552,7 +552,10 @@ mod tests {
     fn every_message_round_trips() {
         for m in samples() {
             let f = m.encode();
-            assert_eq!(u32::from_le_bytes(f[..4].try_into().unwrap()) as usize, f.len() - 4);
+            assert_eq!(
+                u32::from_le_bytes(f[..4].try_into().unwrap()) as usize,
+                f.len() - 4
+            );
             assert_eq!(Msg::decode(&f[4..]).unwrap(), m);
         }
     }
@@ -568,7 +571,10 @@ mod tests {
             longer.push(0);
             assert!(Msg::decode(&longer).is_err());
         }
-        assert!(matches!(Msg::decode(&[99]), Err(WireError::UnknownType(99))));
+        assert!(matches!(
+            Msg::decode(&[99]),
+            Err(WireError::UnknownType(99))
+        ));
     }
 
     #[test]
