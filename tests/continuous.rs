@@ -193,3 +193,47 @@ fn under_load_every_recovery_point_is_a_prefix_of_the_writes() {
         "prefixes went backwards"
     );
 }
+
+#[test]
+fn retention_thins_old_points_and_kept_points_stay_intact() {
+    let site = Site::start("keep-disk", 8 * MIB, &[], |lab| {
+        lab.interval_ms = 100;
+        lab.master_args = [
+            "--keep-all-secs",
+            "2",
+            "--tier",
+            "3:3600",
+            "--retention-interval-secs",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec();
+    });
+    let mut recorded = Vec::new();
+    for i in 0..10u64 {
+        site.qemu_io(&[format!("write -P {} {}M 64k", i + 1, i % 8)]);
+        recorded.push((site.caught_up(), site.guest_image()));
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let kept = points_after(&site, 0);
+    let newest = recorded.last().unwrap().0;
+    assert!(
+        kept.contains(&newest),
+        "the newest point was removed: {kept:?}"
+    );
+    assert!(
+        kept.len() < recorded.len(),
+        "retention removed nothing: {kept:?}"
+    );
+    let mut still = 0;
+    for (seq, image) in &recorded {
+        if kept.contains(seq) {
+            assert!(site.point_image(*seq) == *image, "kept point {seq} changed");
+            still += 1;
+        }
+    }
+    assert!(still >= 2, "kept {kept:?}");
+    let v = site.lab.ferry(&["verify"]).unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}

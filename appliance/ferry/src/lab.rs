@@ -24,6 +24,8 @@ pub struct Lab {
     pub interval_ms: u64,
     pub journal_capacity: Option<u64>,
     pub nbd_tls: bool,
+    /// Extra arguments for `ferry master-target` (retention flags, for instance).
+    pub master_args: Vec<String>,
     master: Option<Child>,
     process: Option<Child>,
 }
@@ -55,6 +57,7 @@ impl Lab {
             interval_ms: 500,
             journal_capacity: None,
             nbd_tls: true,
+            master_args: Vec::new(),
             master: None,
             process: None,
         })
@@ -90,6 +93,7 @@ impl Lab {
             "--key".into(),
             self.key.display().to_string(),
         ];
+        let args: Vec<String> = args.into_iter().chain(self.master_args.clone()).collect();
         self.master = Some(self.spawn("master-target", &args)?);
         wait_port(self.master_port, Duration::from_secs(20))
     }

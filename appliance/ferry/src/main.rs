@@ -84,6 +84,11 @@ enum Cmd {
         /// PKI directory (ca-cert.pem, server-cert.pem, server-key.pem).
         #[arg(long, default_value = "/etc/ferry/pki")]
         pki: PathBuf,
+        #[command(flatten)]
+        retention: RetentionArgs,
+        /// How often retention and chunk collection run (0: never).
+        #[arg(long, default_value_t = 300)]
+        retention_interval_secs: u64,
     },
     /// List protected disks and their recovery points.
     Points {
@@ -131,12 +136,8 @@ enum Cmd {
     Retention {
         #[command(flatten)]
         repo: RepoArgs,
-        /// Keep every point younger than this many seconds.
-        #[arg(long, default_value_t = 3600)]
-        keep_all_secs: u64,
-        /// Coarser tiers as EVERY:FOR in seconds, e.g. 300:86400 3600:1209600.
-        #[arg(long = "tier", default_values_t = ["300:86400".to_string(), "3600:1209600".to_string()])]
-        tiers: Vec<String>,
+        #[command(flatten)]
+        retention: RetentionArgs,
     },
     /// Show each protected disk's replication state at this process server.
     Status {
@@ -145,6 +146,39 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args, Clone)]
+struct RetentionArgs {
+    /// Keep every point younger than this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    keep_all_secs: u64,
+    /// Coarser tiers as EVERY:FOR in seconds, e.g. 300:86400 3600:1209600.
+    #[arg(long = "tier", default_values_t = ["300:86400".to_string(), "3600:1209600".to_string()])]
+    tiers: Vec<String>,
+}
+
+impl RetentionArgs {
+    fn policy(&self) -> anyhow::Result<RetentionPolicy> {
+        let mut policy = RetentionPolicy {
+            keep_all_secs: self.keep_all_secs,
+            tiers: Vec::new(),
+        };
+        for t in &self.tiers {
+            let (e, f) = t
+                .split_once(':')
+                .with_context(|| format!("tier {t:?} must be EVERY:FOR in seconds"))?;
+            let tier = RetentionTier {
+                every_secs: e.parse().with_context(|| format!("tier {t:?}: EVERY"))?,
+                for_secs: f.parse().with_context(|| format!("tier {t:?}: FOR"))?,
+            };
+            if tier.every_secs == 0 {
+                bail!("tier {t:?}: EVERY must be above zero");
+            }
+            policy.tiers.push(tier);
+        }
+        Ok(policy)
+    }
 }
 
 #[derive(Args)]
@@ -224,7 +258,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::ProcessServer(a) => process_server(a),
-        Cmd::MasterTarget { repo, listen, pki } => {
+        Cmd::MasterTarget {
+            repo,
+            listen,
+            pki,
+            retention,
+            retention_interval_secs,
+        } => {
+            let policy = retention.policy()?;
             std::fs::create_dir_all(&repo.repo)
                 .with_context(|| format!("creating {}", repo.repo.display()))?;
             let r = Repository::open(&repo.repo, load_key(&repo.key)?)
@@ -234,6 +275,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tls: ferry_pki::server_config(&pki, true)?,
                 repo: Arc::new(r),
                 key: Arc::new(load_key(&repo.key)?),
+                retention: (retention_interval_secs > 0)
+                    .then(|| (policy, Duration::from_secs(retention_interval_secs))),
             };
             runtime()?.block_on(ferry_master_target::run(cfg))
         }
@@ -351,32 +394,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Retention {
-            repo,
-            keep_all_secs,
-            tiers,
-        } => {
+        Cmd::Retention { repo, retention } => {
             let r = repo.open_writable()?;
-            let mut policy = RetentionPolicy {
-                keep_all_secs,
-                tiers: Vec::new(),
-            };
-            for t in &tiers {
-                let (e, f) = t
-                    .split_once(':')
-                    .with_context(|| format!("tier {t:?} must be EVERY:FOR in seconds"))?;
-                policy.tiers.push(RetentionTier {
-                    every_secs: e.parse().context("tier EVERY")?,
-                    for_secs: f.parse().context("tier FOR")?,
-                });
-            }
+            let policy = retention.policy()?;
             let now = ferry_process_server::status::now_unix_ns();
             for d in r.disks() {
                 let gone = r.apply_retention(&d.name, &policy, now)?;
                 println!("{}: removed {} points", d.name, gone.len());
             }
             let gc = r.gc()?;
-            println!("{gc:?}");
+            println!(
+                "collected {} chunks and {} pages, {} freed",
+                gc.chunks_removed,
+                gc.pages_removed,
+                human(gc.bytes_freed)
+            );
             Ok(())
         }
         Cmd::Status { cache, json } => {

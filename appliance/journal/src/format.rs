@@ -1,4 +1,4 @@
-//! Byte layout of segment headers and records (see the crate docs and FORMAT.md).
+//! Byte layout of segment headers and records (see the crate docs and docs/formats.md).
 
 use crate::OwnedOp;
 

@@ -32,6 +32,8 @@ pub struct Config {
     pub repo: Arc<Repository>,
     /// The tenant key (patches are decrypted and merged here; chunks are authenticated).
     pub key: Arc<TenantKey>,
+    /// Thin out old points by these tiers and collect unreferenced chunks every `interval`.
+    pub retention: Option<(ferry_repository::RetentionPolicy, Duration)>,
 }
 
 #[derive(Default)]
@@ -54,7 +56,46 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, "master target ready");
+    if let Some((policy, every)) = cfg.retention.clone() {
+        let repo = cfg.repo.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (r, p) = (repo.clone(), policy.clone());
+                match tokio::task::spawn_blocking(move || retention_pass(&r, &p)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "retention pass failed"),
+                    Err(e) => tracing::warn!(error = %e, "retention pass panicked"),
+                }
+            }
+        });
+    }
     serve(listener, cfg).await
+}
+
+/// Apply the retention tiers to every disk, then collect what no kept point references.
+pub fn retention_pass(
+    repo: &Repository,
+    policy: &ferry_repository::RetentionPolicy,
+) -> Result<(), RepoError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut removed = 0;
+    for d in repo.disks() {
+        removed += repo.apply_retention(&d.name, policy, now)?.len();
+    }
+    let gc = repo.gc()?;
+    tracing::info!(
+        points_removed = removed,
+        chunks_removed = gc.chunks_removed,
+        bytes_freed = gc.bytes_freed,
+        "retention pass"
+    );
+    Ok(())
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, cfg: Config) -> anyhow::Result<()> {

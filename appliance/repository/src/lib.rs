@@ -12,7 +12,7 @@
 //! - retention thins old points, gc removes what no point names, verify audits everything
 //!   ([`retention`], [`verify`]); export writes a point as a raw or qcow2 image ([`export`]).
 //!
-//! The on-disk layout is described byte by byte in `FORMAT.md`.
+//! The on-disk layout is described byte by byte in `docs/formats.md`.
 
 mod export;
 mod map;

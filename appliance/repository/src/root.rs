@@ -6,7 +6,7 @@
 //! over its contents; a root whose MAC fails, or whose file name or directory disagree with the
 //! disk and sequence number inside it, is not a point.
 //!
-//! How: `disks/<disk>/points/<seq, 20 digits>.json`, a JSON object (see FORMAT.md) whose `mac`
+//! How: `disks/<disk>/points/<seq, 20 digits>.json`, a JSON object (see docs/formats.md) whose `mac`
 //! field is `TenantKey::mac("ferry point root v1", canonical JSON of every other field)`.
 
 use crate::map::Geometry;
