@@ -1,18 +1,16 @@
-//! The public [`Journal`] handle: the shared state plus its writer thread.
+//! The public [`Journal`] handle over the shared state.
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use crate::journal::Shared;
 use crate::{Appended, JournalConfig, JournalError, JournalState, Op, Record, Stats};
 
 /// The per-disk write journal. `Send + Sync`: share it (e.g. in an `Arc`) between
-/// the NBD handlers, the flush path and the drainer. A background thread writes
-/// buffered records to the segment files; only [`Journal::sync`] makes them durable.
+/// the NBD handlers, the flush path and the drainer. Appends reach the segment files
+/// at once; only [`Journal::sync`] makes them durable against power loss.
 /// Dropping the journal does not sync: call [`Journal::sync`] first for a clean stop.
 pub struct Journal {
     shared: Arc<Shared>,
-    writer: Option<JoinHandle<()>>,
 }
 
 impl Journal {
@@ -20,15 +18,8 @@ impl Journal {
     /// tail (short record, bad crc) is truncated away and logged; corruption that is
     /// followed by valid records is [`JournalError::Corrupt`].
     pub fn open(cfg: JournalConfig) -> Result<Journal, JournalError> {
-        let shared = Arc::new(Shared::open(cfg)?);
-        let s = shared.clone();
-        let writer = std::thread::Builder::new()
-            .name("ferry-journal-writer".into())
-            .spawn(move || s.writer_loop())
-            .map_err(|e| crate::io_err(std::path::Path::new("<writer thread>"), e))?;
         Ok(Journal {
-            shared,
-            writer: Some(writer),
+            shared: Arc::new(Shared::open(cfg)?),
         })
     }
 
@@ -85,14 +76,5 @@ impl Journal {
     /// the dirty extents (e.g. recorded a resync of them elsewhere).
     pub fn reset_resync(&self) -> Result<(), JournalError> {
         self.shared.reset_resync()
-    }
-}
-
-impl Drop for Journal {
-    fn drop(&mut self) {
-        self.shared.stop_writer();
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
-        }
     }
 }

@@ -45,7 +45,6 @@ struct Mem {
     sealed_bytes: usize,
     spare: Vec<Vec<u8>>,
     syncing: bool,
-    stop: bool,
     failed: Option<String>,
     dir_unsynced: bool,
     resync: bool,
@@ -61,10 +60,8 @@ struct Io {
     written_seq: u64,
 }
 
-/// State shared by the [`crate::Journal`] handle and its writer thread.
+/// State shared by every user of a [`crate::Journal`] handle.
 pub(crate) struct Shared {
-    /// Wakes the writer thread when chunks are sealed (paired with `mem`).
-    work: Condvar,
     cfg: JournalConfig,
     dir_file: File,
     mem: Mutex<Mem>,
@@ -132,7 +129,6 @@ impl Shared {
         tracing::info!(dir = %dir.display(), next_seq = last + 1, segments = segments.len(),
             used_bytes, "journal: opened");
         Ok(Shared {
-            work: Condvar::new(),
             mem: Mutex::new(Mem {
                 next_seq: last + 1,
                 durable_seq: last,
@@ -144,7 +140,6 @@ impl Shared {
                 sealed_bytes: 0,
                 spare: Vec::new(),
                 syncing: false,
-                stop: false,
                 failed: None,
                 dir_unsynced: false,
                 resync: st.resync,

@@ -5,7 +5,6 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::PoisonError;
 
 use super::{lock, Io, Shared, FLUSH_BYTES};
 use crate::{io_err, JournalError};
@@ -56,29 +55,6 @@ impl Shared {
         }
     }
 
-    /// Body of the writer thread: writes sealed chunks as they appear.
-    pub fn writer_loop(&self) {
-        loop {
-            {
-                let mut m = lock(&self.mem);
-                while m.sealed.is_empty() && !m.stop && m.failed.is_none() {
-                    m = self.work.wait(m).unwrap_or_else(PoisonError::into_inner);
-                }
-                if m.stop || m.failed.is_some() {
-                    return;
-                }
-            }
-            if self.drain(&mut lock(&self.io)).is_err() {
-                return;
-            }
-        }
-    }
-
-    pub fn stop_writer(&self) {
-        lock(&self.mem).stop = true;
-        self.work.notify_all();
-    }
-
     pub(super) fn fdatasync(&self, f: &File, path: &Path) -> Result<(), JournalError> {
         self.fdatasyncs.fetch_add(1, Ordering::Relaxed);
         rustix::fs::fdatasync(f).map_err(|e| self.fail(io_err(path, e.into())))
@@ -93,7 +69,6 @@ impl Shared {
             m.failed = Some(e.to_string());
         }
         self.cv.notify_all();
-        self.work.notify_all();
         e
     }
 }
