@@ -1,5 +1,5 @@
-//! The writer side of [`Shared`]: the background writer thread, draining sealed
-//! chunks to segment files, fdatasync accounting and failure poisoning.
+//! The writer side of [`Shared`]: draining sealed record buffers to segment files
+//! (in order, under the io lock), fdatasync accounting and failure poisoning.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
