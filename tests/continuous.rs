@@ -237,3 +237,47 @@ fn retention_thins_old_points_and_kept_points_stay_intact() {
     let v = site.lab.ferry(&["verify"]).unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
+
+#[test]
+fn a_full_journal_keeps_acknowledging_writes_and_says_resync_required() {
+    let mut site = Site::start("full-disk", 16 * MIB, &[], |lab| {
+        lab.journal_capacity = Some(2 * MIB);
+    });
+    site.caught_up();
+    // The recovery site goes away; the guest keeps writing more than the journal holds.
+    site.lab.kill_master();
+    site.qemu_io(&["write -P 0x21 0 3M".into(), "write -P 0x22 8M 1M".into()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        let st = site.lab.status("full-disk").unwrap();
+        if st.state == ferry_process_server::State::ResyncRequired || Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        st.state,
+        ferry_process_server::State::ResyncRequired,
+        "{st:?}"
+    );
+    assert!(
+        st.dirty_bytes >= MIB,
+        "the dirty bitmap missed writes: {st:?}"
+    );
+    let out = Command::new(exe())
+        .args(["status", "--cache"])
+        .arg(&site.lab.cache)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("resync-required"),
+        "{text}"
+    );
+    // The guest's disk took every write.
+    let image = site.guest_image();
+    assert!(image[..3 * MIB as usize].iter().all(|&b| b == 0x21));
+    assert!(image[8 * MIB as usize..9 * MIB as usize]
+        .iter()
+        .all(|&b| b == 0x22));
+}
