@@ -164,25 +164,7 @@ fn a_damaged_chunk_is_caught_by_verify_and_never_served() {
     );
 
     // Instant access of the point refuses the damaged block instead of serving it.
-    let port = ferry::lab::free_port().unwrap();
-    let mut serve = Command::new(exe())
-        .args([
-            "serve",
-            "--disk",
-            "tamper",
-            "--point",
-            &seq.to_string(),
-            "--listen",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--repo")
-        .arg(&site.lab.repo)
-        .arg("--key")
-        .arg(&site.lab.key)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    ferry::lab::wait_port(port, Duration::from_secs(20)).unwrap();
+    let (mut serve, port) = serve_point(&site, seq);
     let out = site.dir.path().join("read-back.raw");
     let convert = Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "raw"])

@@ -5,7 +5,6 @@
 mod support;
 
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -78,24 +77,7 @@ fn each_phase_becomes_a_matching_recovery_point() {
     // The recovery site holds no plaintext.
     assert_no_plaintext(&site.lab.repo, MARKER);
     // Instant access: serve the phase-2 point over NBD and compare with its recorded image.
-    let port = ferry::lab::free_port().unwrap();
-    let mut serve = Command::new(exe())
-        .args([
-            "serve",
-            "--disk",
-            "vm1-disk0",
-            "--point",
-            &phases[1].0.to_string(),
-        ])
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--repo")
-        .arg(&site.lab.repo)
-        .arg("--key")
-        .arg(&site.lab.key)
-        .spawn()
-        .unwrap();
-    ferry::lab::wait_port(port, Duration::from_secs(20)).unwrap();
+    let (mut serve, port) = serve_point(&site, phases[1].0);
     let recorded = site.dir.path().join("phase2.raw");
     std::fs::write(&recorded, &phases[1].1).unwrap();
     let cmp = Command::new("qemu-img")
@@ -132,30 +114,8 @@ fn under_load_every_recovery_point_is_a_prefix_of_the_writes() {
         "the seeded point differs from the source"
     );
 
-    let log: Arc<Mutex<Log>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let writer = {
-        let (log, stop) = (log.clone(), stop.clone());
-        let sock = site.guest_sock.clone();
-        rt.spawn(async move {
-            let mut g = ferry_nbd::client::Client::connect_unix(&sock, "guest")
-                .await
-                .unwrap();
-            let mut rng = Rng(0xfeed_beef);
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let (off, len) = random_extent(&mut rng, size);
-                n += 1;
-                log.lock().unwrap().push((off, len));
-                g.write(off, &tagged(n, off, len), false).await.unwrap();
-                if n.is_multiple_of(50) {
-                    g.flush().await.unwrap();
-                }
-            }
-            g.flush().await.unwrap();
-        })
-    };
+    let writer = TaggedWriter::start(&rt, &site, 0xfeed_beef, 50);
 
     let started = Instant::now();
     let mut checked = Vec::new();
@@ -167,15 +127,13 @@ fn under_load_every_recovery_point_is_a_prefix_of_the_writes() {
         };
         seen = latest;
         let image = site.point_image(latest);
-        let snapshot = log.lock().unwrap().clone();
+        let snapshot = writer.snapshot();
         let n = check_prefix(&image, &base, &snapshot)
             .unwrap_or_else(|e| panic!("point {latest}: {e}"));
         checked.push((latest, n));
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    rt.block_on(writer).unwrap();
+    let (all, _) = writer.finish(&rt);
     let last = site.caught_up();
-    let all = log.lock().unwrap().clone();
     let n = check_prefix(&site.point_image(last), &base, &all).unwrap();
     assert_eq!(n as usize, all.len(), "the final point misses writes");
     site.assert_point_equals_guest(last);

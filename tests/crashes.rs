@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::*;
 
@@ -25,33 +23,8 @@ fn sigkill_either_side_during_writes_loses_nothing_flushed() {
     let s0 = site.caught_up();
     let base = site.guest_image();
 
-    let log: Arc<Mutex<Log>> = Arc::default();
-    let flushed = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let writer = {
-        let (log, stop, flushed) = (log.clone(), stop.clone(), flushed.clone());
-        let sock = site.guest_sock.clone();
-        rt.spawn(async move {
-            let mut g = ferry_nbd::client::Client::connect_unix(&sock, "guest")
-                .await
-                .unwrap();
-            let mut rng = Rng(0xc0ff_ee11);
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let (off, len) = random_extent(&mut rng, size);
-                n += 1;
-                log.lock().unwrap().push((off, len));
-                g.write(off, &tagged(n, off, len), false).await.unwrap();
-                if n.is_multiple_of(20) {
-                    g.flush().await.unwrap();
-                    flushed.store(n, Ordering::Relaxed);
-                }
-            }
-            g.flush().await.unwrap();
-            flushed.store(n, Ordering::Relaxed);
-        })
-    };
+    let writer = TaggedWriter::start(&rt, &site, 0xc0ff_ee11, 20);
 
     let mut rng = Rng(0x1234_5678 ^ kills as u64);
     for k in 0..kills {
@@ -66,14 +39,8 @@ fn sigkill_either_side_during_writes_loses_nothing_flushed() {
             site.lab.start_master().unwrap();
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    rt.block_on(async { tokio::time::timeout(Duration::from_secs(120), writer).await })
-        .expect("the guest's writes stalled after the crashes")
-        .unwrap();
-
+    let (all, acked) = writer.finish(&rt);
     let last = site.caught_up();
-    let all = log.lock().unwrap().clone();
-    let acked = flushed.load(Ordering::Relaxed);
     let n = check_prefix(&site.point_image(last), &base, &all).unwrap();
     assert!(
         n >= acked,

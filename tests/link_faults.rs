@@ -4,8 +4,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use support::proxy::Proxy;
 use support::*;
@@ -26,37 +25,15 @@ fn replication_survives_repeated_link_cuts() {
     let s0 = site.caught_up();
     let base = site.guest_image();
 
-    let log: Arc<Mutex<Log>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (log, stop) = (log.clone(), stop.clone());
-        let sock = site.guest_sock.clone();
-        rt.spawn(async move {
-            let mut g = ferry_nbd::client::Client::connect_unix(&sock, "guest")
-                .await
-                .unwrap();
-            let mut rng = Rng(0xabcd_ef01);
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let (off, len) = random_extent(&mut rng, size);
-                n += 1;
-                log.lock().unwrap().push((off, len));
-                g.write(off, &tagged(n, off, len), false).await.unwrap();
-            }
-            g.flush().await.unwrap();
-        })
-    };
+    let writer = TaggedWriter::start(&rt, &site, 0xabcd_ef01, u64::MAX);
     let cuts = 15;
     let mut rng = Rng(0x00dd_ba11);
     for _ in 0..cuts {
         std::thread::sleep(Duration::from_millis(200 + rng.below(400)));
         rt.block_on(proxy.cut(Duration::from_millis(rng.below(400))));
     }
-    stop.store(true, Ordering::Relaxed);
-    rt.block_on(writer).unwrap();
-
+    let (all, _) = writer.finish(&rt);
     let last = site.caught_up();
-    let all = log.lock().unwrap().clone();
     assert_eq!(
         check_prefix(&site.point_image(last), &base, &all).unwrap() as usize,
         all.len()

@@ -292,3 +292,86 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A guest writing tagged random extents through QEMU's export until told to stop, flushing
+/// every `flush_every` writes. `log` grows before each write is issued, so any recovery point
+/// that holds write `n` finds it in the log.
+pub struct TaggedWriter {
+    pub log: std::sync::Arc<std::sync::Mutex<Log>>,
+    /// The newest write a FLUSH has acknowledged.
+    pub flushed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TaggedWriter {
+    pub fn start(rt: &tokio::runtime::Runtime, site: &Site, seed: u64, flush_every: u64) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let log: std::sync::Arc<std::sync::Mutex<Log>> = Default::default();
+        let flushed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (l, f, s) = (log.clone(), flushed.clone(), stop.clone());
+        let (sock, size) = (site.guest_sock.clone(), site.size);
+        let task = rt.spawn(async move {
+            let mut g = Client::connect_unix(&sock, "guest").await.unwrap();
+            let mut rng = Rng(seed);
+            let mut n = 0u64;
+            while !s.load(Relaxed) {
+                let (off, len) = random_extent(&mut rng, size);
+                n += 1;
+                l.lock().unwrap().push((off, len));
+                g.write(off, &tagged(n, off, len), false).await.unwrap();
+                if n.is_multiple_of(flush_every) {
+                    g.flush().await.unwrap();
+                    f.store(n, Relaxed);
+                }
+            }
+            g.flush().await.unwrap();
+            f.store(n, Relaxed);
+        });
+        TaggedWriter {
+            log,
+            flushed,
+            stop,
+            task,
+        }
+    }
+
+    pub fn snapshot(&self) -> Log {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Stop, wait (bounded) for the last write and flush, and return the log and flushed count.
+    pub fn finish(self, rt: &tokio::runtime::Runtime) -> (Log, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(120), self.task).await })
+            .expect("the guest's writes stalled")
+            .unwrap();
+        let log = self.log.lock().unwrap().clone();
+        (log, self.flushed.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// Serve a recovery point over NBD with `ferry serve`; returns the child and its port.
+pub fn serve_point(site: &Site, seq: u64) -> (std::process::Child, u16) {
+    let port = ferry::lab::free_port().unwrap();
+    let child = Command::new(exe())
+        .args([
+            "serve",
+            "--disk",
+            &site.disk,
+            "--point",
+            &seq.to_string(),
+            "--listen",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--repo")
+        .arg(&site.lab.repo)
+        .arg("--key")
+        .arg(&site.lab.key)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    ferry::lab::wait_port(port, Duration::from_secs(20)).unwrap();
+    (child, port)
+}

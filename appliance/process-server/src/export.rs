@@ -16,14 +16,17 @@ pub struct JournalExport {
 }
 
 impl JournalExport {
-    fn append(&self, op: Op<'_>) -> NbdResult<()> {
-        match self.journal.append(op) {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                tracing::error!(disk = %self.disk, error = %e, "journal append failed");
-                Err(Errno::Io)
-            }
+    /// Journal one operation; with FUA, answer only once it is durable.
+    async fn append(&self, offset: u64, len: u64, op: Op<'_>, fua: bool) -> NbdResult<()> {
+        self.in_range(offset, len)?;
+        if let Err(e) = self.journal.append(op) {
+            tracing::error!(disk = %self.disk, error = %e, "journal append failed");
+            return Err(Errno::Io);
         }
+        if fua {
+            self.durable().await?;
+        }
+        Ok(())
     }
 
     async fn durable(&self) -> NbdResult<()> {
@@ -62,39 +65,23 @@ impl Export for JournalExport {
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> NbdResult<()> {
-        self.in_range(offset, data.len() as u64)?;
-        self.append(Op::Write {
+        let op = Op::Write {
             offset,
             data: &data,
-        })?;
-        if fua {
-            self.durable().await?;
-        }
-        Ok(())
+        };
+        self.append(offset, data.len() as u64, op, fua).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> NbdResult<()> {
-        self.in_range(offset, u64::from(len))?;
-        self.append(Op::Zero {
-            offset,
-            len: u64::from(len),
-        })?;
-        if fua {
-            self.durable().await?;
-        }
-        Ok(())
+        let len = u64::from(len);
+        self.append(offset, len, Op::Zero { offset, len }, fua)
+            .await
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> NbdResult<()> {
-        self.in_range(offset, u64::from(len))?;
-        self.append(Op::Trim {
-            offset,
-            len: u64::from(len),
-        })?;
-        if fua {
-            self.durable().await?;
-        }
-        Ok(())
+        let len = u64::from(len);
+        self.append(offset, len, Op::Trim { offset, len }, fua)
+            .await
     }
 
     async fn flush(&self) -> NbdResult<()> {
