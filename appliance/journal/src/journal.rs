@@ -291,20 +291,26 @@ impl Shared {
         dir_sync: bool,
         snap: Option<(PersistState, u64)>,
     ) -> Result<u64, JournalError> {
-        let written = {
+        // Drain under the io lock, then fdatasync with it released: appends keep going into
+        // the page cache while the disk flushes (they are simply not covered by this sync).
+        let (written, to_sync) = {
             let mut io = lock(&self.io);
             self.drain(&mut io)?;
-            if io.unsynced {
-                let (f, p) = io.cur.as_ref().expect("unsynced implies a current file");
-                self.fdatasync(f, p)?;
+            let target = io.unsynced.then(|| io.cur.clone()).flatten();
+            (io.written_seq, target.map(|t| (t, io.cur_seg)))
+        };
+        if let Some(((f, p), seg)) = to_sync {
+            self.fdatasync(&f, &p)?;
+            let mut io = lock(&self.io);
+            // Clean only if nothing was written meanwhile; otherwise the next sync flushes again.
+            if io.cur_seg == seg && io.written_seq == written {
                 io.unsynced = false;
             }
-            if dir_sync {
-                rustix::fs::fsync(&self.dir_file)
-                    .map_err(|e| self.fail(io_err(&self.cfg.dir, e.into())))?;
-            }
-            io.written_seq
-        };
+        }
+        if dir_sync {
+            rustix::fs::fsync(&self.dir_file)
+                .map_err(|e| self.fail(io_err(&self.cfg.dir, e.into())))?;
+        }
         if let Some((st, gen)) = snap {
             self.persist_state(st, gen)?;
         }

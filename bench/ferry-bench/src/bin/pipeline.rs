@@ -1,0 +1,411 @@
+//! Reduction pipeline throughput on ONE core (this program is single-threaded).
+//!
+//! Builds a mixed disk image in memory — 1/4 system binaries (ELF files of /usr/bin and
+//! /usr/lib), 1/4 text (documentation, headers and sources under /usr, topped up with generated
+//! words), 1/4 zeros, 1/4 random — interleaved in 1 MiB extents, cut into 64 KiB blocks, and
+//! measures each stage of what the process server does per block, plus the whole pipeline
+//! (`checkpoint::Builder::finish`: zero check -> keyed name -> zstd-if-smaller + AES-256-GCM).
+//!
+//! Environment: FERRY_BENCH_IMAGE_MIB (default 256), FERRY_BENCH_MIN_SECS (per stage, default 1).
+//! Run: `cargo run --release -p ferry-bench --bin pipeline`
+
+use ferry_bench::{env_num, mbps, verdict, Rng};
+use ferry_chunk::{is_zero, TenantKey, DEFAULT_BLOCK_SIZE};
+use ferry_journal::{OwnedOp, Record};
+use ferry_process_server::checkpoint::Builder;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use std::collections::HashSet;
+use std::hint::black_box;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const BS: usize = DEFAULT_BLOCK_SIZE as usize;
+const EXTENT: usize = 1 << 20;
+/// The level `ferry_chunk` uses (its constant is private): zstd level 1.
+const ZSTD_LEVEL: i32 = 1;
+const KINDS: [&str; 4] = ["system", "text", "zero", "random"];
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.is_dir() && depth < 12 {
+            walk(&p, out, depth + 1);
+        } else if md.is_file() && md.len() > 0 {
+            out.push(p);
+        }
+    }
+}
+
+/// Concatenate files under `roots` accepted by `keep` (given their first bytes) up to `want`.
+fn gather(roots: &[&str], want: usize, keep: impl Fn(&Path, &[u8]) -> bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(want);
+    for root in roots {
+        let mut files = Vec::new();
+        walk(Path::new(root), &mut files, 0);
+        for f in files {
+            if out.len() >= want {
+                return out;
+            }
+            let Ok(mut fh) = std::fs::File::open(&f) else {
+                continue;
+            };
+            let mut data = Vec::new();
+            if fh.read_to_end(&mut data).is_err() || !keep(&f, &data) {
+                continue;
+            }
+            let n = data.len().min(want - out.len());
+            out.extend_from_slice(&data[..n]);
+        }
+    }
+    out
+}
+
+fn is_text(p: &Path, d: &[u8]) -> bool {
+    let compressed = matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("gz" | "xz" | "bz2" | "zst" | "png" | "jpg" | "svgz")
+    );
+    !compressed && !d.iter().take(8192).any(|&b| b == 0) && std::str::from_utf8(d).is_ok()
+}
+
+/// Top up text with generated words drawn from the text already gathered (or a fixed list).
+fn words(seed_text: &[u8], out: &mut Vec<u8>, want: usize) {
+    let mut vocab: Vec<&[u8]> = seed_text
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| (2..16).contains(&w.len()))
+        .take(20_000)
+        .collect();
+    if vocab.len() < 100 {
+        vocab = "the disk write journal block chunk recovery point site replication ferry data \
+                 process server master target checkpoint compress encrypt network storage"
+            .split(' ')
+            .map(str::as_bytes)
+            .collect();
+    }
+    let mut rng = Rng::new(42);
+    while out.len() < want {
+        out.extend_from_slice(vocab[rng.below(vocab.len() as u64) as usize]);
+        out.push(if rng.below(12) == 0 { b'\n' } else { b' ' });
+    }
+    out.truncate(want);
+}
+
+struct Image {
+    data: Vec<u8>,
+    /// kind (index into KINDS) of each 64 KiB block
+    kinds: Vec<usize>,
+    text_from_files: usize,
+}
+
+fn build_image(size: usize) -> Image {
+    let q = size / 4;
+    let system = gather(&["/usr/bin", "/usr/lib"], q, |_, d| {
+        d.starts_with(b"\x7fELF")
+    });
+    let mut text = gather(
+        &[
+            "/usr/share/doc",
+            "/usr/include",
+            "/usr/share/perl",
+            "/usr/lib/python3",
+        ],
+        q,
+        is_text,
+    );
+    let text_from_files = text.len();
+    let seed = text.clone();
+    words(&seed, &mut text, q);
+    let mut system = system;
+    if system.len() < q {
+        eprintln!(
+            "note: only {} MiB of ELF files found; repeating them",
+            system.len() >> 20
+        );
+        let base = if system.is_empty() {
+            vec![0x90u8; 4096]
+        } else {
+            system.clone()
+        };
+        while system.len() < q {
+            system.extend_from_slice(&base[..base.len().min(q - system.len())]);
+        }
+    }
+    let mut random = vec![0u8; q];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
+        .expect("system random source");
+    let zeros = vec![0u8; q];
+    let parts = [&system[..], &text[..], &zeros[..], &random[..]];
+    let mut data = Vec::with_capacity(4 * q);
+    let mut kinds = Vec::with_capacity(4 * q / BS);
+    for off in (0..q).step_by(EXTENT) {
+        for (k, p) in parts.iter().enumerate() {
+            let e = &p[off..(off + EXTENT).min(q)];
+            data.extend_from_slice(e);
+            kinds.resize(kinds.len() + e.len().div_ceil(BS), k);
+        }
+    }
+    Image {
+        data,
+        kinds,
+        text_from_files,
+    }
+}
+
+/// Run `pass` (which returns the bytes it processed) until at least `min` has elapsed.
+fn measure(min: Duration, mut pass: impl FnMut() -> u64) -> f64 {
+    let start = Instant::now();
+    let mut bytes = 0;
+    loop {
+        bytes += pass();
+        if start.elapsed() >= min {
+            return mbps(bytes, start.elapsed());
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let size = (env_num("FERRY_BENCH_IMAGE_MIB", 256) as usize).max(4) << 20;
+    let min = Duration::from_secs_f64(env_num("FERRY_BENCH_MIN_SECS", 1) as f64);
+    let t = Instant::now();
+    let img = build_image(size);
+    println!(
+        "pipeline: mixed image of {} MiB built in {:.1} s ({} MiB of text from files, rest generated words), {} blocks of {} KiB, one core",
+        img.data.len() >> 20,
+        t.elapsed().as_secs_f64(),
+        img.text_from_files >> 20,
+        img.kinds.len(),
+        BS >> 10
+    );
+    let blocks: Vec<&[u8]> = img.data.chunks(BS).collect();
+    let total = img.data.len() as u64;
+    let key = TenantKey::from_secret(&[0x5a; 32]);
+
+    // Reduction figures (one pass of the real pipeline, no timing).
+    let mut stored = [0u64; 4];
+    let mut plain = [0u64; 4];
+    let mut unique = HashSet::new();
+    let (mut nonzero, mut stored_unique) = (0u64, 0u64);
+    for (b, &k) in blocks.iter().zip(&img.kinds) {
+        if is_zero(b) {
+            continue;
+        }
+        nonzero += 1;
+        let id = key.chunk_id(b);
+        let blob = key.seal_chunk(&id, b);
+        plain[k] += b.len() as u64;
+        stored[k] += blob.len() as u64;
+        if unique.insert(id) {
+            stored_unique += blob.len() as u64;
+        }
+    }
+
+    let mut rows: Vec<(&str, f64, Option<f64>)> = Vec::new();
+    rows.push((
+        "zero check (mixed image)",
+        measure(min, || {
+            blocks.iter().filter(|b| is_zero(black_box(b))).count();
+            total
+        }),
+        None,
+    ));
+    let zero_blocks: Vec<&[u8]> = blocks
+        .iter()
+        .zip(&img.kinds)
+        .filter(|(_, &k)| k == 2)
+        .map(|(b, _)| *b)
+        .collect();
+    rows.push((
+        "zero check (zero blocks only)",
+        measure(min, || {
+            black_box(zero_blocks.iter().filter(|b| is_zero(black_box(b))).count());
+            (zero_blocks.len() * BS) as u64
+        }),
+        None,
+    ));
+    rows.push((
+        "keyed BLAKE3 chunk_id",
+        measure(min, || {
+            for b in &blocks {
+                black_box(key.chunk_id(b));
+            }
+            total
+        }),
+        None,
+    ));
+    rows.push((
+        "zstd level 1 compress",
+        measure(min, || {
+            for b in &blocks {
+                black_box(zstd::bulk::compress(b, ZSTD_LEVEL).expect("zstd").len());
+            }
+            total
+        }),
+        None,
+    ));
+    let random: Vec<&[u8]> = blocks
+        .iter()
+        .zip(&img.kinds)
+        .filter(|(_, &k)| k == 3)
+        .map(|(b, _)| *b)
+        .collect();
+    let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7; 32]).expect("key"));
+    let mut buf = vec![0u8; BS];
+    let mut n = 0u64;
+    rows.push((
+        "AES-256-GCM (ring, random data)",
+        measure(min, || {
+            for b in &random {
+                buf[..b.len()].copy_from_slice(b);
+                n += 1;
+                let mut nonce = [0u8; 12];
+                nonce[..8].copy_from_slice(&n.to_le_bytes());
+                let tag = aead
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from(&[0u8; 32]),
+                        &mut buf[..b.len()],
+                    )
+                    .expect("seal");
+                let _ = black_box(tag);
+            }
+            (random.len() * BS) as u64
+        }),
+        Some(2000.0),
+    ));
+    rows.push((
+        "seal_chunk (zstd-if-smaller + AES)",
+        measure(min, || {
+            for b in blocks.iter().filter(|b| !is_zero(b)) {
+                black_box(key.seal_chunk(&ferry_chunk::ChunkId::ZERO, b).len());
+            }
+            total - zero_blocks.len() as u64 * BS as u64
+        }),
+        None,
+    ));
+    rows.push((
+        "whole pipeline (finish per block)",
+        measure(min, || {
+            for b in &blocks {
+                if !is_zero(b) {
+                    let id = key.chunk_id(b);
+                    black_box(key.seal_chunk(&id, b).len());
+                }
+            }
+            total
+        }),
+        Some(500.0),
+    ));
+    let mut by_kind = Vec::new();
+    for (k, kind) in KINDS.iter().enumerate() {
+        let sel: Vec<&[u8]> = blocks
+            .iter()
+            .zip(&img.kinds)
+            .filter(|(_, &x)| x == k)
+            .map(|(b, _)| *b)
+            .collect();
+        let v = measure(min / 2, || {
+            for b in &sel {
+                if !is_zero(b) {
+                    let id = key.chunk_id(b);
+                    black_box(key.seal_chunk(&id, b).len());
+                }
+            }
+            (sel.len() * BS) as u64
+        });
+        by_kind.push((*kind, v));
+    }
+    // The real code path: journal records of 1 MiB writes through checkpoint::Builder
+    // (coalescing copy + finish), in checkpoints of 64 MiB like the shipper cuts them.
+    let records: Vec<Record> = img
+        .data
+        .chunks(EXTENT)
+        .enumerate()
+        .map(|(i, d)| Record {
+            seq: i as u64 + 1,
+            op: OwnedOp::Write {
+                offset: (i * EXTENT) as u64,
+                data: d.to_vec(),
+            },
+        })
+        .collect();
+    let known = HashSet::new();
+    rows.push((
+        "checkpoint::Builder apply+finish",
+        measure(min, || {
+            for cp in records.chunks(64) {
+                let mut b = Builder::new(total, DEFAULT_BLOCK_SIZE);
+                cp.iter().for_each(|r| b.apply(r));
+                black_box(b.finish(&key, "bench", 1, &known).len());
+            }
+            total
+        }),
+        None,
+    ));
+
+    println!();
+    println!(
+        "| {:<36} | {:>10} | {:>10} | {:>6} |",
+        "stage (64 KiB blocks)", "MB/s", "target", "result"
+    );
+    println!("|{:-<38}|{:->12}|{:->12}|{:->8}|", "", "", "", "");
+    for (name, v, target) in &rows {
+        let (t, r) = match target {
+            Some(t) => (format!(">= {t:.0}"), verdict(v >= t)),
+            None => (String::new(), ""),
+        };
+        println!("| {name:<36} | {v:>10.0} | {t:>10} | {r:>6} |");
+    }
+    let per: Vec<String> = by_kind.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+    println!("whole pipeline by content (MB/s): {}", per.join(", "));
+    println!();
+    println!(
+        "| {:<8} | {:>10} | {:>12} | {:>18} |",
+        "content", "plain MiB", "sealed MiB", "compression ratio"
+    );
+    println!("|{:-<10}|{:->12}|{:->14}|{:->20}|", "", "", "", "");
+    for k in [0, 1, 3] {
+        println!(
+            "| {:<8} | {:>10.1} | {:>12.1} | {:>17.2}x |",
+            KINDS[k],
+            plain[k] as f64 / 1048576.0,
+            stored[k] as f64 / 1048576.0,
+            plain[k] as f64 / stored[k].max(1) as f64
+        );
+    }
+    let (p, s): (u64, u64) = (plain.iter().sum(), stored.iter().sum());
+    println!(
+        "| {:<8} | {:>10.1} | {:>12.1} | {:>17.2}x |",
+        "non-zero",
+        p as f64 / 1048576.0,
+        s as f64 / 1048576.0,
+        p as f64 / s.max(1) as f64
+    );
+    println!();
+    println!(
+        "zero blocks: {} of {} ({:.1}%) become holes",
+        blocks.len() as u64 - nonzero,
+        blocks.len(),
+        100.0 * (blocks.len() as u64 - nonzero) as f64 / blocks.len() as f64
+    );
+    println!(
+        "dedup ratio: {} non-zero blocks / {} unique chunks = {:.3}x",
+        nonzero,
+        unique.len(),
+        nonzero as f64 / unique.len().max(1) as f64
+    );
+    println!(
+        "total reduction: {:.1} MiB image -> {:.1} MiB stored (holes + dedup + zstd + 40 B/blob) = {:.2}x",
+        total as f64 / 1048576.0,
+        stored_unique as f64 / 1048576.0,
+        total as f64 / stored_unique.max(1) as f64
+    );
+    Ok(())
+}

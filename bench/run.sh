@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Ferry benchmarks: run all three in sequence and print their figures (they are not tests: they
+# report targets as pass/MISS but never fail on a miss).
+#
+#   bash bench/run.sh            # from anywhere; about 3-4 minutes on 2 cores
+#
+# 1. pipeline  one core, mixed 256 MiB image in memory (1/4 ELF binaries from /usr, 1/4 text,
+#              1/4 zeros, 1/4 random) in 64 KiB blocks: MB/s of zero check, keyed BLAKE3,
+#              zstd, AES-256-GCM, seal, the whole per-block pipeline and checkpoint::Builder;
+#              compression and dedup ratios. Targets: AES-256-GCM >= 2000 MB/s, pipeline >= 500.
+# 2. ingest    sequential 1 MiB and random 4 KiB NBD writes (no FUA, queue depth 1 and 16) into
+#              the real `ferry process-server` (+ master-target, shipping live) versus a plain
+#              `qemu-nbd --cache=writeback` raw file: MB/s, IOPS, p50/p99/max latency per write.
+#              Targets: >= 80% of qemu-nbd throughput, <= 1 ms added p99 for 4 KiB.
+# 3. rpo       50 MB/s paced writes for 30 s through the process server's NBD export,
+#              checkpoint interval 1000 ms; recovery point lag sampled every 100 ms from
+#              <cache>/<disk>/status.json: p50/p99/max. Target p99 <= 2 s.
+#
+# Each can run alone: cargo run --release -p ferry-bench --bin pipeline|ingest|rpo
+# Knobs (environment): FERRY_BENCH_IMAGE_MIB, FERRY_BENCH_MIN_SECS (pipeline);
+# FERRY_BENCH_SECS, FERRY_BENCH_SEQ_MIB (ingest); FERRY_BENCH_RPO_SECS, FERRY_BENCH_RPO_MBPS,
+# FERRY_BENCH_INTERVAL_MS (rpo); FERRY_BENCH_TMP (scratch parent, default: a fresh directory
+# under /tmp that this script removes).
+#
+# Installs only qemu-utils (for qemu-nbd) when it is missing, as scripts/install-deps.sh does.
+# Traffic goes only to 127.0.0.1; every process the benchmarks start is stopped and every
+# scratch file removed, also when a run times out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if ! command -v qemu-nbd >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends qemu-utils
+fi
+
+cargo build --release -p ferry -p ferry-bench --bins
+export FERRY_EXE="$PWD/target/release/ferry"
+bin="$PWD/target/release"
+
+scratch="$(mktemp -d /tmp/ferry-bench.XXXXXX)"
+trap 'rm -rf "$scratch"' EXIT
+export FERRY_BENCH_TMP="${FERRY_BENCH_TMP:-$scratch}"
+
+# timeout signals its whole process group, so a stuck run also takes its ferry/qemu-nbd children.
+pin=()
+command -v taskset >/dev/null 2>&1 && pin=(taskset -c 0)
+status=0
+echo "== 1/3 pipeline (one core) =="
+timeout 300 "${pin[@]}" "$bin/pipeline" || status=$?
+echo
+echo "== 2/3 ingest: ferry process server vs qemu-nbd =="
+timeout 600 "$bin/ingest" || status=$?
+echo
+echo "== 3/3 rpo =="
+timeout 300 "$bin/rpo" || status=$?
+exit "$status"
