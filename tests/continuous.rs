@@ -115,7 +115,7 @@ fn under_load_every_recovery_point_is_a_prefix_of_the_writes() {
     );
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let writer = TaggedWriter::start(&rt, &site, 0xfeed_beef, 50);
+    let writer = TaggedWriter::start(&rt, &site.guest_sock, site.size, 0xfeed_beef, 50);
 
     let started = Instant::now();
     let mut checked = Vec::new();

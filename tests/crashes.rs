@@ -24,7 +24,7 @@ fn sigkill_either_side_during_writes_loses_nothing_flushed() {
     let base = site.guest_image();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let writer = TaggedWriter::start(&rt, &site, 0xc0ff_ee11, 20);
+    let writer = TaggedWriter::start(&rt, &site.guest_sock, site.size, 0xc0ff_ee11, 20);
 
     let mut rng = Rng(0x1234_5678 ^ kills as u64);
     for k in 0..kills {

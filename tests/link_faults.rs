@@ -25,7 +25,7 @@ fn replication_survives_repeated_link_cuts() {
     let s0 = site.caught_up();
     let base = site.guest_image();
 
-    let writer = TaggedWriter::start(&rt, &site, 0xabcd_ef01, u64::MAX);
+    let writer = TaggedWriter::start(&rt, &site.guest_sock, site.size, 0xabcd_ef01, u64::MAX);
     let cuts = 15;
     let mut rng = Rng(0x00dd_ba11);
     for _ in 0..cuts {

@@ -305,13 +305,19 @@ pub struct TaggedWriter {
 }
 
 impl TaggedWriter {
-    pub fn start(rt: &tokio::runtime::Runtime, site: &Site, seed: u64, flush_every: u64) -> Self {
+    pub fn start(
+        rt: &tokio::runtime::Runtime,
+        sock: &std::path::Path,
+        size: u64,
+        seed: u64,
+        flush_every: u64,
+    ) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
         let log: std::sync::Arc<std::sync::Mutex<Log>> = Default::default();
         let flushed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (l, f, s) = (log.clone(), flushed.clone(), stop.clone());
-        let (sock, size) = (site.guest_sock.clone(), site.size);
+        let sock = sock.to_path_buf();
         let task = rt.spawn(async move {
             let mut g = Client::connect_unix(&sock, "guest").await.unwrap();
             let mut rng = Rng(seed);

@@ -26,6 +26,8 @@ pub struct Lab {
     pub nbd_tls: bool,
     /// Extra arguments for `ferry master-target` (retention flags, for instance).
     pub master_args: Vec<String>,
+    /// `--periodic` specifications for the process server.
+    pub periodic: Vec<String>,
     master: Option<Child>,
     process: Option<Child>,
 }
@@ -58,6 +60,7 @@ impl Lab {
             journal_capacity: None,
             nbd_tls: true,
             master_args: Vec::new(),
+            periodic: Vec::new(),
             master: None,
             process: None,
         })
@@ -124,6 +127,10 @@ impl Lab {
         for (n, s) in &self.disks {
             args.push("--disk".into());
             args.push(format!("{n}={s}"));
+        }
+        for p in &self.periodic {
+            args.push("--periodic".into());
+            args.push(p.clone());
         }
         self.process = Some(self.spawn("process-server", &args)?);
         wait_port(self.nbd_port, Duration::from_secs(20))

@@ -2,6 +2,7 @@
 //! arguments, sets up logging, and reports errors with context.
 
 mod demo;
+mod hw;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -146,6 +147,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Hardware: probe NICs, disks, CPU and hypervisor; tune them by profile (reversibly).
+    Hw {
+        #[command(subcommand)]
+        cmd: hw::HwCmd,
+    },
+    /// Measure this box: hashing, compression, encryption, cache bandwidth and fsync latency.
+    Bench(hw::BenchArgs),
+    /// Size this appliance from benchmark figures: churn per day, protected disks, RPO.
+    Plan(hw::PlanArgs),
 }
 
 #[derive(Args, Clone)]
@@ -188,9 +198,15 @@ struct ProcessServerArgs {
     cache: PathBuf,
     #[arg(long, default_value = "0.0.0.0:10809")]
     nbd_listen: SocketAddr,
-    /// A protected disk as NAME=SIZE (SIZE must equal the source disk's size). Repeatable.
-    #[arg(long = "disk", required = true)]
+    /// A continuously protected disk (QEMU mirrors to our NBD export) as NAME=SIZE; SIZE must
+    /// equal the source disk's size. Repeatable.
+    #[arg(long = "disk", required_unless_present = "periodic")]
     disks: Vec<String>,
+    /// A periodically protected disk, read from its host's dirty bitmaps:
+    /// NAME=SIZE,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET,fleece=HOST_FILE[,interval-ms=N].
+    /// Repeatable.
+    #[arg(long = "periodic")]
+    periodic: Vec<String>,
     /// The master target, HOST:PORT.
     #[arg(long)]
     master: String,
@@ -411,6 +427,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Hw { cmd } => hw::run(cmd),
+        Cmd::Bench(a) => hw::bench(a),
+        Cmd::Plan(a) => hw::plan(a),
         Cmd::Status { cache, json } => {
             let st = ferry_process_server::read_statuses(&cache)?;
             if json {
@@ -449,6 +468,11 @@ fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
             size: parse_size(size)?,
         });
     }
+    let periodic = a
+        .periodic
+        .iter()
+        .map(|p| parse_periodic(p, a.interval_ms))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if !a.block_size.is_power_of_two() || !(4096..=1 << 20).contains(&a.block_size) {
         bail!("--block-size must be a power of two from 4096 to 1048576");
     }
@@ -468,6 +492,7 @@ fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
             None
         },
         disks,
+        periodic,
         block_size: a.block_size,
         journal_capacity: parse_size(&a.journal_capacity)?,
         link: ferry_process_server::Link {
@@ -482,6 +507,43 @@ fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
         key: load_key(&a.key)?,
     };
     runtime()?.block_on(ferry_process_server::run(cfg))
+}
+
+/// `NAME=SIZE,qmp=PATH,node=NODE,nbd=PATH,fleece=PATH[,interval-ms=N]`
+fn parse_periodic(
+    text: &str,
+    default_interval_ms: u64,
+) -> anyhow::Result<ferry_process_server::periodic::PeriodicSpec> {
+    let mut parts = text.split(',');
+    let head = parts.next().unwrap_or_default();
+    let (name, size) = head
+        .split_once('=')
+        .with_context(|| format!("--periodic {text:?} must start with NAME=SIZE"))?;
+    let mut kv = std::collections::HashMap::new();
+    for p in parts {
+        let (k, v) = p
+            .split_once('=')
+            .with_context(|| format!("--periodic: {p:?} is not KEY=VALUE"))?;
+        kv.insert(k, v);
+    }
+    let get = |k: &str| {
+        kv.get(k)
+            .map(|v| v.to_string())
+            .with_context(|| format!("--periodic {name}: {k}= is missing"))
+    };
+    let interval_ms = match kv.get("interval-ms") {
+        Some(v) => v.parse().context("--periodic: interval-ms")?,
+        None => default_interval_ms,
+    };
+    Ok(ferry_process_server::periodic::PeriodicSpec {
+        name: name.to_string(),
+        size: parse_size(size)?,
+        qmp: get("qmp")?.into(),
+        node: get("node")?,
+        nbd_socket: get("nbd")?.into(),
+        fleece_file: get("fleece")?,
+        interval: Duration::from_millis(interval_ms.max(100)),
+    })
 }
 
 fn human(n: u64) -> String {

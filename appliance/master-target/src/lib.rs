@@ -10,7 +10,7 @@
 pub mod instant;
 
 use anyhow::{bail, Context};
-use ferry_chunk::TenantKey;
+use ferry_chunk::{ChunkId, TenantKey};
 use ferry_repository::{CheckpointMeta, Consistency, RepoError, Repository};
 use ferry_wire::{
     patch_context, read_msg, BlockBody, Checkpoint, Msg, Patch, RejectReason, WireError, VERSION,
@@ -178,11 +178,21 @@ async fn session(
             Ok(Err(WireError::Closed)) => return Ok(()),
             Ok(r) => r?,
         };
-        let Msg::Begin(c) = first else {
-            bail!("expected a checkpoint, got {first:?}");
+        let c = match first {
+            Msg::Begin(c) => c,
+            Msg::IdsRequest { first, count } => {
+                let (r, d) = (repo.clone(), disk.clone());
+                let ids =
+                    tokio::task::spawn_blocking(move || block_ids(&r, &d, first, count)).await??;
+                wr.write_all(&Msg::Ids { first, ids }.encode()).await?;
+                wr.flush().await?;
+                continue;
+            }
+            other => bail!("expected a checkpoint, got {other:?}"),
         };
         let seq = c.seq;
-        let blocks = match receive(&mut rd, &c, disk_size, block_size).await {
+        let blocks = match receive(&mut rd, &mut wr, &repo, &disk, &c, disk_size, block_size).await
+        {
             Ok(b) => b,
             Err(e) => {
                 let m = Msg::Rejected {
@@ -216,13 +226,42 @@ async fn session(
     }
 }
 
-/// Read a checkpoint's blocks up to its `End`, checking every index and the total size.
-async fn receive<R: tokio::io::AsyncRead + Unpin>(
+/// The names of blocks `first..first+count` in the disk's newest point (all holes when the disk
+/// has no point yet; blocks past the end are not named).
+fn block_ids(
+    repo: &Repository,
+    disk: &str,
+    first: u64,
+    count: u32,
+) -> anyhow::Result<Vec<ChunkId>> {
+    let Some(p) = repo.latest(disk) else {
+        return Ok(vec![ChunkId::ZERO; count as usize]);
+    };
+    let reader = repo.reader(disk, p.meta.seq)?;
+    let blocks = p.meta.disk_size.div_ceil(u64::from(p.meta.block_size));
+    let end = first.saturating_add(u64::from(count)).min(blocks);
+    (first.min(end)..end)
+        .map(|b| reader.block_id(b).map_err(Into::into))
+        .collect()
+}
+
+/// Read a checkpoint's blocks up to its `End`, checking every index and the total size. Block
+/// name requests inside a checkpoint (a checksum resync streaming its comparison) are answered
+/// from the newest committed point, which the checkpoint under way does not change.
+#[allow(clippy::too_many_arguments)]
+async fn receive<R, W>(
     rd: &mut R,
+    wr: &mut W,
+    repo: &Arc<Repository>,
+    disk: &str,
     c: &Checkpoint,
     disk_size: u64,
     block_size: u32,
-) -> anyhow::Result<Vec<(u64, BlockBody)>> {
+) -> anyhow::Result<Vec<(u64, BlockBody)>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     if c.block_size != block_size || c.disk_size != disk_size || block_size == 0 {
         bail!("checkpoint geometry differs from the session's");
     }
@@ -248,6 +287,13 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
                 }
                 blocks.push((index, body));
             }
+            Msg::IdsRequest { first, count } => {
+                let (r, d) = (repo.clone(), disk.to_string());
+                let ids =
+                    tokio::task::spawn_blocking(move || block_ids(&r, &d, first, count)).await??;
+                wr.write_all(&Msg::Ids { first, ids }.encode()).await?;
+                wr.flush().await?;
+            }
             Msg::End { seq, blocks: n } => {
                 if seq != c.seq || n != blocks.len() as u64 {
                     bail!(
@@ -263,7 +309,7 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-type Refusal = (RejectReason, Option<ferry_chunk::ChunkId>, String);
+type Refusal = (RejectReason, Option<ChunkId>, String);
 
 fn apply(
     repo: &Repository,

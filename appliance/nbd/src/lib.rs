@@ -13,6 +13,9 @@
 //! STARTTLS ([`tls`]), then serves requests strictly one at a time in arrival order
 //! (`transmission` module). [`MemExport`] is an in-memory export for tests.
 //!
+//! [`client`] is the other side: an NBD client with structured replies, metadata contexts and
+//! block status (for reading QEMU dirty bitmaps) that treats the server as untrusted.
+//!
 //! Not implemented on purpose: `NBD_FLAG_CAN_MULTI_CONN` (one connection per writer keeps the
 //! order story simple), extended headers, `NBD_CMD_CACHE`, resize and fast-zero.
 

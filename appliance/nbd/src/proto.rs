@@ -36,7 +36,8 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
-const REP_ERR: u32 = 1 << 31;
+/// Bit set in every option reply type that is an error.
+pub const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
 pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
 pub const REP_ERR_INVALID: u32 = REP_ERR | 3;
@@ -80,10 +81,14 @@ pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
 // Structured reply chunk flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Bit set in every structured reply type that carries an error.
+pub const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 
 // Error values carried in replies.
 pub const EPERM: u32 = 1;
@@ -98,6 +103,8 @@ pub const ESHUTDOWN: u32 = 108;
 // Block status flags for the `base:allocation` context.
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
+/// Block status flag of a `qemu:dirty-bitmap:NAME` context: the extent is dirty.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// The only metadata context this server knows.
 pub const BASE_ALLOCATION: &str = "base:allocation";

@@ -146,21 +146,8 @@ impl Builder {
                 Delta::Partial { buf, ranges }
                     if ranges.len() == 1 && ranges[0] == (0, buf.len() as u32) =>
                 {
-                    if is_zero(&buf) {
-                        BuiltBlock {
-                            index,
-                            body: BlockBody::Zero,
-                            chunk: None,
-                        }
-                    } else {
-                        let id = key.chunk_id(&buf);
-                        let blob = (!known.contains(&id)).then(|| key.seal_chunk(&id, &buf));
-                        BuiltBlock {
-                            index,
-                            body: BlockBody::Chunk { id, blob },
-                            chunk: Some(id),
-                        }
-                    }
+                    let (body, chunk) = whole_block(key, known, &buf);
+                    BuiltBlock { index, body, chunk }
                 }
                 Delta::Partial { buf, ranges } => {
                     let patch = Patch {
@@ -181,6 +168,21 @@ impl Builder {
         }
         out
     }
+}
+
+/// The wire body of a whole block: a hole when it is all zeros, otherwise its chunk, sent by
+/// reference when `known` says the master target holds it already.
+pub fn whole_block(
+    key: &TenantKey,
+    known: &HashSet<ChunkId>,
+    data: &[u8],
+) -> (BlockBody, Option<ChunkId>) {
+    if is_zero(data) {
+        return (BlockBody::Zero, None);
+    }
+    let id = key.chunk_id(data);
+    let blob = (!known.contains(&id)).then(|| key.seal_chunk(&id, data));
+    (BlockBody::Chunk { id, blob }, Some(id))
 }
 
 /// Insert `[s, e)` into sorted disjoint ranges, merging neighbours.

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod export;
+pub mod periodic;
 pub mod shipper;
 pub mod status;
 
@@ -78,6 +79,8 @@ pub struct Config {
     /// When set, QEMU must use TLS (`OPT_STARTTLS`) on the NBD connection.
     pub nbd_tls: Option<Arc<rustls::ServerConfig>>,
     pub disks: Vec<DiskSpec>,
+    /// Disks protected from their host's dirty bitmaps instead of a mirror.
+    pub periodic: Vec<periodic::PeriodicSpec>,
     pub block_size: u32,
     pub journal_capacity: u64,
     pub link: Link,
@@ -116,6 +119,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             link.clone(),
             cfg.tuning.clone(),
             shared.clone(),
+        ));
+    }
+    for p in cfg.periodic {
+        anyhow::ensure!(
+            ferry_wire::valid_disk_name(&p.name),
+            "invalid disk name {:?}: use 1-64 characters of A-Z a-z 0-9 . _ -",
+            p.name
+        );
+        let dir = cfg.cache_dir.join(&p.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        tokio::spawn(periodic::protect(
+            p,
+            cfg.block_size,
+            link.clone(),
+            shared.clone(),
+            dir.join("status.json"),
         ));
     }
     let nbd = Arc::new(ferry_nbd::ServerConfig {

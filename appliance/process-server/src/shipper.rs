@@ -108,41 +108,8 @@ async fn session(
     shared: &Arc<Shared>,
     welcomed: &mut bool,
 ) -> anyhow::Result<()> {
-    let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&link.addr))
-        .await
-        .context("connect timed out")?
-        .with_context(|| format!("connect to {}", link.addr))?;
-    tcp.set_nodelay(true)?;
-    let connector = tokio_rustls::TlsConnector::from(link.tls.clone());
-    let tls = tokio::time::timeout(
-        Duration::from_secs(10),
-        connector.connect(link.server_name.clone(), tcp),
-    )
-    .await
-    .context("TLS handshake timed out")?
-    .context("TLS handshake")?;
-    let (mut rd, mut wr) = tokio::io::split(tls);
-
-    let hello = Msg::Hello {
-        version: VERSION,
-        disk: disk.name.clone(),
-        disk_size: disk.size,
-        block_size: disk.block_size,
-    };
-    wr.write_all(&hello.encode()).await?;
-    wr.flush().await?;
-    let welcome = tokio::time::timeout(Duration::from_secs(15), read_msg(&mut rd))
-        .await
-        .context("no answer to hello")??;
-    let (last_seq, journal_end) = match welcome {
-        Msg::Welcome {
-            last_seq,
-            journal_end,
-            ..
-        } => (last_seq, journal_end),
-        Msg::Rejected { message, .. } => bail!("master target refused the disk: {message}"),
-        other => bail!("unexpected answer to hello: {other:?}"),
-    };
+    let (mut rd, mut wr, last_seq, journal_end) =
+        open_session(link, &disk.name, disk.size, disk.block_size).await?;
     *welcomed = true;
 
     let stats = disk.journal.stats();
@@ -225,6 +192,54 @@ async fn session(
                 (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, pos, next_seq).await?;
             }
         }
+    }
+}
+
+/// The two halves of a replication connection.
+pub type SessionReader = tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+pub type SessionWriter = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Connect to the master target for one disk: TCP, TLS, Hello; returns the halves and the
+/// master target's `(last_seq, journal_end)`.
+pub async fn open_session(
+    link: &Link,
+    disk: &str,
+    disk_size: u64,
+    block_size: u32,
+) -> anyhow::Result<(SessionReader, SessionWriter, u64, u64)> {
+    let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&link.addr))
+        .await
+        .context("connect timed out")?
+        .with_context(|| format!("connect to {}", link.addr))?;
+    tcp.set_nodelay(true)?;
+    let connector = tokio_rustls::TlsConnector::from(link.tls.clone());
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        connector.connect(link.server_name.clone(), tcp),
+    )
+    .await
+    .context("TLS handshake timed out")?
+    .context("TLS handshake")?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let hello = Msg::Hello {
+        version: VERSION,
+        disk: disk.to_string(),
+        disk_size,
+        block_size,
+    };
+    wr.write_all(&hello.encode()).await?;
+    wr.flush().await?;
+    let welcome = tokio::time::timeout(Duration::from_secs(15), read_msg(&mut rd))
+        .await
+        .context("no answer to hello")??;
+    match welcome {
+        Msg::Welcome {
+            last_seq,
+            journal_end,
+            ..
+        } => Ok((rd, wr, last_seq, journal_end)),
+        Msg::Rejected { message, .. } => bail!("master target refused the disk: {message}"),
+        other => bail!("unexpected answer to hello: {other:?}"),
     }
 }
 

@@ -34,6 +34,12 @@ pub struct DiskStatus {
     pub bytes_sent: u64,
     pub reconnects: u64,
     pub last_error: Option<String>,
+    /// Periodic disks: what the last committed cut was (`seed`, `incremental`, `resync`),
+    /// how many blocks and bytes it sent, and the block-name traffic of a resync.
+    pub periodic_mode: Option<String>,
+    pub last_cut_blocks: u64,
+    pub last_cut_bytes: u64,
+    pub last_cut_hash_bytes: u64,
     pub updated_unix_ns: u64,
 }
 

@@ -6,6 +6,8 @@
 //! node; a guest's writes must enter above the mirror's filter node, so [`StorageDaemon::export`]
 //! exports that node (a real VM's device sits there on its own).
 
+pub mod fleece;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -144,6 +146,8 @@ pub struct StorageDaemon {
 /// The node a guest's writes must enter through once a mirror runs.
 pub const MIRROR_FILTER: &str = "mirror-top";
 pub const MIRROR_JOB: &str = "ferry-mirror";
+/// The file name of the daemon's second QMP socket (in its directory), for other clients.
+pub const MGMT_QMP_SOCKET: &str = "qsd-mgmt.sock";
 
 impl StorageDaemon {
     /// Start the daemon on `image` with its QMP socket in `dir`.
@@ -167,6 +171,15 @@ impl StorageDaemon {
             ))
             .arg("--monitor")
             .arg("chardev=qmp0")
+            // A second monitor for another management client (Ferry's periodic protection),
+            // as a host gives one to each tool: a QMP socket serves one client at a time.
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=qmp1,path={},server=on,wait=off",
+                dir.join(MGMT_QMP_SOCKET).display()
+            ))
+            .arg("--monitor")
+            .arg("chardev=qmp1")
             .stdin(Stdio::null())
             .stdout(
                 log.try_clone()

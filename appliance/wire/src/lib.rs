@@ -115,7 +115,21 @@ pub enum Msg {
         chunk: Option<ChunkId>,
         message: String,
     },
+    /// Ask for the names of blocks `first..first+count` in the master target's newest point
+    /// (checksum resync: a name is the keyed hash of the block's plaintext).
+    IdsRequest {
+        first: u64,
+        count: u32,
+    },
+    /// The answer: one name per block, all-zero for a hole.
+    Ids {
+        first: u64,
+        ids: Vec<ChunkId>,
+    },
 }
+
+/// The most block names one `IdsRequest` may ask for (a 256 KiB answer).
+pub const MAX_IDS: u32 = 8192;
 
 const T_HELLO: u8 = 1;
 const T_WELCOME: u8 = 2;
@@ -124,6 +138,8 @@ const T_BLOCK: u8 = 4;
 const T_END: u8 = 5;
 const T_COMMITTED: u8 = 6;
 const T_REJECTED: u8 = 7;
+const T_IDS_REQUEST: u8 = 8;
+const T_IDS: u8 = 9;
 
 const B_ZERO: u8 = 0;
 const B_CHUNK: u8 = 1;
@@ -341,6 +357,19 @@ impl Msg {
                 }
                 put_string(&mut out, message);
             }
+            Msg::IdsRequest { first, count } => {
+                out.push(T_IDS_REQUEST);
+                out.extend_from_slice(&first.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+            }
+            Msg::Ids { first, ids } => {
+                out.push(T_IDS);
+                out.extend_from_slice(&first.to_le_bytes());
+                out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+                for id in ids {
+                    out.extend_from_slice(&id.0);
+                }
+            }
         }
         let len = (out.len() - 4) as u32;
         out[..4].copy_from_slice(&len.to_le_bytes());
@@ -457,6 +486,31 @@ impl Msg {
                     message,
                 }
             }
+            T_IDS_REQUEST => {
+                let mut r = Reader::new(payload, "ids request");
+                let m = Msg::IdsRequest {
+                    first: r.u64()?,
+                    count: r.u32()?,
+                };
+                r.finish()?;
+                if let Msg::IdsRequest { count, .. } = m {
+                    if count == 0 || count > MAX_IDS {
+                        return Err(WireError::Malformed("ids request"));
+                    }
+                }
+                m
+            }
+            T_IDS => {
+                let mut r = Reader::new(payload, "ids");
+                let first = r.u64()?;
+                let n = r.u32()?;
+                if n > MAX_IDS {
+                    return Err(WireError::Malformed("ids"));
+                }
+                let ids = (0..n).map(|_| r.id()).collect::<Result<Vec<_>, _>>()?;
+                r.finish()?;
+                Msg::Ids { first, ids }
+            }
             t => return Err(WireError::UnknownType(t)),
         };
         Ok(msg)
@@ -544,6 +598,11 @@ mod tests {
                 reason: RejectReason::MissingChunk,
                 chunk: Some(id),
                 message: "no such chunk".into(),
+            },
+            Msg::IdsRequest { first: 5, count: 2 },
+            Msg::Ids {
+                first: 5,
+                ids: vec![id, ChunkId::ZERO],
             },
         ]
     }

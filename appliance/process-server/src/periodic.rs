@@ -1,0 +1,493 @@
+//! Periodic protection: replicate a disk on a QEMU host from its dirty bitmaps.
+//!
+//! Each interval, one QMP transaction freezes a point-in-time view of the disk and swaps its
+//! recording dirty bitmap for a fresh one (see `ferry_qemu::fleece`). The view is read over NBD:
+//! only the blocks the frozen bitmap marks dirty, as they were at the cut, while the guest keeps
+//! writing. They become one checkpoint, so every recovery point is the disk at one instant.
+//!
+//! What the bitmaps say decides what a cut sends:
+//! - no recovery point yet: a **seed**: every allocated, non-zero block (`base:allocation`);
+//! - a recording bitmap of ours: **incremental**: its dirty blocks (earlier bitmaps left by a
+//!   failed interval are merged into it first, so nothing is lost by a failure);
+//! - a bitmap QEMU marks inconsistent (it died without saving it), or none although the
+//!   recovery site has points: a **checksum resync**: every block is read and named with the
+//!   tenant key, the master target's names for the same blocks are fetched (32 bytes per
+//!   block), and only blocks whose names differ cross the WAN. Never a blind full copy.
+//!
+//! The old bitmap is dropped only after the master target has committed the point.
+
+use crate::checkpoint::whole_block;
+use crate::shipper::{open_session, Link, SessionReader, SessionWriter, Shared};
+use crate::status::{self, now_unix_ns, DiskStatus, State};
+use anyhow::{anyhow, bail, Context};
+use ferry_chunk::{is_zero, ChunkId};
+use ferry_nbd::client::{Client, ClientOptions, Extent};
+use ferry_nbd::proto::{STATE_HOLE, STATE_ZERO};
+use ferry_qemu::fleece::{self, Bitmap, Cut, Fleece};
+use ferry_qemu::Qmp;
+use ferry_wire::{read_msg, Checkpoint, Consistency, Msg, MAX_IDS};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// Where a periodically protected disk lives on its host.
+#[derive(Clone, Debug)]
+pub struct PeriodicSpec {
+    pub name: String,
+    pub size: u64,
+    /// The host QEMU's QMP socket.
+    pub qmp: PathBuf,
+    /// The disk's block node on the host.
+    pub node: String,
+    /// A unix socket where the host's NBD server serves the views.
+    pub nbd_socket: PathBuf,
+    /// A file on the host for the view's copied-aside data.
+    pub fleece_file: String,
+    pub interval: Duration,
+}
+
+/// A periodic disk's status, kept in memory and written out on every change.
+struct StatusFile {
+    path: PathBuf,
+    status: Mutex<DiskStatus>,
+}
+
+impl StatusFile {
+    fn update(&self, f: impl FnOnce(&mut DiskStatus)) {
+        let mut s = self.status.lock().expect("status");
+        f(&mut s);
+        s.updated_unix_ns = now_unix_ns();
+        if let Err(e) = status::write(&self.path, &s) {
+            tracing::warn!(disk = %s.disk, error = %e, "cannot write status file");
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Mode {
+    Seed,
+    Incremental(String),
+    Resync,
+}
+
+impl Mode {
+    fn label(&self) -> &'static str {
+        match self {
+            Mode::Seed => "seed",
+            Mode::Incremental(_) => "incremental",
+            Mode::Resync => "resync",
+        }
+    }
+}
+
+struct Plan {
+    mode: Mode,
+    new_bitmap: String,
+    view: Fleece,
+}
+
+/// Blocks read per NBD request when they are contiguous.
+const READ_RUN: u64 = 64;
+
+/// Protect one disk forever, starting over after any failure.
+pub async fn protect(
+    spec: PeriodicSpec,
+    block_size: u32,
+    link: Arc<Link>,
+    shared: Arc<Shared>,
+    status_path: PathBuf,
+) {
+    let status = StatusFile {
+        path: status_path,
+        status: Mutex::new(DiskStatus {
+            disk: spec.name.clone(),
+            ..Default::default()
+        }),
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let r = run(&spec, block_size, &link, &shared, &status).await;
+        let msg = match r {
+            Ok(()) => "stopped".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        tracing::warn!(disk = %spec.name, error = %msg, "periodic protection interrupted; retrying");
+        status.update(|s| {
+            s.connected = false;
+            s.reconnects += 1;
+            s.last_error = Some(msg.clone());
+        });
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn run(
+    spec: &PeriodicSpec,
+    block_size: u32,
+    link: &Link,
+    shared: &Shared,
+    status: &StatusFile,
+) -> anyhow::Result<()> {
+    let (mut rd, mut wr, mut last_seq, mut cuts) =
+        open_session(link, &spec.name, spec.size, block_size).await?;
+    let qmp_path = spec.qmp.clone();
+    let mut qmp =
+        tokio::task::spawn_blocking(move || Qmp::connect(&qmp_path, Duration::from_secs(10)))
+            .await?
+            .context("connecting to the host's QMP socket")?;
+    status.update(|s| {
+        s.connected = true;
+        s.acked_seq = last_seq;
+        s.acked_journal_seq = cuts;
+        if s.state == State::Connecting {
+            s.state = State::Replicating;
+        }
+    });
+    loop {
+        let (q, p) = tokio::task::spawn_blocking({
+            let spec = spec.clone();
+            move || {
+                let p = plan(&mut qmp, &spec, last_seq);
+                (qmp, p)
+            }
+        })
+        .await?;
+        qmp = q;
+        let plan = p?;
+        let label = plan.mode.label();
+        let started = now_unix_ns();
+        let outcome = transfer(
+            spec,
+            block_size,
+            shared,
+            &plan,
+            &mut rd,
+            &mut wr,
+            last_seq + 1,
+            cuts,
+        )
+        .await;
+        let ok = outcome.is_ok();
+        let (q, fin) = tokio::task::spawn_blocking({
+            let spec = spec.clone();
+            move || {
+                let r = finish(&mut qmp, &spec, &plan, ok);
+                (qmp, r)
+            }
+        })
+        .await?;
+        qmp = q;
+        let report = outcome?;
+        fin?;
+        last_seq += 1;
+        cuts += 1;
+        tracing::info!(disk = %spec.name, mode = label, seq = last_seq, blocks = report.blocks, bytes = report.bytes, "recovery point committed");
+        status.update(|s| {
+            s.acked_seq = last_seq;
+            s.acked_journal_seq = cuts;
+            s.acked_point_created_unix_ns = started;
+            s.checkpoints_sent += 1;
+            s.bytes_sent += report.bytes;
+            s.periodic_mode = Some(label.to_string());
+            s.last_cut_blocks = report.blocks;
+            s.last_cut_bytes = report.bytes;
+            s.last_cut_hash_bytes = report.hash_bytes;
+            s.last_error = None;
+        });
+        tokio::time::sleep(spec.interval).await;
+    }
+}
+
+fn bitmap_prefix(disk: &str) -> String {
+    format!("ferry-{disk}-")
+}
+
+/// Decide what this cut sends, tidy the bitmaps accordingly, and freeze the view.
+fn plan(qmp: &mut Qmp, spec: &PeriodicSpec, last_seq: u64) -> anyhow::Result<Plan> {
+    let prefix = bitmap_prefix(&spec.name);
+    let ours: Vec<Bitmap> = fleece::bitmaps(qmp, &spec.node)?
+        .into_iter()
+        .filter(|b| b.name.starts_with(&prefix))
+        .collect();
+    let next = ours
+        .iter()
+        .filter_map(|b| b.name[prefix.len()..].parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let recording = ours.iter().find(|b| b.recording && !b.inconsistent);
+    let trusted = !ours.iter().any(|b| b.inconsistent);
+    let mode = match (last_seq, recording) {
+        (0, _) => Mode::Seed,
+        (_, Some(r)) if trusted => Mode::Incremental(r.name.clone()),
+        _ => Mode::Resync,
+    };
+    match &mode {
+        Mode::Incremental(keep) => {
+            for b in ours.iter().filter(|b| &b.name != keep) {
+                fleece::merge_into(qmp, &spec.node, keep, &b.name)?;
+            }
+        }
+        Mode::Seed | Mode::Resync => {
+            if mode == Mode::Resync {
+                tracing::warn!(disk = %spec.name, bitmaps = ?ours, "dirty bitmap missing or inconsistent: resynchronizing by checksums");
+            }
+            for b in &ours {
+                fleece::remove(qmp, &spec.node, &b.name)?;
+            }
+        }
+    }
+    fleece::ensure_nbd_server(qmp, &spec.nbd_socket)?;
+    let export = format!("ferry-view-{}", spec.name);
+    // A view left behind by a crash of this process is released first.
+    fleece::release(
+        qmp,
+        &Fleece {
+            node: export.clone(),
+            file_node: format!("{export}-file"),
+            job: export.clone(),
+            export: export.clone(),
+        },
+    );
+    let new_bitmap = format!("{prefix}{next}");
+    let old = match &mode {
+        Mode::Incremental(b) => Some(b.as_str()),
+        _ => None,
+    };
+    let view = fleece::cut(
+        qmp,
+        &Cut {
+            node: &spec.node,
+            size: spec.size,
+            fleece_file: &spec.fleece_file,
+            add: Some(&new_bitmap),
+            disable: old,
+            export_bitmap: old,
+            export: &export,
+        },
+    )?;
+    Ok(Plan {
+        mode,
+        new_bitmap,
+        view,
+    })
+}
+
+/// Release the view; keep or return the bitmaps depending on whether the point was committed.
+fn finish(qmp: &mut Qmp, spec: &PeriodicSpec, plan: &Plan, committed: bool) -> anyhow::Result<()> {
+    fleece::release(qmp, &plan.view);
+    match (&plan.mode, committed) {
+        (Mode::Incremental(old), true) => fleece::remove(qmp, &spec.node, old)?,
+        // The interval's changes go back into the recording bitmap: the next cut sends them.
+        (Mode::Incremental(old), false) => {
+            fleece::merge_into(qmp, &spec.node, &plan.new_bitmap, old)?
+        }
+        // Nothing to build on: the next cut seeds or resyncs again.
+        (Mode::Seed | Mode::Resync, false) => fleece::remove(qmp, &spec.node, &plan.new_bitmap)?,
+        (Mode::Seed | Mode::Resync, true) => {}
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Report {
+    blocks: u64,
+    bytes: u64,
+    hash_bytes: u64,
+}
+
+/// Block ranges `[first, end)` covered by extents that `pick` selects.
+fn block_runs(extents: &[Extent], bs: u64, pick: impl Fn(u32) -> bool) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for e in extents.iter().filter(|e| pick(e.flags)) {
+        let (a, b) = (e.offset / bs, e.end().div_ceil(bs));
+        match runs.last_mut() {
+            Some(last) if last.1 >= a => last.1 = last.1.max(b),
+            _ => runs.push((a, b)),
+        }
+    }
+    runs
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn transfer(
+    spec: &PeriodicSpec,
+    block_size: u32,
+    shared: &Shared,
+    plan: &Plan,
+    rd: &mut SessionReader,
+    wr: &mut SessionWriter,
+    seq: u64,
+    cuts: u64,
+) -> anyhow::Result<Report> {
+    let bs = u64::from(block_size);
+    let nblocks = spec.size.div_ceil(bs);
+    let mut opts = ClientOptions::new(plan.view.export.clone()).meta_context("base:allocation");
+    let dirty_ctx = match &plan.mode {
+        Mode::Incremental(b) => Some(format!("qemu:dirty-bitmap:{b}")),
+        _ => None,
+    };
+    if let Some(c) = &dirty_ctx {
+        opts = opts.meta_context(c.clone());
+    }
+    let mut nbd = Client::connect_unix_with(&spec.nbd_socket, opts)
+        .await
+        .context("reading the point-in-time view over NBD")?;
+    if nbd.size() != spec.size {
+        bail!(
+            "the host's disk is {} bytes, protected as {}: {}",
+            nbd.size(),
+            spec.size,
+            if nbd.size() < spec.size {
+                "shrinking is refused"
+            } else {
+                "growth needs a resync"
+            }
+        );
+    }
+    let runs = match (&plan.mode, &dirty_ctx) {
+        (Mode::Incremental(_), Some(c)) => {
+            let id = nbd
+                .meta_context_id(c)
+                .ok_or_else(|| anyhow!("{c} not offered"))?;
+            block_runs(&nbd.block_status_all(id).await?, bs, |f| f & 1 != 0)
+        }
+        (Mode::Seed, _) => {
+            let id = nbd
+                .meta_context_id("base:allocation")
+                .ok_or_else(|| anyhow!("base:allocation not offered"))?;
+            block_runs(&nbd.block_status_all(id).await?, bs, |f| {
+                f & (STATE_HOLE | STATE_ZERO) == 0
+            })
+        }
+        _ => vec![(0, nblocks)],
+    };
+    let begin = Msg::Begin(Checkpoint {
+        seq,
+        created_unix_ns: now_unix_ns(),
+        journal_start: cuts,
+        journal_end: cuts + 1,
+        disk_size: spec.size,
+        block_size,
+        consistency: Consistency::Crash,
+    });
+    wr.write_all(&begin.encode()).await?;
+    let mut report = Report::default();
+    let mut chunks = Vec::new();
+    for (first, end) in runs {
+        let mut b = first;
+        while b < end {
+            let n = (end - b).min(READ_RUN);
+            let off = b * bs;
+            let len = (n * bs).min(spec.size - off);
+            let data = nbd.read(off, len as u32).await?;
+            let theirs = if plan.mode == Mode::Resync {
+                report.hash_bytes += 32 * n;
+                Some(remote_ids(rd, wr, b, n as u32).await?)
+            } else {
+                None
+            };
+            for (i, block) in data.chunks(bs as usize).enumerate() {
+                if let Some(ids) = &theirs {
+                    let mine = if is_zero(block) {
+                        ChunkId::ZERO
+                    } else {
+                        shared.key.chunk_id(block)
+                    };
+                    if ids.get(i) == Some(&mine) {
+                        continue;
+                    }
+                }
+                let (body, chunk) = {
+                    let known = shared.known.lock().expect("known lock");
+                    whole_block(&shared.key, &known, block)
+                };
+                chunks.extend(chunk);
+                let frame = Msg::Block {
+                    index: b + i as u64,
+                    body,
+                }
+                .encode();
+                wr.write_all(&frame).await?;
+                report.blocks += 1;
+                report.bytes += frame.len() as u64;
+            }
+            b += n;
+        }
+    }
+    wr.write_all(
+        &Msg::End {
+            seq,
+            blocks: report.blocks,
+        }
+        .encode(),
+    )
+    .await?;
+    wr.flush().await?;
+    let _ = nbd.disconnect().await;
+    match tokio::time::timeout(Duration::from_secs(300), read_msg(rd)).await?? {
+        Msg::Committed { seq: s, .. } if s == seq => {
+            shared.known.lock().expect("known lock").extend(chunks);
+            Ok(report)
+        }
+        Msg::Rejected {
+            message, reason, ..
+        } => {
+            if reason == ferry_wire::RejectReason::MissingChunk {
+                shared.known.lock().expect("known lock").clear();
+            }
+            bail!("checkpoint {seq} rejected: {message}")
+        }
+        other => bail!("unexpected answer to checkpoint {seq}: {other:?}"),
+    }
+}
+
+/// The master target's names of blocks `first..first+count`.
+async fn remote_ids(
+    rd: &mut SessionReader,
+    wr: &mut SessionWriter,
+    first: u64,
+    count: u32,
+) -> anyhow::Result<Vec<ChunkId>> {
+    let mut out = Vec::with_capacity(count as usize);
+    let mut b = first;
+    let end = first + u64::from(count);
+    while b < end {
+        let n = ((end - b) as u32).min(MAX_IDS);
+        wr.write_all(&Msg::IdsRequest { first: b, count: n }.encode())
+            .await?;
+        wr.flush().await?;
+        match tokio::time::timeout(Duration::from_secs(60), read_msg(rd)).await?? {
+            Msg::Ids { first: f, ids } if f == b && ids.len() <= n as usize => {
+                b += n as u64;
+                out.extend(ids);
+            }
+            other => bail!("unexpected answer to a block name request: {other:?}"),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_cover_dirty_extents_in_whole_blocks() {
+        let e = |offset, len, flags| Extent { offset, len, flags };
+        let ext = [
+            e(0, 100, 0),
+            e(100, 65536, 1),
+            e(65636, 10, 0),
+            e(200_000, 5, 1),
+            e(200_005, 1, 1),
+        ];
+        assert_eq!(
+            block_runs(&ext, 65536, |f| f & 1 != 0),
+            vec![(0, 2), (3, 4)]
+        );
+        assert_eq!(block_runs(&ext, 65536, |f| f & 1 == 0), vec![(0, 2)]);
+    }
+}

@@ -1,0 +1,17 @@
+//! Appliance updates: a signed bundle is checked completely before one byte is written, then
+//! written to the inactive root slot, and booted once with a boot counter so that a slot that
+//! does not come up healthy falls back to the old one by itself.
+//!
+//! - [`bundle`]: the bundle format (manifest + Ed25519 signature + parts), signing and
+//!   verification with `ring`. No I/O policy: it reads what it is given.
+//! - [`slots`]: which slot is running (from the kernel command line's `roothash=`), where the
+//!   inactive one lives (GPT partition labels), and the installation steps.
+//!
+//! The formats are described byte by byte in `docs/formats.md`'s "Update bundle" section
+//! (and in [`bundle`]'s module documentation until then).
+
+pub mod bundle;
+pub mod slots;
+
+pub use bundle::{sign_bundle, BundleError, Manifest, Part, VerifiedBundle};
+pub use slots::{InstallError, Slot, SlotLayout};

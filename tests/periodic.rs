@@ -1,0 +1,246 @@
+//! Periodic replication from QEMU dirty bitmaps: a sparse seed, then one consistent recovery
+//! point per interval while the guest keeps writing, and after QEMU is killed with SIGKILL (its
+//! bitmap is then inconsistent) a checksum resync that sends only what differs.
+
+mod support;
+
+use ferry::lab::{sh, Lab};
+use ferry_qemu::StorageDaemon;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::*;
+
+const MIB: u64 = 1 << 20;
+const DISK: &str = "pdisk";
+
+struct Host {
+    qsd: Option<StorageDaemon>,
+    image: std::path::PathBuf,
+    sock: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Host {
+    fn start(dir: &Path, image: &Path) -> Host {
+        let mut qsd = StorageDaemon::start(image, "qcow2", dir).unwrap();
+        let sock = dir.join("host-nbd.sock");
+        qsd.export("disk0", "guest", &sock).unwrap();
+        Host {
+            qsd: Some(qsd),
+            image: image.to_path_buf(),
+            sock,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn guest_uri(&self) -> String {
+        format!("nbd+unix:///guest?socket={}", self.sock.display())
+    }
+
+    /// SIGKILL the host's QEMU and start it again on the same image.
+    fn crash_and_restart(&mut self) {
+        drop(self.qsd.take());
+        *self = Host::start(&self.dir.clone(), &self.image.clone());
+    }
+
+    fn image_now(&self, scratch: &Path) -> Vec<u8> {
+        sh(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(self.guest_uri())
+            .arg(scratch))
+        .unwrap();
+        std::fs::read(scratch).unwrap()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(q) = self.qsd.take() {
+            q.stop();
+        }
+    }
+}
+
+fn lab(dir: &Path, size: u64) -> Lab {
+    let mut lab = Lab::new(&exe(), dir, &[]).unwrap();
+    lab.periodic = vec![format!(
+        "{DISK}={size},qmp={},node=disk0,nbd={},fleece={},interval-ms=300",
+        dir.join(ferry_qemu::MGMT_QMP_SOCKET).display(),
+        dir.join("host-nbd.sock").display(),
+        dir.join("fleece.qcow2").display()
+    )];
+    lab
+}
+
+fn wait_point(lab: &Lab, after: u64, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = lab.status(DISK) {
+            if s.acked_seq > after {
+                return s.acked_seq;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no recovery point after {after}: {s:?}"
+            );
+        }
+        assert!(Instant::now() < deadline, "no status for {DISK}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn point(lab: &Lab, seq: u64) -> Vec<u8> {
+    let repo = lab.repository().unwrap();
+    let r = repo.reader(DISK, seq).unwrap();
+    let mut buf = vec![0u8; r.size() as usize];
+    r.read_at(0, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn seed_then_one_consistent_point_per_interval_while_writing() {
+    let size = 32 * MIB;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir()
+        .unwrap();
+    let image = dir.path().join("host.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(size.to_string()))
+    .unwrap();
+    sh(Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&image)
+        .args(["-c", "write -P 0x5a 4M 6M"]))
+    .unwrap();
+    let host = Host::start(dir.path(), &image);
+    let mut lab = lab(dir.path(), size);
+    lab.start_master().unwrap();
+    lab.start_process().unwrap();
+
+    // The seed reads only allocated data: 6 MiB = 96 blocks of the 512.
+    let s0 = wait_point(&lab, 0, Duration::from_secs(60));
+    let st = lab.status(DISK).unwrap();
+    assert_eq!(st.periodic_mode.as_deref(), Some("seed"), "{st:?}");
+    assert_eq!(
+        st.last_cut_blocks, 96,
+        "the seed read unallocated blocks: {st:?}"
+    );
+    let scratch = dir.path().join("now.raw");
+    let base = host.image_now(&scratch);
+    assert!(point(&lab, s0) == base, "the seed differs from the disk");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let writer = TaggedWriter::start(&rt, &host.sock, size, 0x9e37_79b9, 25);
+    let started = Instant::now();
+    let mut seen = s0;
+    let mut checked = Vec::new();
+    while started.elapsed() < Duration::from_secs(8) {
+        let p = wait_point(&lab, seen, Duration::from_secs(30));
+        seen = p;
+        let n = check_prefix(&point(&lab, p), &base, &writer.snapshot())
+            .unwrap_or_else(|e| panic!("point {p}: {e}"));
+        checked.push((p, n));
+    }
+    let (all, _) = writer.finish(&rt);
+    // Converge: a point holding every write, equal to the disk.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = wait_point(&lab, seen, Duration::from_secs(30));
+        seen = p;
+        let n = check_prefix(&point(&lab, p), &base, &all).unwrap();
+        if n as usize == all.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never converged: {n} of {}",
+            all.len()
+        );
+    }
+    assert!(point(&lab, seen) == host.image_now(&scratch));
+    let st = lab.status(DISK).unwrap();
+    assert_eq!(st.periodic_mode.as_deref(), Some("incremental"), "{st:?}");
+    eprintln!(
+        "checked {} points under load: {checked:?}; {} writes",
+        checked.len(),
+        all.len()
+    );
+    assert!(checked.len() >= 4, "{checked:?}");
+    assert!(checked.windows(2).all(|w| w[0].1 <= w[1].1));
+}
+
+#[test]
+fn qemu_killed_mid_interval_resyncs_by_checksum_and_converges() {
+    let size = 64 * MIB;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir()
+        .unwrap();
+    let image = dir.path().join("host.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(size.to_string()))
+    .unwrap();
+    sh(Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&image)
+        .args(["-c", "write -P 0x31 0 64M"]))
+    .unwrap();
+    let mut host = Host::start(dir.path(), &image);
+    let mut lab = lab(dir.path(), size);
+    lab.start_master().unwrap();
+    lab.start_process().unwrap();
+    let s0 = wait_point(&lab, 0, Duration::from_secs(60));
+
+    // Change 1% of the blocks, then kill QEMU before it can save its bitmap.
+    let mut cmds = vec![];
+    let mut rng = Rng(77);
+    for _ in 0..10 {
+        cmds.push(format!("write -P 0x99 {} 64k", rng.below(1024) * 65536));
+    }
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]).arg(host.guest_uri());
+    for x in &cmds {
+        c.arg("-c").arg(x);
+    }
+    sh(&mut c).unwrap();
+    host.crash_and_restart();
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let scratch = dir.path().join("now.raw");
+    let want = host.image_now(&scratch);
+    let mut seen = s0;
+    let st = loop {
+        seen = wait_point(&lab, seen, Duration::from_secs(60));
+        let st = lab.status(DISK).unwrap();
+        if st.periodic_mode.as_deref() == Some("resync") {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no resync after QEMU died: {st:?}"
+        );
+    };
+    assert!(
+        point(&lab, st.acked_seq) == want,
+        "the resynced point differs from the disk"
+    );
+    // Only what differs crossed: at most the 10 changed blocks (1%), plus 32 bytes a block.
+    assert!(
+        st.last_cut_blocks <= 10,
+        "resync sent {} blocks",
+        st.last_cut_blocks
+    );
+    assert_eq!(st.last_cut_hash_bytes, 32 * 1024);
+    eprintln!(
+        "resync: {} blocks, {} bytes of data, {} bytes of block names, disk {} bytes",
+        st.last_cut_blocks, st.last_cut_bytes, st.last_cut_hash_bytes, size
+    );
+    let v = lab.ferry(&["verify"]).unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
