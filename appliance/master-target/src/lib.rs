@@ -1,10 +1,11 @@
 //! The master target: the recovery site's end of replication.
 //!
 //! Each TLS connection (client certificate from the site CA required) carries one disk. A
-//! checkpoint is received whole into memory (bounded by [`MAX_CHECKPOINT_BYTES`]) before it is
-//! applied, so a connection that dies half-way leaves nothing behind and never holds the disk's
-//! lock; applying it (authenticating every chunk, merging patches, committing the point durably)
-//! happens under a per-disk lock, after which the point is visible and `Committed` is sent.
+//! checkpoint's blocks are applied as they stream in (authenticating every chunk, merging
+//! patches) by a blocking thread that holds the disk's lock, fed through a bounded queue
+//! ([`APPLY_QUEUE`]), so memory stays bounded for a seed or resync of any size. The point is
+//! committed durably and becomes visible only when its `End` arrived; a connection that dies
+//! half-way drops the writer and leaves nothing visible (the chunks it stored are collected).
 //! [`instant`] serves any recovery point read-only over NBD without copying it.
 
 pub mod instant;
@@ -21,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
-/// A checkpoint larger than this (blobs and patches as received) is refused.
-pub const MAX_CHECKPOINT_BYTES: usize = 512 << 20;
+/// Blocks received but not yet applied (each at most one frame): the memory bound per session.
+pub const APPLY_QUEUE: usize = 64;
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -191,24 +192,35 @@ async fn session(
             other => bail!("expected a checkpoint, got {other:?}"),
         };
         let seq = c.seq;
-        let blocks = match receive(&mut rd, &mut wr, &repo, &disk, &c, disk_size, block_size).await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                let m = Msg::Rejected {
-                    seq,
-                    reason: RejectReason::Protocol,
-                    chunk: None,
-                    message: format!("{e:#}"),
-                };
-                wr.write_all(&m.encode()).await?;
-                wr.flush().await?;
-                return Err(e);
-            }
-        };
-        let (r, k, l, d) = (repo.clone(), key.clone(), lock.clone(), disk.clone());
+        // Blocks are applied as they arrive, on a blocking thread fed through a bounded
+        // channel: memory stays bounded whatever the checkpoint's size (a seed or a resync of a
+        // large disk), and the point is committed only when its `End` arrived.
+        let (tx, rx) = tokio::sync::mpsc::channel(APPLY_QUEUE);
+        let (r, k, l, d, cc) = (
+            repo.clone(),
+            key.clone(),
+            lock.clone(),
+            disk.clone(),
+            c.clone(),
+        );
+        let applier = tokio::task::spawn_blocking(move || apply(&r, &k, &l, &d, cc, rx));
+        let received = receive(
+            &mut rd, &mut wr, &repo, &disk, &c, disk_size, block_size, tx,
+        )
+        .await;
+        let outcome = applier.await?;
+        if let Err(e) = received {
+            let m = Msg::Rejected {
+                seq,
+                reason: RejectReason::Protocol,
+                chunk: None,
+                message: format!("{e:#}"),
+            };
+            wr.write_all(&m.encode()).await?;
+            wr.flush().await?;
+            return Err(e);
+        }
         let journal_end = c.journal_end;
-        let outcome = tokio::task::spawn_blocking(move || apply(&r, &k, &l, &d, c, blocks)).await?;
         let reply = match outcome {
             Ok(()) => Msg::Committed { seq, journal_end },
             Err((reason, chunk, message)) => Msg::Rejected {
@@ -257,7 +269,8 @@ async fn receive<R, W>(
     c: &Checkpoint,
     disk_size: u64,
     block_size: u32,
-) -> anyhow::Result<Vec<(u64, BlockBody)>>
+    tx: tokio::sync::mpsc::Sender<Item>,
+) -> anyhow::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -266,8 +279,7 @@ where
         bail!("checkpoint geometry differs from the session's");
     }
     let nblocks = disk_size.div_ceil(u64::from(block_size));
-    let mut blocks = Vec::new();
-    let mut bytes = 0usize;
+    let mut count = 0u64;
     loop {
         let m = tokio::time::timeout(IDLE_TIMEOUT, read_msg(rd))
             .await
@@ -277,15 +289,16 @@ where
                 if index >= nblocks {
                     bail!("block {index} is past the end of the disk ({nblocks} blocks)");
                 }
-                bytes += match &body {
-                    BlockBody::Zero => 8,
-                    BlockBody::Chunk { blob, .. } => 40 + blob.as_ref().map_or(0, |b| b.len()),
-                    BlockBody::Patch { sealed } => sealed.len(),
-                };
-                if bytes > MAX_CHECKPOINT_BYTES || blocks.len() as u64 >= nblocks * 2 {
-                    bail!("checkpoint {} is too large", c.seq);
+                count += 1;
+                if count > nblocks.saturating_mul(2) {
+                    bail!(
+                        "checkpoint {} names more blocks than the disk has twice",
+                        c.seq
+                    );
                 }
-                blocks.push((index, body));
+                // A refused checkpoint stops its applier; the rest is read and dropped so the
+                // stream stays in step until its `End`.
+                let _ = tx.send(Item::Block(index, body)).await;
             }
             Msg::IdsRequest { first, count } => {
                 let (r, d) = (repo.clone(), disk.to_string());
@@ -295,18 +308,25 @@ where
                 wr.flush().await?;
             }
             Msg::End { seq, blocks: n } => {
-                if seq != c.seq || n != blocks.len() as u64 {
+                if seq != c.seq || n != count {
                     bail!(
-                        "checkpoint {} ended as {seq} with {n} blocks, {} received",
-                        c.seq,
-                        blocks.len()
+                        "checkpoint {} ended as {seq} with {n} blocks, {count} received",
+                        c.seq
                     );
                 }
-                return Ok(blocks);
+                let _ = tx.send(Item::End).await;
+                return Ok(());
             }
             other => bail!("unexpected message inside checkpoint {}: {other:?}", c.seq),
         }
     }
+}
+
+/// What the receiving side hands the applier.
+pub enum Item {
+    Block(u64, BlockBody),
+    /// The checkpoint arrived whole: commit it.
+    End,
 }
 
 type Refusal = (RejectReason, Option<ChunkId>, String);
@@ -317,7 +337,7 @@ fn apply(
     lock: &Mutex<()>,
     disk: &str,
     c: Checkpoint,
-    blocks: Vec<(u64, BlockBody)>,
+    mut rx: tokio::sync::mpsc::Receiver<Item>,
 ) -> Result<(), Refusal> {
     let _guard = lock.lock().expect("disk lock");
     let meta = CheckpointMeta {
@@ -333,37 +353,43 @@ fn apply(
         },
     };
     let mut w = repo.begin(disk, meta).map_err(refusal)?;
-    for (index, body) in blocks {
+    while let Some(item) = rx.blocking_recv() {
+        let (index, body) = match item {
+            Item::End => {
+                w.commit().map_err(refusal)?;
+                return Ok(());
+            }
+            Item::Block(index, body) => (index, body),
+        };
         match body {
             BlockBody::Zero => w.put_zero(index).map_err(refusal)?,
             BlockBody::Chunk { id, blob } => {
                 w.put_chunk(index, id, blob.as_deref()).map_err(refusal)?
             }
             BlockBody::Patch { sealed } => {
-                let plain = key
-                    .open(&sealed, &patch_context(disk, c.seq, index))
-                    .map_err(|e| {
-                        (
-                            RejectReason::BadData,
-                            None,
-                            format!("patch of block {index}: {e}"),
-                        )
-                    })?;
-                let start = index * u64::from(c.block_size);
-                let block_len = u64::from(c.block_size).min(c.disk_size - start) as u32;
-                let patch = Patch::decode(&plain, block_len).map_err(|e| {
+                let bad = |e: String| {
                     (
                         RejectReason::BadData,
                         None,
                         format!("patch of block {index}: {e}"),
                     )
-                })?;
+                };
+                let plain = key
+                    .open(&sealed, &patch_context(disk, c.seq, index))
+                    .map_err(|e| bad(e.to_string()))?;
+                let start = index * u64::from(c.block_size);
+                let block_len = u64::from(c.block_size).min(c.disk_size - start) as u32;
+                let patch = Patch::decode(&plain, block_len).map_err(|e| bad(e.to_string()))?;
                 w.put_patch(index, &patch.extents).map_err(refusal)?;
             }
         }
     }
-    w.commit().map_err(refusal)?;
-    Ok(())
+    // The connection ended inside the checkpoint: the writer is dropped, nothing is visible.
+    Err((
+        RejectReason::Protocol,
+        None,
+        format!("checkpoint {} ended before its End", c.seq),
+    ))
 }
 
 fn refusal(e: RepoError) -> Refusal {
