@@ -244,3 +244,156 @@ fn qemu_killed_mid_interval_resyncs_by_checksum_and_converges() {
     let v = lab.ferry(&["verify"]).unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
+
+/// Mixed content for one 64 KiB block: text, random, structured binary or zeros.
+fn mixed_block(rng: &mut Rng, kind: u64) -> Vec<u8> {
+    const WORDS: [&str; 12] = [
+        "replication ",
+        "checkpoint ",
+        "journal ",
+        "the ",
+        "of ",
+        "recovery ",
+        "disk ",
+        "point ",
+        "and ",
+        "master ",
+        "target ",
+        "process ",
+    ];
+    let mut v = Vec::with_capacity(65536);
+    match kind % 4 {
+        0 => {
+            while v.len() < 65536 {
+                v.extend_from_slice(WORDS[rng.below(12) as usize].as_bytes());
+            }
+        }
+        1 => {
+            while v.len() < 65536 {
+                v.extend_from_slice(&rng.next().to_le_bytes());
+            }
+        }
+        2 => {
+            let mut i = 0u32;
+            while v.len() < 65536 {
+                v.extend_from_slice(&i.to_le_bytes());
+                v.extend_from_slice(&(rng.below(16) as u32).to_le_bytes());
+                i += 1;
+            }
+        }
+        _ => v.resize(65536, 0),
+    }
+    v.truncate(65536);
+    v
+}
+
+#[test]
+fn a_thin_disk_seeds_only_its_data_with_progress() {
+    let gib: u64 = std::env::var("FERRY_SEED_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let data_mib: u64 = std::env::var("FERRY_SEED_DATA_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let size = gib << 30;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir()
+        .unwrap();
+    let image = dir.path().join("host.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(size.to_string()))
+    .unwrap();
+    let host = Host::start(dir.path(), &image);
+
+    // Scatter the data in 4 MiB regions across the disk; remember what it compresses to.
+    let key = ferry_chunk::TenantKey::from_secret(&[9; 32]);
+    let mut sealed_total = 0u64;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut g = ferry_nbd::client::Client::connect_unix(&host.sock, "guest")
+            .await
+            .unwrap();
+        let mut rng = Rng(0x5eed);
+        let regions = data_mib / 4;
+        for r in 0..regions {
+            let base = r * (size / regions) / 65536 * 65536;
+            let mut region = Vec::with_capacity(4 << 20);
+            for b in 0..64u64 {
+                let block = mixed_block(&mut rng, r * 64 + b);
+                if !ferry_chunk::is_zero(&block) {
+                    sealed_total += key.seal(&block, b"").len() as u64;
+                }
+                region.extend_from_slice(&block);
+            }
+            g.write(base, &region, false).await.unwrap();
+        }
+        g.flush().await.unwrap();
+    });
+
+    let mut lab = lab(dir.path(), size);
+    lab.start_master().unwrap();
+    lab.start_process().unwrap();
+    // While the seed runs, the status carries its progress.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut saw_progress = None;
+    loop {
+        if let Ok(s) = lab.status(DISK) {
+            if let Some(p) = &s.progress {
+                if p.done_bytes > 0 && p.done_bytes < p.total_bytes {
+                    saw_progress.get_or_insert(p.clone());
+                }
+            }
+            if s.acked_seq >= 1 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the seed did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = lab.status(DISK).unwrap();
+    assert_eq!(st.periodic_mode.as_deref(), Some("seed"));
+    let data = data_mib << 20;
+    let ratio = st.last_cut_bytes as f64 / sealed_total as f64;
+    eprintln!(
+        "seed of a {gib} GiB thin disk holding {data_mib} MiB: {} bytes on the wire, data compresses to {sealed_total} ({ratio:.3}x); progress seen: {saw_progress:?}",
+        st.last_cut_bytes
+    );
+    assert!(
+        ratio <= 1.1,
+        "the seed sent {ratio:.3} times the compressed data"
+    );
+    assert!(
+        st.last_cut_blocks <= data / 65536,
+        "the seed read unallocated blocks"
+    );
+    let p = saw_progress.expect("no progress was reported during the seed");
+    assert_eq!(p.operation, "seed");
+    assert_eq!(
+        p.total_bytes, data,
+        "progress total is the allocated data, not the disk"
+    );
+    // The point equals the disk (exported sparse, compared by qemu-img).
+    let out = dir.path().join("seed.raw");
+    let o = lab
+        .ferry(&[
+            "export",
+            "--disk",
+            DISK,
+            "--point",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    sh(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(host.guest_uri())
+        .arg(&out))
+    .unwrap();
+}

@@ -146,6 +146,9 @@ enum Cmd {
         cache: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Redraw every second while a seed or resync runs (Ctrl-C to stop).
+        #[arg(long)]
+        watch: bool,
     },
     /// Hardware: probe NICs, disks, CPU and hypervisor; tune them by profile (reversibly).
     Hw {
@@ -430,31 +433,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Hw { cmd } => hw::run(cmd),
         Cmd::Bench(a) => hw::bench(a),
         Cmd::Plan(a) => hw::plan(a),
-        Cmd::Status { cache, json } => {
+        Cmd::Status { cache, json, watch } => loop {
             let st = ferry_process_server::read_statuses(&cache)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print_status(&st, watch)?;
+            }
+            if !watch || st.iter().all(|s| s.progress.is_none()) {
                 return Ok(());
             }
-            println!(
-                "{:<16} {:<16} {:>9} {:>10} {:>10} {:>12}  LAST ERROR",
-                "DISK", "STATE", "CONNECTED", "POINT", "BACKLOG", "JOURNAL"
-            );
-            for s in st {
-                println!(
-                    "{:<16} {:<16} {:>9} {:>10} {:>10} {:>12}  {}",
-                    s.disk,
-                    serde_json::to_value(&s.state)?.as_str().unwrap_or("?"),
-                    s.connected,
-                    s.acked_seq,
-                    s.journal_durable_seq.saturating_sub(s.acked_journal_seq),
-                    human(s.journal_used_bytes),
-                    s.last_error.unwrap_or_default()
-                );
-            }
-            Ok(())
+            std::thread::sleep(Duration::from_secs(1));
+        },
+    }
+}
+
+fn print_status(st: &[ferry_process_server::DiskStatus], redraw: bool) -> anyhow::Result<()> {
+    if redraw {
+        // Clear the screen and home the cursor, so the table redraws in place.
+        print!("\x1b[2J\x1b[H");
+    }
+    println!(
+        "{:<16} {:<16} {:>9} {:>10} {:>10} {:>12}  LAST ERROR",
+        "DISK", "STATE", "CONNECTED", "POINT", "BACKLOG", "JOURNAL"
+    );
+    for s in st {
+        println!(
+            "{:<16} {:<16} {:>9} {:>10} {:>10} {:>12}  {}",
+            s.disk,
+            serde_json::to_value(&s.state)?.as_str().unwrap_or("?"),
+            s.connected,
+            s.acked_seq,
+            s.journal_durable_seq.saturating_sub(s.acked_journal_seq),
+            human(s.journal_used_bytes),
+            s.last_error.clone().unwrap_or_default()
+        );
+        if let Some(p) = &s.progress {
+            println!("  {}", p.bar(30));
         }
     }
+    Ok(())
 }
 
 fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
@@ -547,18 +565,7 @@ fn parse_periodic(
 }
 
 fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
+    ferry_process_server::status::human_bytes(n)
 }
 
 /// RFC 3339 UTC with milliseconds, without a date crate (civil-from-days, Howard Hinnant's

@@ -115,6 +115,7 @@ pub async fn protect(
         tracing::warn!(disk = %spec.name, error = %msg, "periodic protection interrupted; retrying");
         status.update(|s| {
             s.connected = false;
+            s.progress = None;
             s.reconnects += 1;
             s.last_error = Some(msg.clone());
         });
@@ -167,6 +168,7 @@ async fn run(
             &mut wr,
             last_seq + 1,
             cuts,
+            status,
         )
         .await;
         let ok = outcome.is_ok();
@@ -195,6 +197,7 @@ async fn run(
             s.last_cut_bytes = report.bytes;
             s.last_cut_hash_bytes = report.hash_bytes;
             s.last_error = None;
+            s.progress = None;
         });
         tokio::time::sleep(spec.interval).await;
     }
@@ -321,6 +324,7 @@ async fn transfer(
     wr: &mut SessionWriter,
     seq: u64,
     cuts: u64,
+    status: &StatusFile,
 ) -> anyhow::Result<Report> {
     let bs = u64::from(block_size);
     let nblocks = spec.size.div_ceil(bs);
@@ -364,6 +368,14 @@ async fn transfer(
         }
         _ => vec![(0, nblocks)],
     };
+    let total: u64 = runs
+        .iter()
+        .map(|&(a, b)| (b * bs).min(spec.size) - a * bs)
+        .sum();
+    let mut progress = crate::status::Progress::new(plan.mode.label(), total);
+    let mut done = 0u64;
+    let mut shown = std::time::Instant::now();
+    status.update(|s| s.progress = Some(progress.clone()));
     let begin = Msg::Begin(Checkpoint {
         seq,
         created_unix_ns: now_unix_ns(),
@@ -415,6 +427,12 @@ async fn transfer(
                 report.bytes += frame.len() as u64;
             }
             b += n;
+            done += len;
+            if shown.elapsed() >= Duration::from_millis(250) {
+                shown = std::time::Instant::now();
+                progress.advance(done);
+                status.update(|s| s.progress = Some(progress.clone()));
+            }
         }
     }
     wr.write_all(
