@@ -128,26 +128,6 @@ fn human_secs(s: f64) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_bar_reads_well() {
-        let mut p = Progress::new("seed", 1 << 30);
-        assert!(p.bar(20).starts_with("seed [....................]   0%"));
-        p.started_unix_ns -= 2_000_000_000;
-        p.advance(1 << 29);
-        let bar = p.bar(20);
-        assert!(
-            bar.starts_with("seed [##########..........]  50%  512.0 MiB / 1.0 GiB"),
-            "{bar}"
-        );
-        assert!(bar.contains("ETA 2 s"), "{bar}");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-    }
-}
-
 pub fn now_unix_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -166,4 +146,24 @@ pub fn read(path: &Path) -> std::io::Result<DiskStatus> {
     let bytes = std::fs::read(path)?;
     serde_json::from_slice(&bytes)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_bar_reads_well() {
+        let mut p = Progress::new("seed", 1 << 30);
+        assert!(p.bar(20).starts_with("seed [....................]   0%"));
+        p.started_unix_ns -= 2_000_000_000;
+        p.advance(1 << 29);
+        let bar = p.bar(20);
+        assert!(
+            bar.starts_with("seed [##########..........]  50%  512.0 MiB / 1.0 GiB"),
+            "{bar}"
+        );
+        assert!(bar.contains("ETA 2 s"), "{bar}");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
 }
