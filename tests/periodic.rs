@@ -44,6 +44,29 @@ impl Host {
         *self = Host::start(&self.dir.clone(), &self.image.clone());
     }
 
+    /// Resize the disk as a hypervisor does for a VM. QEMU's NBD export does not share the
+    /// resize permission (a VM's device does), so the guest's export is re-added around it.
+    fn resize(&mut self, size: u64) {
+        let qmp = &mut self.qsd.as_mut().unwrap().qmp;
+        qmp.execute("block-export-del", serde_json::json!({"id": "guest"}))
+            .unwrap();
+        let _ = qmp.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(10));
+        // A cut under way holds its own view of the disk: retry between cuts.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(e) = qmp.execute(
+            "block_resize",
+            serde_json::json!({"node-name": "disk0", "size": size}),
+        ) {
+            assert!(Instant::now() < deadline, "block_resize kept failing: {e}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        qmp.execute(
+            "block-export-add",
+            serde_json::json!({"type": "nbd", "id": "guest", "node-name": "disk0", "name": "guest", "writable": true}),
+        )
+        .unwrap();
+    }
+
     fn image_now(&self, scratch: &Path) -> Vec<u8> {
         sh(Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "raw"])
@@ -396,4 +419,69 @@ fn a_thin_disk_seeds_only_its_data_with_progress() {
         .arg(host.guest_uri())
         .arg(&out))
     .unwrap();
+}
+
+#[test]
+fn a_grown_disk_is_replicated_and_a_shrunk_one_refused() {
+    let size = 16 * MIB;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir()
+        .unwrap();
+    let image = dir.path().join("host.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(size.to_string()))
+    .unwrap();
+    sh(Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&image)
+        .args(["-c", "write -P 0x44 0 16M"]))
+    .unwrap();
+    let mut host = Host::start(dir.path(), &image);
+    let mut lab = lab(dir.path(), size);
+    lab.start_master().unwrap();
+    lab.start_process().unwrap();
+    let s0 = wait_point(&lab, 0, Duration::from_secs(60));
+
+    host.resize(24 * MIB);
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"])
+        .arg(host.guest_uri())
+        .args(["-c", "write -P 0x45 20M 1M"]);
+    sh(&mut c).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = s0;
+    let grown = loop {
+        seen = wait_point(&lab, seen, Duration::from_secs(60));
+        let p = point(&lab, seen);
+        if p.len() as u64 == 24 * MIB {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no point of the grown size");
+    };
+    let scratch = dir.path().join("now.raw");
+    assert!(
+        grown == host.image_now(&scratch),
+        "the grown point differs from the disk"
+    );
+
+    host.resize(8 * MIB);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = lab.status(DISK).unwrap();
+        if st
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("shrinking a protected disk is refused"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "shrink not refused: {st:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The recovery points are untouched: the newest still has the grown size.
+    let repo = lab.repository().unwrap();
+    assert_eq!(repo.latest(DISK).unwrap().meta.disk_size, 24 * MIB);
 }

@@ -105,9 +105,10 @@ pub async fn protect(
             ..Default::default()
         }),
     };
+    let mut spec = spec;
     let mut backoff = Duration::from_millis(200);
     loop {
-        let r = run(&spec, block_size, &link, &shared, &status).await;
+        let r = run(&mut spec, block_size, &link, &shared, &status).await;
         let msg = match r {
             Ok(()) => "stopped".to_string(),
             Err(e) => format!("{e:#}"),
@@ -125,7 +126,7 @@ pub async fn protect(
 }
 
 async fn run(
-    spec: &PeriodicSpec,
+    spec: &mut PeriodicSpec,
     block_size: u32,
     link: &Link,
     shared: &Shared,
@@ -156,7 +157,16 @@ async fn run(
         })
         .await?;
         qmp = q;
-        let plan = p?;
+        let plan = match p {
+            Ok(plan) => plan,
+            Err(e) => {
+                if let Some(Grown(size)) = e.downcast_ref::<Grown>() {
+                    tracing::info!(disk = %spec.name, from = spec.size, to = size, "the disk grew; the next point has the new size");
+                    spec.size = *size;
+                }
+                return Err(e);
+            }
+        };
         let label = plan.mode.label();
         let started = now_unix_ns();
         let outcome = transfer(
@@ -207,8 +217,31 @@ fn bitmap_prefix(disk: &str) -> String {
     format!("ferry-{disk}-")
 }
 
+/// The host's disk is larger than protected so far: reconnect with the new geometry.
+#[derive(Debug)]
+struct Grown(u64);
+
+impl std::fmt::Display for Grown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the disk grew to {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for Grown {}
+
 /// Decide what this cut sends, tidy the bitmaps accordingly, and freeze the view.
 fn plan(qmp: &mut Qmp, spec: &PeriodicSpec, last_seq: u64) -> anyhow::Result<Plan> {
+    let actual = fleece::node_size(qmp, &spec.node)?;
+    if actual > spec.size {
+        return Err(Grown(actual).into());
+    }
+    if actual < spec.size {
+        bail!(
+            "the host's disk shrank from {} to {actual} bytes: shrinking a protected disk is refused, \
+             because its recovery points would no longer fit it; grow it back, or protect it as a new disk",
+            spec.size
+        );
+    }
     let prefix = bitmap_prefix(&spec.name);
     let ours: Vec<Bitmap> = fleece::bitmaps(qmp, &spec.node)?
         .into_iter()

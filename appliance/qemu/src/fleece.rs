@@ -50,6 +50,16 @@ pub fn bitmaps(qmp: &mut Qmp, node: &str) -> Result<Vec<Bitmap>> {
         .collect())
 }
 
+/// The virtual size of the disk on `node`, as QEMU sees it now.
+pub fn node_size(qmp: &mut Qmp, node: &str) -> Result<u64> {
+    let nodes = qmp.execute("query-named-block-nodes", json!({"flat": true}))?;
+    nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == node))
+        .and_then(|n| n["image"]["virtual-size"].as_u64())
+        .ok_or_else(|| QemuError::Protocol(format!("no size for block node {node}")))
+}
+
 /// Start QEMU's NBD server on a unix socket; an already running one is fine.
 pub fn ensure_nbd_server(qmp: &mut Qmp, socket: &std::path::Path) -> Result<()> {
     match qmp.execute(
