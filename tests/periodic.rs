@@ -485,3 +485,94 @@ fn a_grown_disk_is_replicated_and_a_shrunk_one_refused() {
     let repo = lab.repository().unwrap();
     assert_eq!(repo.latest(DISK).unwrap().meta.disk_size, 24 * MIB);
 }
+
+#[test]
+fn a_damaged_replica_is_repaired_by_an_operator_resync() {
+    let size = 64 * MIB;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir()
+        .unwrap();
+    let image = dir.path().join("host.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(size.to_string()))
+    .unwrap();
+    let host = Host::start(dir.path(), &image);
+    // Distinct content in every block, so each block has a chunk of its own.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut g = ferry_nbd::client::Client::connect_unix(&host.sock, "guest")
+            .await
+            .unwrap();
+        let mut rng = Rng(0xda7a);
+        for b in 0..(size / (4 * MIB)) {
+            let mut buf = vec![0u8; (4 * MIB) as usize];
+            for w in buf.chunks_mut(8) {
+                w.copy_from_slice(&rng.next().to_le_bytes());
+            }
+            g.write(b * 4 * MIB, &buf, false).await.unwrap();
+        }
+        g.flush().await.unwrap();
+    });
+    let mut lab = lab(dir.path(), size);
+    lab.start_master().unwrap();
+    lab.start_process().unwrap();
+    let s0 = wait_point(&lab, 0, Duration::from_secs(60));
+
+    // Damage 1% of the recovery site's chunks (10 of 1024).
+    let mut files: Vec<_> = std::fs::read_dir(lab.repo.join("chunks"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 1024);
+    for f in files.iter().step_by(100).take(10) {
+        let mut b = std::fs::read(f).unwrap();
+        let i = b.len() / 3;
+        b[i] ^= 0x80;
+        std::fs::write(f, b).unwrap();
+    }
+    assert!(!lab.ferry(&["verify"]).unwrap().status.success());
+
+    let out = Command::new(exe())
+        .args(["resync", "--disk", DISK, "--cache"])
+        .arg(&lab.cache)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut seen = s0;
+    let st = loop {
+        seen = wait_point(&lab, seen, Duration::from_secs(60));
+        let st = lab.status(DISK).unwrap();
+        if st.periodic_mode.as_deref() == Some("resync") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no resync: {st:?}");
+    };
+    eprintln!(
+        "repair resync: {} blocks, {} bytes of data, {} bytes of block names, disk {size} bytes",
+        st.last_cut_blocks, st.last_cut_bytes, st.last_cut_hash_bytes
+    );
+    assert!(
+        st.last_cut_blocks >= 10,
+        "damaged blocks were not resent: {st:?}"
+    );
+    assert!(
+        st.last_cut_bytes <= size / 50,
+        "resync sent more than 2% of the disk: {st:?}"
+    );
+    let scratch = dir.path().join("now.raw");
+    assert!(point(&lab, st.acked_seq) == host.image_now(&scratch));
+    // The fresh chunks repaired the older points that share them too.
+    let v = lab.ferry(&["verify"]).unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    assert!(!lab.cache.join(DISK).join("resync-requested").exists());
+}

@@ -140,6 +140,15 @@ enum Cmd {
         #[command(flatten)]
         retention: RetentionArgs,
     },
+    /// Ask the process server for a checksum resync of a periodically protected disk at its next
+    /// cut: every block is compared by name with the recovery site (which checks each stored
+    /// chunk as it answers) and only what differs or is damaged is sent.
+    Resync {
+        #[arg(long, default_value = "/var/cache/ferry")]
+        cache: PathBuf,
+        #[arg(long)]
+        disk: String,
+    },
     /// Show each protected disk's replication state at this process server.
     Status {
         #[arg(long, default_value = "/var/cache/ferry")]
@@ -433,6 +442,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Hw { cmd } => hw::run(cmd),
         Cmd::Bench(a) => hw::bench(a),
         Cmd::Plan(a) => hw::plan(a),
+        Cmd::Resync { cache, disk } => {
+            let dir = cache.join(&disk);
+            let st = ferry_process_server::status::read(&dir.join("status.json"))
+                .with_context(|| format!("no protected disk {disk} under {}", cache.display()))?;
+            if st.periodic_mode.is_none() && st.acked_seq == 0 {
+                bail!(
+                    "disk {disk} has no recovery point yet: its seed is the first full comparison"
+                );
+            }
+            if st.periodic_mode.is_none() {
+                bail!(
+                    "disk {disk} is protected continuously; a checksum resync reads the disk on its host, \
+                     which only periodically protected disks are configured for"
+                );
+            }
+            let flag = dir.join(ferry_process_server::periodic::RESYNC_REQUEST);
+            std::fs::write(&flag, b"").with_context(|| format!("writing {}", flag.display()))?;
+            println!("resync of {disk} requested; it starts at the next cut (watch: ferry status --watch)");
+            Ok(())
+        }
         Cmd::Status { cache, json, watch } => loop {
             let st = ferry_process_server::read_statuses(&cache)?;
             if json {

@@ -238,8 +238,14 @@ async fn session(
     }
 }
 
+/// Stands for a block whose stored chunk failed authentication: it never equals a real name,
+/// so a resync sends the block again.
+pub const DAMAGED: ChunkId = ChunkId([0xff; 32]);
+
 /// The names of blocks `first..first+count` in the disk's newest point (all holes when the disk
-/// has no point yet; blocks past the end are not named).
+/// has no point yet; blocks past the end are not named). Each named chunk is read and checked
+/// against its name first: a resync is also a scrub, and a damaged chunk is quarantined and
+/// named [`DAMAGED`], so the block is sent again and the fresh copy repairs every point using it.
 fn block_ids(
     repo: &Repository,
     disk: &str,
@@ -252,9 +258,20 @@ fn block_ids(
     let reader = repo.reader(disk, p.meta.seq)?;
     let blocks = p.meta.disk_size.div_ceil(u64::from(p.meta.block_size));
     let end = first.saturating_add(u64::from(count)).min(blocks);
-    (first.min(end)..end)
-        .map(|b| reader.block_id(b).map_err(Into::into))
-        .collect()
+    let mut ids = Vec::with_capacity((end - first.min(end)) as usize);
+    for b in first.min(end)..end {
+        let id = reader.block_id(b)?;
+        if !id.is_zero() {
+            // Damaged, or already quarantined for another block that shares it.
+            if reader.read_block(b).is_err() {
+                repo.quarantine_chunk(&id)?;
+                ids.push(DAMAGED);
+                continue;
+            }
+        }
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
 /// Read a checkpoint's blocks up to its `End`, checking every index and the total size. Block

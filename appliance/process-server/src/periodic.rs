@@ -87,6 +87,10 @@ struct Plan {
     view: Fleece,
 }
 
+/// A file in the disk's cache directory that asks for a checksum resync at the next cut
+/// (`ferry resync` writes it; it is removed once the resync is committed).
+pub const RESYNC_REQUEST: &str = "resync-requested";
+
 /// Blocks read per NBD request when they are contiguous.
 const READ_RUN: u64 = 64;
 
@@ -148,10 +152,12 @@ async fn run(
         }
     });
     loop {
+        let requested = status.path.with_file_name(RESYNC_REQUEST);
+        let force = last_seq > 0 && requested.exists();
         let (q, p) = tokio::task::spawn_blocking({
             let spec = spec.clone();
             move || {
-                let p = plan(&mut qmp, &spec, last_seq);
+                let p = plan(&mut qmp, &spec, last_seq, force);
                 (qmp, p)
             }
         })
@@ -193,6 +199,9 @@ async fn run(
         qmp = q;
         let report = outcome?;
         fin?;
+        if label == "resync" {
+            let _ = std::fs::remove_file(&requested);
+        }
         last_seq += 1;
         cuts += 1;
         tracing::info!(disk = %spec.name, mode = label, seq = last_seq, blocks = report.blocks, bytes = report.bytes, "recovery point committed");
@@ -230,7 +239,12 @@ impl std::fmt::Display for Grown {
 impl std::error::Error for Grown {}
 
 /// Decide what this cut sends, tidy the bitmaps accordingly, and freeze the view.
-fn plan(qmp: &mut Qmp, spec: &PeriodicSpec, last_seq: u64) -> anyhow::Result<Plan> {
+fn plan(
+    qmp: &mut Qmp,
+    spec: &PeriodicSpec,
+    last_seq: u64,
+    force_resync: bool,
+) -> anyhow::Result<Plan> {
     let actual = fleece::node_size(qmp, &spec.node)?;
     if actual > spec.size {
         return Err(Grown(actual).into());
@@ -257,6 +271,7 @@ fn plan(qmp: &mut Qmp, spec: &PeriodicSpec, last_seq: u64) -> anyhow::Result<Pla
     let trusted = !ours.iter().any(|b| b.inconsistent);
     let mode = match (last_seq, recording) {
         (0, _) => Mode::Seed,
+        _ if force_resync => Mode::Resync,
         (_, Some(r)) if trusted => Mode::Incremental(r.name.clone()),
         _ => Mode::Resync,
     };

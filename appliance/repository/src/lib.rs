@@ -407,6 +407,25 @@ impl Repository {
         self.inner.store.exists(Kind::Chunk, id)
     }
 
+    /// Move a chunk that failed authentication out of the store, to `quarantine/<id>`, so that
+    /// the next copy of it that arrives (a resync resends the block) is stored instead of being
+    /// taken for a duplicate. Every point naming it is unreadable at that block either way until
+    /// then; the damaged bytes are kept for inspection.
+    pub fn quarantine_chunk(&self, id: &ChunkId) -> Result<(), RepoError> {
+        self.writable()?;
+        let from = self.inner.store.path(Kind::Chunk, id);
+        let dir = self.inner.store.root().join("quarantine");
+        fs::create_dir_all(&dir)?;
+        match fs::rename(&from, dir.join(id.to_hex())) {
+            Ok(()) => {
+                tracing::warn!(chunk = %id, "damaged chunk quarantined");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// A read-only view of one point; it owns what it needs and may outlive this borrow.
     /// The root file is re-read and re-authenticated. While the reader lives, retention keeps
     /// its point (so gc cannot pull chunks from under an NBD export).
