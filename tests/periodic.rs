@@ -576,3 +576,75 @@ fn a_damaged_replica_is_repaired_by_an_operator_resync() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
     assert!(!lab.cache.join(DISK).join("resync-requested").exists());
 }
+
+#[test]
+fn killing_either_side_during_a_seed_never_exposes_a_partial_point() {
+    let size = 512 * MIB;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir()
+        .unwrap();
+    let image = dir.path().join("host.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(size.to_string()))
+    .unwrap();
+    let host = Host::start(dir.path(), &image);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut g = ferry_nbd::client::Client::connect_unix(&host.sock, "guest")
+            .await
+            .unwrap();
+        let mut rng = Rng(0x5eed_0f);
+        for r in 0..64u64 {
+            let mut buf = vec![0u8; (4 * MIB) as usize];
+            for w in buf.chunks_mut(8) {
+                w.copy_from_slice(&rng.next().to_le_bytes());
+            }
+            g.write(r * 8 * MIB, &buf, false).await.unwrap();
+        }
+        g.flush().await.unwrap();
+    });
+    let scratch = dir.path().join("now.raw");
+    let want = host.image_now(&scratch);
+    let mut lab = lab(dir.path(), size);
+    lab.start_master().unwrap();
+    lab.start_process().unwrap();
+
+    // Kill one side or the other while the 256 MiB seed runs; any point visible meanwhile must
+    // be the whole disk.
+    let mut rng = Rng(0xdead);
+    let mut kills = 0;
+    for k in 0..6 {
+        std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
+        if lab.status(DISK).map(|s| s.acked_seq > 0).unwrap_or(false) {
+            break;
+        }
+        if k % 2 == 0 {
+            lab.kill_process();
+            lab.start_process().unwrap();
+        } else {
+            lab.kill_master();
+            lab.start_master().unwrap();
+        }
+        kills += 1;
+        if let Ok(repo) = lab.repository() {
+            for p in repo.points(DISK).unwrap_or_default() {
+                assert!(
+                    point(&lab, p.meta.seq) == want,
+                    "a partial seed became point {}",
+                    p.meta.seq
+                );
+            }
+        }
+    }
+    let s = wait_point(&lab, 0, Duration::from_secs(180));
+    assert!(
+        point(&lab, s) == want,
+        "the seed differs from the disk after {kills} kills"
+    );
+    eprintln!("seed completed after {kills} kills");
+    let v = lab.ferry(&["verify"]).unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
