@@ -596,7 +596,7 @@ fn killing_either_side_during_a_seed_never_exposes_a_partial_point() {
         let mut g = ferry_nbd::client::Client::connect_unix(&host.sock, "guest")
             .await
             .unwrap();
-        let mut rng = Rng(0x5eed_0f);
+        let mut rng = Rng(0x005e_ed0f);
         for r in 0..64u64 {
             let mut buf = vec![0u8; (4 * MIB) as usize];
             for w in buf.chunks_mut(8) {
