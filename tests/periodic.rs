@@ -648,3 +648,69 @@ fn killing_either_side_during_a_seed_never_exposes_a_partial_point() {
     let v = lab.ferry(&["verify"]).unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
+
+#[test]
+fn an_interrupted_seed_resumes_without_resending_what_arrived() {
+    let size = 512 * MIB;
+    let data = 256 * MIB;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir()
+        .unwrap();
+    let image = dir.path().join("host.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(size.to_string()))
+    .unwrap();
+    let host = Host::start(dir.path(), &image);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut g = ferry_nbd::client::Client::connect_unix(&host.sock, "guest")
+            .await
+            .unwrap();
+        let mut rng = Rng(0x0bad_5eed);
+        for r in 0..(data / (4 * MIB)) {
+            let mut buf = vec![0u8; (4 * MIB) as usize];
+            for w in buf.chunks_mut(8) {
+                w.copy_from_slice(&rng.next().to_le_bytes());
+            }
+            g.write(r * 8 * MIB, &buf, false).await.unwrap();
+        }
+        g.flush().await.unwrap();
+    });
+    let mut lab = lab(dir.path(), size);
+    lab.start_master().unwrap();
+    lab.start_process().unwrap();
+    // Interrupt the seed past half way.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done_at_kill = loop {
+        let st = lab.status(DISK).ok();
+        if let Some(p) = st.as_ref().and_then(|s| s.progress.clone()) {
+            if p.done_bytes * 2 >= p.total_bytes {
+                lab.kill_process();
+                break p.done_bytes;
+            }
+        }
+        assert!(
+            st.as_ref().map_or(0, |s| s.acked_seq) == 0,
+            "the seed finished before it could be interrupted"
+        );
+        assert!(Instant::now() < deadline, "the seed never got half way");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    lab.start_process().unwrap();
+    let s = wait_point(&lab, 0, Duration::from_secs(120));
+    let st = lab.status(DISK).unwrap();
+    eprintln!(
+        "interrupted at {done_at_kill} of {data} bytes; the resumed seed sent {} bytes",
+        st.last_cut_bytes
+    );
+    assert!(
+        st.last_cut_bytes < data - done_at_kill / 2,
+        "the resumed seed sent {} bytes, as if nothing had arrived",
+        st.last_cut_bytes
+    );
+    let scratch = dir.path().join("now.raw");
+    assert!(point(&lab, s) == host.image_now(&scratch));
+}

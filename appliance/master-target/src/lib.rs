@@ -324,6 +324,11 @@ where
                 wr.write_all(&Msg::Ids { first, ids }.encode()).await?;
                 wr.flush().await?;
             }
+            Msg::HaveRequest { ids } => {
+                let present = ids.iter().map(|id| repo.has_chunk(id)).collect();
+                wr.write_all(&Msg::Have { present }.encode()).await?;
+                wr.flush().await?;
+            }
             Msg::End { seq, blocks: n } => {
                 if seq != c.seq || n != count {
                     bail!(

@@ -16,7 +16,6 @@
 //!
 //! The old bitmap is dropped only after the master target has committed the point.
 
-use crate::checkpoint::whole_block;
 use crate::shipper::{open_session, Link, SessionReader, SessionWriter, Shared};
 use crate::status::{self, now_unix_ns, DiskStatus, State};
 use anyhow::{anyhow, bail, Context};
@@ -25,7 +24,8 @@ use ferry_nbd::client::{Client, ClientOptions, Extent};
 use ferry_nbd::proto::{STATE_HOLE, STATE_ZERO};
 use ferry_qemu::fleece::{self, Bitmap, Cut, Fleece};
 use ferry_qemu::Qmp;
-use ferry_wire::{read_msg, Checkpoint, Consistency, Msg, MAX_IDS};
+use ferry_wire::{read_msg, BlockBody, Checkpoint, Consistency, Msg, MAX_IDS};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -449,27 +449,47 @@ async fn transfer(
             } else {
                 None
             };
+            // The blocks to send, each named once.
+            let mut picked: Vec<(u64, &[u8], Option<ChunkId>)> = Vec::new();
             for (i, block) in data.chunks(bs as usize).enumerate() {
+                let id = (!is_zero(block)).then(|| shared.key.chunk_id(block));
                 if let Some(ids) = &theirs {
-                    let mine = if is_zero(block) {
-                        ChunkId::ZERO
-                    } else {
-                        shared.key.chunk_id(block)
-                    };
-                    if ids.get(i) == Some(&mine) {
+                    if ids.get(i) == Some(&id.unwrap_or(ChunkId::ZERO)) {
                         continue;
                     }
                 }
-                let (body, chunk) = {
+                picked.push((b + i as u64, block, id));
+            }
+            // A seed or resync may follow an interrupted attempt whose chunks already arrived:
+            // ask, and send those by reference.
+            let mut have: HashSet<ChunkId> = HashSet::new();
+            if !matches!(plan.mode, Mode::Incremental(_)) {
+                let ask: Vec<ChunkId> = {
                     let known = shared.known.lock().expect("known lock");
-                    whole_block(&shared.key, &known, block)
+                    picked
+                        .iter()
+                        .filter_map(|p| p.2)
+                        .filter(|id| !known.contains(id))
+                        .collect()
                 };
-                chunks.extend(chunk);
-                let frame = Msg::Block {
-                    index: b + i as u64,
-                    body,
+                if !ask.is_empty() {
+                    have = remote_have(rd, wr, ask).await?;
                 }
-                .encode();
+            }
+            for (index, block, id) in picked {
+                let body = match id {
+                    None => BlockBody::Zero,
+                    Some(id) => {
+                        let by_ref = have.contains(&id)
+                            || shared.known.lock().expect("known lock").contains(&id);
+                        chunks.push(id);
+                        BlockBody::Chunk {
+                            id,
+                            blob: (!by_ref).then(|| shared.key.seal_chunk(&id, block)),
+                        }
+                    }
+                };
+                let frame = Msg::Block { index, body }.encode();
                 wr.write_all(&frame).await?;
                 report.blocks += 1;
                 report.bytes += frame.len() as u64;
@@ -508,6 +528,32 @@ async fn transfer(
         }
         other => bail!("unexpected answer to checkpoint {seq}: {other:?}"),
     }
+}
+
+/// Which of `ids` the master target holds already.
+async fn remote_have(
+    rd: &mut SessionReader,
+    wr: &mut SessionWriter,
+    ids: Vec<ChunkId>,
+) -> anyhow::Result<HashSet<ChunkId>> {
+    let mut out = HashSet::new();
+    for part in ids.chunks(MAX_IDS as usize) {
+        wr.write_all(&Msg::HaveRequest { ids: part.to_vec() }.encode())
+            .await?;
+        wr.flush().await?;
+        match tokio::time::timeout(Duration::from_secs(60), read_msg(rd)).await?? {
+            Msg::Have { present } if present.len() == part.len() => {
+                out.extend(
+                    part.iter()
+                        .zip(present)
+                        .filter(|(_, p)| *p)
+                        .map(|(id, _)| *id),
+                );
+            }
+            other => bail!("unexpected answer to a chunk presence request: {other:?}"),
+        }
+    }
+    Ok(out)
 }
 
 /// The master target's names of blocks `first..first+count`.

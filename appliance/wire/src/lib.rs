@@ -126,6 +126,15 @@ pub enum Msg {
         first: u64,
         ids: Vec<ChunkId>,
     },
+    /// Which of these chunks does the master target hold already? (A seed or resync that was
+    /// interrupted resumes without sending again what already arrived.)
+    HaveRequest {
+        ids: Vec<ChunkId>,
+    },
+    /// One answer per asked chunk, in order.
+    Have {
+        present: Vec<bool>,
+    },
 }
 
 /// The most block names one `IdsRequest` may ask for (a 256 KiB answer).
@@ -140,6 +149,8 @@ const T_COMMITTED: u8 = 6;
 const T_REJECTED: u8 = 7;
 const T_IDS_REQUEST: u8 = 8;
 const T_IDS: u8 = 9;
+const T_HAVE_REQUEST: u8 = 10;
+const T_HAVE: u8 = 11;
 
 const B_ZERO: u8 = 0;
 const B_CHUNK: u8 = 1;
@@ -370,6 +381,18 @@ impl Msg {
                     out.extend_from_slice(&id.0);
                 }
             }
+            Msg::HaveRequest { ids } => {
+                out.push(T_HAVE_REQUEST);
+                out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+                for id in ids {
+                    out.extend_from_slice(&id.0);
+                }
+            }
+            Msg::Have { present } => {
+                out.push(T_HAVE);
+                out.extend_from_slice(&(present.len() as u32).to_le_bytes());
+                out.extend(present.iter().map(|&p| u8::from(p)));
+            }
         }
         let len = (out.len() - 4) as u32;
         out[..4].copy_from_slice(&len.to_le_bytes());
@@ -511,6 +534,34 @@ impl Msg {
                 r.finish()?;
                 Msg::Ids { first, ids }
             }
+            T_HAVE_REQUEST => {
+                let mut r = Reader::new(payload, "have request");
+                let n = r.u32()?;
+                if n == 0 || n > MAX_IDS {
+                    return Err(WireError::Malformed("have request"));
+                }
+                let ids = (0..n).map(|_| r.id()).collect::<Result<Vec<_>, _>>()?;
+                r.finish()?;
+                Msg::HaveRequest { ids }
+            }
+            T_HAVE => {
+                let mut r = Reader::new(payload, "have");
+                let n = r.u32()?;
+                if n > MAX_IDS {
+                    return Err(WireError::Malformed("have"));
+                }
+                let present = r
+                    .take(n as usize)?
+                    .iter()
+                    .map(|&b| match b {
+                        0 => Ok(false),
+                        1 => Ok(true),
+                        _ => Err(WireError::Malformed("have")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                r.finish()?;
+                Msg::Have { present }
+            }
             t => return Err(WireError::UnknownType(t)),
         };
         Ok(msg)
@@ -603,6 +654,10 @@ mod tests {
             Msg::Ids {
                 first: 5,
                 ids: vec![id, ChunkId::ZERO],
+            },
+            Msg::HaveRequest { ids: vec![id, id] },
+            Msg::Have {
+                present: vec![true, false],
             },
         ]
     }
