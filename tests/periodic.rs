@@ -714,3 +714,50 @@ fn an_interrupted_seed_resumes_without_resending_what_arrived() {
     let scratch = dir.path().join("now.raw");
     assert!(point(&lab, s) == host.image_now(&scratch));
 }
+
+#[test]
+fn changes_made_while_the_process_server_was_down_cost_only_what_changed() {
+    let size = 64 * MIB;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir()
+        .unwrap();
+    let image = dir.path().join("host.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(size.to_string()))
+    .unwrap();
+    sh(Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&image)
+        .args(["-c", "write -P 0x61 0 64M"]))
+    .unwrap();
+    let host = Host::start(dir.path(), &image);
+    let mut lab = lab(dir.path(), size);
+    lab.start_master().unwrap();
+    lab.start_process().unwrap();
+    let s0 = wait_point(&lab, 0, Duration::from_secs(60));
+    lab.kill_process();
+
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]).arg(host.guest_uri());
+    let mut rng = Rng(0x0001_0000);
+    for _ in 0..10 {
+        c.arg("-c")
+            .arg(format!("write -P 0x62 {} 64k", rng.below(1024) * 65536));
+    }
+    sh(&mut c).unwrap();
+    lab.start_process().unwrap();
+    let s = wait_point(&lab, s0, Duration::from_secs(60));
+    let st = lab.status(DISK).unwrap();
+    assert_eq!(st.periodic_mode.as_deref(), Some("incremental"), "{st:?}");
+    assert!(
+        st.last_cut_blocks <= 10,
+        "sent {} blocks for 10 changed",
+        st.last_cut_blocks
+    );
+    assert!(st.last_cut_bytes <= size / 50);
+    let scratch = dir.path().join("now.raw");
+    assert!(point(&lab, s) == host.image_now(&scratch));
+}
