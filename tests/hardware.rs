@@ -606,3 +606,172 @@ fn bench_and_plan_print_figures_and_sizing() {
         .unwrap();
     assert!(!bad.status.success());
 }
+
+/// Two namespaces joined by a veth pair, and the `ferry bench --serve` responder in one of them;
+/// the responder is killed and both namespaces deleted however the test ends.
+struct WanLab {
+    server: Option<std::process::Child>,
+    _a: Netns,
+    _b: Netns,
+}
+
+impl Drop for WanLab {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn ns_run(ns: &str, args: &[&str]) -> String {
+    let mut all = vec!["netns", "exec", ns];
+    all.extend_from_slice(args);
+    ip(&all)
+}
+
+#[test]
+fn bench_measures_a_shaped_wan_link_and_plan_sizes_from_it() {
+    use std::io::BufRead;
+    let started = std::time::Instant::now();
+    let pid = std::process::id();
+    let (a, b) = (format!("ferry-wan-a-{pid}"), format!("ferry-wan-b-{pid}"));
+    // The guard deletes both namespaces (and kills the responder) however the test ends.
+    let mut lab = WanLab {
+        server: None,
+        _a: Netns(a.clone()),
+        _b: Netns(b.clone()),
+    };
+    for n in [&a, &b] {
+        let _ = Command::new("ip").args(["netns", "del", n]).output();
+        ip(&["netns", "add", n]);
+    }
+    ip(&[
+        "-n", &a, "link", "add", "fwan0", "type", "veth", "peer", "name", "fwan1", "netns", &b,
+    ]);
+    ip(&["-n", &a, "addr", "add", "10.77.0.1/30", "dev", "fwan0"]);
+    ip(&["-n", &b, "addr", "add", "10.77.0.2/30", "dev", "fwan1"]);
+    for (ns, dev) in [(&a, "fwan0"), (&b, "fwan1"), (&a, "lo"), (&b, "lo")] {
+        ip(&["-n", ns, "link", "set", dev, "up"]);
+    }
+    // 50 Mbit/s upstream (A -> B); the way back is unshaped.
+    ns_run(
+        &a,
+        &[
+            "tc", "qdisc", "add", "dev", "fwan0", "root", "tbf", "rate", "50mbit", "burst",
+            "32kbit", "latency", "400ms",
+        ],
+    );
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &b])
+        .arg(exe())
+        .args(["bench", "--serve", "10.77.0.2:7447", "--serve-secs", "25"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = server.stdout.take().unwrap();
+    lab.server = Some(server);
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let first = lines.next().expect("responder output").unwrap();
+    assert!(
+        first.contains("serving WAN measurements on 10.77.0.2:7447"),
+        "{first}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let figs = dir.path().join("bench.json");
+    let out = in_ns(
+        &a,
+        &[
+            "bench",
+            "--peer",
+            "10.77.0.2:7447",
+            "--wan-secs",
+            "3",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--seconds",
+            "0.05",
+            "--cache-mib",
+            "8",
+            "--out",
+            figs.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let f: Value = serde_json::from_str(&out).unwrap();
+    let w = &f["wan"];
+    let mbps = w["upstream_mbps"].as_f64().unwrap();
+    let (p50, p99) = (
+        w["rtt_p50_ms"].as_f64().unwrap(),
+        w["rtt_p99_ms"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "WAN to 10.77.0.2 through tbf 50mbit: {mbps:.2} Mbit/s, RTT p50 {p50:.3} ms, p99 {p99:.3} ms, BDP {} bytes, {} bytes in {:.2} s",
+        w["bdp_bytes"], w["upstream_bytes"], w["upstream_secs"].as_f64().unwrap()
+    );
+    assert!((40.0..=60.0).contains(&mbps), "{w:#}");
+    assert!(p50 > 0.0 && p50 <= p99, "{w:#}");
+    assert_eq!(w["pings"], 50);
+    assert!(w["upstream_secs"].as_f64().unwrap() >= 3.0, "{w:#}");
+    assert!(w["bdp_bytes"].as_u64().unwrap() > 0, "{w:#}");
+    let written: Value = serde_json::from_slice(&std::fs::read(&figs).unwrap()).unwrap();
+    assert_eq!(written["wan"], *w);
+
+    // The responder served that one client and says so.
+    let served = lines.next().expect("session line").unwrap();
+    assert!(served.contains("51 pings"), "{served}");
+
+    // Sizing from the file: the measured link, not the 1000 Mbit/s default, bounds a high churn.
+    let v: Value = serde_json::from_str(&ferry(&[
+        "plan",
+        "--bench",
+        figs.to_str().unwrap(),
+        "--disk-churn-gb",
+        "500",
+        "--rate",
+        "100",
+        "--json",
+    ]))
+    .unwrap();
+    let s = &v["sizing"];
+    assert_eq!(s["bottleneck"], "WAN bandwidth", "{s:#}");
+    let inputs: BTreeMap<String, String> =
+        serde_json::from_value::<Vec<(String, String)>>(s["inputs"].clone())
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(inputs["wan_mbps_from"], "measured", "{inputs:?}");
+    assert_eq!(inputs["wan_mbps"].parse::<f64>().unwrap(), mbps);
+    assert_eq!(inputs["rtt_ms"].parse::<f64>().unwrap(), p50);
+    // 50 Mbit/s carries about 5.6 MB/s of reduced data: far below what 500 GB/day disks need.
+    assert!(s["wan_capacity_mbs"].as_f64().unwrap() < 20.0, "{s:#}");
+    assert_eq!(s["protected_disks"], 0, "{s:#}");
+    assert!(s["rpo"][0]["rpo_s"].is_null(), "{s:#}");
+    let text = ferry(&[
+        "plan",
+        "--bench",
+        figs.to_str().unwrap(),
+        "--disk-churn-gb",
+        "500",
+    ]);
+    assert!(
+        text.contains("WAN upstream TCP throughput") && text.contains("(measured)"),
+        "{text}"
+    );
+    assert!(text.contains("bound: WAN bandwidth"), "{text}");
+    // A flag still overrides the measurement.
+    let v: Value = serde_json::from_str(&ferry(&[
+        "plan",
+        "--bench",
+        figs.to_str().unwrap(),
+        "--wan-mbps",
+        "0",
+        "--json",
+    ]))
+    .unwrap();
+    assert_ne!(v["sizing"]["bottleneck"], "WAN bandwidth");
+    drop(lab);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}

@@ -4,7 +4,8 @@
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ferry_hardware::tune::{self, Options, Outcome, Plan};
-use ferry_hardware::{bench, probe, sizing, Host, Profiles, Report};
+use ferry_hardware::{bench, probe, sizing, wan, Host, Profiles, Report};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -322,8 +323,9 @@ fn print_outcome(o: &Outcome, json: bool, verb: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `ferry bench` measures (also what `ferry plan` runs when it has no `--bench` file).
 #[derive(Args)]
-pub struct BenchArgs {
+pub struct RunArgs {
     /// The cache directory to measure (write bandwidth, fdatasync latency).
     #[arg(long, default_value = "/var/cache/ferry")]
     dir: PathBuf,
@@ -333,6 +335,16 @@ pub struct BenchArgs {
     /// MiB written for the cache bandwidth test.
     #[arg(long, default_value_t = 256)]
     cache_mib: u64,
+    /// Also measure the WAN link to a peer running `ferry bench --serve` (plain TCP): RTT,
+    /// upstream throughput, bandwidth-delay product.
+    #[arg(long, value_name = "HOST:PORT")]
+    peer: Option<String>,
+    /// Seconds of the upstream throughput run (at most 60).
+    #[arg(long, default_value_t = 5.0)]
+    wan_secs: f64,
+    /// Round trips timed for the RTT.
+    #[arg(long, default_value_t = 50)]
+    wan_pings: u32,
     /// Also write the figures as JSON to this file (input for `ferry plan --bench`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -340,21 +352,82 @@ pub struct BenchArgs {
     json: bool,
 }
 
-impl BenchArgs {
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Measure nothing: answer `ferry bench --peer` clients on this address (plain TCP, one
+    /// client at a time) until --serve-secs have passed.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "peer")]
+    serve: Option<String>,
+    /// How long the responder listens; afterwards connections are refused.
+    #[arg(long, default_value_t = 600)]
+    serve_secs: u64,
+    /// Most GiB one client may send in its throughput run.
+    #[arg(long, default_value_t = 64)]
+    serve_max_gib: u64,
+}
+
+impl RunArgs {
     fn options(&self) -> anyhow::Result<bench::Options> {
         if !(self.seconds > 0.0 && self.seconds <= 600.0) {
             anyhow::bail!("--seconds must be above 0 and at most 600");
+        }
+        let max = wan::MAX_SINK.as_secs_f64();
+        if !(self.wan_secs > 0.0 && self.wan_secs <= max) {
+            anyhow::bail!("--wan-secs must be above 0 and at most {max}");
+        }
+        if !(1..wan::MAX_PINGS).contains(&self.wan_pings) {
+            anyhow::bail!("--wan-pings must be 1 to {}", wan::MAX_PINGS - 1);
         }
         Ok(bench::Options {
             dir: self.dir.clone(),
             stage: Duration::from_secs_f64(self.seconds),
             cache_bytes: self.cache_mib.clamp(1, 1 << 20) << 20,
+            peer: self.peer.clone(),
+            wan: wan::ClientOptions {
+                pings: self.wan_pings,
+                upstream: Duration::from_secs_f64(self.wan_secs),
+                ..Default::default()
+            },
             ..Default::default()
         })
     }
 }
 
+fn serve(addr: &str, a: &BenchArgs) -> anyhow::Result<()> {
+    if !(1..=86_400).contains(&a.serve_secs) {
+        anyhow::bail!("--serve-secs must be 1 to 86400");
+    }
+    let o = wan::ServeOptions {
+        lifetime: Duration::from_secs(a.serve_secs),
+        max_bytes: a.serve_max_gib.clamp(1, 1 << 20) << 30,
+        ..Default::default()
+    };
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    let at = l.local_addr()?;
+    let say = |line: String| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    };
+    say(format!(
+        "ferry bench: serving WAN measurements on {at} (plain TCP, one client at a time, for {} s)",
+        a.serve_secs
+    ));
+    let n = wan::serve(l, &o, say)?;
+    println!(
+        "ferry bench: {n} session(s); stopped after {} s",
+        a.serve_secs
+    );
+    Ok(())
+}
+
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    if let Some(addr) = &a.serve {
+        return serve(addr, &a);
+    }
+    let a = a.run;
     let f = bench::run(&a.options()?)?;
     if let Some(p) = &a.out {
         std::fs::write(p, serde_json::to_vec_pretty(&f)?)
@@ -409,7 +482,35 @@ fn print_figures(f: &bench::Figures) {
     for (k, v) in rows {
         println!("{k:<44} {v:>12}");
     }
+    if let Some(w) = &f.wan {
+        let rows = [
+            ("WAN RTT p50", format!("{:.3} ms", w.rtt_p50_ms)),
+            ("WAN RTT p99", format!("{:.3} ms", w.rtt_p99_ms)),
+            (
+                "WAN upstream TCP throughput",
+                format!("{:.1} Mbit/s", w.upstream_mbps),
+            ),
+            (
+                "WAN bandwidth-delay product",
+                format!("{:.0} KiB", w.bdp_bytes as f64 / 1024.0),
+            ),
+        ];
+        for (k, v) in rows {
+            println!("{k:<44} {v:>12}");
+        }
+    }
     println!("(cache: {})", f.cache_dir);
+    if let Some(w) = &f.wan {
+        println!(
+            "(WAN: {}, {} pings, {:.1} MB in {:.2} s; TCP buffers: ferry hw tune --wan-mbps {:.0} --wan-rtt-ms {:.0})",
+            w.peer,
+            w.pings,
+            w.upstream_bytes as f64 / 1e6,
+            w.upstream_secs,
+            w.upstream_mbps.ceil(),
+            w.rtt_p50_ms.ceil()
+        );
+    }
 }
 
 #[derive(Args)]
@@ -418,12 +519,14 @@ pub struct PlanArgs {
     #[arg(long)]
     bench: Option<PathBuf>,
     #[command(flatten)]
-    run: BenchArgs,
-    /// WAN bandwidth to the recovery site, Mbit/s (0: no WAN limit).
-    #[arg(long, default_value_t = 1000.0)]
-    wan_mbps: f64,
-    #[arg(long, default_value_t = 20.0)]
-    rtt_ms: f64,
+    run: RunArgs,
+    /// WAN bandwidth to the recovery site, Mbit/s (0: no WAN limit). Default: the bench's
+    /// measured upstream throughput (`ferry bench --peer`), else 1000.
+    #[arg(long)]
+    wan_mbps: Option<f64>,
+    /// Round trip to the recovery site, ms. Default: the bench's measured RTT p50, else 20.
+    #[arg(long)]
+    rtt_ms: Option<f64>,
     /// Average churn of one protected disk, GB per day.
     #[arg(long, default_value_t = 20.0)]
     disk_churn_gb: f64,
@@ -450,9 +553,20 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         }
         None => bench::run(&a.run.options()?)?,
     };
+    // An explicit flag wins over the measurement (e.g. sizing for a link not yet bought).
+    let (wan_mbps, wan_from) = match (a.wan_mbps, &f.wan) {
+        (Some(v), _) => (v, "flag"),
+        (None, Some(w)) => (w.upstream_mbps, "measured"),
+        (None, None) => (1000.0, "default"),
+    };
+    let (rtt_ms, rtt_from) = match (a.rtt_ms, &f.wan) {
+        (Some(v), _) => (v, "flag"),
+        (None, Some(w)) => (w.rtt_p50_ms, "measured"),
+        (None, None) => (20.0, "default"),
+    };
     for (name, v) in [
-        ("--wan-mbps", a.wan_mbps),
-        ("--rtt-ms", a.rtt_ms),
+        ("--wan-mbps", wan_mbps),
+        ("--rtt-ms", rtt_ms),
         ("--disk-churn-gb", a.disk_churn_gb),
     ] {
         if !(v.is_finite() && v >= 0.0) {
@@ -463,8 +577,8 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         anyhow::bail!("--peak-to-average must be at least 1");
     }
     let inputs = sizing::Inputs {
-        wan_mbps: a.wan_mbps,
-        rtt_ms: a.rtt_ms,
+        wan_mbps,
+        rtt_ms,
         disk_churn_gb_per_day: a.disk_churn_gb,
         peak_to_average: a.peak_to_average,
         interval_ms: a.interval_ms.max(10),
@@ -477,7 +591,9 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
             .collect(),
         ..Default::default()
     };
-    let s = sizing::plan(&f, &inputs);
+    let mut s = sizing::plan(&f, &inputs);
+    s.inputs.push(("wan_mbps_from".into(), wan_from.into()));
+    s.inputs.push(("rtt_ms_from".into(), rtt_from.into()));
     if a.run.json {
         println!(
             "{}",
@@ -502,8 +618,8 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         s.journal_capacity_mbs
     );
     println!(
-        "  WAN {:>6} Mbit/s at ratio {:.2}         {wan}",
-        a.wan_mbps, s.reduction_ratio
+        "  WAN {:>7.1} Mbit/s at ratio {:.2}       {wan} ({wan_from})",
+        wan_mbps, s.reduction_ratio
     );
     println!(
         "  sustainable peak write rate            {:.0} MB/s (bound: {})",
@@ -523,8 +639,8 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "  {:>10} {:>10} {:>10} {:>10} {:>10}   (interval {} ms, RTT {} ms)",
-        "WRITES", "RPO", "REDUCE", "SHIP", "COMMIT", inputs.interval_ms, a.rtt_ms
+        "  {:>10} {:>10} {:>10} {:>10} {:>10}   (interval {} ms, RTT {:.3} ms)",
+        "WRITES", "RPO", "REDUCE", "SHIP", "COMMIT", inputs.interval_ms, rtt_ms
     );
     for r in &s.rpo {
         println!(

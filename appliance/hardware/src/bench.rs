@@ -6,7 +6,9 @@
 //! - the whole per-block pipeline (zero check, name, `seal_chunk`: zstd-if-smaller + AES-GCM),
 //!   on one core and on every core at once, with the stored/written ratio it achieved;
 //! - the cache directory: sequential 1 MiB write bandwidth including the final fdatasync, and the
-//!   latency of 4 KiB write + fdatasync (what a journal group commit costs).
+//!   latency of 4 KiB write + fdatasync (what a journal group commit costs);
+//! - with a peer (`--peer`, a `ferry bench --serve` there): the WAN link's RTT, upstream TCP
+//!   throughput and bandwidth-delay product ([`crate::wan`]).
 //!
 //! The test data mixes, like a typical VM disk, 1/4 zero blocks, 1/4 random (incompressible)
 //! and 1/2 text-like blocks (compressible about 3:1). Real churn differs: `ferry plan
@@ -34,6 +36,9 @@ pub struct Options {
     pub fsync_rounds: u32,
     /// Size of the in-memory test data.
     pub data_bytes: usize,
+    /// A `ferry bench --serve` responder to measure the WAN link to (HOST:PORT).
+    pub peer: Option<String>,
+    pub wan: crate::wan::ClientOptions,
 }
 
 impl Default for Options {
@@ -44,6 +49,8 @@ impl Default for Options {
             cache_bytes: 256 << 20,
             fsync_rounds: 1000,
             data_bytes: 32 << 20,
+            peer: None,
+            wan: Default::default(),
         }
     }
 }
@@ -65,12 +72,17 @@ pub struct Figures {
     pub fsync_p50_ms: f64,
     pub fsync_p99_ms: f64,
     pub fsync_max_ms: f64,
+    /// The WAN link, when measured (`ferry plan` then sizes from it instead of `--wan-mbps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wan: Option<crate::wan::WanFigures>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("cache directory {0}: {1}")]
     Cache(String, std::io::Error),
+    #[error("WAN peer {0}: {1}")]
+    Wan(String, std::io::Error),
 }
 
 /// xorshift64*: deterministic, fast, good enough for test data.
@@ -256,6 +268,7 @@ pub fn cpu(opts: &Options) -> Figures {
         fsync_p50_ms: 0.0,
         fsync_p99_ms: 0.0,
         fsync_max_ms: 0.0,
+        wan: None,
     }
 }
 
@@ -318,10 +331,15 @@ pub fn cache(opts: &Options, f: &mut Figures) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Everything.
+/// Everything: the WAN first (when there is a peer), so the CPU stages do not compete with it.
 pub fn run(opts: &Options) -> Result<Figures, BenchError> {
+    let wan = match &opts.peer {
+        Some(p) => Some(crate::wan::measure(p, &opts.wan)?),
+        None => None,
+    };
     let mut f = cpu(opts);
     cache(opts, &mut f)?;
+    f.wan = wan;
     Ok(f)
 }
 
@@ -338,6 +356,7 @@ mod tests {
             cache_bytes: 4 << 20,
             fsync_rounds: 20,
             data_bytes: 1 << 20,
+            ..Default::default()
         };
         let f = run(&opts).unwrap();
         for v in [

@@ -10,7 +10,9 @@
 //!   settings, with a do-nothing `default` for anything unknown;
 //! - [`tune`]: plan, apply (recording every previous value in a state file) and revert;
 //! - [`bench`] and [`sizing`]: measure this box and turn the figures into an ASR-style
-//!   deployment plan (churn per day, protected disks, RPO at a WAN bandwidth).
+//!   deployment plan (churn per day, protected disks, RPO at a WAN bandwidth);
+//! - [`wan`]: the WAN link to a peer (RTT, upstream TCP throughput, bandwidth-delay product)
+//!   over plain TCP, and the small responder the peer runs.
 //!
 //! [`host::Host`] is the only way any of them touches the machine.
 
@@ -21,6 +23,7 @@ pub mod probe;
 pub mod profile;
 pub mod sizing;
 pub mod tune;
+pub mod wan;
 
 pub use host::Host;
 pub use probe::{probe, Report};

@@ -162,6 +162,7 @@ mod tests {
             fsync_p50_ms: 1.0,
             fsync_p99_ms: 4.0,
             fsync_max_ms: 9.0,
+            wan: None,
         }
     }
 
