@@ -22,6 +22,13 @@
 # FERRY_BENCH_INTERVAL_MS (rpo); FERRY_BENCH_TMP (scratch parent, default: a fresh directory
 # under /tmp that this script removes).
 #
+# 4. periodic  (bench/periodic.sh, run last; skip with FERRY_BENCH_PERIODIC_GIB=0) one mixed
+#              8 GiB image (FERRY_BENCH_PERIODIC_GIB): seed and 1%-changed incremental by Ferry's
+#              periodic mode (qemu-storage-daemon dirty bitmaps) versus restic and borg (fixed
+#              4 MiB chunker) into local repositories: wall, CPU, bytes stored. Targets: seed
+#              >= 1.5x, incremental >= 20x faster than the faster peer. Adds ~15 min and needs
+#              ~30 GB in /tmp; installs restic and borgbackup when missing.
+#
 # Installs only qemu-utils (for qemu-nbd) when it is missing, as scripts/install-deps.sh does.
 # Traffic goes only to 127.0.0.1; every process the benchmarks start is stopped and every
 # scratch file removed, also when a run times out.
@@ -55,4 +62,5 @@ timeout 600 "$bin/ingest" || status=$?
 echo
 echo "== 3/3 rpo =="
 timeout 300 "$bin/rpo" || status=$?
+[[ "${FERRY_BENCH_PERIODIC_GIB:-8}" == 0 ]] || { echo; echo "== 4/4 periodic vs restic, borg =="; bash bench/periodic.sh || status=$?; }
 exit "$status"
