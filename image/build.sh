@@ -70,6 +70,21 @@ install -D -m 0644 "$src/README.md" "$root/usr/share/doc/ferry/README.md"
 cp -r --preserve=mode "$here/rootfs/." "$root/"
 chroot "$root" systemd-sysusers
 ln -sfn /var/lib/ferry/etc "$root/etc/ferry"
+# The provider's update-signing public key, built into the image (`ferry update apply` checks
+# bundles against it). Without FERRY_UPDATE_KEY_DIR a development key is made once and kept.
+keydir=${FERRY_UPDATE_KEY_DIR:-$src/target/update-key}
+have_update=no
+if "$work/ferry" update --help >/dev/null 2>&1; then
+  if [ ! -f "$keydir/update-key.pk8" ]; then
+    mkdir -p "$keydir" && chmod 700 "$keydir"
+    "$work/ferry" update keygen --private "$keydir/update-key.pk8" --public "$keydir/update-key.pub"
+    echo "build.sh: made a DEVELOPMENT update key in $keydir (set FERRY_UPDATE_KEY_DIR for the provider's)"
+  fi
+  install -D -m 0644 "$keydir/update-key.pub" "$root/usr/lib/ferry/update-key.pub"
+  have_update=yes
+else
+  echo "build.sh: this ferry has no 'update' command yet: no update key, no update bundle"
+fi
 systemctl --root="$root" enable systemd-networkd.service systemd-resolved.service nftables.service \
   ferry-storage.service ferry-provision.service ferry-process-server.service \
   ferry-master-target.service ferry-health.service
@@ -148,7 +163,7 @@ h1=$(uuid_from_hex "${roothash:0:32}") h2=$(uuid_from_hex "${roothash:32:32}")
 derived() { uuid_from_hex "$(printf '%s' "$1:$roothash" | sha256sum | cut -c1-32)"; }
 part() { # file type label uuid size [copyblocks]
   { echo "[Partition]"; echo "Type=$2"; echo "Label=$3"; echo "UUID=$4"
-    echo "SizeMinBytes=$5"; echo "SizeMaxBytes=$5"; [ -n "${6:-}" ] && echo "CopyBlocks=$6"; } > "$defs/$1"
+    echo "SizeMinBytes=$5"; echo "SizeMaxBytes=$5"; if [ -n "${6:-}" ]; then echo "CopyBlocks=$6"; fi; } > "$defs/$1"
 }
 part 00-esp.conf esp ferry-esp "$(derived esp)" "$ESP_SIZE" "$esp"
 part 10-root-a.conf root-x86-64 ferry-root-a "$h1" "$ROOT_SIZE" "$work/root.squashfs"
@@ -157,12 +172,12 @@ part 20-root-b.conf root-x86-64 ferry-root-b "$(derived root-b)" "$ROOT_SIZE"
 part 21-verity-b.conf root-x86-64-verity ferry-verity-b "$(derived verity-b)" "$VERITY_SIZE"
 disk=$work/ferry.raw
 rm -f "$disk"
-systemd-repart --empty=create --size=auto --dry-run=no --no-pager --json=off \
+systemd-repart --empty=create --size=auto --dry-run=no --no-pager \
   --seed="$(derived disk)" --definitions="$defs" "$disk" >/dev/null
 
 step "writing $out"
 mkdir -p "$out"
-rm -f "$out"/ferry.raw "$out"/ferry.qcow2 "$out"/ferry.vmdk "$out"/SHA256SUMS
+rm -f "$out"/ferry.raw "$out"/ferry.qcow2 "$out"/ferry.vmdk "$out"/ferry-update.bundle "$out"/SHA256SUMS
 mv "$disk" "$out/ferry.raw"
 printf '%s\n' "$roothash" > "$out/roothash"
 printf '%s\n' "$cmdline" > "$out/cmdline"
@@ -171,10 +186,30 @@ cp "$work/root.squashfs" "$out/root.squashfs"; cp "$work/root.verity" "$out/root
 for f in $formats; do
   case $f in
     qcow2) qemu-img convert -f raw -O qcow2 "$out/ferry.raw" "$out/ferry.qcow2" ;;
-    vmdk) qemu-img convert -f raw -O vmdk -o subformat=streamOptimized "$out/ferry.raw" "$out/ferry.vmdk" ;;
+    vmdk)
+      qemu-img convert -f raw -O vmdk -o subformat=streamOptimized "$out/ferry.raw" "$out/ferry.vmdk"
+      # qemu-img writes a random content id (CID=) into the descriptor: pin it to the root hash.
+      python3 - "$out/ferry.vmdk" "${roothash:0:8}" <<'PY'
+import re, sys
+path, cid = sys.argv[1], sys.argv[2].encode()
+with open(path, "r+b") as f:
+    head = f.read(65536)
+    m = re.search(rb"\nCID=([0-9a-f]{8})\n", head)
+    if not m:
+        sys.exit("ferry.vmdk: no CID= in the descriptor")
+    f.seek(m.start(1))
+    f.write(cid)
+PY
+      ;;
   esac
 done
-(cd "$out" && sha256sum ferry.* root.* > SHA256SUMS)
+if [ $have_update = yes ]; then
+  # The same root, verity and UKI as a signed update bundle (Ed25519 signatures are deterministic).
+  "$work/ferry" update sign --private "$keydir/update-key.pk8" --version "$version" \
+    --roothash "$roothash" --root "$work/root.squashfs" --verity "$work/root.verity" \
+    --uki "$work/ferry.efi" --out "$out/ferry-update.bundle"
+fi
+(cd "$out" && sha256sum ferry.* ferry-update.bundle root.* 2>/dev/null > SHA256SUMS)
 step "done in $(( $(date +%s) - start ))s"
 cat "$out/SHA256SUMS"
 ls -la "$out"

@@ -3,6 +3,7 @@
 
 mod demo;
 mod hw;
+mod update;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -61,6 +62,8 @@ impl RepoArgs {
 enum Cmd {
     /// Run the demo: protect a disk, replicate it, recover it, prove it matches.
     Demo(demo::DemoArgs),
+    /// Apply or verify a signed appliance update; make and sign bundles (provider side).
+    Update(update::UpdateArgs),
     /// Create a tenant key file.
     Keygen {
         #[arg(long)]
@@ -275,6 +278,7 @@ fn point_seq(repo: &Repository, disk: &str, point: &str) -> anyhow::Result<u64> 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Update(a) => update::run(a),
         Cmd::Keygen { out } => {
             ferry::write_new_key(&out)?;
             println!("wrote a new tenant key to {}", out.display());

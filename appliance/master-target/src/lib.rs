@@ -57,6 +57,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, "master target ready");
+    // Under systemd (Type=notify): ready now; then keep the watchdog fed while the runtime lives.
+    let _ = ferry_sdnotify::ready();
+    tokio::spawn(ferry_sdnotify::watchdog_loop());
     if let Some((policy, every)) = cfg.retention.clone() {
         let repo = cfg.repo.clone();
         tokio::spawn(async move {

@@ -143,6 +143,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tls: cfg.nbd_tls.map(tokio_rustls::TlsAcceptor::from),
     });
     tracing::info!(listen = %cfg.nbd_listen, disks = disks.len(), "process server ready");
+    // Under systemd (Type=notify): ready now; then keep the watchdog fed while the runtime lives.
+    let _ = ferry_sdnotify::ready();
+    tokio::spawn(ferry_sdnotify::watchdog_loop());
     ferry_nbd::serve_tcp(listener, nbd)
         .await
         .context("NBD server stopped")

@@ -7,8 +7,7 @@
 //! - [`slots`]: which slot is running (from the kernel command line's `roothash=`), where the
 //!   inactive one lives (GPT partition labels), and the installation steps.
 //!
-//! The formats are described byte by byte in `docs/formats.md`'s "Update bundle" section
-//! (and in [`bundle`]'s module documentation until then).
+//! The bundle format is described byte by byte in [`bundle`]'s module documentation.
 
 pub mod bundle;
 pub mod slots;
