@@ -96,6 +96,58 @@ fn lab(dir: &Path, size: u64) -> Lab {
     lab
 }
 
+/// A host disk of `size` bytes (qcow2, with `prefill` qemu-io commands applied) on a fresh
+/// qemu-storage-daemon, in a directory that also holds the lab.
+fn host_disk(size: u64, prefill: &[&str]) -> (tempfile::TempDir, Host) {
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir()
+        .unwrap();
+    let image = dir.path().join("host.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(size.to_string()))
+    .unwrap();
+    for p in prefill {
+        sh(Command::new("qemu-io")
+            .args(["-f", "qcow2"])
+            .arg(&image)
+            .args(["-c", p]))
+        .unwrap();
+    }
+    let host = Host::start(dir.path(), &image);
+    (dir, host)
+}
+
+/// Write `regions` regions of 4 MiB of random bytes, `stride` apart, through the guest's disk,
+/// so every 64 KiB block has content (and a chunk) of its own.
+fn fill_random(host: &Host, seed: u64, regions: u64, stride: u64) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut g = ferry_nbd::client::Client::connect_unix(&host.sock, "guest")
+            .await
+            .unwrap();
+        let mut rng = Rng(seed);
+        for r in 0..regions {
+            let mut buf = vec![0u8; (4 * MIB) as usize];
+            for w in buf.chunks_mut(8) {
+                w.copy_from_slice(&rng.next().to_le_bytes());
+            }
+            g.write(r * stride, &buf, false).await.unwrap();
+        }
+        g.flush().await.unwrap();
+    });
+}
+
+/// The lab protecting `DISK` periodically on this host, both roles running.
+fn started_lab(dir: &Path, size: u64) -> Lab {
+    let mut lab = lab(dir, size);
+    lab.start_master().unwrap();
+    lab.start_process().unwrap();
+    lab
+}
+
 fn wait_point(lab: &Lab, after: u64, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
     loop {
@@ -124,25 +176,8 @@ fn point(lab: &Lab, seq: u64) -> Vec<u8> {
 #[test]
 fn seed_then_one_consistent_point_per_interval_while_writing() {
     let size = 32 * MIB;
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-e2e-")
-        .tempdir()
-        .unwrap();
-    let image = dir.path().join("host.qcow2");
-    sh(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(size.to_string()))
-    .unwrap();
-    sh(Command::new("qemu-io")
-        .args(["-f", "qcow2"])
-        .arg(&image)
-        .args(["-c", "write -P 0x5a 4M 6M"]))
-    .unwrap();
-    let host = Host::start(dir.path(), &image);
-    let mut lab = lab(dir.path(), size);
-    lab.start_master().unwrap();
-    lab.start_process().unwrap();
+    let (dir, host) = host_disk(size, &["write -P 0x5a 4M 6M"]);
+    let lab = started_lab(dir.path(), size);
 
     // The seed reads only allocated data: 6 MiB = 96 blocks of the 512.
     let s0 = wait_point(&lab, 0, Duration::from_secs(60));
@@ -199,25 +234,8 @@ fn seed_then_one_consistent_point_per_interval_while_writing() {
 #[test]
 fn qemu_killed_mid_interval_resyncs_by_checksum_and_converges() {
     let size = 64 * MIB;
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-e2e-")
-        .tempdir()
-        .unwrap();
-    let image = dir.path().join("host.qcow2");
-    sh(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(size.to_string()))
-    .unwrap();
-    sh(Command::new("qemu-io")
-        .args(["-f", "qcow2"])
-        .arg(&image)
-        .args(["-c", "write -P 0x31 0 64M"]))
-    .unwrap();
-    let mut host = Host::start(dir.path(), &image);
-    let mut lab = lab(dir.path(), size);
-    lab.start_master().unwrap();
-    lab.start_process().unwrap();
+    let (dir, mut host) = host_disk(size, &["write -P 0x31 0 64M"]);
+    let lab = started_lab(dir.path(), size);
     let s0 = wait_point(&lab, 0, Duration::from_secs(60));
 
     // Change 1% of the blocks, then kill QEMU before it can save its bitmap.
@@ -321,17 +339,7 @@ fn a_thin_disk_seeds_only_its_data_with_progress() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
     let size = gib << 30;
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-e2e-")
-        .tempdir()
-        .unwrap();
-    let image = dir.path().join("host.qcow2");
-    sh(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(size.to_string()))
-    .unwrap();
-    let host = Host::start(dir.path(), &image);
+    let (dir, host) = host_disk(size, &[]);
 
     // Scatter the data in 4 MiB regions across the disk; remember what it compresses to.
     let key = ferry_chunk::TenantKey::from_secret(&[9; 32]);
@@ -358,9 +366,7 @@ fn a_thin_disk_seeds_only_its_data_with_progress() {
         g.flush().await.unwrap();
     });
 
-    let mut lab = lab(dir.path(), size);
-    lab.start_master().unwrap();
-    lab.start_process().unwrap();
+    let lab = started_lab(dir.path(), size);
     // While the seed runs, the status carries its progress.
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut saw_progress = None;
@@ -424,25 +430,8 @@ fn a_thin_disk_seeds_only_its_data_with_progress() {
 #[test]
 fn a_grown_disk_is_replicated_and_a_shrunk_one_refused() {
     let size = 16 * MIB;
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-e2e-")
-        .tempdir()
-        .unwrap();
-    let image = dir.path().join("host.qcow2");
-    sh(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(size.to_string()))
-    .unwrap();
-    sh(Command::new("qemu-io")
-        .args(["-f", "qcow2"])
-        .arg(&image)
-        .args(["-c", "write -P 0x44 0 16M"]))
-    .unwrap();
-    let mut host = Host::start(dir.path(), &image);
-    let mut lab = lab(dir.path(), size);
-    lab.start_master().unwrap();
-    lab.start_process().unwrap();
+    let (dir, mut host) = host_disk(size, &["write -P 0x44 0 16M"]);
+    let lab = started_lab(dir.path(), size);
     let s0 = wait_point(&lab, 0, Duration::from_secs(60));
 
     host.resize(24 * MIB);
@@ -489,36 +478,10 @@ fn a_grown_disk_is_replicated_and_a_shrunk_one_refused() {
 #[test]
 fn a_damaged_replica_is_repaired_by_an_operator_resync() {
     let size = 64 * MIB;
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-e2e-")
-        .tempdir()
-        .unwrap();
-    let image = dir.path().join("host.qcow2");
-    sh(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(size.to_string()))
-    .unwrap();
-    let host = Host::start(dir.path(), &image);
+    let (dir, host) = host_disk(size, &[]);
     // Distinct content in every block, so each block has a chunk of its own.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut g = ferry_nbd::client::Client::connect_unix(&host.sock, "guest")
-            .await
-            .unwrap();
-        let mut rng = Rng(0xda7a);
-        for b in 0..(size / (4 * MIB)) {
-            let mut buf = vec![0u8; (4 * MIB) as usize];
-            for w in buf.chunks_mut(8) {
-                w.copy_from_slice(&rng.next().to_le_bytes());
-            }
-            g.write(b * 4 * MIB, &buf, false).await.unwrap();
-        }
-        g.flush().await.unwrap();
-    });
-    let mut lab = lab(dir.path(), size);
-    lab.start_master().unwrap();
-    lab.start_process().unwrap();
+    fill_random(&host, 0xda7a, size / (4 * MIB), 4 * MIB);
+    let lab = started_lab(dir.path(), size);
     let s0 = wait_point(&lab, 0, Duration::from_secs(60));
 
     // Damage 1% of the recovery site's chunks (10 of 1024).
@@ -580,37 +543,11 @@ fn a_damaged_replica_is_repaired_by_an_operator_resync() {
 #[test]
 fn killing_either_side_during_a_seed_never_exposes_a_partial_point() {
     let size = 512 * MIB;
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-e2e-")
-        .tempdir()
-        .unwrap();
-    let image = dir.path().join("host.qcow2");
-    sh(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(size.to_string()))
-    .unwrap();
-    let host = Host::start(dir.path(), &image);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut g = ferry_nbd::client::Client::connect_unix(&host.sock, "guest")
-            .await
-            .unwrap();
-        let mut rng = Rng(0x005e_ed0f);
-        for r in 0..64u64 {
-            let mut buf = vec![0u8; (4 * MIB) as usize];
-            for w in buf.chunks_mut(8) {
-                w.copy_from_slice(&rng.next().to_le_bytes());
-            }
-            g.write(r * 8 * MIB, &buf, false).await.unwrap();
-        }
-        g.flush().await.unwrap();
-    });
+    let (dir, host) = host_disk(size, &[]);
+    fill_random(&host, 0x005e_ed0f, 64, 8 * MIB);
     let scratch = dir.path().join("now.raw");
     let want = host.image_now(&scratch);
-    let mut lab = lab(dir.path(), size);
-    lab.start_master().unwrap();
-    lab.start_process().unwrap();
+    let mut lab = started_lab(dir.path(), size);
 
     // Kill one side or the other while the 256 MiB seed runs; any point visible meanwhile must
     // be the whole disk.
@@ -653,35 +590,9 @@ fn killing_either_side_during_a_seed_never_exposes_a_partial_point() {
 fn an_interrupted_seed_resumes_without_resending_what_arrived() {
     let size = 512 * MIB;
     let data = 256 * MIB;
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-e2e-")
-        .tempdir()
-        .unwrap();
-    let image = dir.path().join("host.qcow2");
-    sh(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(size.to_string()))
-    .unwrap();
-    let host = Host::start(dir.path(), &image);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut g = ferry_nbd::client::Client::connect_unix(&host.sock, "guest")
-            .await
-            .unwrap();
-        let mut rng = Rng(0x0bad_5eed);
-        for r in 0..(data / (4 * MIB)) {
-            let mut buf = vec![0u8; (4 * MIB) as usize];
-            for w in buf.chunks_mut(8) {
-                w.copy_from_slice(&rng.next().to_le_bytes());
-            }
-            g.write(r * 8 * MIB, &buf, false).await.unwrap();
-        }
-        g.flush().await.unwrap();
-    });
-    let mut lab = lab(dir.path(), size);
-    lab.start_master().unwrap();
-    lab.start_process().unwrap();
+    let (dir, host) = host_disk(size, &[]);
+    fill_random(&host, 0x0bad_5eed, data / (4 * MIB), 8 * MIB);
+    let mut lab = started_lab(dir.path(), size);
     // Interrupt the seed past half way.
     let deadline = Instant::now() + Duration::from_secs(120);
     let done_at_kill = loop {
@@ -718,25 +629,8 @@ fn an_interrupted_seed_resumes_without_resending_what_arrived() {
 #[test]
 fn changes_made_while_the_process_server_was_down_cost_only_what_changed() {
     let size = 64 * MIB;
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-e2e-")
-        .tempdir()
-        .unwrap();
-    let image = dir.path().join("host.qcow2");
-    sh(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(size.to_string()))
-    .unwrap();
-    sh(Command::new("qemu-io")
-        .args(["-f", "qcow2"])
-        .arg(&image)
-        .args(["-c", "write -P 0x61 0 64M"]))
-    .unwrap();
-    let host = Host::start(dir.path(), &image);
-    let mut lab = lab(dir.path(), size);
-    lab.start_master().unwrap();
-    lab.start_process().unwrap();
+    let (dir, host) = host_disk(size, &["write -P 0x61 0 64M"]);
+    let mut lab = started_lab(dir.path(), size);
     let s0 = wait_point(&lab, 0, Duration::from_secs(60));
     lab.kill_process();
 
