@@ -174,3 +174,23 @@ pub fn verdict(ok: bool) -> &'static str {
         "MISS"
     }
 }
+
+/// Regular files under `dir` (sorted, symlinks not followed, at most 12 levels deep): the
+/// "system files" part of the mixed images.
+pub fn walk(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.is_dir() && depth < 12 {
+            walk(&p, out, depth + 1);
+        } else if md.is_file() && md.len() > 0 {
+            out.push(p);
+        }
+    }
+}

@@ -123,7 +123,7 @@ fn run(addr: &str, w: &Workload, pool: &[u8], seed: u64) -> anyhow::Result<Outco
         u64::MAX
     };
     let mut c = Client::connect(addr, "bench")?;
-    let size = c.size.min(DISK);
+    let size = c.size().min(DISK);
     let mut rng = Rng::new(seed);
     let mut buf = vec![0u8; w.len];
     let mut lat = Vec::with_capacity(1 << 20);

@@ -30,7 +30,7 @@
 
 use anyhow::{bail, ensure, Context};
 use ferry::lab::{sh, Lab};
-use ferry_bench::{env_num, ferry_exe, mbps, scratch, verdict, Rng};
+use ferry_bench::{env_num, ferry_exe, mbps, scratch, verdict, walk, Rng};
 use ferry_chunk::is_zero;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -47,24 +47,6 @@ const GIB: u64 = 1 << 30;
 
 // ---------------------------------------------------------------------------------------------
 // The mixed image, streamed.
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        let Ok(md) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if md.is_dir() && depth < 12 {
-            walk(&p, out, depth + 1);
-        } else if md.is_file() && md.len() > 0 {
-            out.push(p);
-        }
-    }
-}
 
 fn head(p: &Path, n: usize) -> Option<Vec<u8>> {
     let mut f = std::fs::File::open(p).ok()?;

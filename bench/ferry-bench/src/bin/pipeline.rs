@@ -9,7 +9,7 @@
 //! Environment: FERRY_BENCH_IMAGE_MIB (default 256), FERRY_BENCH_MIN_SECS (per stage, default 1).
 //! Run: `cargo run --release -p ferry-bench --bin pipeline`
 
-use ferry_bench::{env_num, mbps, verdict, Rng};
+use ferry_bench::{env_num, mbps, verdict, walk, Rng};
 use ferry_chunk::{is_zero, TenantKey, DEFAULT_BLOCK_SIZE};
 use ferry_journal::{OwnedOp, Record};
 use ferry_process_server::checkpoint::Builder;
@@ -17,7 +17,7 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::collections::HashSet;
 use std::hint::black_box;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const BS: usize = DEFAULT_BLOCK_SIZE as usize;
@@ -25,24 +25,6 @@ const EXTENT: usize = 1 << 20;
 /// The level `ferry_chunk` uses (its constant is private): zstd level 1.
 const ZSTD_LEVEL: i32 = 1;
 const KINDS: [&str; 4] = ["system", "text", "zero", "random"];
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        let Ok(md) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if md.is_dir() && depth < 12 {
-            walk(&p, out, depth + 1);
-        } else if md.is_file() && md.len() > 0 {
-            out.push(p);
-        }
-    }
-}
 
 /// Concatenate files under `roots` accepted by `keep` (given their first bytes) up to `want`.
 fn gather(roots: &[&str], want: usize, keep: impl Fn(&Path, &[u8]) -> bool) -> Vec<u8> {
