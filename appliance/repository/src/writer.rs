@@ -72,6 +72,15 @@ impl<'a> CheckpointWriter<'a> {
         &self.meta
     }
 
+    /// The checkpoint ends at journal position `journal_end` after all: a checksum resync
+    /// learns it only after reading the disk, and may restart the sender's journal numbering
+    /// (a process server that lost its cache counts from 1 again), so any value is taken. The
+    /// next checkpoint must start there.
+    pub fn rebase_journal_end(&mut self, journal_end: u64) {
+        self.meta.journal_end = journal_end;
+        self.meta.journal_start = self.meta.journal_start.min(journal_end);
+    }
+
     /// Block `index` becomes a hole (reads as zeros, stores nothing).
     pub fn put_zero(&mut self, index: u64) -> Result<(), RepoError> {
         self.set(index, ChunkId::ZERO)
