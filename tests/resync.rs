@@ -211,3 +211,80 @@ fn without_its_host_a_disk_needing_a_resync_says_how_to_give_it() {
         "{err}"
     );
 }
+
+#[test]
+fn killing_either_side_during_a_resync_never_exposes_a_partial_point() {
+    let size = 192 * MIB;
+    let prefill: Vec<String> = (0..192u64)
+        .map(|i| format!("write -P {} {}M 1M", 1 + i, i))
+        .collect();
+    let prefill: Vec<&str> = prefill.iter().map(String::as_str).collect();
+    let mut site = Site::start("kill-rs", size, &prefill, |lab| {
+        lab.host_access = true;
+        lab.interval_ms = 100;
+    });
+    let before = site.caught_up();
+    let old = site.guest_image();
+    // The cache is lost while the recovery site is away, and 5% of the disk changes.
+    site.lab.kill_master();
+    site.lab.kill_process();
+    std::fs::remove_dir_all(site.lab.cache.join("kill-rs")).unwrap();
+    site.lab.start_process().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut g = site.guest().await;
+        let mut rng = Rng(0x0c0f_fee5);
+        for _ in 0..150 {
+            let b = rng.below(size / 65536);
+            let data: Vec<u8> = (0..65536 / 8)
+                .flat_map(|_| rng.next().to_le_bytes())
+                .collect();
+            g.write(b * 65536, &data, false).await.unwrap();
+        }
+        g.flush().await.unwrap();
+    });
+    let new = site.guest_image();
+    site.lab.start_master().unwrap();
+
+    // Kill one side or the other while the resync runs, four times.
+    let mut rng = Rng(0x4b11_4b11);
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while kills < 4 {
+        assert!(Instant::now() < deadline, "no resync to interrupt");
+        let st = site.lab.status(&site.disk).unwrap();
+        if st.resyncs > 0 {
+            break; // it finished before the last kill: fine, the rest is checked below
+        }
+        if st.state != State::Resyncing {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(400)));
+        if kills % 2 == 0 {
+            site.lab.kill_process();
+            site.lab.start_process().unwrap();
+        } else {
+            site.lab.kill_master();
+            site.lab.start_master().unwrap();
+        }
+        kills += 1;
+    }
+    wait_resyncs(&site, 1);
+    let last = site.caught_up();
+    site.assert_point_equals_guest(last);
+    // Every point since is the disk before the changes or after them, never something between
+    // (the point the changes were made on is `before`; the initial copy's points are older).
+    let points = points_after(&site, before - 1);
+    for &seq in &points {
+        let img = site.point_image(seq);
+        assert!(
+            img == old || img == new,
+            "point {seq} is neither the old nor the new disk"
+        );
+    }
+    assert!(points.iter().any(|&seq| site.point_image(seq) == new));
+    let v = site.lab.ferry(&["verify"]).unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    eprintln!("{kills} kills during the resync; {} points", points.len());
+}
