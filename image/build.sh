@@ -67,6 +67,8 @@ install -m 0644 "$src"/systemd/*.service "$root/usr/lib/systemd/system/"
 install -m 0644 "$src/systemd/sysusers.d/ferry.conf" "$root/usr/lib/sysusers.d/ferry.conf"
 install -m 0644 "$src/systemd/tmpfiles.d/ferry.conf" "$root/usr/lib/tmpfiles.d/ferry.conf"
 install -D -m 0644 "$src/README.md" "$root/usr/share/doc/ferry/README.md"
+# ferry-hw-tune.service's Documentation= points here.
+install -D -m 0644 "$src/hardware/README.md" "$root/usr/share/doc/ferry/hardware/README.md"
 cp -r --preserve=mode "$here/rootfs/." "$root/"
 chroot "$root" systemd-sysusers
 ln -sfn /var/lib/ferry/etc "$root/etc/ferry"
@@ -87,7 +89,7 @@ else
 fi
 systemctl --root="$root" enable systemd-networkd.service systemd-resolved.service nftables.service \
   ferry-storage.service ferry-provision.service ferry-process-server.service \
-  ferry-master-target.service ferry-health.service
+  ferry-master-target.service ferry-health.service ferry-hw-tune.service
 # No login prompts until the console unit (issue 6) takes tty1 and the serial line.
 systemctl --root="$root" mask getty@.service serial-getty@.service console-getty.service
 ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"

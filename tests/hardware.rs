@@ -96,6 +96,7 @@ fn probe_bare_metal_with_intel_and_mellanox_nics_and_nvme() {
     assert_eq!(nvme["rotational"], false);
     assert_eq!(nvme["write_cache"], "write through");
     assert_eq!(nvme["direct_io"], true);
+    assert_eq!(nvme["identity"], "wwid eui.0025385b21b0c5a1");
     let c = changes(&v);
     for want in [
         "eno1 ring rx: \"512\" -> \"4096\"",
@@ -166,6 +167,8 @@ fn unknown_hardware_gets_conservative_defaults_and_a_clear_report() {
     let v = probe_json(&root);
     let r = &v["report"];
     assert_eq!(r["cpu"]["aes"], false);
+    // A DMI maker no profile names, no hypervisor flag: not taken for a known server.
+    assert_eq!(r["hypervisor"]["name"], "bare-metal-unverified");
     assert_eq!(find(&v, "nics", "enp3s0")["profile_matched"], false);
     assert_eq!(find(&v, "nics", "enp4s0")["driver"], Value::Null);
     let notes: Vec<&str> = r["notes"]
@@ -180,6 +183,7 @@ fn unknown_hardware_gets_conservative_defaults_and_a_clear_report() {
         "enp4s0: driver unknown: never tuned",
         "fzd0: no profile for driver frobstor",
         "fzd1: disk not identified: never tuned",
+        "platform not verified",
     ] {
         assert!(
             notes.iter().any(|n| n.contains(want)),
@@ -358,6 +362,7 @@ fn tune_a_recorded_machine_then_revert_to_the_exact_bytes() {
 
     let out = ferry(&args);
     assert!(out.contains("changed: eno1 mtu: 1500 -> 9000"), "{out}");
+    assert_scheduler_first(&out, "changed");
     let read = |p: &str| std::fs::read_to_string(tmp.path().join(p)).unwrap();
     assert_eq!(read("sys/class/net/eno1/mtu"), "9000\n");
     assert_eq!(read("sys/class/net/ens1f0np0/mtu"), "9000\n");
@@ -389,6 +394,9 @@ fn tune_a_recorded_machine_then_revert_to_the_exact_bytes() {
         "--revert",
     ]);
     assert!(out.contains("reverted: eno1 mtu: 9000 -> 1500"), "{out}");
+    // The recorded tree resets nr_requests on a scheduler switch, as the kernel does: only
+    // this order gets the original bytes back.
+    assert_scheduler_first(&out, "reverted");
     assert_eq!(
         snapshot(tmp.path()),
         original,
@@ -406,6 +414,101 @@ fn tune_a_recorded_machine_then_revert_to_the_exact_bytes() {
         "--revert"
     ])
     .contains("nothing reverted"));
+}
+
+/// The disk's scheduler was written before its nr_requests (a scheduler switch resets it).
+fn assert_scheduler_first(out: &str, verb: &str) {
+    let at = |what: &str| {
+        out.lines()
+            .position(|l| l.starts_with(&format!("{verb}: nvme0n1 {what}:")))
+            .unwrap_or_else(|| panic!("no {verb} line for nvme0n1 {what} in {out}"))
+    };
+    assert!(at("scheduler") < at("nr_requests"), "{out}");
+}
+
+#[test]
+fn a_surface_like_machine_is_not_hyper_v_and_gets_no_interrupt_pinning() {
+    let tmp = copy_tree(&fixture("baremetal-intel-mlx5-nvme"));
+    let dmi = tmp.path().join("sys/class/dmi/id");
+    std::fs::write(dmi.join("sys_vendor"), "Microsoft Corporation\n").unwrap();
+    std::fs::write(dmi.join("product_name"), "Surface Laptop Studio\n").unwrap();
+    let v = probe_json(tmp.path());
+    assert_eq!(v["report"]["hypervisor"]["name"], "bare-metal-unverified");
+    let c = changes(&v);
+    assert!(!c.iter().any(|x| x.contains(" irq ")), "{c:#?}");
+    // The NICs' own profiles still apply (rings), only the platform-dependent pinning is off.
+    assert!(c.iter().any(|x| x.starts_with("eno1 ring rx")), "{c:#?}");
+    let skipped = v["plan"]["skipped"].to_string();
+    assert!(
+        skipped.contains("not pinned on bare-metal-unverified"),
+        "{skipped}"
+    );
+}
+
+#[test]
+fn revert_keeps_what_it_cannot_place_and_sets_aside_another_boots_record() {
+    let tmp = copy_tree(&fixture("baremetal-intel-mlx5-nvme"));
+    let root = tmp.path().to_str().unwrap().to_string();
+    let boot_id = tmp.path().join("proc/sys/kernel/random/boot_id");
+    std::fs::create_dir_all(boot_id.parent().unwrap()).unwrap();
+    std::fs::write(&boot_id, "3d7c6a52-0c1e-4a8e-9f65-0a4c1b2d3e4f\n").unwrap();
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("hw-tune.json");
+    let state_s = state.to_str().unwrap();
+    let tune = |extra: &[&str]| {
+        let base = [
+            "hw",
+            "tune",
+            "--root",
+            &root,
+            "--state-file",
+            state_s,
+            "--disk",
+            "nvme0n1",
+        ];
+        ferry(&[&base[..], extra].concat())
+    };
+    let nr =
+        || std::fs::read_to_string(tmp.path().join("sys/block/nvme0n1/queue/nr_requests")).unwrap();
+    let wwid = tmp.path().join("sys/block/nvme0n1/wwid");
+
+    // Another disk took the name: its changes are not reverted, and stay recorded.
+    tune(&[]);
+    assert_eq!(nr(), "1023\n");
+    std::fs::write(&wwid, "eui.00000000000000ff\n").unwrap();
+    let out = tune(&["--revert"]);
+    assert!(
+        out.contains("failed: nvme0n1 scheduler: nvme0n1 is now another disk"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("kept in {state_s}: 2 change(s)")),
+        "{out}"
+    );
+    assert!(out.contains("reverted: eno1 ring rx: 4096 -> 512"), "{out}");
+    assert_eq!(nr(), "1023\n");
+    let left: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(left["changes"].as_array().unwrap().len(), 2, "{left:#}");
+    std::fs::write(&wwid, "eui.0025385b21b0c5a1\n").unwrap();
+    let out = tune(&["--revert"]);
+    assert!(
+        out.contains("reverted: nvme0n1 nr_requests: 1023 -> 255"),
+        "{out}"
+    );
+    assert!(!state.exists(), "{out}");
+
+    // A record from before a crash and reboot describes nothing now: set aside, not reverted.
+    tune(&[]);
+    std::fs::write(&boot_id, "8e1f0b9a-7d6c-4b5a-8e2f-1c3d5e7f9a0b\n").unwrap();
+    let out = tune(&["--revert"]);
+    assert!(
+        out.contains(&format!("set aside: {state_s} is from another boot")),
+        "{out}"
+    );
+    assert!(out.contains("nothing reverted"), "{out}");
+    assert_eq!(nr(), "1023\n", "a stale record was reverted");
+    assert!(!state.exists());
+    assert!(state_dir.path().join("hw-tune.json.previous-boot").exists());
 }
 
 /// A network namespace this test created; deleted however the test ends.

@@ -123,7 +123,15 @@ pub fn run(cmd: HwCmd) -> anyhow::Result<()> {
             let (host, profiles) = common.load()?;
             if revert {
                 let out = tune::revert(&host, &state_file)?;
-                return print_outcome(&out, json, "reverted");
+                print_outcome(&out, json, "reverted")?;
+                if !json && out.kept > 0 {
+                    println!(
+                        "kept in {}: {} change(s) not reverted (ferry hw tune --revert again once the device is back)",
+                        state_file.display(),
+                        out.kept
+                    );
+                }
+                return Ok(());
             }
             let report = probe(&host, &profiles);
             let opts = Options {
@@ -302,6 +310,16 @@ fn print_outcome(o: &Outcome, json: bool, verb: &str) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(o)?);
         return Ok(());
+    }
+    if let Some(s) = &o.set_aside {
+        println!(
+            "set aside: {} is from another boot ({}; this boot {}): the reboot reset its {} change(s), so it is neither reverted nor added to; kept as {}",
+            s.from,
+            s.boot_id.as_deref().unwrap_or("boot not recorded"),
+            s.this_boot.as_deref().unwrap_or("unknown"),
+            s.changes,
+            s.to
+        );
     }
     if o.applied.is_empty() {
         println!("nothing {verb}");

@@ -74,7 +74,8 @@ impl Host {
 
     /// Write a sysfs/procfs attribute. On a recorded tree, a file that lists choices with the
     /// current one in brackets (`none [mq-deadline] kyber`) keeps its list and moves the
-    /// brackets, as the kernel's `queue/scheduler` does.
+    /// brackets, as the kernel's `queue/scheduler` does; and a scheduler switch resets the
+    /// queue's `nr_requests`, as the kernel does (see [`RECORDED_QUEUE_DEPTH`]).
     pub fn write(&self, rel: &str, value: &str) -> io::Result<()> {
         let p = self.path(rel);
         if self.live {
@@ -99,9 +100,29 @@ impl Host {
                     }
                 })
                 .collect();
-            return std::fs::write(&p, format!("{} \n", line.join(" ")));
+            std::fs::write(&p, format!("{} \n", line.join(" ")))?;
+            if rel.ends_with("/queue/scheduler") && bracketed(&old) != value {
+                let nr = p.with_file_name("nr_requests");
+                if nr.exists() {
+                    std::fs::write(nr, format!("{}\n", nr_requests_after_switch(value)))?;
+                }
+            }
+            return Ok(());
         }
         std::fs::write(&p, format!("{value}\n"))
+    }
+}
+
+/// The tag set depth a recorded disk is taken to have (a recorded tree does not say).
+pub const RECORDED_QUEUE_DEPTH: u32 = 64;
+
+/// What the kernel sets `nr_requests` to when a queue switches to `scheduler`: the tag set's
+/// depth without a scheduler, twice the smaller of it and 128 (BLKDEV_DEFAULT_RQ) with one.
+fn nr_requests_after_switch(scheduler: &str) -> u32 {
+    if scheduler == "none" {
+        RECORDED_QUEUE_DEPTH
+    } else {
+        2 * RECORDED_QUEUE_DEPTH.min(128)
     }
 }
 
@@ -157,5 +178,23 @@ mod tests {
         h.write("scheduler", "none").unwrap();
         assert_eq!(h.read("scheduler").unwrap(), "[none] mq-deadline kyber ");
         assert!(h.write("scheduler", "cfq").is_err());
+    }
+
+    #[test]
+    fn recorded_trees_reset_nr_requests_on_a_scheduler_switch() {
+        let d = tempfile::tempdir().unwrap();
+        let q = d.path().join("sys/block/sda/queue");
+        std::fs::create_dir_all(&q).unwrap();
+        std::fs::write(q.join("scheduler"), "none [mq-deadline]\n").unwrap();
+        std::fs::write(q.join("nr_requests"), "255\n").unwrap();
+        let h = Host::new(d.path());
+        h.write("sys/block/sda/queue/scheduler", "mq-deadline")
+            .unwrap();
+        assert_eq!(h.read("sys/block/sda/queue/nr_requests").unwrap(), "255");
+        h.write("sys/block/sda/queue/scheduler", "none").unwrap();
+        assert_eq!(h.read("sys/block/sda/queue/nr_requests").unwrap(), "64");
+        h.write("sys/block/sda/queue/scheduler", "mq-deadline")
+            .unwrap();
+        assert_eq!(h.read("sys/block/sda/queue/nr_requests").unwrap(), "128");
     }
 }

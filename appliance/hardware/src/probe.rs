@@ -73,6 +73,8 @@ pub struct Disk {
     pub discard_max_bytes: Option<u64>,
     pub trim: bool,
     pub logical_block_size: Option<u32>,
+    /// What tells this disk from one that later takes its name ([`disk_identity`]).
+    pub identity: Option<String>,
     pub profile: String,
     pub profile_matched: bool,
     /// The profile's advice: the cache on this disk should use O_DIRECT, aligned I/O.
@@ -273,6 +275,7 @@ fn disk(host: &Host, profiles: &Profiles, name: &str) -> Disk {
         trim: discard.is_some_and(|d| d > 0),
         discard_max_bytes: discard,
         logical_block_size: host.read_num(&q("logical_block_size")),
+        identity: disk_identity(host, name),
         profile: p.name.clone(),
         profile_matched: matched,
         direct_io: p.direct_io,
@@ -280,6 +283,38 @@ fn disk(host: &Host, profiles: &Profiles, name: &str) -> Disk {
     }
 }
 
+/// What tells a disk from another that later takes its kernel name: a world-wide name or serial
+/// number where the device has one (NVMe namespace `wwid`, SCSI `device/wwid`, virtio-blk
+/// `serial`, NVMe controller `device/serial`), else its model and size. None when the disk is
+/// gone (no size).
+pub fn disk_identity(host: &Host, name: &str) -> Option<String> {
+    let base = format!("sys/block/{name}");
+    let sectors: u64 = host.read_num(&format!("{base}/size"))?;
+    let attr = |a: &str| {
+        host.read(&format!("{base}/{a}"))
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    for (label, a) in [
+        ("wwid", "wwid"),
+        ("wwid", "device/wwid"),
+        ("serial", "serial"),
+        ("serial", "device/serial"),
+    ] {
+        if let Some(v) = attr(a) {
+            return Some(format!("{label} {v}"));
+        }
+    }
+    Some(format!(
+        "model {}, {sectors} sectors",
+        attr("device/model").as_deref().unwrap_or("unknown")
+    ))
+}
+
+/// The platform: a hypervisor profile whose DMI rule matches (every list it gives — vendors,
+/// products — must match, and its CPU hypervisor flag where it names one); else, on a VM or
+/// without DMI, a hypervisor betrayed by its paravirtual drivers; else `unknown` (a VM) or
+/// `bare-metal-unverified` (a DMI maker no profile names, no hypervisor flag: conservative).
 fn hypervisor(
     host: &Host,
     profiles: &Profiles,
@@ -304,14 +339,20 @@ fn hypervisor(
             evidence,
         }
     };
+    // A list a profile leaves empty places no condition; one it gives must match.
+    let dmi_matches = |field: &Option<String>, want: &[String]| {
+        want.is_empty()
+            || field
+                .as_deref()
+                .is_some_and(|v| want.iter().any(|x| v.contains(x.as_str())))
+    };
     for h in &profiles.hypervisor {
-        let by_vendor = vendor
-            .as_deref()
-            .is_some_and(|v| h.dmi_vendors.iter().any(|x| v.contains(x.as_str())));
-        let by_product = product
-            .as_deref()
-            .is_some_and(|v| h.dmi_products.iter().any(|x| v.contains(x.as_str())));
-        if by_vendor || by_product {
+        let has_rule = !h.dmi_vendors.is_empty() || !h.dmi_products.is_empty();
+        if has_rule
+            && dmi_matches(&vendor, &h.dmi_vendors)
+            && dmi_matches(&product, &h.dmi_products)
+            && !matches!(h.hypervisor_flag, Some(f) if f != cpu.hypervisor_flag)
+        {
             return make(
                 &h.name,
                 format!(
@@ -349,8 +390,13 @@ fn hypervisor(
     }
     if vendor.is_some() || product.is_some() {
         return make(
-            "bare-metal",
-            "DMI names a hardware vendor; no hypervisor flag".into(),
+            "bare-metal-unverified",
+            format!(
+                "DMI sys_vendor {:?}, product_name {:?}: a maker no profile names, and no \
+                 hypervisor flag (probably bare metal, unverified)",
+                vendor.as_deref().unwrap_or(""),
+                product.as_deref().unwrap_or("")
+            ),
         );
     }
     make(
@@ -373,11 +419,16 @@ fn notes_for(
                 .into(),
         );
     }
-    if hv.name == "unknown" {
-        notes.push(format!(
+    match hv.name.as_str() {
+        "unknown" => notes.push(format!(
             "hypervisor not recognised ({}): conservative defaults",
             hv.evidence
-        ));
+        )),
+        "bare-metal-unverified" => notes.push(format!(
+            "platform not verified ({}): conservative defaults, no interrupt pinning",
+            hv.evidence
+        )),
+        _ => {}
     }
     let hp = profiles.hypervisor_named(&hv.name);
     for n in nics.iter().filter(|n| n.physical) {
@@ -433,6 +484,78 @@ fn notes_for(
     if let Some(hp) = hp {
         for t in &hp.notes {
             notes.push(format!("{}: {t}", hv.name));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recorded machine with only DMI and the CPU flags.
+    fn platform(vendor: &str, product: &str, hypervisor_flag: bool) -> Hypervisor {
+        let d = tempfile::tempdir().unwrap();
+        let dmi = d.path().join("sys/class/dmi/id");
+        std::fs::create_dir_all(&dmi).unwrap();
+        std::fs::write(dmi.join("sys_vendor"), format!("{vendor}\n")).unwrap();
+        std::fs::write(dmi.join("product_name"), format!("{product}\n")).unwrap();
+        std::fs::create_dir_all(d.path().join("proc")).unwrap();
+        let flags = if hypervisor_flag {
+            "fpu sse2 aes hypervisor"
+        } else {
+            "fpu sse2 aes"
+        };
+        std::fs::write(
+            d.path().join("proc/cpuinfo"),
+            format!("processor\t: 0\nflags\t\t: {flags}\n"),
+        )
+        .unwrap();
+        probe(&Host::new(d.path()), &Profiles::builtin().unwrap()).hypervisor
+    }
+
+    #[test]
+    fn a_surface_laptop_is_not_hyper_v() {
+        let h = platform("Microsoft Corporation", "Surface Pro 7", false);
+        assert_eq!(h.name, "bare-metal-unverified", "{h:?}");
+        assert!(h.evidence.contains("Microsoft Corporation"), "{h:?}");
+        let p = Profiles::builtin().unwrap();
+        assert!(!p.hypervisor_named(&h.name).unwrap().irq_affinity);
+        // The same maker's VM product is Hyper-V.
+        let h = platform("Microsoft Corporation", "Virtual Machine", true);
+        assert_eq!(h.name, "hyper-v", "{h:?}");
+        // A Surface under a hypervisor Ferry cannot name is an unknown VM, not Hyper-V.
+        assert_eq!(
+            platform("Microsoft Corporation", "Surface Pro 7", true).name,
+            "unknown"
+        );
+    }
+
+    #[test]
+    fn dmi_rules_need_vendor_and_product() {
+        for (vendor, product, flag, want) in [
+            ("QEMU", "Standard PC (Q35 + ICH9, 2009)", true, "kvm"),
+            ("Red Hat", "KVM", true, "kvm"),
+            // A QEMU product name under another maker's DMI proves nothing.
+            (
+                "Frobozz",
+                "Standard PC (Q35 + ICH9, 2009)",
+                false,
+                "bare-metal-unverified",
+            ),
+            ("VMware, Inc.", "VMware7,1", true, "vmware"),
+            ("Xen", "HVM domU", true, "xen"),
+            ("Dell Inc.", "PowerEdge R750", false, "bare-metal"),
+            // A server maker's DMI with the hypervisor flag: a VM copying it, not bare metal.
+            ("Dell Inc.", "PowerEdge R750", true, "unknown"),
+            (
+                "Frobozz Magic Computer Co.",
+                "FZ-9000",
+                false,
+                "bare-metal-unverified",
+            ),
+        ] {
+            let h = platform(vendor, product, flag);
+            assert_eq!(h.name, want, "{vendor} / {product} / flag {flag}: {h:?}");
         }
     }
 }

@@ -100,12 +100,18 @@ pub struct HypervisorProfile {
     pub name: String,
     #[serde(default)]
     pub description: String,
-    /// Substrings of DMI `sys_vendor`.
+    /// Substrings of DMI `sys_vendor`. A DMI match needs every list given here to match: one of
+    /// the vendors and one of the products (a maker's name alone does not say VM: Microsoft
+    /// makes Surface laptops as well as Hyper-V).
     #[serde(default)]
     pub dmi_vendors: Vec<String>,
     /// Substrings of DMI `product_name`.
     #[serde(default)]
     pub dmi_products: Vec<String>,
+    /// When given, the CPU's hypervisor flag must be this for a DMI match (bare metal: false,
+    /// since a VM's DMI may copy a server maker's).
+    #[serde(default)]
+    pub hypervisor_flag: Option<bool>,
     /// Paravirtual drivers that betray this hypervisor when DMI is missing.
     #[serde(default)]
     pub device_drivers: Vec<String>,

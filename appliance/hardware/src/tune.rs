@@ -1,12 +1,15 @@
 //! Tuning: turn a probe report and the profiles into a list of changes (each with the value it
-//! replaces and why), apply them one by one while recording each in a state file, and revert
-//! them from that file in reverse order.
+//! replaces and why); [`apply`] and [`revert`] (in `tune/apply.rs`) carry them out through a
+//! state file.
 //!
 //! Only identified devices are touched: a NIC or disk without a known driver is skipped with the
 //! reason; one whose driver has no profile gets the `default` profile, which changes nothing.
-//! Interface changes carry the interface's ifindex and are refused if the name now belongs to
-//! another interface. The state file is rewritten (atomically) after every change, so a crash
-//! half-way leaves a file that `--revert` can still use.
+//! Every device change carries a [`Guard`] (an interface's ifindex, a disk's wwid or serial, else
+//! its model and size) and is refused if the name now belongs to another device.
+
+mod apply;
+
+pub use apply::{apply, boot_id, revert, Outcome, SetAside, State, BOOT_ID};
 
 use crate::ethtool::Knob;
 use crate::host::{bracketed, parse_cpu_list, Host};
@@ -47,11 +50,15 @@ pub enum Setting {
     },
 }
 
-/// An interface's identity at planning time.
+/// A device's identity at planning time, checked again before every write (apply and revert).
+/// Untagged: state files written before disks had guards hold only the interface form.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Guard {
-    pub iface: String,
-    pub ifindex: u32,
+#[serde(untagged)]
+pub enum Guard {
+    /// The interface name still has this ifindex (a re-created or renamed NIC gets another).
+    Interface { iface: String, ifindex: u32 },
+    /// The disk name still names a device with this identity ([`crate::probe::disk_identity`]).
+    Disk { disk: String, identity: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,7 +201,7 @@ fn plan_nics(host: &Host, report: &Report, profiles: &Profiles, opts: &Options, 
             );
             continue;
         }
-        let guard = Some(Guard {
+        let guard = Some(Guard::Interface {
             iface: n.name.clone(),
             ifindex,
         });
@@ -488,6 +495,18 @@ fn plan_disks(host: &Host, report: &Report, profiles: &Profiles, opts: &Options,
             );
             continue;
         }
+        let Some(identity) = d.identity.clone() else {
+            plan.skip(
+                name,
+                "cannot identify the disk (no wwid, serial or size): not touched",
+            );
+            continue;
+        };
+        let guard = Some(Guard::Disk {
+            disk: name.clone(),
+            identity,
+        });
+        let planned = plan.changes.len();
         if !p.schedulers.is_empty() {
             match p.schedulers.iter().find(|s| d.schedulers.contains(s)) {
                 Some(s) => file_change(
@@ -497,7 +516,7 @@ fn plan_disks(host: &Host, report: &Report, profiles: &Profiles, opts: &Options,
                     &format!("sys/block/{name}/queue/scheduler"),
                     s.clone(),
                     &format!("profile {}", p.name),
-                    None,
+                    guard.clone(),
                 ),
                 None => plan.skip(
                     format!("{name} scheduler"),
@@ -509,180 +528,24 @@ fn plan_disks(host: &Host, report: &Report, profiles: &Profiles, opts: &Options,
             }
         }
         if let Some(nr) = p.nr_requests {
-            file_change(
-                host,
-                plan,
-                format!("{name} nr_requests"),
-                &format!("sys/block/{name}/queue/nr_requests"),
-                nr.to_string(),
-                &format!("profile {}", p.name),
-                None,
-            );
-        }
-    }
-}
-
-/// The record of applied changes (what `--revert` undoes).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct State {
-    pub version: u32,
-    pub root: String,
-    pub changes: Vec<Change>,
-}
-
-impl State {
-    pub fn load(path: &Path) -> Result<Option<State>, TuneError> {
-        let show = path.display().to_string();
-        match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| TuneError::BadState(show, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(TuneError::State(show, e)),
-        }
-    }
-
-    fn save(&self, path: &Path) -> Result<(), TuneError> {
-        let show = path.display().to_string();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| TuneError::State(show.clone(), e))?;
-        }
-        let tmp = path.with_extension("tmp");
-        let text =
-            serde_json::to_vec_pretty(self).map_err(|e| TuneError::BadState(show.clone(), e))?;
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::rename(&tmp, path))
-            .map_err(|e| TuneError::State(show, e))
-    }
-}
-
-/// What happened to each planned change.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Outcome {
-    pub applied: Vec<Change>,
-    pub failed: Vec<Skip>,
-    pub skipped: Vec<Skip>,
-}
-
-fn identity_ok(host: &Host, guard: &Option<Guard>) -> Result<(), String> {
-    match guard {
-        None => Ok(()),
-        Some(g) => match host.read_num::<u32>(&format!("sys/class/net/{}/ifindex", g.iface)) {
-            Some(i) if i == g.ifindex => Ok(()),
-            Some(i) => Err(format!(
-                "{} is now ifindex {i}, was {}: not touched",
-                g.iface, g.ifindex
-            )),
-            None => Err(format!("{} is gone: not touched", g.iface)),
-        },
-    }
-}
-
-fn write_setting(host: &Host, s: &Setting, value: &str) -> std::io::Result<()> {
-    match s {
-        Setting::File { path } => host.write(path, value),
-        Setting::Ethtool { iface, knob } => {
-            let v: u32 = value
-                .parse()
-                .map_err(|_| std::io::Error::other(format!("bad value {value:?}")))?;
-            host.ethtool.set(iface, knob, v)
-        }
-    }
-}
-
-/// Apply a plan, recording each change (with its first `before`) in the state file.
-pub fn apply(host: &Host, plan: &Plan, state_file: &Path) -> Result<Outcome, TuneError> {
-    let mut state = State::load(state_file)?.unwrap_or(State {
-        version: 1,
-        root: host.root.display().to_string(),
-        changes: Vec::new(),
-    });
-    let mut out = Outcome {
-        skipped: plan.skipped.clone(),
-        ..Default::default()
-    };
-    for c in &plan.changes {
-        if let Err(why) = identity_ok(host, &c.guard) {
-            out.failed.push(Skip {
-                what: c.what.clone(),
-                reason: why,
-            });
-            continue;
-        }
-        match write_setting(host, &c.setting, &c.after) {
-            Ok(()) => {
-                tracing::info!(what = %c.what, before = %c.before, after = %c.after, reason = %c.reason, "changed");
-                // A setting tuned before keeps its original value: --revert goes back to it.
-                match state.changes.iter_mut().find(|r| r.setting == c.setting) {
-                    Some(r) => r.after = c.after.clone(),
-                    None => state.changes.push(c.clone()),
-                }
-                state.save(state_file)?;
-                out.applied.push(c.clone());
-            }
-            Err(e) => {
-                tracing::warn!(what = %c.what, error = %e, "not changed");
-                let host_wide = matches!(&c.setting, Setting::File { path } if path.starts_with("proc/sys/net/core/"));
-                let reason = if host_wide && e.kind() == std::io::ErrorKind::PermissionDenied {
-                    format!("{e}: a host-wide key, read-only inside a network namespace")
-                } else {
-                    e.to_string()
-                };
-                out.failed.push(Skip {
-                    what: c.what.clone(),
-                    reason,
-                });
+            let path = format!("sys/block/{name}/queue/nr_requests");
+            let what = format!("{name} nr_requests");
+            let reason = format!("profile {}", p.name);
+            let cur = host.read(&path).map(|c| c.trim().to_string());
+            let switching = plan.changes.len() > planned;
+            match cur {
+                // The scheduler switch resets nr_requests: set it again even where it already
+                // has the wanted value (and restore this value after the scheduler at revert).
+                Some(cur) if switching && cur == nr.to_string() => plan.changes.push(Change {
+                    what,
+                    setting: Setting::File { path },
+                    guard,
+                    before: cur,
+                    after: nr.to_string(),
+                    reason: format!("{reason} (again after the scheduler switch resets it)"),
+                }),
+                _ => file_change(host, plan, what, &path, nr.to_string(), &reason, guard),
             }
         }
     }
-    Ok(out)
-}
-
-/// Undo every recorded change, newest first. The state file is removed when all were restored,
-/// else rewritten with the ones that could not be.
-pub fn revert(host: &Host, state_file: &Path) -> Result<Outcome, TuneError> {
-    let Some(state) = State::load(state_file)? else {
-        return Ok(Outcome::default());
-    };
-    let mut out = Outcome::default();
-    let mut left = Vec::new();
-    for c in state.changes.iter().rev() {
-        if let Err(why) = identity_ok(host, &c.guard) {
-            out.failed.push(Skip {
-                what: c.what.clone(),
-                reason: why,
-            });
-            continue;
-        }
-        match write_setting(host, &c.setting, &c.before) {
-            Ok(()) => {
-                tracing::info!(what = %c.what, restored = %c.before, "reverted");
-                out.applied.push(Change {
-                    before: c.after.clone(),
-                    after: c.before.clone(),
-                    reason: "revert".into(),
-                    ..c.clone()
-                });
-            }
-            Err(e) => {
-                out.failed.push(Skip {
-                    what: c.what.clone(),
-                    reason: e.to_string(),
-                });
-                left.push(c.clone());
-            }
-        }
-    }
-    if left.is_empty() {
-        std::fs::remove_file(state_file)
-            .map_err(|e| TuneError::State(state_file.display().to_string(), e))?;
-    } else {
-        left.reverse();
-        State {
-            changes: left,
-            ..state
-        }
-        .save(state_file)?;
-    }
-    Ok(out)
 }
