@@ -28,7 +28,9 @@ use schemars::JsonSchema;
 use serde::{de::DeserializeOwned, Serialize};
 
 /// A named configuration object kept by the configuration server.
-pub trait Object: Serialize + DeserializeOwned + JsonSchema + Clone + Send + Sync + 'static {
+pub trait Object:
+    Serialize + DeserializeOwned + JsonSchema + Clone + Send + Sync + 'static
+{
     /// The kind's name in errors, audit entries and URLs (plural), e.g. `machines`.
     const KIND: &'static str;
     /// The object's own name (the last path segment of its URL).

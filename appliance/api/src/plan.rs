@@ -91,7 +91,10 @@ fn hooks(field: &str, hs: &[Hook]) -> Result<(), Invalid> {
             validate::text(&format!("{f}.argv"), a)?;
         }
         if h.argv[0].is_empty() {
-            return Err(Invalid::new(format!("{f}.argv"), "the program must not be empty"));
+            return Err(Invalid::new(
+                format!("{f}.argv"),
+                "the program must not be empty",
+            ));
         }
         validate::range(&format!("{f}.timeout_secs"), h.timeout_secs, 1, 3600)?;
     }
@@ -194,6 +197,10 @@ mod tests {
         assert!(p.validate().unwrap_err().reason.contains("twice"));
         p.groups[0].priority = 2;
         p.groups[1].machines.push(pm("web", 2));
-        assert!(p.validate().unwrap_err().reason.contains("web appears twice"));
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .reason
+            .contains("web appears twice"));
     }
 }

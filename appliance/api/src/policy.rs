@@ -109,7 +109,12 @@ impl Object for Policy {
         for (i, t) in self.retention.iter().enumerate() {
             let f = format!("retention[{i}]");
             validate::range(&format!("{f}.every_secs"), t.every_secs, 1, KEEP_MAX)?;
-            validate::range(&format!("{f}.keep_secs"), t.keep_secs, t.every_secs, KEEP_MAX)?;
+            validate::range(
+                &format!("{f}.keep_secs"),
+                t.keep_secs,
+                t.every_secs,
+                KEEP_MAX,
+            )?;
             // Tiers go from fine to coarse, as consolidation walks them in that order.
             if t.every_secs <= last_every {
                 return Err(Invalid::new(
@@ -122,7 +127,12 @@ impl Object for Policy {
         if let Some(m) = self.bandwidth.limit_mbit {
             validate::range("bandwidth.limit_mbit", m, 1, MBIT_MAX)?;
         }
-        validate::range("bandwidth.schedule", self.bandwidth.schedule.len(), 0, WINDOWS_MAX)?;
+        validate::range(
+            "bandwidth.schedule",
+            self.bandwidth.schedule.len(),
+            0,
+            WINDOWS_MAX,
+        )?;
         for (i, w) in self.bandwidth.schedule.iter().enumerate() {
             let f = format!("bandwidth.schedule[{i}]");
             if w.days.is_empty() {

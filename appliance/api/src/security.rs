@@ -9,7 +9,9 @@ use crate::validate::{self, Invalid};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// Reads everything in its scope, changes nothing.
@@ -99,7 +101,9 @@ impl Principal {
             Action::ReadAudit => (self.role >= Role::TenantAdmin, "read the audit log"),
             // Nobody hands out more than they hold; a tenant's admin enrolls only inside it.
             Action::Enroll(r) => (
-                self.role >= Role::TenantAdmin && r <= self.role && (tenant.is_some() || self.tenant.is_none()),
+                self.role >= Role::TenantAdmin
+                    && r <= self.role
+                    && (tenant.is_some() || self.tenant.is_none()),
                 "issue an enrollment token for that role",
             ),
         };

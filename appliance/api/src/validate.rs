@@ -91,7 +91,17 @@ mod tests {
         for ok in ["a", "acme", "web-01", "0", &"x".repeat(63)] {
             name("n", ok).unwrap();
         }
-        for bad in ["", "Acme", "-a", "a-", "a_b", "a/b", "a b", "é", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "Acme",
+            "-a",
+            "a-",
+            "a_b",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(64),
+        ] {
             let e = name("n", bad).unwrap_err();
             assert_eq!(e.field, "n", "{bad:?}");
         }

@@ -67,7 +67,10 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let fp = conn.as_ref().and_then(|c| c.cert_sha256.clone());
-    let principal = match fp.as_deref().map(|fp| app.store.get::<Principal>(trees::CERTS, fp)) {
+    let principal = match fp
+        .as_deref()
+        .map(|fp| app.store.get::<Principal>(trees::CERTS, fp))
+    {
         Some(Ok(p)) => p,
         Some(Err(e)) => return ApiError::internal(e).into_response(),
         None => None,
@@ -154,8 +157,14 @@ pub fn target_tenant(path: &str) -> Option<String> {
 mod tests {
     #[test]
     fn target_tenant() {
-        assert_eq!(super::target_tenant("/v1/tenants/acme/machines"), Some("acme".into()));
-        assert_eq!(super::target_tenant("/v1/tenants/acme"), Some("acme".into()));
+        assert_eq!(
+            super::target_tenant("/v1/tenants/acme/machines"),
+            Some("acme".into())
+        );
+        assert_eq!(
+            super::target_tenant("/v1/tenants/acme"),
+            Some("acme".into())
+        );
         assert_eq!(super::target_tenant("/v1/tenants"), None);
         assert_eq!(super::target_tenant("/v1/audit"), None);
     }

@@ -61,7 +61,10 @@ pub struct Issued {
 impl Authority {
     /// Open the PKI in `dir`, creating it (with `server_names` on the server certificate) when
     /// there is none. Returns whether it was created.
-    pub fn open_or_create(dir: &Path, server_names: &[String]) -> Result<(Authority, bool), CaError> {
+    pub fn open_or_create(
+        dir: &Path,
+        server_names: &[String],
+    ) -> Result<(Authority, bool), CaError> {
         let ca_path = dir.join("ca-cert.pem");
         let created = !ca_path.exists();
         if created {

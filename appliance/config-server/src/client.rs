@@ -4,8 +4,8 @@
 use ferry_api::ErrorBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-pub use hyper::{Method, StatusCode};
 use hyper::Request;
+pub use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -184,7 +184,11 @@ impl Client {
             });
         }
         // A 204 has no body; `()` and `Option` decode from `null`.
-        let bytes = if bytes.is_empty() { Bytes::from_static(b"null") } else { bytes };
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
         serde_json::from_slice(&bytes).map_err(ClientError::Decode)
     }
 

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use ferry_api::{
-    Action, Appliance, CreateToken, Enrolled, EnrollRequest, Event, Principal, Severity,
+    Action, Appliance, CreateToken, EnrollRequest, Enrolled, Event, Principal, Severity,
     TokenCreated,
 };
 use ring::rand::SecureRandom;
@@ -99,7 +99,12 @@ pub async fn enroll(
     Body(req): Body<EnrollRequest>,
 ) -> Result<Response, ApiError> {
     let _w = app.write.lock().await;
-    let unknown = || refused("bad-token", "this enrollment token is not known here".into());
+    let unknown = || {
+        refused(
+            "bad-token",
+            "this enrollment token is not known here".into(),
+        )
+    };
     let (id, secret) = req.token.trim().split_once('.').ok_or_else(unknown)?;
     // Ids are hex: anything else cannot name a token, and must not reach the key space.
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -141,7 +146,9 @@ pub async fn enroll(
         .ca
         .issue(&principal, req.csr_pem.as_deref())
         .map_err(|e| match e {
-            CaError::Csr(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad-csr", e.to_string()),
+            CaError::Csr(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad-csr", e.to_string())
+            }
             e => ApiError::internal(e),
         })?;
     app.store.put(trees::CERTS, &issued.sha256, &principal)?;
@@ -167,7 +174,12 @@ pub async fn enroll(
         severity: Severity::Info,
         tenant: principal.tenant.clone(),
         subject: format!("identities/{}", principal.name),
-        message: format!("{} enrolled as {} from {}", principal.name, principal.role.as_str(), conn.peer),
+        message: format!(
+            "{} enrolled as {} from {}",
+            principal.name,
+            principal.role.as_str(),
+            conn.peer
+        ),
         active: false,
     })?;
     app.store.flush().await?;

@@ -35,7 +35,11 @@ impl ApiError {
     }
     pub fn internal(what: impl std::fmt::Display) -> Self {
         tracing::error!(error = %what, "request failed");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", what.to_string())
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            what.to_string(),
+        )
     }
 }
 

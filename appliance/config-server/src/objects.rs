@@ -28,14 +28,25 @@ pub trait Stored: Object {
         Ok(())
     }
     /// Why this object cannot be deleted now, if it cannot.
-    fn in_use(_store: &Store, _key: &str, _tenant: &str, _name: &str) -> Result<Option<String>, ApiError> {
+    fn in_use(
+        _store: &Store,
+        _key: &str,
+        _tenant: &str,
+        _name: &str,
+    ) -> Result<Option<String>, ApiError> {
         Ok(None)
     }
     /// Fields the server owns survive an administrator's replace.
     fn keep_server_fields(&mut self, _old: &Self) {}
 }
 
-fn exists(store: &Store, tree: &'static str, tenant: &str, name: &str, what: &str) -> Result<(), ApiError> {
+fn exists(
+    store: &Store,
+    tree: &'static str,
+    tenant: &str,
+    name: &str,
+    what: &str,
+) -> Result<(), ApiError> {
     if store.contains(tree, &format!("{tenant}/{name}"))? {
         Ok(())
     } else {
@@ -66,9 +77,17 @@ impl Stored for Site {
     const ONE: &'static str = "site";
     const TREE: &'static str = trees::SITES;
     const PARENTS: &'static [&'static str] = &[trees::TENANTS];
-    fn in_use(store: &Store, _: &str, tenant: &str, name: &str) -> Result<Option<String>, ApiError> {
+    fn in_use(
+        store: &Store,
+        _: &str,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<String>, ApiError> {
         let ms: Vec<Machine> = store.list(trees::MACHINES, &format!("{tenant}/"))?;
-        Ok(ms.iter().find(|m| m.site == name).map(|m| format!("machine {} is at this site", m.name)))
+        Ok(ms
+            .iter()
+            .find(|m| m.site == name)
+            .map(|m| format!("machine {} is at this site", m.name)))
     }
 }
 
@@ -76,9 +95,17 @@ impl Stored for Policy {
     const ONE: &'static str = "policy";
     const TREE: &'static str = trees::POLICIES;
     const PARENTS: &'static [&'static str] = &[trees::TENANTS];
-    fn in_use(store: &Store, _: &str, tenant: &str, name: &str) -> Result<Option<String>, ApiError> {
+    fn in_use(
+        store: &Store,
+        _: &str,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<String>, ApiError> {
         let ms: Vec<Machine> = store.list(trees::MACHINES, &format!("{tenant}/"))?;
-        Ok(ms.iter().find(|m| m.policy == name).map(|m| format!("machine {} uses this policy", m.name)))
+        Ok(ms
+            .iter()
+            .find(|m| m.policy == name)
+            .map(|m| format!("machine {} uses this policy", m.name)))
     }
 }
 
@@ -90,7 +117,12 @@ impl Stored for Machine {
         exists(store, trees::SITES, tenant, &self.site, "site")?;
         exists(store, trees::POLICIES, tenant, &self.policy, "policy")
     }
-    fn in_use(store: &Store, key: &str, tenant: &str, name: &str) -> Result<Option<String>, ApiError> {
+    fn in_use(
+        store: &Store,
+        key: &str,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<String>, ApiError> {
         if store.any_with_prefix(trees::DISKS, &format!("{key}/"))? {
             return Ok(Some("the machine still has disks".into()));
         }
@@ -142,13 +174,22 @@ impl<S: Send + Sync> FromRequestParts<S> for Segs {
 }
 
 /// Permission, then the parents' existence. Returns the key prefix of the collection.
-fn enter<T: Stored>(store: &Store, p: &Principal, parents: &[String], write: bool) -> Result<String, ApiError> {
+fn enter<T: Stored>(
+    store: &Store,
+    p: &Principal,
+    parents: &[String],
+    write: bool,
+) -> Result<String, ApiError> {
     let tenant = parents.first().map(String::as_str);
     p.may(if write { T::WRITE } else { Action::Read }, tenant)?;
     for (i, tree) in T::PARENTS.iter().enumerate() {
         let key = parents[..=i].join("/");
         if !store.contains(tree, &key)? {
-            return Err(ApiError::not_found(format!("no {} {}", tree.trim_end_matches('s'), parents[i])));
+            return Err(ApiError::not_found(format!(
+                "no {} {}",
+                tree.trim_end_matches('s'),
+                parents[i]
+            )));
         }
     }
     Ok(parents.iter().map(|s| format!("{s}/")).collect())
@@ -167,7 +208,11 @@ fn tenant_of<'a>(parents: &'a [String], name: &'a str) -> &'a str {
     parents.first().map_or(name, String::as_str)
 }
 
-pub async fn list<T: Stored>(State(app): State<Shared>, Caller(p): Caller, Segs(s): Segs) -> Result<Json<Vec<T>>, ApiError> {
+pub async fn list<T: Stored>(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+    Segs(s): Segs,
+) -> Result<Json<Vec<T>>, ApiError> {
     let prefix = enter::<T>(&app.store, &p, &s, false)?;
     let mut all: Vec<T> = app.store.list(T::TREE, &prefix)?;
     if T::PARENTS.is_empty() {
@@ -177,7 +222,11 @@ pub async fn list<T: Stored>(State(app): State<Shared>, Caller(p): Caller, Segs(
     Ok(Json(all))
 }
 
-pub async fn get_one<T: Stored>(State(app): State<Shared>, Caller(p): Caller, Segs(s): Segs) -> Result<Json<T>, ApiError> {
+pub async fn get_one<T: Stored>(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+    Segs(s): Segs,
+) -> Result<Json<T>, ApiError> {
     let (parents, name) = item(&s)?;
     p.may(Action::Read, Some(tenant_of(parents, name)))?;
     let prefix = enter::<T>(&app.store, &p, parents, false)?;
@@ -198,8 +247,15 @@ pub async fn create<T: Stored>(
     let prefix = enter::<T>(&app.store, &p, &s, true)?;
     obj.validate()?;
     obj.check_refs(&app.store, tenant_of(&s, obj.name()))?;
-    if !app.store.insert_new(T::TREE, &format!("{prefix}{}", obj.name()), &obj)? {
-        return Err(ApiError::conflict(format!("{} {} exists already", T::ONE, obj.name())));
+    if !app
+        .store
+        .insert_new(T::TREE, &format!("{prefix}{}", obj.name()), &obj)?
+    {
+        return Err(ApiError::conflict(format!(
+            "{} {} exists already",
+            T::ONE,
+            obj.name()
+        )));
     }
     app.store.flush().await?;
     Ok((StatusCode::CREATED, Json(obj)))
@@ -220,7 +276,10 @@ pub async fn replace<T: Stored>(
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid",
-            format!("name: the body names {}, the path {name} (renaming is not supported)", obj.name()),
+            format!(
+                "name: the body names {}, the path {name} (renaming is not supported)",
+                obj.name()
+            ),
         ));
     }
     let key = format!("{prefix}{name}");
@@ -235,7 +294,11 @@ pub async fn replace<T: Stored>(
     Ok(Json(obj))
 }
 
-pub async fn delete<T: Stored>(State(app): State<Shared>, Caller(p): Caller, Segs(s): Segs) -> Result<StatusCode, ApiError> {
+pub async fn delete<T: Stored>(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+    Segs(s): Segs,
+) -> Result<StatusCode, ApiError> {
     let _w = app.write.lock().await;
     let (parents, name) = item(&s)?;
     let tenant = tenant_of(parents, name);
@@ -246,7 +309,10 @@ pub async fn delete<T: Stored>(State(app): State<Shared>, Caller(p): Caller, Seg
         return Err(ApiError::not_found(format!("no {} {name}", T::ONE)));
     }
     if let Some(why) = T::in_use(&app.store, &key, tenant, name)? {
-        return Err(ApiError::conflict(format!("{} {name} is in use: {why}", T::ONE)));
+        return Err(ApiError::conflict(format!(
+            "{} {name} is in use: {why}",
+            T::ONE
+        )));
     }
     app.store.remove(T::TREE, &key)?;
     app.store.flush().await?;

@@ -75,9 +75,7 @@ pub fn document(ops: &[Op]) -> Value {
             o["requestBody"] = json!({"required": true,
                 "content": {"application/json": {"schema": f(&mut g).to_value()}}});
         }
-        let entry = paths
-            .entry(op.path.clone())
-            .or_insert_with(|| json!({}));
+        let entry = paths.entry(op.path.clone()).or_insert_with(|| json!({}));
         entry[op.method.as_str().to_lowercase()] = o;
     }
     json!({

@@ -5,8 +5,8 @@ use crate::error::ApiError;
 use crate::store::trees;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
 use axum::http::header;
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use ferry_api::{Action, Appliance, AuditEntry, Disk, DiskState, Event, Health, Principal};
@@ -42,7 +42,8 @@ pub struct Tail {
 pub const TAIL_MAX: usize = 1000;
 
 fn limit(q: Result<Query<Tail>, QueryRejection>) -> Result<usize, ApiError> {
-    let Query(t) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-query", e.body_text()))?;
+    let Query(t) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-query", e.body_text()))?;
     Ok(t.limit.unwrap_or(100).min(TAIL_MAX))
 }
 
@@ -91,7 +92,10 @@ pub async fn metrics(
     let mut gauge = |name: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
     };
-    gauge("ferry_disk_state", "1 for the state a disk is in, 0 for the others");
+    gauge(
+        "ferry_disk_state",
+        "1 for the state a disk is in, 0 for the others",
+    );
     let mut rpo = String::new();
     let mut size = String::new();
     let mut states = String::new();
@@ -106,7 +110,11 @@ pub async fn metrics(
         let labels = format!("tenant=\"{t}\",machine=\"{m}\",disk=\"{}\"", d.name);
         for s in DiskState::ALL {
             let v = u8::from(s == d.state);
-            let _ = writeln!(states, "ferry_disk_state{{{labels},state=\"{}\"}} {v}", s.as_str());
+            let _ = writeln!(
+                states,
+                "ferry_disk_state{{{labels},state=\"{}\"}} {v}",
+                s.as_str()
+            );
         }
         if let Some(r) = d.rpo_seconds {
             let _ = writeln!(rpo, "ferry_disk_rpo_seconds{{{labels}}} {r}");
@@ -116,7 +124,9 @@ pub async fn metrics(
     out.push_str(&states);
     out.push_str("# HELP ferry_disk_rpo_seconds age of the newest recovery point, as last reported\n# TYPE ferry_disk_rpo_seconds gauge\n");
     out.push_str(&rpo);
-    out.push_str("# HELP ferry_disk_size_bytes configured disk size\n# TYPE ferry_disk_size_bytes gauge\n");
+    out.push_str(
+        "# HELP ferry_disk_size_bytes configured disk size\n# TYPE ferry_disk_size_bytes gauge\n",
+    );
     out.push_str(&size);
     let proc = process_stats();
     let _ = writeln!(
@@ -128,7 +138,10 @@ pub async fn metrics(
         proc.0, proc.1
     );
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         out,
     ))
 }

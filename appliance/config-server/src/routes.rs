@@ -12,7 +12,7 @@ use axum::http::{Method, StatusCode};
 use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use ferry_api::{
-    Appliance, AuditEntry, CreateToken, Disk, Enrolled, EnrollRequest, Event, Health, Machine,
+    Appliance, AuditEntry, CreateToken, Disk, EnrollRequest, Enrolled, Event, Health, Machine,
     Plan, Policy, Principal, Site, Tenant, TokenCreated,
 };
 use schemars::{JsonSchema, Schema, SchemaGenerator};
@@ -120,9 +120,15 @@ fn crud<T: Stored>(api: Api, coll: &str) -> Api {
     } else {
         "tenant-admin of the tenant, provider-admin"
     };
-    let scoped: &[u16] = if T::PARENTS.is_empty() { &[] } else { &[403, 404] };
+    let scoped: &[u16] = if T::PARENTS.is_empty() {
+        &[]
+    } else {
+        &[403, 404]
+    };
     api.add(
-        Op::new(Method::GET, coll, format!("List {k}")).answers::<Vec<T>>().errors(scoped),
+        Op::new(Method::GET, coll, format!("List {k}"))
+            .answers::<Vec<T>>()
+            .errors(scoped),
         objects::list::<T>,
     )
     .add(
@@ -135,7 +141,9 @@ fn crud<T: Stored>(api: Api, coll: &str) -> Api {
         objects::create::<T>,
     )
     .add(
-        Op::new(Method::GET, &item, format!("Read a {one}")).answers::<T>().errors(&[403, 404]),
+        Op::new(Method::GET, &item, format!("Read a {one}"))
+            .answers::<T>()
+            .errors(&[403, 404]),
         objects::get_one::<T>,
     )
     .add(
@@ -147,10 +155,14 @@ fn crud<T: Stored>(api: Api, coll: &str) -> Api {
         objects::replace::<T>,
     )
     .add(
-        Op::new(Method::DELETE, &item, format!("Delete a {one} (refused while in use)"))
-            .ok(204)
-            .who(writer)
-            .errors(&[403, 404, 409]),
+        Op::new(
+            Method::DELETE,
+            &item,
+            format!("Delete a {one} (refused while in use)"),
+        )
+        .ok(204)
+        .who(writer)
+        .errors(&[403, 404, 409]),
         objects::delete::<T>,
     )
 }
@@ -179,40 +191,57 @@ pub fn router(app: Shared) -> Router {
             reports::whoami,
         )
         .add(
-            Op::new(Method::POST, "/v1/tokens", "Create a one-time enrollment token")
-                .body::<CreateToken>()
-                .answers::<TokenCreated>()
-                .ok(201)
-                .who(admins)
-                .errors(&[403]),
+            Op::new(
+                Method::POST,
+                "/v1/tokens",
+                "Create a one-time enrollment token",
+            )
+            .body::<CreateToken>()
+            .answers::<TokenCreated>()
+            .ok(201)
+            .who(admins)
+            .errors(&[403]),
             enroll::create_token,
         )
         .add(
             Op {
                 token_auth: true,
                 who: "anyone holding an unused, unexpired token",
-                ..Op::new(Method::POST, ENROLL_PATH, "Trade a token for a client certificate")
-                    .body::<EnrollRequest>()
-                    .answers::<Enrolled>()
-                    .ok(201)
+                ..Op::new(
+                    Method::POST,
+                    ENROLL_PATH,
+                    "Trade a token for a client certificate",
+                )
+                .body::<EnrollRequest>()
+                .answers::<Enrolled>()
+                .ok(201)
             },
             enroll::enroll,
         )
         .add(
-            Op::new(Method::GET, "/v1/appliances", "Enrolled appliances").answers::<Vec<Appliance>>(),
+            Op::new(Method::GET, "/v1/appliances", "Enrolled appliances")
+                .answers::<Vec<Appliance>>(),
             reports::appliances,
         )
         .add(
-            Op::new(Method::GET, "/v1/audit", "The newest audit entries (?limit=N, at most 1000)")
-                .answers::<Vec<AuditEntry>>()
-                .who(admins)
-                .errors(&[400, 403]),
+            Op::new(
+                Method::GET,
+                "/v1/audit",
+                "The newest audit entries (?limit=N, at most 1000)",
+            )
+            .answers::<Vec<AuditEntry>>()
+            .who(admins)
+            .errors(&[400, 403]),
             reports::audit,
         )
         .add(
-            Op::new(Method::GET, "/v1/events", "The newest events and alerts (?limit=N)")
-                .answers::<Vec<Event>>()
-                .errors(&[400]),
+            Op::new(
+                Method::GET,
+                "/v1/events",
+                "The newest events and alerts (?limit=N)",
+            )
+            .answers::<Vec<Event>>()
+            .errors(&[400]),
             reports::events,
         );
     api = crud::<Tenant>(api, "/v1/tenants");
@@ -226,12 +255,18 @@ pub fn router(app: Shared) -> Router {
     api.ops.push(doc_op);
     let doc = std::sync::Arc::new(openapi::document(&api.ops));
     let doc_op = api.ops.pop().expect("pushed above");
-    api = api.add(doc_op, move |Caller(_): Caller| async move { Json(doc.as_ref().clone()) });
+    api = api.add(doc_op, move |Caller(_): Caller| async move {
+        Json(doc.as_ref().clone())
+    });
 
     api.router
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "this route does not take that method")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "this route does not take that method",
+            )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(app.clone(), gate))

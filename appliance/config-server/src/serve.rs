@@ -59,18 +59,22 @@ pub struct Server {
 impl Server {
     /// Open (or create) the state and the CA, and bind the listener.
     pub async fn bind(cfg: &Config) -> Result<Server, ServerError> {
-        std::fs::create_dir_all(&cfg.state).map_err(io(format!("creating {}", cfg.state.display())))?;
+        std::fs::create_dir_all(&cfg.state)
+            .map_err(io(format!("creating {}", cfg.state.display())))?;
         let (ca, _) = Authority::open_or_create(&cfg.state.join("pki"), &cfg.server_names)?;
         let store = Store::open(&cfg.state.join("db"))?;
         bootstrap_admin(&store, &ca, &cfg.state.join("admin")).await?;
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(io(format!("binding {}", cfg.listen)))?;
-        let local_addr = listener.local_addr().map_err(io("reading the bound address"))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(io("reading the bound address"))?;
         // Tools and tests find the address here, which matters with port 0.
         let tmp = cfg.state.join("listening.tmp");
         std::fs::write(&tmp, local_addr.to_string()).map_err(io("writing the address file"))?;
-        std::fs::rename(&tmp, cfg.state.join("listening")).map_err(io("writing the address file"))?;
+        std::fs::rename(&tmp, cfg.state.join("listening"))
+            .map_err(io("writing the address file"))?;
         let app = Arc::new(App {
             store,
             ca,
@@ -112,7 +116,8 @@ impl Server {
             let (acceptor, router) = (acceptor.clone(), router.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::info!(%peer, error = %e, "TLS handshake refused");
@@ -179,7 +184,10 @@ async fn bootstrap_admin(store: &Store, ca: &Authority, dir: &Path) -> Result<()
 pub fn write_identity(dir: &Path, ca: &str, cert: &str, key: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     for (name, text, mode) in [
         ("client-key.pem", key, 0o600),
         ("ca-cert.pem", ca, 0o644),

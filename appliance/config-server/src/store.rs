@@ -120,7 +120,12 @@ impl Store {
     }
 
     pub fn any_with_prefix(&self, tree: &'static str, prefix: &str) -> Result<bool, StoreError> {
-        Ok(self.tree(tree)?.scan_prefix(prefix).next().transpose()?.is_some())
+        Ok(self
+            .tree(tree)?
+            .scan_prefix(prefix)
+            .next()
+            .transpose()?
+            .is_some())
     }
 
     /// Store `value` under `key` only if the key is free; false when it was taken.
