@@ -4,234 +4,15 @@
 //! 4xx answers while the server keeps serving; the OpenAPI document matches the routes; state
 //! survives a crash of the server.
 
-use ferry_api::{AuditEntry, AuditResult, EnrollRequest, Enrolled, Principal, TokenCreated};
+#[path = "support/config_server.rs"]
+mod harness;
+
+use ferry_api::{AuditEntry, AuditResult, EnrollRequest, Principal};
 use ferry_config_server::client::{Client, ClientError, Method, StatusCode};
+use harness::*;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// Every test's whole run, server starts included.
-const TEST_DEADLINE: Duration = Duration::from_secs(60);
-
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
-}
-
-/// A running `ferry config-server`; killed when dropped.
-struct Server {
-    child: Child,
-    state: PathBuf,
-    url: String,
-}
-
-impl Server {
-    fn start(state: &Path) -> Server {
-        let addr_file = state.join("listening");
-        let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::File::create(state.with_extension("log")).unwrap();
-        let mut child = Command::new(exe())
-            .arg("config-server")
-            .arg("--state")
-            .arg(state)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("FERRY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        let addr = loop {
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                break a;
-            }
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("config-server exited early: {st}");
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "config-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Server {
-            child,
-            state: state.to_path_buf(),
-            url: format!("https://{addr}"),
-        }
-    }
-
-    fn admin(&self) -> Client {
-        Client::from_cert_dir(&self.url, &self.state.join("admin")).unwrap()
-    }
-
-    fn ca(&self) -> String {
-        std::fs::read_to_string(self.state.join("pki/ca-cert.pem")).unwrap()
-    }
-
-    fn anonymous(&self) -> Client {
-        Client::anonymous(&self.url, &self.ca()).unwrap()
-    }
-
-    /// SIGKILL: no chance to flush anything that was not flushed before answering.
-    fn crash(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run(f: impl std::future::Future<Output = ()>) {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            tokio::time::timeout(TEST_DEADLINE, f)
-                .await
-                .expect("test took too long")
-        })
-}
-
-async fn call(
-    c: &Client,
-    m: Method,
-    path: &str,
-    body: Option<Value>,
-) -> Result<Value, ClientError> {
-    c.call::<Value, Value>(m, path, body.as_ref()).await
-}
-
-async fn ok(c: &Client, m: Method, path: &str, body: Option<Value>) -> Value {
-    match call(c, m.clone(), path, body).await {
-        Ok(v) => v,
-        Err(e) => panic!("{m} {path}: {e}"),
-    }
-}
-
-/// The refusal's status and code, and the message, which must be non-empty.
-async fn refused(c: &Client, m: Method, path: &str, body: Option<Value>) -> (u16, String, String) {
-    match call(c, m.clone(), path, body).await {
-        Err(ClientError::Api {
-            status,
-            code,
-            message,
-        }) => {
-            assert!(!message.is_empty(), "{m} {path}: an empty error message");
-            (status, code, message)
-        }
-        other => panic!("{m} {path}: expected a refusal, got {other:?}"),
-    }
-}
-
-/// The newest audit entry for `what` (`METHOD /path`).
-async fn audited(admin: &Client, what: &str) -> AuditEntry {
-    let v: Vec<AuditEntry> = admin.get("/v1/audit?limit=1000").await.unwrap();
-    v.into_iter()
-        .rev()
-        .find(|e| e.what == what)
-        .unwrap_or_else(|| panic!("no audit entry for {what}"))
-}
-
-async fn token(
-    admin: &Client,
-    name: &str,
-    role: &str,
-    tenant: Option<&str>,
-    ttl: u64,
-) -> TokenCreated {
-    let body = json!({"name": name, "role": role, "tenant": tenant, "ttl_secs": ttl,
-                      "appliance": (role == "operator").then_some("process-server")});
-    serde_json::from_value(ok(admin, Method::POST, "/v1/tokens", Some(body)).await).unwrap()
-}
-
-/// Enroll through the library client (server-made key), writing a certificate directory.
-async fn enroll(s: &Server, tok: &str, dir: &Path) -> Client {
-    let req = EnrollRequest {
-        token: tok.into(),
-        csr_pem: None,
-    };
-    let e: Enrolled = s
-        .anonymous()
-        .call(Method::POST, "/v1/enroll", Some(&req))
-        .await
-        .unwrap();
-    ferry_config_server::serve::write_identity(
-        dir,
-        &e.ca_cert_pem,
-        &e.certificate_pem,
-        &e.private_key_pem.unwrap(),
-    )
-    .unwrap();
-    Client::from_cert_dir(&s.url, dir).unwrap()
-}
-
-/// Tenant acme with a site, a policy, a machine with a disk, and a plan.
-async fn inventory(admin: &Client) {
-    ok(
-        admin,
-        Method::POST,
-        "/v1/tenants",
-        Some(json!({"name": "acme"})),
-    )
-    .await;
-    ok(
-        admin,
-        Method::POST,
-        "/v1/tenants",
-        Some(json!({"name": "globex"})),
-    )
-    .await;
-    ok(
-        admin,
-        Method::POST,
-        "/v1/tenants/acme/sites",
-        Some(json!({"name": "hq", "kind": "protected"})),
-    )
-    .await;
-    ok(
-        admin,
-        Method::POST,
-        "/v1/tenants/acme/policies",
-        Some(policy(30)),
-    )
-    .await;
-    ok(
-        admin,
-        Method::POST,
-        "/v1/tenants/acme/machines",
-        Some(json!({"name": "web", "site": "hq", "policy": "gold"})),
-    )
-    .await;
-    ok(
-        admin,
-        Method::POST,
-        "/v1/tenants/acme/machines/web/disks",
-        Some(json!({"name": "d0", "size_bytes": 1u64 << 30})),
-    )
-    .await;
-    ok(
-        admin,
-        Method::POST,
-        "/v1/tenants/acme/plans",
-        Some(json!({"name": "dr",
-        "groups": [{"priority": 1, "machines": [{"machine": "web", "boot_order": 1}]}]})),
-    )
-    .await;
-}
-
-fn policy(rpo: u32) -> Value {
-    json!({"name": "gold", "mode": "continuous", "checkpoint_interval_secs": 1, "rpo_alert_secs": rpo,
-           "retention": [{"every_secs": 1, "keep_secs": 3600}],
-           "bandwidth": {"limit_mbit": 100, "schedule": [{"days": ["mon", "fri"], "start_minute": 480, "end_minute": 1080, "limit_mbit": 20}]}})
-}
+use std::process::Command;
+use std::time::Duration;
 
 #[test]
 fn refusals_are_clear_audited_and_change_nothing() {
@@ -534,6 +315,67 @@ fn bad_bodies_get_4xx_and_the_server_keeps_serving() {
         .await;
         assert_eq!((st, code.as_str()), (422, "invalid"));
         assert!(msg.contains("rpo_alert_secs"), "{msg}");
+
+        // References must resolve, and what is referred to cannot be deleted.
+        ok(
+            &admin,
+            Method::POST,
+            "/v1/tenants/acme/sites",
+            Some(json!({"name": "hq", "kind": "protected"})),
+        )
+        .await;
+        let web = json!({"name": "web", "site": "hq", "policy": "gold"});
+        let (st, _, msg) = refused(
+            &admin,
+            Method::POST,
+            "/v1/tenants/acme/machines",
+            Some(web.clone()),
+        )
+        .await;
+        assert_eq!(st, 422);
+        assert!(msg.contains("policy gold does not exist"), "{msg}");
+        ok(
+            &admin,
+            Method::POST,
+            "/v1/tenants/acme/policies",
+            Some(policy(30)),
+        )
+        .await;
+        ok(
+            &admin,
+            Method::POST,
+            "/v1/tenants/acme/machines",
+            Some(web.clone()),
+        )
+        .await;
+        let (st, code, msg) = refused(
+            &admin,
+            Method::DELETE,
+            "/v1/tenants/acme/policies/gold",
+            None,
+        )
+        .await;
+        assert_eq!((st, code.as_str()), (409, "conflict"));
+        assert!(msg.contains("machine web uses this policy"), "{msg}");
+        let (st, _, _) =
+            refused(&admin, Method::POST, "/v1/tenants/acme/machines", Some(web)).await;
+        assert_eq!(st, 409);
+        let renamed = json!({"name": "other", "site": "hq", "policy": "gold"});
+        let (st, _, _) = refused(
+            &admin,
+            Method::PUT,
+            "/v1/tenants/acme/machines/web",
+            Some(renamed),
+        )
+        .await;
+        assert_eq!(st, 422);
+        let (st, _, _) = refused(&admin, Method::GET, "/v1/tenants/acme/machines/nope", None).await;
+        assert_eq!(st, 404);
+        let (st, _, msg) =
+            refused(&admin, Method::GET, "/v1/tenants/Bad_Name/machines", None).await;
+        assert_eq!(st, 404);
+        assert!(msg.contains("tenant"), "{msg}");
+
         // Not TLS at all, and a TLS client that hangs up: the server does not notice.
         let addr = s.url.trim_start_matches("https://").to_string();
         let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -549,7 +391,7 @@ fn bad_bodies_get_4xx_and_the_server_keeps_serving() {
             .iter()
             .filter(|e| e.result == AuditResult::Refused)
             .count();
-        assert_eq!(refusals, 9, "{log:#?}");
+        assert_eq!(refusals, 15, "{log:#?}");
         assert!(
             log.iter()
                 .any(|e| e.status == 413 && e.detail.to_lowercase().contains("length limit")),

@@ -91,8 +91,11 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
         (None, true) => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unknown-certificate",
-            "this client certificate is not registered here (revoked, or issued by another \
-             configuration server)",
+            format!(
+                "client certificate {} is not registered here (revoked, or not issued by \
+                 enrollment)",
+                fp.as_deref().unwrap_or_default()
+            ),
         )
         .into_response(),
     };
