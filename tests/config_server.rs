@@ -53,15 +53,23 @@ fn refusals_are_clear_audited_and_change_nothing() {
         let t_ps = token(&admin, "ps1", "operator", Some("acme"), 600).await;
         let ps = enroll(&s, &t_ps.token, &dir.path().join("ps1")).await;
         let t_viewer = token(&admin, "alice", "viewer", Some("acme"), 600).await;
-        let ca_file = s.state.join("pki/ca-cert.pem");
         let viewer_dir = dir.path().join("alice");
-        let out = Command::new(exe())
-            .args(["ctl", "--server", &s.url, "--cert-dir"])
-            .arg(&viewer_dir)
-            .args(["enroll", "--token", &t_viewer.token, "--ca-cert"])
-            .arg(&ca_file)
-            .output()
-            .unwrap();
+        // Only the address and the token's CA hash: a server with another CA gets no token.
+        let ctl_enroll = |pin: &str| {
+            Command::new(exe())
+                .args(["ctl", "--server", &s.url, "--cert-dir"])
+                .arg(&viewer_dir)
+                .args(["enroll", "--token", &t_viewer.token, "--ca-sha256", pin])
+                .output()
+                .unwrap()
+        };
+        let out = ctl_enroll(&"ab".repeat(32));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("not sending the token"),
+            "{err}"
+        );
+        let out = ctl_enroll(&t_viewer.ca_sha256);
         assert!(
             out.status.success(),
             "{}",

@@ -52,6 +52,13 @@ pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
 }
 
+/// The fingerprint of the first certificate in a PEM text.
+pub fn pem_fingerprint(pem: &str) -> Option<String> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .map(|d| fingerprint(&d))
+}
+
 pub struct Issued {
     pub certificate_pem: String,
     pub private_key_pem: Option<String>,

@@ -7,8 +7,11 @@ use hyper::body::Bytes;
 use hyper::Request;
 pub use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
 use std::sync::Arc;
@@ -95,6 +98,23 @@ impl Client {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
+        Self::new(url, Arc::new(cfg))
+    }
+
+    /// Trusting only the CA whose certificate (DER) has this SHA-256, which the server sends
+    /// along: enrollment with nothing but the server's address and a token (which carries
+    /// the hash), as `kubeadm join` does with its discovery hash.
+    pub fn pinned(url: &str, ca_sha256: &str) -> Result<Client, ClientError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Arc::new(PinnedCa {
+            sha256: ca_sha256.trim().to_ascii_lowercase(),
+            provider: provider.clone(),
+        });
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .dangerous() // not dangerous: PinnedCa verifies the chain, against a pinned root
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
         Self::new(url, Arc::new(cfg))
     }
 
@@ -194,5 +214,75 @@ impl Client {
 
     pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
         self.call::<(), R>(Method::GET, path, None).await
+    }
+}
+
+/// Accepts a server whose chain carries the CA with the pinned hash and whose certificate that
+/// CA signed for the name we connected to; everything but the choice of root is rustls' own
+/// verification.
+#[derive(Debug)]
+struct PinnedCa {
+    sha256: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| crate::ca::fingerprint(c) == self.sha256)
+            .ok_or_else(|| {
+                rustls::Error::General(format!(
+                    "the server's CA is not the one with SHA-256 {}: not sending the token",
+                    self.sha256
+                ))
+            })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

@@ -63,9 +63,13 @@ enum CtlCmd {
     Enroll {
         #[arg(long)]
         token: String,
-        /// The CA certificate to trust (handed out with the token).
-        #[arg(long)]
-        ca_cert: PathBuf,
+        /// The SHA-256 of the CA certificate, as printed with the token: the server's CA is
+        /// checked against it before the token is sent.
+        #[arg(long, required_unless_present = "ca_cert")]
+        ca_sha256: Option<String>,
+        /// Or the CA certificate itself.
+        #[arg(long, conflicts_with = "ca_sha256")]
+        ca_cert: Option<PathBuf>,
     },
     /// Show this identity.
     Whoami,
@@ -201,16 +205,39 @@ pub fn ctl(a: CtlArgs) -> anyhow::Result<()> {
 
 async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
     let json = a.json;
-    if let CtlCmd::Enroll { token, ca_cert } = &a.cmd {
-        let ca = std::fs::read_to_string(ca_cert)
-            .with_context(|| format!("reading {}", ca_cert.display()))?;
+    if let CtlCmd::Enroll {
+        token,
+        ca_sha256,
+        ca_cert,
+    } = &a.cmd
+    {
+        let (c, pinned_ca) = match (ca_sha256, ca_cert) {
+            (Some(h), _) => (Client::pinned(&a.server, h)?, None),
+            (None, Some(f)) => {
+                let ca = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                (Client::anonymous(&a.server, &ca)?, Some(ca))
+            }
+            (None, None) => bail!("give --ca-sha256 or --ca-cert"),
+        };
         let (key, csr) = ferry_config_server::ca::key_and_csr("enrolling")?;
-        let c = Client::anonymous(&a.server, &ca)?;
         let req = EnrollRequest {
             token: token.clone(),
             csr_pem: Some(csr),
         };
         let e: Enrolled = c.call(Method::POST, "/v1/enroll", Some(&req)).await?;
+        // The CA to trust from now on: the one given, or the pinned one the server sent.
+        let ca = match (pinned_ca, ca_sha256) {
+            (Some(ca), _) => ca,
+            (None, Some(h)) => {
+                let got = ferry_config_server::ca::pem_fingerprint(&e.ca_cert_pem);
+                if got.as_deref() != Some(h.trim().to_ascii_lowercase().as_str()) {
+                    bail!("the server answered with another CA than the one pinned ({h})");
+                }
+                e.ca_cert_pem.clone()
+            }
+            (None, None) => unreachable!("checked above"),
+        };
         ferry_config_server::serve::write_identity(&a.cert_dir, &ca, &e.certificate_pem, &key)
             .with_context(|| format!("writing {}", a.cert_dir.display()))?;
         return show(json, &e.principal, |p| {

@@ -171,6 +171,7 @@ pub fn server_config(
 /// Server side that verifies a client certificate when one is presented but also admits clients
 /// without one. For servers that must answer such clients themselves (the configuration
 /// server's enrollment, and its refusals, which it audits): the caller checks for a certificate.
+/// The server also sends the CA certificate, for clients that pin it by hash.
 pub fn server_config_client_optional(dir: &Path) -> Result<Arc<rustls::ServerConfig>, PkiError> {
     server_config_with(dir, ClientAuth::Optional)
 }
@@ -200,10 +201,13 @@ fn server_config_with(dir: &Path, auth: ClientAuth) -> Result<Arc<rustls::Server
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let cfg = builder.with_single_cert(
-        certs(&dir.join("server-cert.pem"))?,
-        key(&dir.join("server-key.pem"))?,
-    )?;
+    let mut chain = certs(&dir.join("server-cert.pem"))?;
+    if matches!(auth, ClientAuth::Optional) {
+        // The CA goes with the chain: a client that enrolls holds only a hash of the CA (from
+        // its token) and checks the CA it is sent against it before trusting it.
+        chain.extend(certs(&dir.join("ca-cert.pem"))?);
+    }
+    let cfg = builder.with_single_cert(chain, key(&dir.join("server-key.pem"))?)?;
     Ok(Arc::new(cfg))
 }
 
