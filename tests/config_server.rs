@@ -225,6 +225,48 @@ fn refusals_are_clear_audited_and_change_nothing() {
         let machines: Vec<Value> = viewer.get("/v1/tenants/acme/machines").await.unwrap();
         assert_eq!(machines.len(), 1);
         ok(&ps, Method::GET, "/v1/tenants/acme/policies/gold", None).await;
+
+        // The process server reports its disk; people of the tenant and other tenants may not.
+        let report = "/v1/tenants/acme/machines/web/disks/d0/report";
+        let r = |rpo: f64| Some(json!({"state": "protected", "rpo_seconds": rpo}));
+        ok(&ps, Method::PUT, report, r(2.5)).await;
+        for who in [&viewer, &globex] {
+            let (st, _, _) = refused(who, Method::PUT, report, r(0.0)).await;
+            assert_eq!(st, 403);
+        }
+        ok(&ps, Method::PUT, report, r(45.0)).await;
+        let events: Vec<Value> = viewer.get("/v1/events").await.unwrap();
+        let alert = events
+            .iter()
+            .find(|e| e["active"] == true)
+            .expect("an RPO alert");
+        assert!(
+            alert["message"]
+                .as_str()
+                .unwrap()
+                .contains("over the threshold of 30"),
+            "{alert}"
+        );
+        let metrics = |c: &Client| {
+            let c = c.clone();
+            async move {
+                let (_, b) = c.raw(Method::GET, "/metrics", None).await.unwrap();
+                String::from_utf8_lossy(&b).into_owned()
+            }
+        };
+        let m = metrics(&viewer).await;
+        let labels = r#"tenant="acme",machine="web",disk="d0""#;
+        assert!(
+            m.contains(&format!("ferry_disk_rpo_seconds{{{labels}}} 45\n")),
+            "{m}"
+        );
+        assert!(
+            m.contains(&format!(
+                "ferry_disk_state{{{labels},state=\"protected\"}} 1\n"
+            )),
+            "{m}"
+        );
+        assert!(!metrics(&globex).await.contains("acme"));
         // The viewer's CLI prints a table of what it may see.
         let out = Command::new(exe())
             .args(["ctl", "--server", &s.url, "--cert-dir"])
@@ -422,6 +464,7 @@ fn example_body(method: &Method, path: &str) -> Value {
         "machines" | "web" => json!({"name": "web", "site": "hq", "policy": "gold"}),
         "disks" | "d0" => json!({"name": "d0", "size_bytes": 4096}),
         "plans" | "dr" => json!({"name": "dr", "groups": []}),
+        "report" => json!({"state": "seeding", "rpo_seconds": null}),
         other => panic!("no example body for {other} ({path})"),
     }
 }

@@ -181,3 +181,23 @@ impl Object for Disk {
         Ok(())
     }
 }
+
+/// What a process server or master target reports about one disk it serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskReport {
+    pub state: DiskState,
+    /// Age of the newest recovery point, in seconds; none while there is none.
+    pub rpo_seconds: Option<f64>,
+}
+
+impl DiskReport {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        match self.rpo_seconds {
+            Some(r) if !r.is_finite() || r < 0.0 => {
+                Err(Invalid::new("rpo_seconds", "must be a finite number >= 0"))
+            }
+            _ => Ok(()),
+        }
+    }
+}

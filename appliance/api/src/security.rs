@@ -61,6 +61,8 @@ pub enum Action {
     ReadAudit,
     /// Issue an enrollment token for a principal with this role.
     Enroll(Role),
+    /// Report what an appliance observes (disk state, RPO).
+    Report,
 }
 
 /// Why a principal may not do something, in words for the operator.
@@ -99,6 +101,12 @@ impl Principal {
             Action::Configure => (self.role >= Role::TenantAdmin, "change configuration"),
             Action::ManageTenants => (self.role == Role::ProviderAdmin, "manage tenants"),
             Action::ReadAudit => (self.role >= Role::TenantAdmin, "read the audit log"),
+            // Observations come from the appliances that make them, never from people (a
+            // provider admin may correct one).
+            Action::Report => (
+                self.appliance.is_some() || self.role == Role::ProviderAdmin,
+                "report disk state (appliances only)",
+            ),
             // Nobody hands out more than they hold; a tenant's admin enrolls only inside it.
             Action::Enroll(r) => (
                 self.role >= Role::TenantAdmin
@@ -220,6 +228,13 @@ mod tests {
         ta.may(Action::Enroll(Role::Viewer), Some("acme")).unwrap();
         assert!(ta.may(Action::Enroll(Role::ProviderAdmin), None).is_err());
         assert!(ta.may(Action::Enroll(Role::Viewer), None).is_err());
+        assert!(op.may(Action::Report, Some("acme")).is_err());
+        let ps = Principal {
+            appliance: Some(ApplianceRole::ProcessServer),
+            ..op.clone()
+        };
+        ps.may(Action::Report, Some("acme")).unwrap();
+        assert!(ps.may(Action::Report, Some("globex")).is_err());
         let pa = p(Role::ProviderAdmin, None);
         pa.may(Action::ManageTenants, None).unwrap();
         pa.may(Action::Configure, Some("globex")).unwrap();

@@ -73,6 +73,9 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+/// How long a request body may take to arrive.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A JSON body whose every failure (syntax, types, size, content type) is an [`ApiError`]
 /// rather than axum's plain-text rejection, so clients always get the same error shape.
 pub struct Body<T>(pub T);
@@ -81,9 +84,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Body(v)),
-            Err(e) => Err(rejection(e)),
+        // A client that trickles its body would hold a connection slot as long as it likes;
+        // timing out here, before the handler starts, also means nothing has changed yet and
+        // the refusal is audited like any other.
+        match tokio::time::timeout(BODY_TIMEOUT, axum::Json::<T>::from_request(req, state)).await {
+            Ok(Ok(axum::Json(v))) => Ok(Body(v)),
+            Ok(Err(e)) => Err(rejection(e)),
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+            )),
         }
     }
 }

@@ -7,6 +7,7 @@
 //!
 //! Rooms: [`store`] (sled), [`ca`] (issuing), [`app`] (the authentication and audit gate),
 //! [`objects`] (CRUD for every kind), [`enroll`], [`reports`] (audit, events, metrics),
+//! [`report`] (what appliances observe),
 //! [`routes`] (the table) and [`openapi`] (the document made from it), [`serve`] (TLS and
 //! HTTP), [`client`] (for the CLI and tests).
 
@@ -17,6 +18,7 @@ pub mod enroll;
 pub mod error;
 pub mod objects;
 pub mod openapi;
+pub mod report;
 pub mod reports;
 pub mod routes;
 pub mod serve;

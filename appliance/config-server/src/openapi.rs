@@ -16,6 +16,7 @@ fn status_text(s: u16) -> &'static str {
         401 => "No client certificate, an unknown one, or a bad, used or expired token",
         403 => "The caller's role or tenant does not allow this",
         404 => "No such object (or parent)",
+        408 => "The body did not arrive in time",
         409 => "Exists already, or still in use",
         413 => "Body larger than the limit",
         415 => "Body is not JSON",

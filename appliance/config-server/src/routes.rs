@@ -5,15 +5,15 @@
 use crate::app::{gate, Caller, Shared, ENROLL_PATH};
 use crate::error::ApiError;
 use crate::objects::{self, Stored};
-use crate::{enroll, openapi, reports};
+use crate::{enroll, openapi, report, reports};
 use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler;
 use axum::http::{Method, StatusCode};
 use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use ferry_api::{
-    Appliance, AuditEntry, CreateToken, Disk, EnrollRequest, Enrolled, Event, Health, Machine,
-    Plan, Policy, Principal, Site, Tenant, TokenCreated,
+    Appliance, AuditEntry, CreateToken, Disk, DiskReport, EnrollRequest, Enrolled, Event, Health,
+    Machine, Plan, Policy, Principal, Site, Tenant, TokenCreated,
 };
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
@@ -69,7 +69,7 @@ impl Op {
     }
     fn body<T: JsonSchema>(mut self) -> Op {
         self.request = Some(schema::<T>);
-        self.errors.extend([400, 413, 415, 422]);
+        self.errors.extend([400, 408, 413, 415, 422]);
         self
     }
     fn text(mut self, content_type: &'static str) -> Op {
@@ -250,6 +250,18 @@ pub fn router(app: Shared) -> Router {
     api = crud::<Machine>(api, "/v1/tenants/{tenant}/machines");
     api = crud::<Disk>(api, "/v1/tenants/{tenant}/machines/{machine}/disks");
     api = crud::<Plan>(api, "/v1/tenants/{tenant}/plans");
+    api = api.add(
+        Op::new(
+            Method::PUT,
+            "/v1/tenants/{tenant}/machines/{machine}/disks/{disk}/report",
+            "Report a disk's state and RPO",
+        )
+        .body::<DiskReport>()
+        .answers::<Disk>()
+        .who("appliances of the tenant, provider-admin")
+        .errors(&[403, 404]),
+        report::disk,
+    );
 
     let doc_op = Op::new(Method::GET, "/openapi.json", "This document");
     api.ops.push(doc_op);
