@@ -182,14 +182,17 @@ fn enter<T: Stored>(
 ) -> Result<String, ApiError> {
     let tenant = parents.first().map(String::as_str);
     p.may(if write { T::WRITE } else { Action::Read }, tenant)?;
-    for (i, tree) in T::PARENTS.iter().enumerate() {
-        let key = parents[..=i].join("/");
-        if !store.contains(tree, &key)? {
-            return Err(ApiError::not_found(format!(
-                "no {} {}",
-                tree.trim_end_matches('s'),
-                parents[i]
-            )));
+    // The route decides how many parents there are; a mismatch is a bug in the route table.
+    if parents.len() != T::PARENTS.len() {
+        return Err(ApiError::internal(format!(
+            "route for {} has the wrong parameters",
+            T::KIND
+        )));
+    }
+    for (i, (tree, name)) in T::PARENTS.iter().zip(parents).enumerate() {
+        if !store.contains(tree, &parents[..=i].join("/"))? {
+            let kind = tree.trim_end_matches('s');
+            return Err(ApiError::not_found(format!("no {kind} {name}")));
         }
     }
     Ok(parents.iter().map(|s| format!("{s}/")).collect())

@@ -41,15 +41,23 @@ pub mod trees {
     pub const EVENTS: &str = "events";
 }
 
+/// Entries kept per log (audit, events): about 60 MB of audit at ~300 bytes an entry.
+pub const LOG_KEEP: u64 = 200_000;
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    log_keep: u64,
+    /// One appender at a time per store: a log's next number is its last plus one.
+    appending: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         Ok(Store {
             db: sled::Config::new().path(dir).open()?,
+            log_keep: LOG_KEEP,
+            appending: Default::default(),
         })
     }
 
@@ -157,15 +165,40 @@ impl Store {
         Ok(self.tree(tree)?.remove(key)?.is_some())
     }
 
-    /// Append to a log; `make` gets the entry's sequence number.
+    /// Append to a log; `make` gets the entry's sequence number. The log keeps at most
+    /// [`LOG_KEEP`] entries: refusals of unauthenticated clients are logged too, and they
+    /// must not be able to fill the disk.
     pub fn append<T: Serialize>(
         &self,
         tree: &'static str,
         make: impl FnOnce(u64) -> T,
     ) -> Result<u64, StoreError> {
-        let seq = self.db.generate_id()?;
-        self.tree(tree)?
-            .insert(seq.to_be_bytes(), Self::encode(&make(seq))?)?;
+        // Each log numbers its own entries without gaps (sled's generate_id jumps after a
+        // restart), which makes "keep the last N" a comparison of keys.
+        let _one = self.appending.lock().unwrap_or_else(|e| e.into_inner());
+        let t = self.tree(tree)?;
+        let seq = match t.last()? {
+            Some((k, _)) => <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    tree,
+                    key: hex::encode(&k),
+                    source: serde::de::Error::custom("a log key is not 8 bytes"),
+                })?
+                .saturating_add(1),
+            None => 1,
+        };
+        t.insert(seq.to_be_bytes(), Self::encode(&make(seq))?)?;
+        // A few removals per append catch up with any backlog without a long pause.
+        let cutoff = seq.saturating_sub(self.log_keep).to_be_bytes();
+        for _ in 0..8 {
+            match t.first()? {
+                Some((k, _)) if k.as_ref() <= cutoff.as_slice() => {
+                    t.remove(k)?;
+                }
+                _ => break,
+            }
+        }
         Ok(seq)
     }
 
@@ -200,6 +233,19 @@ impl Store {
 mod tests {
     use super::*;
 
+    #[test]
+    fn logs_keep_a_bounded_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(d.path()).unwrap();
+        s.log_keep = 10;
+        for i in 0..100u32 {
+            s.append(trees::AUDIT, |_| i).unwrap();
+            s.append(trees::EVENTS, |_| i).unwrap();
+        }
+        let all: Vec<u32> = s.tail(trees::AUDIT, 1000).unwrap();
+        assert_eq!(all, (90..100).collect::<Vec<_>>());
+    }
+
     #[tokio::test]
     async fn objects_logs_and_reopen() {
         let d = tempfile::tempdir().unwrap();
@@ -219,6 +265,10 @@ mod tests {
         assert_eq!(s.get::<u32>(trees::SITES, "acme/b").unwrap(), Some(3));
         let t: Vec<(u64, u32)> = s.tail(trees::AUDIT, 2).unwrap();
         assert_eq!(t.iter().map(|e| e.1).collect::<Vec<_>>(), [3, 4]);
+        // Numbering goes on where it stopped, and nothing old is trimmed away.
+        assert_eq!(s.append(trees::AUDIT, |seq| (seq, 5)).unwrap(), 6);
+        let t: Vec<(u64, u32)> = s.tail(trees::AUDIT, 100).unwrap();
+        assert_eq!(t.len(), 6);
         assert!(s.remove(trees::SITES, "acme/a").unwrap());
         assert!(!s.any_with_prefix(trees::SITES, "zzz/").unwrap());
         s.put(trees::SITES, "bad", &"not a number").unwrap();
