@@ -239,3 +239,170 @@ fn a_full_journal_keeps_acknowledging_writes_and_says_resync_required() {
         .iter()
         .all(|&b| b == 0x22));
 }
+
+/// A guest that behaves as fsfreeze makes it: while `frozen` exists it flushes, says so by
+/// creating `paused`, and issues no write until `frozen` is gone. Returns the log and, for each
+/// freeze, how many writes had completed before it.
+fn freezable_writer(
+    rt: &tokio::runtime::Runtime,
+    site: &Site,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(Log, Vec<u64>)> {
+    let (frozen, paused) = (site.lab.dir.join("frozen"), site.lab.dir.join("paused"));
+    let (sock, size) = (site.guest_sock.clone(), site.size);
+    rt.spawn(async move {
+        let mut g = ferry_nbd::client::Client::connect_unix(&sock, "guest")
+            .await
+            .unwrap();
+        let (mut rng, mut log, mut freezes) = (Rng(0xf2ee_2e00), Log::new(), Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if frozen.exists() {
+                g.flush().await.unwrap();
+                freezes.push(log.len() as u64);
+                std::fs::write(&paused, b"").unwrap();
+                while frozen.exists() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            let (off, len) = random_extent(&mut rng, size);
+            log.push((off, len));
+            let n = log.len() as u64;
+            g.write(off, &tagged(n, off, len), false).await.unwrap();
+        }
+        g.flush().await.unwrap();
+        (log, freezes)
+    })
+}
+
+fn app_point(site: &Site) -> std::process::Output {
+    Command::new(exe())
+        .args([
+            "app-point",
+            "--wait-secs",
+            "60",
+            "--json",
+            "--disk",
+            &site.disk,
+        ])
+        .arg("--cache")
+        .arg(&site.lab.cache)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_application_consistent_point_holds_exactly_the_writes_before_the_freeze() {
+    let size = 16 * MIB;
+    let mut site = Site::start("app-disk", size, &["write -P 0x6b 0 16M"], |lab| {
+        let (f, p) = (lab.dir.join("frozen"), lab.dir.join("paused"));
+        let freeze = format!(
+            "touch {f}; i=0; until [ -e {p} ]; do sleep 0.01; i=$((i+1)); [ $i -lt 2000 ] || exit 9; done",
+            f = f.display(),
+            p = p.display()
+        );
+        let thaw = format!("rm -f {} {}", f.display(), p.display());
+        lab.process_args = vec!["--freeze-hook".into(), freeze, "--thaw-hook".into(), thaw];
+        lab.interval_ms = 100;
+    });
+    site.caught_up();
+    let base = site.guest_image();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = freezable_writer(&rt, &site, stop.clone());
+    std::thread::sleep(Duration::from_millis(700));
+
+    // While the guest keeps writing: the point ends exactly where the guest froze.
+    let out = app_point(&site);
+    assert!(
+        out.status.success(),
+        "app-point: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seq = said["point"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (log, freezes) = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(60), writer).await })
+        .expect("the guest's writes stalled")
+        .unwrap();
+    assert_eq!(freezes.len(), 1, "one freeze asked for, {freezes:?} seen");
+    let n = check_prefix(&site.point_image(seq), &base, &log).unwrap();
+    assert_eq!(
+        n, freezes[0],
+        "point {seq} holds {n} writes; the guest froze after {}",
+        freezes[0]
+    );
+    assert!(n > 0 && (n as usize) < log.len(), "{n} of {}", log.len());
+    assert_eq!(
+        application_points(&site),
+        vec![seq],
+        "only the frozen moment is tagged"
+    );
+
+    // An idle guest: the newest point already holds everything, and becomes tagged as it is.
+    // Its agent answers the freeze at once (nothing to flush).
+    let last = site.caught_up();
+    let (frozen, paused) = (site.lab.dir.join("frozen"), site.lab.dir.join("paused"));
+    let agent = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !frozen.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::fs::write(paused, b"").unwrap();
+    });
+    let out = app_point(&site);
+    agent.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let idle: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let idle = idle["point"].as_u64().unwrap();
+    assert!(idle > last);
+    site.assert_point_equals_guest(idle);
+
+    // A guest agent that does not answer: the thaw hook still runs, the operator reads why,
+    // no point is tagged, and replication goes on.
+    site.lab.kill_process();
+    let thawed = site.lab.dir.join("thawed");
+    site.lab.process_args = vec![
+        "--freeze-hook".into(),
+        "echo 'guest agent is not responding' >&2; exit 3".into(),
+        "--thaw-hook".into(),
+        format!("touch {}", thawed.display()),
+    ];
+    site.lab.start_process().unwrap();
+    site.caught_up();
+    let out = app_point(&site);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("guest agent is not responding"),
+        "{err}"
+    );
+    assert!(
+        thawed.exists(),
+        "the thaw hook did not run after a failed freeze"
+    );
+    site.qemu_io(&["write -P 0x7c 1M 64k".into()]);
+    let after = site.caught_up();
+    site.assert_point_equals_guest(after);
+    assert_eq!(application_points(&site), vec![seq, idle]);
+}
+
+/// The points `ferry points` lists as application-consistent.
+fn application_points(site: &Site) -> Vec<u64> {
+    let listing = site
+        .lab
+        .ferry(&["points", "--json", "--disk", &site.disk])
+        .unwrap();
+    let points: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap();
+    points
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["meta"]["consistency"] == "application")
+        .map(|p| p["meta"]["seq"].as_u64().unwrap())
+        .collect()
+}

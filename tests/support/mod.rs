@@ -312,6 +312,18 @@ impl TaggedWriter {
         seed: u64,
         flush_every: u64,
     ) -> Self {
+        Self::start_paced(rt, sock, size, seed, flush_every, Duration::ZERO)
+    }
+
+    /// Like [`TaggedWriter::start`], pausing `pause` after each write.
+    pub fn start_paced(
+        rt: &tokio::runtime::Runtime,
+        sock: &std::path::Path,
+        size: u64,
+        seed: u64,
+        flush_every: u64,
+        pause: Duration,
+    ) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
         let log: std::sync::Arc<std::sync::Mutex<Log>> = Default::default();
         let flushed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -330,6 +342,9 @@ impl TaggedWriter {
                 if n.is_multiple_of(flush_every) {
                     g.flush().await.unwrap();
                     f.store(n, Relaxed);
+                }
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
                 }
             }
             g.flush().await.unwrap();

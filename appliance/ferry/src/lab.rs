@@ -28,6 +28,12 @@ pub struct Lab {
     pub master_args: Vec<String>,
     /// `--periodic` specifications for the process server.
     pub periodic: Vec<String>,
+    /// Extra arguments for `ferry process-server` (guest hooks, for instance).
+    pub process_args: Vec<String>,
+    /// Give the process server each continuous disk's host (the qemu-storage-daemon started in
+    /// this lab's directory, node `disk0`, whose NBD server already listens on `guest.sock`),
+    /// so it can resync them by checksums.
+    pub host_access: bool,
     master: Option<Child>,
     process: Option<Child>,
 }
@@ -61,6 +67,8 @@ impl Lab {
             nbd_tls: true,
             master_args: Vec::new(),
             periodic: Vec::new(),
+            process_args: Vec::new(),
+            host_access: false,
             master: None,
             process: None,
         })
@@ -126,12 +134,21 @@ impl Lab {
         }
         for (n, s) in &self.disks {
             args.push("--disk".into());
-            args.push(format!("{n}={s}"));
+            let mut spec = format!("{n}={s}");
+            if self.host_access {
+                spec += &format!(
+                    ",qmp={},node=disk0,nbd={}",
+                    self.dir.join(ferry_qemu::MGMT_QMP_SOCKET).display(),
+                    self.dir.join("guest.sock").display()
+                );
+            }
+            args.push(spec);
         }
         for p in &self.periodic {
             args.push("--periodic".into());
             args.push(p.clone());
         }
+        args.extend(self.process_args.iter().cloned());
         self.process = Some(self.spawn("process-server", &args)?);
         wait_port(self.nbd_port, Duration::from_secs(20))
     }

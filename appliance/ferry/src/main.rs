@@ -1,6 +1,7 @@
 //! `ferry`: one program, a subcommand per role. The roles live in their crates; this file reads
 //! arguments, sets up logging, and reports errors with context.
 
+mod app_point;
 mod control;
 mod demo;
 mod hw;
@@ -148,6 +149,10 @@ enum Cmd {
         #[command(flatten)]
         retention: RetentionArgs,
     },
+    /// Take an application-consistent recovery point of a continuous disk now: the process
+    /// server freezes the guest with its --freeze-hook, marks the journal, thaws, and the
+    /// checkpoint ending at the mark is tagged `application`.
+    AppPoint(app_point::AppPointArgs),
     /// Ask the process server for a checksum resync of a periodically protected disk at its next
     /// cut: every block is compared by name with the recovery site (which checks each stored
     /// chunk as it answers) and only what differs or is damaged is sent.
@@ -219,7 +224,9 @@ struct ProcessServerArgs {
     #[arg(long, default_value = "0.0.0.0:10809")]
     nbd_listen: SocketAddr,
     /// A continuously protected disk (QEMU mirrors to our NBD export) as NAME=SIZE; SIZE must
-    /// equal the source disk's size. Repeatable.
+    /// equal the source disk's size. With `,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET`
+    /// the process server can read the disk on its host and resynchronizes it by checksums when
+    /// its journal overflowed or was lost, or on `ferry resync`. Repeatable.
     #[arg(long = "disk", required_unless_present = "periodic")]
     disks: Vec<String>,
     /// A periodically protected disk, read from its host's dirty bitmaps:
@@ -246,6 +253,19 @@ struct ProcessServerArgs {
     /// Block size of the recovery repository's block map.
     #[arg(long, default_value_t = ferry_chunk::DEFAULT_BLOCK_SIZE)]
     block_size: u32,
+    /// Command that freezes a continuous disk's guest for an application-consistent point
+    /// (run as `sh -c CMD` with FERRY_DISK set), e.g. `virsh domfsfreeze "$FERRY_DISK"`.
+    #[arg(long, requires = "thaw_hook")]
+    freeze_hook: Option<String>,
+    /// Command that thaws the guest again; it runs whatever happened after the freeze.
+    #[arg(long, requires = "freeze_hook")]
+    thaw_hook: Option<String>,
+    /// Kill a freeze or thaw hook still running after this many seconds.
+    #[arg(long, default_value_t = 30)]
+    hook_timeout_secs: u64,
+    /// Also take an application-consistent point every this many seconds (0: only on request).
+    #[arg(long, default_value_t = 0, requires = "freeze_hook")]
+    app_consistent_every: u64,
 }
 
 fn main() {
@@ -453,19 +473,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Hw { cmd } => hw::run(cmd),
         Cmd::Bench(a) => hw::bench(a),
         Cmd::Plan(a) => hw::plan(a),
+        Cmd::AppPoint(a) => app_point::run(a),
         Cmd::Resync { cache, disk } => {
             let dir = cache.join(&disk);
             let st = ferry_process_server::status::read(&dir.join("status.json"))
                 .with_context(|| format!("no protected disk {disk} under {}", cache.display()))?;
-            if st.periodic_mode.is_none() && st.acked_seq == 0 {
+            if st.periodic && st.acked_seq == 0 {
                 bail!(
                     "disk {disk} has no recovery point yet: its seed is the first full comparison"
                 );
             }
-            if st.periodic_mode.is_none() {
+            if !st.periodic && !st.host_access {
                 bail!(
-                    "disk {disk} is protected continuously; a checksum resync reads the disk on its host, \
-                     which only periodically protected disks are configured for"
+                    "disk {disk} is protected continuously without its host: a checksum resync reads the disk \
+                     on its host; give it to the process server as --disk {disk}=SIZE,qmp=SOCKET,node=NODE,nbd=SOCKET"
                 );
             }
             let flag = dir.join(ferry_process_server::periodic::RESYNC_REQUEST);
@@ -518,13 +539,7 @@ fn print_status(st: &[ferry_process_server::DiskStatus], redraw: bool) -> anyhow
 fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
     let mut disks = Vec::new();
     for d in &a.disks {
-        let (name, size) = d
-            .split_once('=')
-            .with_context(|| format!("--disk {d:?} must be NAME=SIZE"))?;
-        disks.push(ferry_process_server::DiskSpec {
-            name: name.to_string(),
-            size: parse_size(size)?,
-        });
+        disks.push(parse_disk(d)?);
     }
     let periodic = a
         .periodic
@@ -563,8 +578,64 @@ fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         key: load_key(&a.key)?,
+        app_hooks: a
+            .freeze_hook
+            .map(|freeze| ferry_process_server::app_consistent::Hooks {
+                freeze,
+                thaw: a.thaw_hook.unwrap_or_default(),
+                timeout: Duration::from_secs(a.hook_timeout_secs.max(1)),
+                every: (a.app_consistent_every > 0)
+                    .then(|| Duration::from_secs(a.app_consistent_every)),
+            }),
     };
     runtime()?.block_on(ferry_process_server::run(cfg))
+}
+
+/// `NAME=SIZE[,KEY=VALUE...]` as `--disk` and `--periodic` take it, checked against the keys
+/// the option knows.
+fn parse_spec<'a>(
+    option: &str,
+    text: &'a str,
+    known: &[&str],
+) -> anyhow::Result<(&'a str, u64, std::collections::HashMap<&'a str, &'a str>)> {
+    let mut parts = text.split(',');
+    let head = parts.next().unwrap_or_default();
+    let (name, size) = head
+        .split_once('=')
+        .with_context(|| format!("{option} {text:?} must start with NAME=SIZE"))?;
+    let mut kv = std::collections::HashMap::new();
+    for p in parts {
+        let (k, v) = p
+            .split_once('=')
+            .with_context(|| format!("{option}: {p:?} is not KEY=VALUE"))?;
+        if !known.contains(&k) {
+            bail!(
+                "{option} {name}: unknown key {k:?} (known: {})",
+                known.join(", ")
+            );
+        }
+        kv.insert(k, v);
+    }
+    Ok((name, parse_size(size)?, kv))
+}
+
+/// `NAME=SIZE[,qmp=PATH,node=NODE,nbd=PATH]`
+fn parse_disk(text: &str) -> anyhow::Result<ferry_process_server::DiskSpec> {
+    let (name, size, kv) = parse_spec("--disk", text, &["qmp", "node", "nbd"])?;
+    let host = match (kv.get("qmp"), kv.get("node"), kv.get("nbd")) {
+        (None, None, None) => None,
+        (Some(q), Some(n), Some(s)) => Some(ferry_process_server::resync::HostDisk {
+            qmp: q.into(),
+            node: n.to_string(),
+            nbd_socket: s.into(),
+        }),
+        _ => bail!("--disk {name}: give all of qmp=, node= and nbd= (the disk's host), or none"),
+    };
+    Ok(ferry_process_server::DiskSpec {
+        name: name.to_string(),
+        size,
+        host,
+    })
 }
 
 /// `NAME=SIZE,qmp=PATH,node=NODE,nbd=PATH,fleece=PATH[,interval-ms=N]`
@@ -572,18 +643,11 @@ fn parse_periodic(
     text: &str,
     default_interval_ms: u64,
 ) -> anyhow::Result<ferry_process_server::periodic::PeriodicSpec> {
-    let mut parts = text.split(',');
-    let head = parts.next().unwrap_or_default();
-    let (name, size) = head
-        .split_once('=')
-        .with_context(|| format!("--periodic {text:?} must start with NAME=SIZE"))?;
-    let mut kv = std::collections::HashMap::new();
-    for p in parts {
-        let (k, v) = p
-            .split_once('=')
-            .with_context(|| format!("--periodic: {p:?} is not KEY=VALUE"))?;
-        kv.insert(k, v);
-    }
+    let (name, size, kv) = parse_spec(
+        "--periodic",
+        text,
+        &["qmp", "node", "nbd", "fleece", "interval-ms"],
+    )?;
     let get = |k: &str| {
         kv.get(k)
             .map(|v| v.to_string())
@@ -595,7 +659,7 @@ fn parse_periodic(
     };
     Ok(ferry_process_server::periodic::PeriodicSpec {
         name: name.to_string(),
-        size: parse_size(size)?,
+        size,
         qmp: get("qmp")?.into(),
         node: get("node")?,
         nbd_socket: get("nbd")?.into(),

@@ -71,10 +71,15 @@ impl Journal {
         self.shared.dirty_extents()
     }
 
-    /// Leaves the resync state: clears the dirty bitmap and resumes journaling,
-    /// persisted before returning. Call only once the caller has durably taken over
-    /// the dirty extents (e.g. recorded a resync of them elsewhere).
-    pub fn reset_resync(&self) -> Result<(), JournalError> {
-        self.shared.reset_resync()
+    /// Starts the journal over for a checksum resync: forgets every record journaled so far
+    /// (they are trimmed, durably, even though the recovery site does not hold them), clears
+    /// the dirty bitmap and leaves the resync state, all in one persisted step, and returns the
+    /// new trim point. Records appended afterwards get seqs above it. The caller must then
+    /// bring the recovery site up to the disk's content by other means (reading the disk
+    /// itself); until a point at or past the returned seq is committed there, the gap between
+    /// the recovery site's journal position and this journal's first record says so, also
+    /// after a crash.
+    pub fn restart_for_resync(&self) -> Result<u64, JournalError> {
+        self.shared.restart_for_resync()
     }
 }

@@ -326,7 +326,7 @@ impl Shared {
         let want = after_seq.saturating_add(1);
         let (durable, plan) = {
             let m = lock(&self.mem);
-            let first = m.segments.front().map_or(m.next_seq, |s| s.first_seq);
+            let first = Self::first_seq(&m);
             if want < first {
                 return Err(JournalError::Trimmed {
                     after_seq,
@@ -400,6 +400,44 @@ impl Shared {
             return Ok(());
         }
         m.trim_seq = seq;
+        let dropped = Self::drop_segments_upto(&mut io, &mut m, seq);
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        m.state_gen += 1;
+        let (snap, gen) = (self.snapshot(&m), m.state_gen);
+        drop(m);
+        drop(io);
+        self.persist_state(snap, gen)?;
+        self.remove_segments(&dropped)
+    }
+
+    /// See [`crate::Journal`].
+    pub fn restart_for_resync(&self) -> Result<u64, JournalError> {
+        let durable = self.sync()?;
+        let mut io = lock(&self.io);
+        let mut m = lock(&self.mem);
+        let upto = durable.max(m.trim_seq);
+        m.trim_seq = upto;
+        let dropped = Self::drop_segments_upto(&mut io, &mut m, upto);
+        m.resync = false;
+        m.bitmap.clear();
+        m.state_gen += 1;
+        let (snap, gen) = (self.snapshot(&m), m.state_gen);
+        drop(m);
+        drop(io);
+        // One state file carries the new trim point and the cleared bitmap together: a crash
+        // leaves either the old state (resync still required) or the new one (a gap the
+        // shipper sees as resync required), never a journal that looks whole but is not.
+        self.persist_state(snap, gen)?;
+        self.remove_segments(&dropped)?;
+        tracing::info!(dir = %self.cfg.dir.display(), trimmed_to = upto, "journal: restarted for a resync");
+        Ok(upto)
+    }
+
+    /// Forget the segments whose records are all `<= seq`; returns their paths to delete once
+    /// the new trim point is persisted.
+    fn drop_segments_upto(io: &mut Io, m: &mut Mem, seq: u64) -> Vec<std::path::PathBuf> {
         let mut dropped = Vec::new();
         while m.segments.front().is_some_and(|s| s.last_seq <= seq) {
             let s = m.segments.pop_front().expect("front exists");
@@ -411,15 +449,11 @@ impl Shared {
             }
             dropped.push(s.path);
         }
-        if dropped.is_empty() {
-            return Ok(());
-        }
-        m.state_gen += 1;
-        let (snap, gen) = (self.snapshot(&m), m.state_gen);
-        drop(m);
-        drop(io);
-        self.persist_state(snap, gen)?;
-        for p in &dropped {
+        dropped
+    }
+
+    fn remove_segments(&self, dropped: &[std::path::PathBuf]) -> Result<(), JournalError> {
+        for p in dropped {
             tracing::debug!(path = %p.display(), "journal: removing trimmed segment");
             fs::remove_file(p).map_err(|e| io_err(p, e))?;
         }
@@ -429,7 +463,7 @@ impl Shared {
     pub fn stats(&self) -> Stats {
         let m = lock(&self.mem);
         Stats {
-            first_seq: m.segments.front().map_or(m.next_seq, |s| s.first_seq),
+            first_seq: Self::first_seq(&m),
             last_seq: m.next_seq - 1,
             durable_seq: m.durable_seq,
             used_bytes: m.used_bytes,
@@ -449,15 +483,13 @@ impl Shared {
         lock(&self.mem).bitmap.extents()
     }
 
-    /// See [`crate::Journal`].
-    pub fn reset_resync(&self) -> Result<(), JournalError> {
-        let mut m = lock(&self.mem);
-        m.resync = false;
-        m.bitmap.clear();
-        m.state_gen += 1;
-        let (snap, gen) = (self.snapshot(&m), m.state_gen);
-        drop(m);
-        self.persist_state(snap, gen)
+    /// The oldest record still to be read: records up to the trim point are gone even while
+    /// the segment holding them remains.
+    fn first_seq(m: &Mem) -> u64 {
+        m.segments
+            .front()
+            .map_or(m.next_seq, |s| s.first_seq)
+            .max(m.trim_seq + 1)
     }
 
     fn state_of(m: &Mem) -> JournalState {

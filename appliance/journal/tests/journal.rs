@@ -351,9 +351,13 @@ fn full_journal_degrades_to_dirty_bitmap() {
         j.append(Op::Zero { offset: 0, len: 1 }).unwrap(),
         Appended::Dirty
     );
-    j.reset_resync().unwrap();
+    let restart = j.restart_for_resync().unwrap();
+    assert_eq!(restart, journaled);
     assert_eq!(j.state(), JournalState::Replicating);
     assert!(j.dirty_extents().is_empty());
+    // The old records are gone for readers: the gap says the journal no longer holds them.
+    assert_eq!(j.stats().first_seq, journaled + 1);
+    assert!(j.read_durable(0, 1 << 20).is_err());
     assert_eq!(
         j.append(Op::Zero { offset: 0, len: 1 }).unwrap(),
         Appended::Journaled(journaled + 1)
@@ -363,6 +367,10 @@ fn full_journal_degrades_to_dirty_bitmap() {
     let j = Journal::open(c).unwrap();
     assert_eq!(j.state(), JournalState::Replicating);
     assert_eq!(j.stats().last_seq, journaled + 1);
+    assert_eq!(j.stats().first_seq, journaled + 1);
+    let recs = j.read_durable(journaled, 1 << 20).unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].seq, journaled + 1);
 }
 
 #[test]

@@ -212,6 +212,10 @@ async fn session(
         )
         .await;
         let outcome = applier.await?;
+        let journal_end = match &received {
+            Ok(Some(at)) => *at,
+            _ => c.journal_end,
+        };
         if let Err(e) = received {
             let m = Msg::Rejected {
                 seq,
@@ -223,7 +227,6 @@ async fn session(
             wr.flush().await?;
             return Err(e);
         }
-        let journal_end = c.journal_end;
         let reply = match outcome {
             Ok(()) => Msg::Committed { seq, journal_end },
             Err((reason, chunk, message)) => Msg::Rejected {
@@ -290,7 +293,7 @@ async fn receive<R, W>(
     disk_size: u64,
     block_size: u32,
     tx: tokio::sync::mpsc::Sender<Item>,
-) -> anyhow::Result<()>
+) -> anyhow::Result<Option<u64>>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -310,9 +313,11 @@ where
                     bail!("block {index} is past the end of the disk ({nblocks} blocks)");
                 }
                 count += 1;
-                if count > nblocks.saturating_mul(2) {
+                // A block may come more than once (a resync's replay writes over what it read),
+                // but a stream that never ends is refused.
+                if count > nblocks.saturating_mul(4).saturating_add(MAX_REPLAY_BLOCKS) {
                     bail!(
-                        "checkpoint {} names more blocks than the disk has twice",
+                        "checkpoint {} names more blocks than four times the disk's",
                         c.seq
                     );
                 }
@@ -333,25 +338,43 @@ where
                 wr.flush().await?;
             }
             Msg::End { seq, blocks: n } => {
-                if seq != c.seq || n != count {
-                    bail!(
-                        "checkpoint {} ended as {seq} with {n} blocks, {count} received",
-                        c.seq
-                    );
-                }
-                let _ = tx.send(Item::End).await;
-                return Ok(());
+                end_checks(c, seq, n, count)?;
+                let _ = tx.send(Item::End(None)).await;
+                return Ok(None);
+            }
+            Msg::EndAt {
+                seq,
+                blocks: n,
+                journal_end,
+            } => {
+                end_checks(c, seq, n, count)?;
+                let _ = tx.send(Item::End(Some(journal_end))).await;
+                return Ok(Some(journal_end));
             }
             other => bail!("unexpected message inside checkpoint {}: {other:?}", c.seq),
         }
     }
 }
 
+fn end_checks(c: &Checkpoint, seq: u64, n: u64, count: u64) -> anyhow::Result<()> {
+    if seq != c.seq || n != count {
+        bail!(
+            "checkpoint {} ended as {seq} with {n} blocks, {count} received",
+            c.seq
+        );
+    }
+    Ok(())
+}
+
+/// Blocks a checkpoint may name beyond four times the disk's (a small disk's resync replay).
+const MAX_REPLAY_BLOCKS: u64 = 1 << 16;
+
 /// What the receiving side hands the applier.
 pub enum Item {
     Block(u64, BlockBody),
-    /// The checkpoint arrived whole: commit it.
-    End,
+    /// The checkpoint arrived whole: commit it (at this journal position, when its `EndAt`
+    /// named one).
+    End(Option<u64>),
 }
 
 type Refusal = (RejectReason, Option<ChunkId>, String);
@@ -380,7 +403,10 @@ fn apply(
     let mut w = repo.begin(disk, meta).map_err(refusal)?;
     while let Some(item) = rx.blocking_recv() {
         let (index, body) = match item {
-            Item::End => {
+            Item::End(at) => {
+                if let Some(at) = at {
+                    w.rebase_journal_end(at);
+                }
                 w.commit().map_err(refusal)?;
                 return Ok(());
             }

@@ -7,9 +7,12 @@
 //! target over mutual TLS, trimming the journal only after the master target says a checkpoint is
 //! durable. Status per disk goes to `<cache>/<disk>/status.json` ([`status`]).
 
+pub mod app_consistent;
+pub mod bulk;
 pub mod checkpoint;
 pub mod export;
 pub mod periodic;
+pub mod resync;
 pub mod shipper;
 pub mod status;
 
@@ -31,6 +34,15 @@ pub struct Disk {
     pub journal: Arc<Journal>,
     status: Mutex<DiskStatus>,
     status_path: PathBuf,
+    /// Where the disk lives on its host, for checksum resyncs.
+    pub host: Option<resync::HostDisk>,
+    request_path: PathBuf,
+    /// Exists while the journal may not continue what the recovery site holds: it was created
+    /// empty (a new or lost cache) and no resync has reconciled it yet.
+    unreconciled_path: PathBuf,
+    /// The journal position of an application-consistent moment not yet committed as a point
+    /// ([`app_consistent`]); the shipper holds this lock while it reads the journal.
+    app_mark: Mutex<Option<u64>>,
 }
 
 impl Disk {
@@ -52,6 +64,49 @@ impl Disk {
         self.status.lock().expect("status lock").clone()
     }
 
+    /// `ferry resync` asked for a checksum resync.
+    pub fn resync_requested(&self) -> bool {
+        self.host.is_some() && self.request_path.exists()
+    }
+
+    pub fn clear_resync_request(&self) {
+        let _ = std::fs::remove_file(&self.request_path);
+    }
+
+    /// The journal was created empty and has not been reconciled with the recovery site.
+    pub fn unreconciled(&self) -> bool {
+        self.unreconciled_path.exists()
+    }
+
+    /// The recovery site now follows this journal.
+    pub fn reconciled(&self) {
+        let _ = std::fs::remove_file(&self.unreconciled_path);
+    }
+
+    pub fn app_mark(&self) -> Option<u64> {
+        *self.app_mark.lock().expect("mark lock")
+    }
+
+    /// Make every write journaled so far durable and mark the newest as an
+    /// application-consistent moment (called while the guest is frozen).
+    pub fn set_app_mark(&self) -> Result<u64, String> {
+        let mut mark = self.app_mark.lock().expect("mark lock");
+        let seq = self
+            .journal
+            .sync()
+            .map_err(|e| format!("journal sync: {e}"))?;
+        *mark = Some(seq);
+        Ok(seq)
+    }
+
+    /// The mark was committed as a point (or can no longer be): forget it if it is still `seq`.
+    pub fn clear_app_mark(&self, seq: u64) {
+        let mut mark = self.app_mark.lock().expect("mark lock");
+        if *mark == Some(seq) {
+            *mark = None;
+        }
+    }
+
     fn fill_journal(&self, s: &mut DiskStatus) {
         let st = self.journal.stats();
         s.journal_first_seq = st.first_seq;
@@ -59,9 +114,14 @@ impl Disk {
         s.journal_durable_seq = st.durable_seq;
         s.journal_used_bytes = st.used_bytes;
         s.journal_capacity_bytes = st.capacity_bytes;
-        if let JournalState::ResyncRequired { dirty_bytes } = st.state {
-            s.state = State::ResyncRequired;
-            s.dirty_bytes = dirty_bytes;
+        match st.state {
+            JournalState::ResyncRequired { dirty_bytes } => {
+                if s.state != State::Resyncing {
+                    s.state = State::ResyncRequired;
+                }
+                s.dirty_bytes = dirty_bytes;
+            }
+            JournalState::Replicating => s.dirty_bytes = 0,
         }
         s.updated_unix_ns = status::now_unix_ns();
     }
@@ -71,6 +131,8 @@ impl Disk {
 pub struct DiskSpec {
     pub name: String,
     pub size: u64,
+    /// Where it lives on its host (optional): needed to resync it by checksums.
+    pub host: Option<resync::HostDisk>,
 }
 
 pub struct Config {
@@ -86,6 +148,8 @@ pub struct Config {
     pub link: Link,
     pub tuning: Tuning,
     pub key: ferry_chunk::TenantKey,
+    /// Guest freeze/thaw hooks for application-consistent points of continuous disks.
+    pub app_hooks: Option<app_consistent::Hooks>,
 }
 
 /// Open every disk's journal (replaying what a crash left), then serve NBD and ship forever.
@@ -98,6 +162,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         &cfg.disks,
         cfg.block_size,
         cfg.journal_capacity,
+        cfg.app_hooks.is_some(),
     )?;
     let shared = Arc::new(Shared {
         key: cfg.key,
@@ -120,6 +185,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.tuning.clone(),
             shared.clone(),
         ));
+        if let Some(h) = &cfg.app_hooks {
+            let request = cfg.cache_dir.join(&d.name).join(app_consistent::REQUEST);
+            // A request left from before a restart would freeze the guest unasked-for now.
+            let _ = std::fs::remove_file(&request);
+            tokio::spawn(app_consistent::run(d.clone(), h.clone(), request));
+        }
     }
     for p in cfg.periodic {
         anyhow::ensure!(
@@ -156,6 +227,7 @@ fn open_disks(
     specs: &[DiskSpec],
     block_size: u32,
     capacity: u64,
+    app_hooks: bool,
 ) -> anyhow::Result<Vec<Arc<Disk>>> {
     let mut out = Vec::new();
     for spec in specs {
@@ -167,6 +239,14 @@ fn open_disks(
         anyhow::ensure!(spec.size > 0, "disk {} has size 0", spec.name);
         let dir = cache.join(&spec.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let unreconciled_path = dir.join("journal-unreconciled");
+        if !dir.join("journal").exists() {
+            // A journal that starts empty cannot tell whether the recovery site already holds
+            // points made from a journal that is gone: say so durably before it takes writes.
+            std::fs::write(&unreconciled_path, b"")
+                .and_then(|()| std::fs::File::open(&dir)?.sync_all())
+                .with_context(|| format!("writing {}", unreconciled_path.display()))?;
+        }
         let mut jc = JournalConfig::new(dir.join("journal"), spec.size);
         jc.capacity_bytes = capacity;
         let journal = Journal::open(jc)
@@ -179,9 +259,15 @@ fn open_disks(
             journal: Arc::new(journal),
             status: Mutex::new(DiskStatus {
                 disk: spec.name.clone(),
+                app_hooks,
+                host_access: spec.host.is_some(),
                 ..Default::default()
             }),
             status_path,
+            host: spec.host.clone(),
+            request_path: dir.join(resync::REQUEST),
+            unreconciled_path,
+            app_mark: Mutex::new(None),
         });
         disk.refresh_journal_stats();
         out.push(disk);

@@ -16,16 +16,15 @@
 //!
 //! The old bitmap is dropped only after the master target has committed the point.
 
+use crate::bulk::{self, Report};
 use crate::shipper::{open_session, Link, SessionReader, SessionWriter, Shared};
 use crate::status::{self, now_unix_ns, DiskStatus, State};
 use anyhow::{anyhow, bail, Context};
-use ferry_chunk::{is_zero, ChunkId};
 use ferry_nbd::client::{Client, ClientOptions, Extent};
 use ferry_nbd::proto::{STATE_HOLE, STATE_ZERO};
 use ferry_qemu::fleece::{self, Bitmap, Cut, Fleece};
 use ferry_qemu::Qmp;
-use ferry_wire::{read_msg, BlockBody, Checkpoint, Consistency, Msg, MAX_IDS};
-use std::collections::HashSet;
+use ferry_wire::{Checkpoint, Consistency, Msg};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,9 +90,6 @@ struct Plan {
 /// (`ferry resync` writes it; it is removed once the resync is committed).
 pub const RESYNC_REQUEST: &str = "resync-requested";
 
-/// Blocks read per NBD request when they are contiguous.
-const READ_RUN: u64 = 64;
-
 /// Protect one disk forever, starting over after any failure.
 pub async fn protect(
     spec: PeriodicSpec,
@@ -106,6 +102,7 @@ pub async fn protect(
         path: status_path,
         status: Mutex::new(DiskStatus {
             disk: spec.name.clone(),
+            periodic: true,
             ..Default::default()
         }),
     };
@@ -342,13 +339,6 @@ fn finish(qmp: &mut Qmp, spec: &PeriodicSpec, plan: &Plan, committed: bool) -> a
     Ok(())
 }
 
-#[derive(Default)]
-struct Report {
-    blocks: u64,
-    bytes: u64,
-    hash_bytes: u64,
-}
-
 /// Block ranges `[first, end)` covered by extents that `pick` selects.
 fn block_runs(extents: &[Extent], bs: u64, pick: impl Fn(u32) -> bool) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -421,8 +411,6 @@ async fn transfer(
         .map(|&(a, b)| (b * bs).min(spec.size) - a * bs)
         .sum();
     let mut progress = crate::status::Progress::new(plan.mode.label(), total);
-    let mut done = 0u64;
-    let mut shown = std::time::Instant::now();
     status.update(|s| s.progress = Some(progress.clone()));
     let begin = Msg::Begin(Checkpoint {
         seq,
@@ -434,75 +422,27 @@ async fn transfer(
         consistency: Consistency::Crash,
     });
     wr.write_all(&begin.encode()).await?;
-    let mut report = Report::default();
-    let mut chunks = Vec::new();
-    for (first, end) in runs {
-        let mut b = first;
-        while b < end {
-            let n = (end - b).min(READ_RUN);
-            let off = b * bs;
-            let len = (n * bs).min(spec.size - off);
-            let data = nbd.read(off, len as u32).await?;
-            let theirs = if plan.mode == Mode::Resync {
-                report.hash_bytes += 32 * n;
-                Some(remote_ids(rd, wr, b, n as u32).await?)
-            } else {
-                None
-            };
-            // The blocks to send, each named once.
-            let mut picked: Vec<(u64, &[u8], Option<ChunkId>)> = Vec::new();
-            for (i, block) in data.chunks(bs as usize).enumerate() {
-                let id = (!is_zero(block)).then(|| shared.key.chunk_id(block));
-                if let Some(ids) = &theirs {
-                    if ids.get(i) == Some(&id.unwrap_or(ChunkId::ZERO)) {
-                        continue;
-                    }
-                }
-                picked.push((b + i as u64, block, id));
-            }
-            // A seed or resync may follow an interrupted attempt whose chunks already arrived:
-            // ask, and send those by reference.
-            let mut have: HashSet<ChunkId> = HashSet::new();
-            if !matches!(plan.mode, Mode::Incremental(_)) {
-                let ask: Vec<ChunkId> = {
-                    let known = shared.known.lock().expect("known lock");
-                    picked
-                        .iter()
-                        .filter_map(|p| p.2)
-                        .filter(|id| !known.contains(id))
-                        .collect()
-                };
-                if !ask.is_empty() {
-                    have = remote_have(rd, wr, ask).await?;
-                }
-            }
-            for (index, block, id) in picked {
-                let body = match id {
-                    None => BlockBody::Zero,
-                    Some(id) => {
-                        let by_ref = have.contains(&id)
-                            || shared.known.lock().expect("known lock").contains(&id);
-                        chunks.push(id);
-                        BlockBody::Chunk {
-                            id,
-                            blob: (!by_ref).then(|| shared.key.seal_chunk(&id, block)),
-                        }
-                    }
-                };
-                let frame = Msg::Block { index, body }.encode();
-                wr.write_all(&frame).await?;
-                report.blocks += 1;
-                report.bytes += frame.len() as u64;
-            }
-            b += n;
-            done += len;
-            if shown.elapsed() >= Duration::from_millis(250) {
-                shown = std::time::Instant::now();
-                progress.advance(done);
-                status.update(|s| s.progress = Some(progress.clone()));
-            }
-        }
-    }
+    let resync = plan.mode == Mode::Resync;
+    let dedupe = !matches!(plan.mode, Mode::Incremental(_));
+    let mut on_progress = |done: u64| {
+        progress.advance(done);
+        status.update(|s| s.progress = Some(progress.clone()));
+    };
+    let (report, chunks) = bulk::send_runs(
+        &mut nbd,
+        &runs,
+        bulk::Options {
+            disk_size: spec.size,
+            block_size: bs,
+            compare: resync,
+            dedupe,
+        },
+        shared,
+        rd,
+        wr,
+        &mut on_progress,
+    )
+    .await?;
     wr.write_all(
         &Msg::End {
             seq,
@@ -513,73 +453,8 @@ async fn transfer(
     .await?;
     wr.flush().await?;
     let _ = nbd.disconnect().await;
-    match tokio::time::timeout(Duration::from_secs(300), read_msg(rd)).await?? {
-        Msg::Committed { seq: s, .. } if s == seq => {
-            shared.known.lock().expect("known lock").extend(chunks);
-            Ok(report)
-        }
-        Msg::Rejected {
-            message, reason, ..
-        } => {
-            if reason == ferry_wire::RejectReason::MissingChunk {
-                shared.known.lock().expect("known lock").clear();
-            }
-            bail!("checkpoint {seq} rejected: {message}")
-        }
-        other => bail!("unexpected answer to checkpoint {seq}: {other:?}"),
-    }
-}
-
-/// Which of `ids` the master target holds already.
-async fn remote_have(
-    rd: &mut SessionReader,
-    wr: &mut SessionWriter,
-    ids: Vec<ChunkId>,
-) -> anyhow::Result<HashSet<ChunkId>> {
-    let mut out = HashSet::new();
-    for part in ids.chunks(MAX_IDS as usize) {
-        wr.write_all(&Msg::HaveRequest { ids: part.to_vec() }.encode())
-            .await?;
-        wr.flush().await?;
-        match tokio::time::timeout(Duration::from_secs(60), read_msg(rd)).await?? {
-            Msg::Have { present } if present.len() == part.len() => {
-                out.extend(
-                    part.iter()
-                        .zip(present)
-                        .filter(|(_, p)| *p)
-                        .map(|(id, _)| *id),
-                );
-            }
-            other => bail!("unexpected answer to a chunk presence request: {other:?}"),
-        }
-    }
-    Ok(out)
-}
-
-/// The master target's names of blocks `first..first+count`.
-async fn remote_ids(
-    rd: &mut SessionReader,
-    wr: &mut SessionWriter,
-    first: u64,
-    count: u32,
-) -> anyhow::Result<Vec<ChunkId>> {
-    let mut out = Vec::with_capacity(count as usize);
-    let mut b = first;
-    let end = first + u64::from(count);
-    while b < end {
-        let n = ((end - b) as u32).min(MAX_IDS);
-        wr.write_all(&Msg::IdsRequest { first: b, count: n }.encode())
-            .await?;
-        wr.flush().await?;
-        match tokio::time::timeout(Duration::from_secs(60), read_msg(rd)).await?? {
-            Msg::Ids { first: f, ids } if f == b && ids.len() <= n as usize => {
-                b += n as u64;
-                out.extend(ids);
-            }
-            other => bail!("unexpected answer to a block name request: {other:?}"),
-        }
-    }
-    Ok(out)
+    bulk::await_commit(rd, seq, shared, chunks).await?;
+    Ok(report)
 }
 
 #[cfg(test)]

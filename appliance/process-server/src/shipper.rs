@@ -57,17 +57,20 @@ pub struct Shared {
     pub known: Mutex<HashSet<ChunkId>>,
 }
 
-const KNOWN_LIMIT: usize = 1 << 20;
+pub(crate) const KNOWN_LIMIT: usize = 1 << 20;
 
 struct InFlight {
     seq: u64,
     journal_end: u64,
+    /// Ends at the disk's application-consistent mark.
+    app: bool,
     created_unix_ns: u64,
     chunks: Vec<ChunkId>,
 }
 
 struct Cut {
     journal_end: u64,
+    app: bool,
     frames: Vec<Vec<u8>>,
     chunks: Vec<ChunkId>,
     more: bool,
@@ -89,7 +92,7 @@ pub async fn replicate(disk: Arc<Disk>, link: Arc<Link>, tuning: Tuning, shared:
             s.connected = false;
             s.reconnects += 1;
             s.last_error = Some(msg.clone());
-            if s.state == State::Replicating {
+            if matches!(s.state, State::Replicating | State::Resyncing) {
                 s.state = State::Connecting;
             }
         });
@@ -108,18 +111,51 @@ async fn session(
     shared: &Arc<Shared>,
     welcomed: &mut bool,
 ) -> anyhow::Result<()> {
-    let (mut rd, mut wr, last_seq, journal_end) =
+    let (mut rd, mut wr, mut last_seq, mut journal_end) =
         open_session(link, &disk.name, disk.size, disk.block_size).await?;
     *welcomed = true;
 
     let stats = disk.journal.stats();
-    if journal_end > stats.durable_seq || (last_seq > 0 && journal_end + 1 < stats.first_seq) {
-        disk.update(|s| s.state = State::ResyncRequired);
-        bail!(
-            "the recovery site holds journal position {journal_end} but this cache holds {}..={}: resync required",
-            stats.first_seq,
-            stats.durable_seq
-        );
+    // The journal cannot continue the recovery site's points: it lacks records they need, or
+    // it is a new journal (the cache was lost) and its numbering means nothing to them.
+    let gap = journal_end > stats.durable_seq
+        || journal_end + 1 < stats.first_seq
+        || (last_seq > 0 && disk.unreconciled());
+    if last_seq == 0 {
+        // Nothing to reconcile with: the recovery site starts from this journal.
+        disk.reconciled();
+    }
+    let full = matches!(
+        stats.state,
+        ferry_journal::JournalState::ResyncRequired { .. }
+    );
+    let asked = disk.resync_requested();
+    if gap || full || asked {
+        let Some(host) = &disk.host else {
+            disk.update(|s| s.state = State::ResyncRequired);
+            bail!(
+                "the recovery site holds journal position {journal_end} but this cache holds {}..={}: \
+                 resync required (give the disk's host with --disk NAME=SIZE,qmp=,node=,nbd= to resync by checksums)",
+                stats.first_seq,
+                stats.durable_seq
+            );
+        };
+        disk.update(|s| s.connected = true);
+        journal_end = crate::resync::run(
+            disk,
+            host,
+            tuning,
+            shared,
+            &mut rd,
+            &mut wr,
+            last_seq + 1,
+            journal_end,
+        )
+        .await?;
+        last_seq += 1;
+        disk.clear_resync_request();
+        disk.reconciled();
+        disk.update(|s| s.state = State::Replicating);
     }
     trim(disk, journal_end).await?;
     disk.update(|s| {
@@ -151,6 +187,8 @@ async fn session(
     let mut tick = tokio::time::interval(tuning.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut more = false;
+    // The application-consistent mark a cut in flight already ends at (not to be cut again).
+    let mut mark_sent: Option<u64> = None;
     loop {
         let can_send = inflight.len() < tuning.window;
         tokio::select! {
@@ -170,10 +208,17 @@ async fn session(
                             }
                             known.extend(f.chunks);
                         }
+                        if f.app {
+                            disk.clear_app_mark(journal_end);
+                        }
                         disk.update(|s| {
                             s.acked_seq = seq;
                             s.acked_journal_seq = journal_end;
                             s.acked_point_created_unix_ns = f.created_unix_ns;
+                            if f.app {
+                                s.app_points += 1;
+                                s.last_app_point_seq = seq;
+                            }
                         });
                     }
                     Msg::Rejected { seq, reason, chunk, message } => {
@@ -186,10 +231,13 @@ async fn session(
                 }
             }
             _ = tick.tick(), if can_send && !more => {
-                (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, pos, next_seq).await?;
+                if disk.host.is_some() && (disk.resync_requested() || matches!(disk.journal.state(), ferry_journal::JournalState::ResyncRequired { .. })) {
+                    bail!("a checksum resync is due; starting it on a fresh connection");
+                }
+                (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, (pos, next_seq), &mut mark_sent).await?;
             }
             _ = std::future::ready(()), if can_send && more => {
-                (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, pos, next_seq).await?;
+                (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, (pos, next_seq), &mut mark_sent).await?;
             }
         }
     }
@@ -266,11 +314,11 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
     shared: &Arc<Shared>,
     wr: &mut W,
     inflight: &mut VecDeque<InFlight>,
-    pos: u64,
-    seq: u64,
+    (pos, seq): (u64, u64),
+    mark_sent: &mut Option<u64>,
 ) -> anyhow::Result<(u64, u64, bool)> {
-    let (d, t, sh) = (disk.clone(), tuning.clone(), shared.clone());
-    let cut = tokio::task::spawn_blocking(move || build(&d, &t, &sh, pos, seq)).await??;
+    let (d, t, sh, skip) = (disk.clone(), tuning.clone(), shared.clone(), *mark_sent);
+    let cut = tokio::task::spawn_blocking(move || build(&d, &t, &sh, pos, seq, skip)).await??;
     disk.refresh_journal_stats();
     let Some(cut) = cut else {
         return Ok((pos, seq, false));
@@ -281,9 +329,13 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
         sent += f.len() as u64;
     }
     wr.flush().await?;
+    if cut.app {
+        *mark_sent = Some(cut.journal_end);
+    }
     inflight.push_back(InFlight {
         seq,
         journal_end: cut.journal_end,
+        app: cut.app,
         created_unix_ns: cut.created_unix_ns,
         chunks: cut.chunks,
     });
@@ -300,13 +352,30 @@ fn build(
     shared: &Shared,
     pos: u64,
     seq: u64,
+    mark_sent: Option<u64>,
 ) -> anyhow::Result<Option<Cut>> {
-    disk.journal.sync().context("journal sync")?;
-    let records = disk
-        .journal
-        .read_durable(pos, tuning.max_checkpoint_bytes)
-        .context("reading the journal")?;
-    if records.is_empty() {
+    // Read the journal under the mark's lock: a mark set later lies past everything read here.
+    let (records, mark) = {
+        let mark = disk.app_mark.lock().expect("mark lock");
+        disk.journal.sync().context("journal sync")?;
+        let records = disk
+            .journal
+            .read_durable(pos, tuning.max_checkpoint_bytes)
+            .context("reading the journal")?;
+        (records, mark.filter(|&m| Some(m) != mark_sent))
+    };
+    let mark = match mark {
+        Some(m) if m < pos => {
+            // Cannot happen while the mark is set before the thaw; never tag a wrong point.
+            tracing::error!(disk = %disk.name, mark = m, pos, "application-consistent mark behind the shipper; dropped");
+            disk.clear_app_mark(m);
+            None
+        }
+        m => m,
+    };
+    // Nothing was written since the last point, which already ends at the mark: an empty
+    // checkpoint records that this moment is application-consistent.
+    if records.is_empty() && mark != Some(pos) {
         return Ok(None);
     }
     let created_unix_ns = now_unix_ns();
@@ -314,6 +383,9 @@ fn build(
     let mut end = pos;
     let mut bytes = 0usize;
     for r in &records {
+        if mark.is_some_and(|m| r.seq > m) {
+            break;
+        }
         builder.apply(r);
         end = r.seq;
         if let ferry_journal::OwnedOp::Write { data, .. } = &r.op {
@@ -325,6 +397,7 @@ fn build(
     }
     let more =
         end < records.last().map(|r| r.seq).unwrap_or(end) || bytes >= tuning.max_checkpoint_bytes;
+    let app = mark == Some(end);
     let blocks = {
         let known = shared.known.lock().expect("known lock");
         builder.finish(&shared.key, &disk.name, seq, &known)
@@ -338,7 +411,11 @@ fn build(
             journal_end: end,
             disk_size: disk.size,
             block_size: disk.block_size,
-            consistency: Consistency::Crash,
+            consistency: if app {
+                Consistency::Application
+            } else {
+                Consistency::Crash
+            },
         })
         .encode(),
     );
@@ -359,6 +436,7 @@ fn build(
     frames.push(Msg::End { seq, blocks: count }.encode());
     Ok(Some(Cut {
         journal_end: end,
+        app,
         frames,
         chunks,
         more,

@@ -13,9 +13,12 @@ pub enum State {
     /// The journal overflowed (or the cache no longer holds what the recovery site needs):
     /// writes are tracked in the dirty bitmap and a resync must follow.
     ResyncRequired,
+    /// A checksum resync runs (see `progress`).
+    Resyncing,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DiskStatus {
     pub disk: String,
     pub state: State,
@@ -37,11 +40,24 @@ pub struct DiskStatus {
     /// Periodic disks: what the last committed cut was (`seed`, `incremental`, `resync`),
     /// how many blocks and bytes it sent, and the block-name traffic of a resync.
     pub periodic_mode: Option<String>,
+    /// Protected from its host's dirty bitmaps (periodic) rather than by a mirror.
+    pub periodic: bool,
+    /// A continuous disk whose host is known: it can be resynchronized by checksums.
+    pub host_access: bool,
+    /// Checksum resyncs of a continuous disk committed since the process server started.
+    pub resyncs: u64,
     pub last_cut_blocks: u64,
     pub last_cut_bytes: u64,
     pub last_cut_hash_bytes: u64,
     /// A long operation under way (seed, resync, or a large incremental), for progress bars.
     pub progress: Option<Progress>,
+    /// Continuous disks: whether freeze/thaw hooks are configured, how many
+    /// application-consistent points were committed, the newest one, and the last failure.
+    pub app_hooks: bool,
+    pub app_points: u64,
+    pub last_app_point_seq: u64,
+    pub app_error: Option<String>,
+    pub app_error_unix_ns: u64,
     pub updated_unix_ns: u64,
 }
 

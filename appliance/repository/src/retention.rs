@@ -7,6 +7,11 @@
 //! younger points in the same bucket that are still in a finer tier. So when the younger points
 //! age into the tier, the survivor is the same one, and with nested intervals (300 s inside
 //! 3600 s) the survivor of a coarse bucket is also the survivor of its fine bucket.
+//! Application-consistent points are worth more than crash-consistent ones (a database starts
+//! from them without recovery), so a bucket's survivor is its newest application-consistent
+//! point when it has one. The rule stays stable and nested: a bucket's points are all known once
+//! it is in the past, and the newest application-consistent point of a coarse bucket is also the
+//! newest one of the fine bucket that holds it.
 //! Points older than every tier are deleted. The latest point is never deleted.
 //!
 //! Deleting a point removes only its root; `gc` later frees what no point names.
@@ -53,28 +58,29 @@ impl Default for RetentionPolicy {
 const NS: u64 = 1_000_000_000;
 
 impl RetentionPolicy {
-    /// Which of `points` (seq, created_unix_ns) to delete at `now_unix_ns`. The point with the
-    /// highest seq is always kept.
-    pub fn select_deletions(&self, points: &[(u64, u64)], now_unix_ns: u64) -> Vec<u64> {
+    /// Which of `points` (seq, created_unix_ns, application-consistent) to delete at
+    /// `now_unix_ns`. The point with the highest seq is always kept.
+    pub fn select_deletions(&self, points: &[(u64, u64, bool)], now_unix_ns: u64) -> Vec<u64> {
         let Some(latest) = points.iter().map(|p| p.0).max() else {
             return Vec::new();
         };
-        // Newest point per (tier, bucket) over ALL points, so younger ones count.
-        let mut newest: HashMap<(usize, u64), (u64, u64)> = HashMap::new();
-        for &(seq, created) in points {
+        // The survivor per (tier, bucket) over ALL points, so younger ones count: the greatest
+        // (application-consistent, created, seq).
+        let mut best: HashMap<(usize, u64), (bool, u64, u64)> = HashMap::new();
+        for &(seq, created, app) in points {
             for (t, tier) in self.tiers.iter().enumerate() {
                 if tier.every_secs == 0 {
                     continue;
                 }
                 let b = created / (tier.every_secs.saturating_mul(NS));
-                let e = newest.entry((t, b)).or_insert((created, seq));
-                if (created, seq) > *e {
-                    *e = (created, seq);
+                let e = best.entry((t, b)).or_insert((app, created, seq));
+                if (app, created, seq) > *e {
+                    *e = (app, created, seq);
                 }
             }
         }
         let mut out = Vec::new();
-        for &(seq, created) in points {
+        for &(seq, created, _) in points {
             if seq == latest {
                 continue;
             }
@@ -89,7 +95,7 @@ impl RetentionPolicy {
                 if age <= upper {
                     keep = tier.every_secs == 0 || {
                         let b = created / (tier.every_secs.saturating_mul(NS));
-                        newest.get(&(t, b)).map(|e| e.1) == Some(seq)
+                        best.get(&(t, b)).map(|e| e.2) == Some(seq)
                     };
                     break;
                 }
@@ -113,10 +119,13 @@ impl Repository {
         now_unix_ns: u64,
     ) -> Result<Vec<u64>, RepoError> {
         self.writable()?;
-        let points: Vec<(u64, u64)> = self
+        let points: Vec<(u64, u64, bool)> = self
             .points(disk)?
             .iter()
-            .map(|p| (p.meta.seq, p.meta.created_unix_ns))
+            .map(|p| {
+                let app = p.meta.consistency == crate::Consistency::Application;
+                (p.meta.seq, p.meta.created_unix_ns, app)
+            })
             .collect();
         let doomed = policy.select_deletions(&points, now_unix_ns);
         let root = self.inner().store.root().to_path_buf();
@@ -166,7 +175,7 @@ mod tests {
             ],
         };
         // One point per second from t=0 to t=2000 s; now = 2000 s.
-        let pts: Vec<(u64, u64)> = (0..=2000).map(|s| (s + 1, s * NS)).collect();
+        let pts: Vec<(u64, u64, bool)> = (0..=2000).map(|s| (s + 1, s * NS, false)).collect();
         let del = p.select_deletions(&pts, 2000 * NS);
         let kept: Vec<u64> = pts
             .iter()
@@ -188,7 +197,7 @@ mod tests {
         // Older than every tier: gone.
         assert!(kept.iter().all(|&t| t >= 890));
         // Stable: applying again later to the survivors never deletes a tier-2 survivor early.
-        let pts2: Vec<(u64, u64)> = pts
+        let pts2: Vec<(u64, u64, bool)> = pts
             .iter()
             .copied()
             .filter(|x| !del.contains(&x.0))
@@ -196,6 +205,51 @@ mod tests {
         let del2 = p.select_deletions(&pts2, 2000 * NS);
         assert!(del2.is_empty());
         // The latest point is kept even when ancient.
-        assert!(p.select_deletions(&[(7, 0)], u64::MAX).is_empty());
+        assert!(p.select_deletions(&[(7, 0, false)], u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn an_application_consistent_point_survives_its_bucket() {
+        let p = RetentionPolicy {
+            keep_all_secs: 10,
+            tiers: vec![
+                RetentionTier {
+                    every_secs: 10,
+                    for_secs: 100,
+                },
+                RetentionTier {
+                    every_secs: 100,
+                    for_secs: 1000,
+                },
+            ],
+        };
+        // One point per second; application-consistent at t = 1234 and 1503 (and t % 10 == 3
+        // in 1900..2000, inside tier 1).
+        let app = |t: u64| t == 1234 || t == 1503 || ((1900..2000).contains(&t) && t % 10 == 3);
+        let pts: Vec<(u64, u64, bool)> = (0..=2000).map(|s| (s + 1, s * NS, app(s))).collect();
+        let del = p.select_deletions(&pts, 2000 * NS);
+        let kept: Vec<u64> = pts
+            .iter()
+            .filter(|x| !del.contains(&x.0))
+            .map(|x| x.1 / NS)
+            .collect();
+        for t in 1900..1990 {
+            assert_eq!(kept.contains(&t), t % 10 == 3, "tier 1, t {t}");
+        }
+        for t in 890..1890 {
+            let survivor = match t / 100 {
+                12 => t == 1234,
+                15 => t == 1503,
+                _ => t % 100 == 99,
+            };
+            assert_eq!(kept.contains(&t), survivor, "tier 2, t {t}");
+        }
+        // Stable: the survivors of today are the survivors of a later pass.
+        let pts2: Vec<(u64, u64, bool)> = pts
+            .iter()
+            .copied()
+            .filter(|x| !del.contains(&x.0))
+            .collect();
+        assert!(p.select_deletions(&pts2, 2000 * NS).is_empty());
     }
 }

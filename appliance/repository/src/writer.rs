@@ -2,7 +2,12 @@
 //!
 //! Why: a checkpoint must become visible all at once or not at all, and must cost in proportion
 //! to what changed, not to the disk's size. A writer therefore keeps in memory only the map pages
-//! it changed (copied from the previous point on first touch), stores chunks as they arrive
+//! it changed (copied from the previous point on first touch). A checkpoint that changes blocks
+//! all over a large disk (a seed, or a resync of a multi-terabyte disk) would hold every leaf
+//! page, so past [`MAX_DIRTY_PAGES`] the changed leaves are written out early and only their new
+//! names kept in their parents (which are [`crate::map::FANOUT`] times fewer); a leaf touched
+//! again is read back by that name. Pages nothing names are collected by gc, so an early-written
+//! page of a checkpoint that is then abandoned costs nothing. It stores chunks as they arrive
 //! (content-addressed, so a crash leaves only unreferenced objects that gc removes), and on
 //! [`CheckpointWriter::commit`] writes the changed pages bottom-up, `syncfs`es, and writes the
 //! root last. Dropping a writer without commit leaves no point.
@@ -18,6 +23,9 @@ use crate::{CheckpointMeta, RecoveryPoint, RepoError, Repository};
 use ferry_chunk::{is_zero, ChunkId};
 use std::collections::{BTreeMap, HashMap};
 
+/// Changed pages a writer keeps in memory (32 KiB each) before it writes leaves out early.
+pub const MAX_DIRTY_PAGES: usize = 2048;
+
 pub struct CheckpointWriter<'a> {
     repo: &'a Repository,
     disk: String,
@@ -30,6 +38,7 @@ pub struct CheckpointWriter<'a> {
     touched: HashMap<u64, [u64; FANOUT / 64]>,
     stored_bytes: u64,
     done: bool,
+    max_dirty_pages: usize,
 }
 
 impl<'a> CheckpointWriter<'a> {
@@ -50,6 +59,7 @@ impl<'a> CheckpointWriter<'a> {
             touched: HashMap::new(),
             stored_bytes: 0,
             done: false,
+            max_dirty_pages: MAX_DIRTY_PAGES,
         };
         // Growth past the old tree's height: the new upper levels are changed pages (their
         // child 0 is the old root), so the commit links the old tree under the new root.
@@ -67,9 +77,23 @@ impl<'a> CheckpointWriter<'a> {
         w
     }
 
+    /// Keep at most `n` changed pages in memory (tests use a small bound to exercise spilling).
+    pub fn set_max_dirty_pages(&mut self, n: usize) {
+        self.max_dirty_pages = n.max(1);
+    }
+
     /// The metadata this checkpoint will carry.
     pub fn meta(&self) -> &CheckpointMeta {
         &self.meta
+    }
+
+    /// The checkpoint ends at journal position `journal_end` after all: a checksum resync
+    /// learns it only after reading the disk, and may restart the sender's journal numbering
+    /// (a process server that lost its cache counts from 1 again), so any value is taken. The
+    /// next checkpoint must start there.
+    pub fn rebase_journal_end(&mut self, journal_end: u64) {
+        self.meta.journal_end = journal_end;
+        self.meta.journal_start = self.meta.journal_start.min(journal_end);
     }
 
     /// Block `index` becomes a hole (reads as zeros, stores nothing).
@@ -240,6 +264,30 @@ impl<'a> CheckpointWriter<'a> {
         let slot = (index as usize) & (FANOUT - 1);
         self.leaf(leaf)?[slot] = id;
         self.touched.entry(leaf).or_insert([0; FANOUT / 64])[slot / 64] |= 1 << (slot % 64);
+        if self.pages.len() > self.max_dirty_pages {
+            self.spill_leaves()?;
+        }
+        Ok(())
+    }
+
+    /// Write every changed leaf out now and keep only its name, in its (changed) parent.
+    fn spill_leaves(&mut self) -> Result<(), RepoError> {
+        if self.geo.root_level == 0 {
+            return Ok(()); // one leaf is the whole map
+        }
+        let leaves: Vec<u64> = self
+            .pages
+            .range((0, 0)..=(0, u64::MAX))
+            .map(|(k, _)| k.1)
+            .collect();
+        let inner = self.repo.inner().clone();
+        for idx in leaves {
+            let page = self.pages.remove(&(0, idx)).expect("listed page");
+            let id = inner.store_page(&self.disk, 0, idx, page)?;
+            let parent = self.page_mut(1, idx >> FANOUT_BITS)?;
+            parent[(idx as usize) & (FANOUT - 1)] = id;
+        }
+        tracing::debug!(disk = %self.disk, seq = self.meta.seq, parents = self.pages.len(), "changed leaves written early");
         Ok(())
     }
 
@@ -247,16 +295,30 @@ impl<'a> CheckpointWriter<'a> {
         self.page_mut(0, leaf)
     }
 
-    /// A changed page, copied from the previous point the first time it is touched.
+    /// A changed page, copied from the previous point the first time it is touched (or, for a
+    /// leaf written out early, read back by the name its changed parent holds).
     fn page_mut(&mut self, level: u8, index: u64) -> Result<&mut Page, RepoError> {
         if !self.pages.contains_key(&(level, index)) {
-            let page = match &self.prev {
-                Some(p) => self
+            let spilled = (level == 0)
+                .then(|| self.pages.get(&(1, index >> FANOUT_BITS)))
+                .flatten()
+                .map(|parent| parent[(index as usize) & (FANOUT - 1)]);
+            let page = match (spilled, &self.prev) {
+                (Some(id), _) if id.is_zero() => zero_page(),
+                (Some(id), _) => self
                     .repo
                     .inner()
-                    .find_page(&self.disk, &p.root_page, p.root_level, level, index)?
-                    .map_or_else(zero_page, |a| a.as_ref().clone()),
-                None => zero_page(),
+                    .page(&self.disk, 0, index, &id)?
+                    .as_ref()
+                    .clone(),
+                (None, prev) => match prev {
+                    Some(p) => self
+                        .repo
+                        .inner()
+                        .find_page(&self.disk, &p.root_page, p.root_level, level, index)?
+                        .map_or_else(zero_page, |a| a.as_ref().clone()),
+                    None => zero_page(),
+                },
             };
             self.pages.insert((level, index), page);
         }

@@ -354,3 +354,46 @@ impl ModelExt for Model {
         m
     }
 }
+
+/// A checkpoint that changes more map pages than a writer keeps in memory writes leaves out
+/// early and reads them back when touched again; every point still reads back exactly.
+#[test]
+fn a_checkpoint_larger_than_the_page_budget_reads_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = open(dir.path());
+    let bs = 4096u32;
+    let per_leaf = 1024u64; // blocks one leaf page names
+    let size = 40 * per_leaf * u64::from(bs) + 512; // 41 leaves, two levels
+    let mut m = Model::new(size, bs);
+    let leaves = size.div_ceil(u64::from(bs)).div_ceil(per_leaf);
+
+    let mut w = repo.begin("big", meta(1, size, bs)).unwrap();
+    w.set_max_dirty_pages(3);
+    for l in 0..leaves {
+        let b = (l * per_leaf + 7).min(size / u64::from(bs));
+        let len = m.block_len(b);
+        put_full(&mut w, &mut m, b, &block(b, len));
+    }
+    // Leaves written out early are touched again: a new block, an overwrite, a patch, a zero.
+    put_full(&mut w, &mut m, 3, &block(1003, bs as usize));
+    put_full(&mut w, &mut m, 5 * per_leaf + 7, &block(2007, bs as usize));
+    put_patch(&mut w, &mut m, 9 * per_leaf + 7, &[(10, MARKER.to_vec())]);
+    put_zero(&mut w, &mut m, 12 * per_leaf + 7);
+    w.commit().unwrap();
+    let first = m.clone();
+    check_point(&repo, "big", 1, &m);
+
+    let mut w = repo.begin("big", meta(2, size, bs)).unwrap();
+    w.set_max_dirty_pages(2);
+    for l in (0..leaves).rev().step_by(3) {
+        let b = l * per_leaf + 100;
+        if b < size / u64::from(bs) {
+            put_full(&mut w, &mut m, b, &block(b + 5000, bs as usize));
+        }
+    }
+    put_patch(&mut w, &mut m, 3, &[(0, vec![0xEE; 16])]);
+    w.commit().unwrap();
+    check_point(&repo, "big", 2, &m);
+    check_point(&repo, "big", 1, &first);
+    assert!(repo.verify().bad.is_empty());
+}

@@ -105,6 +105,14 @@ pub enum Msg {
         seq: u64,
         blocks: u64,
     },
+    /// Like `End`, but the point's journal position is only known now: a continuous disk's
+    /// checksum resync reads the live disk and then replays the journal up to a position it
+    /// learns last, and the point holds the disk as of that position.
+    EndAt {
+        seq: u64,
+        blocks: u64,
+        journal_end: u64,
+    },
     Committed {
         seq: u64,
         journal_end: u64,
@@ -151,6 +159,7 @@ const T_IDS_REQUEST: u8 = 8;
 const T_IDS: u8 = 9;
 const T_HAVE_REQUEST: u8 = 10;
 const T_HAVE: u8 = 11;
+const T_END_AT: u8 = 12;
 
 const B_ZERO: u8 = 0;
 const B_CHUNK: u8 = 1;
@@ -345,6 +354,16 @@ impl Msg {
                 out.extend_from_slice(&seq.to_le_bytes());
                 out.extend_from_slice(&blocks.to_le_bytes());
             }
+            Msg::EndAt {
+                seq,
+                blocks,
+                journal_end,
+            } => {
+                out.push(T_END_AT);
+                out.extend_from_slice(&seq.to_le_bytes());
+                out.extend_from_slice(&blocks.to_le_bytes());
+                out.extend_from_slice(&journal_end.to_le_bytes());
+            }
             Msg::Committed { seq, journal_end } => {
                 out.push(T_COMMITTED);
                 out.extend_from_slice(&seq.to_le_bytes());
@@ -471,6 +490,16 @@ impl Msg {
                 let m = Msg::End {
                     seq: r.u64()?,
                     blocks: r.u64()?,
+                };
+                r.finish()?;
+                m
+            }
+            T_END_AT => {
+                let mut r = Reader::new(payload, "end-at");
+                let m = Msg::EndAt {
+                    seq: r.u64()?,
+                    blocks: r.u64()?,
+                    journal_end: r.u64()?,
                 };
                 r.finish()?;
                 m
@@ -640,6 +669,11 @@ mod tests {
                 },
             },
             Msg::End { seq: 8, blocks: 4 },
+            Msg::EndAt {
+                seq: 8,
+                blocks: 4,
+                journal_end: 131,
+            },
             Msg::Committed {
                 seq: 8,
                 journal_end: 120,

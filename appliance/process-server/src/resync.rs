@@ -1,0 +1,244 @@
+//! Checksum resync of a continuously protected disk.
+//!
+//! A continuous disk's recovery site follows its journal. When the journal cannot say what
+//! changed any more (it filled up and only a dirty bitmap tracked writes since; the cache was
+//! lost; the recovery site's replica was damaged and the operator asked), the process server
+//! reads the disk itself on its host and sends only the blocks whose names differ from the
+//! recovery site's. It never copies the disk blindly, and the last good recovery point stays
+//! usable until the resynced one is complete.
+//!
+//! The guest keeps writing throughout, and the disk is read live (a QEMU mirror job forbids a
+//! second block job such as fleecing on the same node), so what is read is no single instant.
+//! The journal makes it one: it restarts before the read (position `s0`), so every write from
+//! then on is journaled; after the read an empty QMP transaction drains the host's requests, so
+//! every write the read can have seen is journaled too (the mirror writes the source before it
+//! sends to us), up to position `s2`. Replaying `(s0, s2]` over what was read gives the disk as
+//! of `s2`: a byte that a replayed record writes ends with that record's bytes, and any other
+//! byte was not written between the restart and the drain, so the read saw its value at `s2`.
+//! See `docs/formats.md` (EndAt) for the wire side.
+
+use crate::bulk::{self, Report};
+use crate::checkpoint::Builder;
+use crate::shipper::{SessionReader, SessionWriter, Shared, Tuning};
+use crate::status::{now_unix_ns, Progress, State};
+use crate::Disk;
+use anyhow::{bail, Context};
+use ferry_nbd::client::{Client, ClientOptions};
+use ferry_qemu::Qmp;
+use ferry_wire::{Checkpoint, Consistency, Msg};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// Where a continuous disk lives on its host, for reading it in a resync.
+#[derive(Clone, Debug)]
+pub struct HostDisk {
+    /// A QMP socket of the host's QEMU.
+    pub qmp: PathBuf,
+    /// The disk's block node (below the mirror's filter).
+    pub node: String,
+    /// A unix socket for the host's NBD server (started when not running).
+    pub nbd_socket: PathBuf,
+}
+
+/// The request file `ferry resync` writes into the disk's cache directory.
+pub use crate::periodic::RESYNC_REQUEST as REQUEST;
+
+/// Resynchronize `disk` inside one checkpoint `seq` that follows the master target's point at
+/// `journal_start`; returns the journal position the new point holds the disk at.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    disk: &Arc<Disk>,
+    host: &HostDisk,
+    tuning: &Tuning,
+    shared: &Shared,
+    rd: &mut SessionReader,
+    wr: &mut SessionWriter,
+    seq: u64,
+    journal_start: u64,
+) -> anyhow::Result<u64> {
+    let j = disk.journal.clone();
+    let s0 = tokio::task::spawn_blocking(move || j.restart_for_resync())
+        .await?
+        .context("restarting the journal")?;
+    tracing::warn!(disk = %disk.name, seq, s0, "checksum resync: reading the disk on its host");
+    let export = format!("ferry-live-{}", disk.name);
+    let mut qmp = {
+        let (h, e) = (host.clone(), export.clone());
+        tokio::task::spawn_blocking(move || export_live(&h, &e))
+            .await?
+            .context("exporting the disk on its host")?
+    };
+    let result = transfer(
+        disk,
+        host,
+        tuning,
+        shared,
+        rd,
+        wr,
+        seq,
+        journal_start,
+        s0,
+        &export,
+        &mut qmp,
+    )
+    .await;
+    let e = export.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = qmp.execute("block-export-del", json!({"id": e}));
+    })
+    .await;
+    let (s2, report) = result?;
+    tracing::info!(disk = %disk.name, seq, s2, blocks = report.blocks, bytes = report.bytes, hash_bytes = report.hash_bytes, "checksum resync committed");
+    disk.update(|s| {
+        s.resyncs += 1;
+        s.last_cut_blocks = report.blocks;
+        s.last_cut_bytes = report.bytes;
+        s.last_cut_hash_bytes = report.hash_bytes;
+        s.bytes_sent += report.bytes;
+        s.progress = None;
+    });
+    Ok(s2)
+}
+
+fn export_live(host: &HostDisk, export: &str) -> anyhow::Result<Qmp> {
+    let mut qmp = Qmp::connect(&host.qmp, Duration::from_secs(10))?;
+    ferry_qemu::fleece::ensure_nbd_server(&mut qmp, &host.nbd_socket)?;
+    // One left by an interrupted resync is replaced.
+    let _ = qmp.execute("block-export-del", json!({"id": export}));
+    qmp.execute(
+        "block-export-add",
+        json!({"type": "nbd", "id": export, "node-name": host.node, "name": export}),
+    )?;
+    Ok(qmp)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn transfer(
+    disk: &Arc<Disk>,
+    host: &HostDisk,
+    tuning: &Tuning,
+    shared: &Shared,
+    rd: &mut SessionReader,
+    wr: &mut SessionWriter,
+    seq: u64,
+    journal_start: u64,
+    s0: u64,
+    export: &str,
+    qmp: &mut Qmp,
+) -> anyhow::Result<(u64, Report)> {
+    let mut nbd = Client::connect_unix_with(&host.nbd_socket, ClientOptions::new(export))
+        .await
+        .context("reading the disk over the host's NBD server")?;
+    if nbd.size() != disk.size {
+        bail!(
+            "the host's disk is {} bytes, protected as {}",
+            nbd.size(),
+            disk.size
+        );
+    }
+    let bs = u64::from(disk.block_size);
+    wr.write_all(
+        &Msg::Begin(Checkpoint {
+            seq,
+            created_unix_ns: now_unix_ns(),
+            journal_start,
+            journal_end: journal_start,
+            disk_size: disk.size,
+            block_size: disk.block_size,
+            consistency: Consistency::Crash,
+        })
+        .encode(),
+    )
+    .await?;
+    let mut progress = Progress::new("resync", disk.size);
+    disk.update(|s| {
+        s.state = State::Resyncing;
+        s.progress = Some(progress.clone());
+    });
+    let mut on_progress = |done: u64| {
+        progress.advance(done);
+        disk.update(|s| s.progress = Some(progress.clone()));
+    };
+    let (mut report, chunks) = bulk::send_runs(
+        &mut nbd,
+        &[(0, disk.size.div_ceil(bs))],
+        bulk::Options {
+            disk_size: disk.size,
+            block_size: bs,
+            compare: true,
+            dedupe: true,
+        },
+        shared,
+        rd,
+        wr,
+        &mut on_progress,
+    )
+    .await?;
+    let _ = nbd.disconnect().await;
+
+    // Drain the host: every write the read can have seen is journaled after this.
+    let drained =
+        tokio::task::block_in_place(|| qmp.execute("transaction", json!({"actions": []})));
+    drained.context("draining the host's requests")?;
+    let j = disk.journal.clone();
+    let s2 = tokio::task::spawn_blocking(move || j.sync())
+        .await?
+        .context("journal sync")?;
+    // A journal that filled up again during the read kept some writes only in its bitmap: the
+    // replay would miss them. Start over (the full journal says so to the shipper too).
+    if let ferry_journal::JournalState::ResyncRequired { dirty_bytes } = disk.journal.state() {
+        bail!(
+            "the journal filled up during the resync ({dirty_bytes} bytes written since only in its bitmap): \
+             starting over; a larger --journal-capacity lets a resync finish under this write load"
+        );
+    }
+
+    // Replay (s0, s2] over what was read, in bounded batches.
+    let mut pos = s0;
+    while pos < s2 {
+        let (j, max) = (disk.journal.clone(), tuning.max_checkpoint_bytes);
+        let records = tokio::task::spawn_blocking(move || j.read_durable(pos, max))
+            .await?
+            .context("reading the journal")?;
+        if records.is_empty() {
+            bail!("the journal holds no records after {pos} although {s2} is durable");
+        }
+        let mut builder = Builder::new(disk.size, disk.block_size);
+        for r in records.iter().take_while(|r| r.seq <= s2) {
+            builder.apply(r);
+            pos = r.seq;
+            if builder.touched() >= tuning.max_checkpoint_blocks {
+                break;
+            }
+        }
+        let blocks = {
+            let known = shared.known.lock().expect("known lock");
+            builder.finish(&shared.key, &disk.name, seq, &known)
+        };
+        for b in blocks {
+            let frame = Msg::Block {
+                index: b.index,
+                body: b.body,
+            }
+            .encode();
+            wr.write_all(&frame).await?;
+            report.blocks += 1;
+            report.bytes += frame.len() as u64;
+        }
+    }
+    wr.write_all(
+        &Msg::EndAt {
+            seq,
+            blocks: report.blocks,
+            journal_end: s2,
+        }
+        .encode(),
+    )
+    .await?;
+    wr.flush().await?;
+    bulk::await_commit(rd, seq, shared, chunks).await?;
+    Ok((s2, report))
+}
