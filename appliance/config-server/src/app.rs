@@ -100,7 +100,8 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
         .into_response(),
     };
     let status = resp.status();
-    if method != Method::GET || !status.is_success() {
+    let reads = method == Method::GET || method == Method::HEAD;
+    if !reads || !status.is_success() {
         let who = resp
             .extensions()
             .get::<AuditWho>()
