@@ -2,6 +2,7 @@
 //! arguments, sets up logging, and reports errors with context.
 
 mod app_point;
+mod control;
 mod demo;
 mod hw;
 mod update;
@@ -61,6 +62,10 @@ impl RepoArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the configuration server: inventory, policies, enrollment, audit (mutual-TLS API).
+    ConfigServer(control::ServerArgs),
+    /// Talk to the configuration server's API.
+    Ctl(control::CtlArgs),
     /// Run the demo: protect a disk, replicate it, recover it, prove it matches.
     Demo(demo::DemoArgs),
     /// Apply or verify a signed appliance update; make and sign bundles (provider side).
@@ -297,6 +302,8 @@ fn point_seq(repo: &Repository, disk: &str, point: &str) -> anyhow::Result<u64> 
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::ConfigServer(a) => control::server(a),
+        Cmd::Ctl(a) => control::ctl(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Update(a) => update::run(a),
         Cmd::Keygen { out } => {

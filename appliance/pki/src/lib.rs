@@ -160,24 +160,72 @@ pub fn server_config(
     dir: &Path,
     require_client_cert: bool,
 ) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    let auth = if require_client_cert {
+        ClientAuth::Required
+    } else {
+        ClientAuth::None
+    };
+    server_config_with(dir, auth)
+}
+
+/// Server side that verifies a client certificate when one is presented but also admits clients
+/// without one. For servers that must answer such clients themselves (the configuration
+/// server's enrollment, and its refusals, which it audits): the caller checks for a certificate.
+/// The server also sends the CA certificate, for clients that pin it by hash.
+pub fn server_config_client_optional(dir: &Path) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    server_config_with(dir, ClientAuth::Optional)
+}
+
+enum ClientAuth {
+    None,
+    Optional,
+    Required,
+}
+
+fn server_config_with(dir: &Path, auth: ClientAuth) -> Result<Arc<rustls::ServerConfig>, PkiError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
-    let builder = if require_client_cert {
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots(dir)?),
-            provider(),
-        )
-        .build()
-        .map_err(|e| PkiError::Verifier(e.to_string()))?;
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
+    let builder = match auth {
+        ClientAuth::None => builder.with_no_client_auth(),
+        ClientAuth::Optional | ClientAuth::Required => {
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(dir)?),
+                provider(),
+            );
+            let v = if matches!(auth, ClientAuth::Optional) {
+                v.allow_unauthenticated()
+            } else {
+                v
+            };
+            let verifier = v.build().map_err(|e| PkiError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
     };
-    let cfg = builder.with_single_cert(
-        certs(&dir.join("server-cert.pem"))?,
-        key(&dir.join("server-key.pem"))?,
-    )?;
+    let mut chain = certs(&dir.join("server-cert.pem"))?;
+    if matches!(auth, ClientAuth::Optional) {
+        // The CA goes with the chain: a client that enrolls holds only a hash of the CA (from
+        // its token) and checks the CA it is sent against it before trusting it.
+        chain.extend(certs(&dir.join("ca-cert.pem"))?);
+    }
+    let cfg = builder.with_single_cert(chain, key(&dir.join("server-key.pem"))?)?;
     Ok(Arc::new(cfg))
+}
+
+/// The CA of `dir` as an issuer, for a service that signs certificates (the configuration
+/// server's enrollment). Needs `ca-key.pem`, which only such a service keeps.
+pub fn ca_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let cert_path = dir.join("ca-cert.pem");
+    let key_path = dir.join("ca-key.pem");
+    let cert = fs::read_to_string(&cert_path).map_err(|e| io(&cert_path, e))?;
+    let key = fs::read_to_string(&key_path).map_err(|e| io(&key_path, e))?;
+    let key = KeyPair::from_pem(&key).map_err(|_| PkiError::Pem {
+        path: key_path,
+        what: "CA private key",
+    })?;
+    Issuer::from_ca_cert_pem(&cert, key).map_err(|_| PkiError::Pem {
+        path: cert_path,
+        what: "CA certificate",
+    })
 }
 
 /// Client side: trusts the site CA and presents the client certificate.
@@ -203,6 +251,8 @@ mod tests {
         server_config(d.path(), true).unwrap();
         server_config(d.path(), false).unwrap();
         client_config(d.path()).unwrap();
+        server_config_client_optional(d.path()).unwrap();
+        ca_issuer(d.path()).unwrap();
         assert!(matches!(init(d.path(), &[]), Err(PkiError::Exists(_))));
     }
 

@@ -1,0 +1,203 @@
+//! The inventory: tenants, sites, appliances, protected machines and their disks.
+
+use crate::validate::{self, Invalid};
+use crate::Object;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A customer of the provider. Everything below it is invisible to other tenants.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tenant {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+impl Object for Tenant {
+    const KIND: &'static str = "tenants";
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn validate(&self) -> Result<(), Invalid> {
+        validate::name("name", &self.name)?;
+        validate::text("description", &self.description)
+    }
+}
+
+/// Which side of the replication a site is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SiteKind {
+    Protected,
+    Recovery,
+}
+
+/// A place with hypervisors and appliances (the customer's room, the provider's data centre).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    pub name: String,
+    pub kind: SiteKind,
+    #[serde(default)]
+    pub location: String,
+}
+
+impl Object for Site {
+    const KIND: &'static str = "sites";
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn validate(&self) -> Result<(), Invalid> {
+        validate::name("name", &self.name)?;
+        validate::text("location", &self.location)
+    }
+}
+
+/// The role an appliance plays (DESIGN.md, "Roles").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApplianceRole {
+    ProcessServer,
+    MasterTarget,
+    ConfigurationServer,
+}
+
+impl ApplianceRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplianceRole::ProcessServer => "process-server",
+            ApplianceRole::MasterTarget => "master-target",
+            ApplianceRole::ConfigurationServer => "configuration-server",
+        }
+    }
+}
+
+/// An enrolled appliance. Created by enrollment, never by hand, so it has no create route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Appliance {
+    pub name: String,
+    pub role: ApplianceRole,
+    pub tenant: Option<String>,
+    pub enrolled_unix: u64,
+    /// SHA-256 of the appliance's client certificate (DER), hex.
+    pub cert_sha256: String,
+}
+
+/// A protected virtual machine: a consistency group of disks that share one write order, so
+/// that every recovery point of the machine is crash-consistent across all of its disks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    pub name: String,
+    /// The protected site the machine runs at.
+    pub site: String,
+    /// The replication policy (by name, in the same tenant).
+    pub policy: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+impl Object for Machine {
+    const KIND: &'static str = "machines";
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn validate(&self) -> Result<(), Invalid> {
+        validate::name("name", &self.name)?;
+        validate::name("site", &self.site)?;
+        validate::name("policy", &self.policy)?;
+        validate::text("description", &self.description)
+    }
+}
+
+/// Where a disk stands in its protection life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskState {
+    /// Configured, no data sent yet.
+    #[default]
+    New,
+    Seeding,
+    Protected,
+    /// The cache overflowed or the replica was damaged: a checksum resync is needed.
+    ResyncRequired,
+    Paused,
+}
+
+impl DiskState {
+    pub const ALL: [DiskState; 5] = [
+        DiskState::New,
+        DiskState::Seeding,
+        DiskState::Protected,
+        DiskState::ResyncRequired,
+        DiskState::Paused,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskState::New => "new",
+            DiskState::Seeding => "seeding",
+            DiskState::Protected => "protected",
+            DiskState::ResyncRequired => "resync-required",
+            DiskState::Paused => "paused",
+        }
+    }
+}
+
+/// Largest disk we accept in configuration: 64 TiB, the largest the journal format plans for.
+pub const DISK_SIZE_MAX: u64 = 64 << 40;
+
+/// One disk of a protected machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    pub name: String,
+    pub size_bytes: u64,
+    /// Where the process server reaches the disk on the hypervisor (an NBD URI or a node name).
+    #[serde(default)]
+    pub source: String,
+    /// Reported by the process server; an administrator's write sets it only at creation.
+    #[serde(default)]
+    pub state: DiskState,
+    /// The last reported recovery point objective (age of the newest recovery point), if known.
+    #[serde(default)]
+    pub rpo_seconds: Option<f64>,
+}
+
+impl Object for Disk {
+    const KIND: &'static str = "disks";
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn validate(&self) -> Result<(), Invalid> {
+        validate::name("name", &self.name)?;
+        validate::range("size_bytes", self.size_bytes, 1, DISK_SIZE_MAX)?;
+        validate::text("source", &self.source)?;
+        if let Some(r) = self.rpo_seconds {
+            if !r.is_finite() || r < 0.0 {
+                return Err(Invalid::new("rpo_seconds", "must be a finite number >= 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a process server or master target reports about one disk it serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskReport {
+    pub state: DiskState,
+    /// Age of the newest recovery point, in seconds; none while there is none.
+    pub rpo_seconds: Option<f64>,
+}
+
+impl DiskReport {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        match self.rpo_seconds {
+            Some(r) if !r.is_finite() || r < 0.0 => {
+                Err(Invalid::new("rpo_seconds", "must be a finite number >= 0"))
+            }
+            _ => Ok(()),
+        }
+    }
+}

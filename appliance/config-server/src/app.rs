@@ -1,0 +1,175 @@
+//! The shared state of a running server, and the gate every request passes: it finds the
+//! principal of the client certificate, refuses requests without one, and writes the audit
+//! entry for every mutating call and every refusal.
+
+use crate::ca::Authority;
+use crate::error::{ApiError, AuditDetail};
+use crate::store::{trees, Store};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use ferry_api::{AuditEntry, AuditResult, Principal};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub struct App {
+    pub store: Store,
+    pub ca: Authority,
+    /// One writer at a time: a change checks references and then writes, and the check must
+    /// still hold when the write lands. A control plane's write rate makes this cheap.
+    pub write: tokio::sync::Mutex<()>,
+}
+
+pub type Shared = Arc<App>;
+
+/// What the TLS layer learned about a connection; put on every request of that connection.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// SHA-256 of the verified client certificate, if the client presented one.
+    pub cert_sha256: Option<String>,
+}
+
+/// The authenticated principal of a request. Handlers that take it run only for callers with
+/// a registered certificate.
+#[derive(Clone, Debug)]
+pub struct Caller(pub Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("handler without an authenticated caller"))
+    }
+}
+
+/// Set by the enrollment handler: the audit entry names the identity that was enrolled.
+#[derive(Clone)]
+pub struct AuditWho(pub Principal);
+
+/// The only route a client without a certificate may call.
+pub const ENROLL_PATH: &str = "/v1/enroll";
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Response {
+    let conn = req.extensions().get::<ConnInfo>().cloned();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let fp = conn.as_ref().and_then(|c| c.cert_sha256.clone());
+    let principal = match fp
+        .as_deref()
+        .map(|fp| app.store.get::<Principal>(trees::CERTS, fp))
+    {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return ApiError::internal(e).into_response(),
+        None => None,
+    };
+    let resp = match (&principal, fp.is_some()) {
+        (Some(p), _) => {
+            req.extensions_mut().insert(Caller(p.clone()));
+            next.run(req).await
+        }
+        (None, _) if path == ENROLL_PATH => next.run(req).await,
+        (None, false) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "no-certificate",
+            "a client certificate issued by this appliance's CA is required \
+             (enroll with a token first: POST /v1/enroll)",
+        )
+        .into_response(),
+        (None, true) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unknown-certificate",
+            format!(
+                "client certificate {} is not registered here (revoked, or not issued by \
+                 enrollment)",
+                fp.as_deref().unwrap_or_default()
+            ),
+        )
+        .into_response(),
+    };
+    let status = resp.status();
+    let reads = method == Method::GET || method == Method::HEAD;
+    if !reads || !status.is_success() {
+        let who = resp
+            .extensions()
+            .get::<AuditWho>()
+            .map(|w| w.0.clone())
+            .or(principal);
+        let detail = resp
+            .extensions()
+            .get::<AuditDetail>()
+            .map(|d| d.0.clone())
+            .unwrap_or_default();
+        let entry = |seq| AuditEntry {
+            seq,
+            at_unix: now_unix(),
+            who: who
+                .as_ref()
+                .map_or_else(|| "anonymous".to_string(), |p| p.name.clone()),
+            role: who.as_ref().map(|p| p.role),
+            tenant: who.as_ref().and_then(|p| p.tenant.clone()),
+            from: conn
+                .as_ref()
+                .map_or_else(|| "unknown".to_string(), |c| c.peer.to_string()),
+            what: format!("{method} {path}"),
+            target_tenant: target_tenant(&path),
+            status: status.as_u16(),
+            result: if status.is_success() {
+                AuditResult::Ok
+            } else if status.is_client_error() {
+                AuditResult::Refused
+            } else {
+                AuditResult::Failed
+            },
+            detail,
+        };
+        let written = app.store.append(trees::AUDIT, entry);
+        // The answer waits for the audit entry to be durable, as it waits for the change.
+        if let Err(e) = match written {
+            Ok(_) => app.store.flush().await,
+            Err(e) => Err(e),
+        } {
+            tracing::error!(error = %e, %method, %path, "cannot write the audit entry");
+            return ApiError::internal(format!("the audit log cannot be written: {e}"))
+                .into_response();
+        }
+        tracing::info!(%method, %path, status = status.as_u16(), "audited");
+    }
+    resp
+}
+
+/// The tenant a path touches: `/v1/tenants/{tenant}/...`.
+pub fn target_tenant(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/tenants/")?;
+    let t = rest.split('/').next()?;
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn target_tenant() {
+        assert_eq!(
+            super::target_tenant("/v1/tenants/acme/machines"),
+            Some("acme".into())
+        );
+        assert_eq!(
+            super::target_tenant("/v1/tenants/acme"),
+            Some("acme".into())
+        );
+        assert_eq!(super::target_tenant("/v1/tenants"), None);
+        assert_eq!(super::target_tenant("/v1/audit"), None);
+    }
+}

@@ -1,0 +1,27 @@
+//! Ferry's configuration server: the control plane of DESIGN.md. It keeps the inventory
+//! (tenants, sites, appliances, protected machines and their disks), replication policies and
+//! recovery plans in sled, issues client certificates from the appliance CA in exchange for
+//! one-time enrollment tokens, and serves one typed JSON API ([`ferry_api`]) over mutual TLS,
+//! with roles and tenant isolation on every route and an audit entry for every change and
+//! every refusal.
+//!
+//! Rooms: [`store`] (sled), [`ca`] (issuing), [`app`] (the authentication and audit gate),
+//! [`objects`] (CRUD for every kind), [`enroll`], [`reports`] (audit, events, metrics),
+//! [`report`] (what appliances observe),
+//! [`routes`] (the table) and [`openapi`] (the document made from it), [`serve`] (TLS and
+//! HTTP), [`client`] (for the CLI and tests).
+
+pub mod app;
+pub mod ca;
+pub mod client;
+pub mod enroll;
+pub mod error;
+pub mod objects;
+pub mod openapi;
+pub mod report;
+pub mod reports;
+pub mod routes;
+pub mod serve;
+pub mod store;
+
+pub use serve::{Config, Server, ServerError};

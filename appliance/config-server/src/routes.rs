@@ -1,0 +1,286 @@
+//! The route table. Each route is registered together with its description, and the OpenAPI
+//! document is generated from these descriptions, so the document cannot list a route the
+//! server does not have, nor miss one it has.
+
+use crate::app::{gate, Caller, Shared, ENROLL_PATH};
+use crate::error::ApiError;
+use crate::objects::{self, Stored};
+use crate::{enroll, openapi, report, reports};
+use axum::extract::DefaultBodyLimit;
+use axum::handler::Handler;
+use axum::http::{Method, StatusCode};
+use axum::routing::{on, MethodFilter};
+use axum::{Json, Router};
+use ferry_api::{
+    Appliance, AuditEntry, CreateToken, Disk, DiskReport, EnrollRequest, Enrolled, Event, Health,
+    Machine, Plan, Policy, Principal, Site, Tenant, TokenCreated,
+};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+
+/// Largest request body. The largest object, a plan of 1000 machines, is well under this;
+/// anything bigger is refused before it is parsed.
+pub const BODY_LIMIT: usize = 128 * 1024;
+
+pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
+
+pub enum Answer {
+    Json(SchemaFn),
+    Text(&'static str),
+    Empty,
+}
+
+/// What the OpenAPI document says about one route.
+pub struct Op {
+    pub method: Method,
+    pub path: String,
+    pub summary: String,
+    /// Who may call it, in words.
+    pub who: &'static str,
+    pub request: Option<SchemaFn>,
+    pub answer: Answer,
+    pub ok: u16,
+    pub errors: Vec<u16>,
+    /// The enrollment route takes a token instead of a client certificate.
+    pub token_auth: bool,
+}
+
+fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
+    g.subschema_for::<T>()
+}
+
+impl Op {
+    fn new(method: Method, path: impl Into<String>, summary: impl Into<String>) -> Op {
+        Op {
+            method,
+            path: path.into(),
+            summary: summary.into(),
+            who: "any enrolled identity (results limited to its tenant)",
+            request: None,
+            answer: Answer::Empty,
+            ok: 200,
+            // Every route: no or unknown certificate, and a server failure.
+            errors: vec![401, 500],
+            token_auth: false,
+        }
+    }
+    fn answers<T: JsonSchema>(mut self) -> Op {
+        self.answer = Answer::Json(schema::<T>);
+        self
+    }
+    fn body<T: JsonSchema>(mut self) -> Op {
+        self.request = Some(schema::<T>);
+        self.errors.extend([400, 408, 413, 415, 422]);
+        self
+    }
+    fn text(mut self, content_type: &'static str) -> Op {
+        self.answer = Answer::Text(content_type);
+        self
+    }
+    fn errors(mut self, e: &[u16]) -> Op {
+        self.errors.extend(e);
+        self.errors.sort_unstable();
+        self.errors.dedup();
+        self
+    }
+    fn ok(mut self, s: u16) -> Op {
+        self.ok = s;
+        self
+    }
+    fn who(mut self, w: &'static str) -> Op {
+        self.who = w;
+        self
+    }
+}
+
+pub struct Api {
+    router: Router<Shared>,
+    pub ops: Vec<Op>,
+}
+
+impl Api {
+    fn add<H: Handler<T, Shared>, T: 'static>(mut self, op: Op, h: H) -> Api {
+        let filter = match op.method {
+            Method::GET => MethodFilter::GET,
+            Method::POST => MethodFilter::POST,
+            Method::PUT => MethodFilter::PUT,
+            _ => MethodFilter::DELETE,
+        };
+        // Registering a path again with another method adds the method to it.
+        self.router = self.router.route(&op.path, on(filter, h));
+        self.ops.push(op.errors(&[]));
+        self
+    }
+}
+
+fn crud<T: Stored>(api: Api, coll: &str) -> Api {
+    let item = format!("{coll}/{{{}}}", T::ONE);
+    let (k, one) = (T::KIND, T::ONE);
+    let writer = if T::PARENTS.is_empty() {
+        "provider-admin"
+    } else {
+        "tenant-admin of the tenant, provider-admin"
+    };
+    let scoped: &[u16] = if T::PARENTS.is_empty() {
+        &[]
+    } else {
+        &[403, 404]
+    };
+    api.add(
+        Op::new(Method::GET, coll, format!("List {k}"))
+            .answers::<Vec<T>>()
+            .errors(scoped),
+        objects::list::<T>,
+    )
+    .add(
+        Op::new(Method::POST, coll, format!("Create a {one}"))
+            .body::<T>()
+            .answers::<T>()
+            .ok(201)
+            .who(writer)
+            .errors(&[403, 404, 409]),
+        objects::create::<T>,
+    )
+    .add(
+        Op::new(Method::GET, &item, format!("Read a {one}"))
+            .answers::<T>()
+            .errors(&[403, 404]),
+        objects::get_one::<T>,
+    )
+    .add(
+        Op::new(Method::PUT, &item, format!("Replace a {one}"))
+            .body::<T>()
+            .answers::<T>()
+            .who(writer)
+            .errors(&[403, 404]),
+        objects::replace::<T>,
+    )
+    .add(
+        Op::new(
+            Method::DELETE,
+            &item,
+            format!("Delete a {one} (refused while in use)"),
+        )
+        .ok(204)
+        .who(writer)
+        .errors(&[403, 404, 409]),
+        objects::delete::<T>,
+    )
+}
+
+/// Every route of the server, with its middleware: the gate (authentication and audit) and
+/// the body limit.
+pub fn router(app: Shared) -> Router {
+    let admins = "tenant-admin (its tenant, up to its role), provider-admin";
+    let mut api = Api {
+        router: Router::new(),
+        ops: Vec::new(),
+    };
+    api = api
+        .add(
+            Op::new(Method::GET, "/healthz", "Health").answers::<Health>(),
+            reports::healthz,
+        )
+        .add(
+            Op::new(Method::GET, "/metrics", "Prometheus metrics")
+                .text("text/plain")
+                .who("any enrolled identity (disks of its tenant)"),
+            reports::metrics,
+        )
+        .add(
+            Op::new(Method::GET, "/v1/whoami", "The caller's principal").answers::<Principal>(),
+            reports::whoami,
+        )
+        .add(
+            Op::new(
+                Method::POST,
+                "/v1/tokens",
+                "Create a one-time enrollment token",
+            )
+            .body::<CreateToken>()
+            .answers::<TokenCreated>()
+            .ok(201)
+            .who(admins)
+            .errors(&[403]),
+            enroll::create_token,
+        )
+        .add(
+            Op {
+                token_auth: true,
+                who: "anyone holding an unused, unexpired token",
+                ..Op::new(
+                    Method::POST,
+                    ENROLL_PATH,
+                    "Trade a token for a client certificate",
+                )
+                .body::<EnrollRequest>()
+                .answers::<Enrolled>()
+                .ok(201)
+            },
+            enroll::enroll,
+        )
+        .add(
+            Op::new(Method::GET, "/v1/appliances", "Enrolled appliances")
+                .answers::<Vec<Appliance>>(),
+            reports::appliances,
+        )
+        .add(
+            Op::new(
+                Method::GET,
+                "/v1/audit",
+                "The newest audit entries (?limit=N, at most 1000)",
+            )
+            .answers::<Vec<AuditEntry>>()
+            .who(admins)
+            .errors(&[400, 403]),
+            reports::audit,
+        )
+        .add(
+            Op::new(
+                Method::GET,
+                "/v1/events",
+                "The newest events and alerts (?limit=N)",
+            )
+            .answers::<Vec<Event>>()
+            .errors(&[400]),
+            reports::events,
+        );
+    api = crud::<Tenant>(api, "/v1/tenants");
+    api = crud::<Site>(api, "/v1/tenants/{tenant}/sites");
+    api = crud::<Policy>(api, "/v1/tenants/{tenant}/policies");
+    api = crud::<Machine>(api, "/v1/tenants/{tenant}/machines");
+    api = crud::<Disk>(api, "/v1/tenants/{tenant}/machines/{machine}/disks");
+    api = crud::<Plan>(api, "/v1/tenants/{tenant}/plans");
+    api = api.add(
+        Op::new(
+            Method::PUT,
+            "/v1/tenants/{tenant}/machines/{machine}/disks/{disk}/report",
+            "Report a disk's state and RPO",
+        )
+        .body::<DiskReport>()
+        .answers::<Disk>()
+        .who("appliances of the tenant, provider-admin")
+        .errors(&[403, 404]),
+        report::disk,
+    );
+
+    let doc_op = Op::new(Method::GET, "/openapi.json", "This document");
+    api.ops.push(doc_op);
+    let doc = std::sync::Arc::new(openapi::document(&api.ops));
+    let doc_op = api.ops.pop().expect("pushed above");
+    api = api.add(doc_op, move |Caller(_): Caller| async move {
+        Json(doc.as_ref().clone())
+    });
+
+    api.router
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "this route does not take that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
+        .with_state(app)
+}
