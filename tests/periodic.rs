@@ -286,6 +286,63 @@ fn qemu_killed_mid_interval_resyncs_by_checksum_and_converges() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
 
+#[test]
+fn a_bitmap_left_in_use_by_a_killed_qemu_is_distrusted_and_resynced() {
+    let size = 64 * MIB;
+    let (dir, mut host) = host_disk(size, &["write -P 0x41 0 64M"]);
+    let mut lab = started_lab(dir.path(), size);
+    let mut seen = wait_point(&lab, 0, Duration::from_secs(60));
+
+    // While the process server is down (no cut rotates the bitmap), the host restarts cleanly:
+    // QEMU saves the persistent bitmap in the image, and the next QEMU loads it and marks it in
+    // use there. Then that QEMU dies after the guest wrote: the image says "inconsistent".
+    lab.kill_process();
+    host.qsd.take().unwrap().stop();
+    host = Host::start(&host.dir.clone(), &host.image.clone());
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]).arg(host.guest_uri());
+    let mut rng = Rng(4242);
+    for _ in 0..10 {
+        c.args([
+            "-c",
+            &format!("write -P 0x43 {} 64k", rng.below(1024) * 65536),
+        ]);
+    }
+    sh(&mut c).unwrap();
+    host.crash_and_restart();
+    let bitmaps =
+        ferry_qemu::fleece::bitmaps(&mut host.qsd.as_mut().unwrap().qmp, "disk0").unwrap();
+    assert!(
+        bitmaps.iter().any(|b| b.inconsistent),
+        "QEMU does not report the bitmap inconsistent: {bitmaps:?}"
+    );
+    lab.start_process().unwrap();
+
+    let want = host.image_now(&dir.path().join("now.raw"));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let st = loop {
+        seen = wait_point(&lab, seen, Duration::from_secs(60));
+        let st = lab.status(DISK).unwrap();
+        if st.periodic_mode.as_deref() == Some("resync") {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no resync after QEMU died: {st:?}"
+        );
+    };
+    assert!(
+        point(&lab, st.acked_seq) == want,
+        "the resynced point differs from the disk"
+    );
+    assert!(
+        st.last_cut_blocks <= 10,
+        "resync sent {} blocks",
+        st.last_cut_blocks
+    );
+    assert_eq!(st.last_cut_hash_bytes, 32 * 1024);
+}
+
 /// Mixed content for one 64 KiB block: text, random, structured binary or zeros.
 fn mixed_block(rng: &mut Rng, kind: u64) -> Vec<u8> {
     const WORDS: [&str; 12] = [
