@@ -252,32 +252,9 @@ fn qemu_killed_mid_interval_resyncs_by_checksum_and_converges() {
     sh(&mut c).unwrap();
     host.crash_and_restart();
 
-    let deadline = Instant::now() + Duration::from_secs(90);
     let scratch = dir.path().join("now.raw");
     let want = host.image_now(&scratch);
-    let mut seen = s0;
-    let st = loop {
-        seen = wait_point(&lab, seen, Duration::from_secs(60));
-        let st = lab.status(DISK).unwrap();
-        if st.periodic_mode.as_deref() == Some("resync") {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no resync after QEMU died: {st:?}"
-        );
-    };
-    assert!(
-        point(&lab, st.acked_seq) == want,
-        "the resynced point differs from the disk"
-    );
-    // Only what differs crossed: at most the 10 changed blocks (1%), plus 32 bytes a block.
-    assert!(
-        st.last_cut_blocks <= 10,
-        "resync sent {} blocks",
-        st.last_cut_blocks
-    );
-    assert_eq!(st.last_cut_hash_bytes, 32 * 1024);
+    let st = resynced_ten_blocks(&lab, s0, &want);
     eprintln!(
         "resync: {} blocks, {} bytes of data, {} bytes of block names, disk {} bytes",
         st.last_cut_blocks, st.last_cut_bytes, st.last_cut_hash_bytes, size
@@ -291,7 +268,7 @@ fn a_bitmap_left_in_use_by_a_killed_qemu_is_distrusted_and_resynced() {
     let size = 64 * MIB;
     let (dir, mut host) = host_disk(size, &["write -P 0x41 0 64M"]);
     let mut lab = started_lab(dir.path(), size);
-    let mut seen = wait_point(&lab, 0, Duration::from_secs(60));
+    let seen = wait_point(&lab, 0, Duration::from_secs(60));
 
     // While the process server is down (no cut rotates the bitmap), the host restarts cleanly:
     // QEMU saves the persistent bitmap in the image, and the next QEMU loads it and marks it in
@@ -319,9 +296,15 @@ fn a_bitmap_left_in_use_by_a_killed_qemu_is_distrusted_and_resynced() {
     lab.start_process().unwrap();
 
     let want = host.image_now(&dir.path().join("now.raw"));
+    resynced_ten_blocks(&lab, seen, &want);
+}
+
+/// Wait for a checksum resync after point `seen` and check it: the point equals `want`, at most
+/// the 10 changed blocks (1% of a 64 MiB disk) crossed, plus 32 bytes of name a block.
+fn resynced_ten_blocks(lab: &Lab, mut seen: u64, want: &[u8]) -> ferry_process_server::DiskStatus {
     let deadline = Instant::now() + Duration::from_secs(90);
     let st = loop {
-        seen = wait_point(&lab, seen, Duration::from_secs(60));
+        seen = wait_point(lab, seen, Duration::from_secs(60));
         let st = lab.status(DISK).unwrap();
         if st.periodic_mode.as_deref() == Some("resync") {
             break st;
@@ -332,7 +315,7 @@ fn a_bitmap_left_in_use_by_a_killed_qemu_is_distrusted_and_resynced() {
         );
     };
     assert!(
-        point(&lab, st.acked_seq) == want,
+        point(lab, st.acked_seq) == want,
         "the resynced point differs from the disk"
     );
     assert!(
@@ -341,6 +324,7 @@ fn a_bitmap_left_in_use_by_a_killed_qemu_is_distrusted_and_resynced() {
         st.last_cut_blocks
     );
     assert_eq!(st.last_cut_hash_bytes, 32 * 1024);
+    st
 }
 
 /// Mixed content for one 64 KiB block: text, random, structured binary or zeros.

@@ -159,9 +159,9 @@ impl Repository {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tiers_keep_newest_per_bucket() {
-        let p = RetentionPolicy {
+    /// Keep all for 10 s, then one per 10 s for 100 s, then one per 100 s for 1000 s.
+    fn policy() -> RetentionPolicy {
+        RetentionPolicy {
             keep_all_secs: 10,
             tiers: vec![
                 RetentionTier {
@@ -173,7 +173,12 @@ mod tests {
                     for_secs: 1000,
                 },
             ],
-        };
+        }
+    }
+
+    #[test]
+    fn tiers_keep_newest_per_bucket() {
+        let p = policy();
         // One point per second from t=0 to t=2000 s; now = 2000 s.
         let pts: Vec<(u64, u64, bool)> = (0..=2000).map(|s| (s + 1, s * NS, false)).collect();
         let del = p.select_deletions(&pts, 2000 * NS);
@@ -210,19 +215,7 @@ mod tests {
 
     #[test]
     fn an_application_consistent_point_survives_its_bucket() {
-        let p = RetentionPolicy {
-            keep_all_secs: 10,
-            tiers: vec![
-                RetentionTier {
-                    every_secs: 10,
-                    for_secs: 100,
-                },
-                RetentionTier {
-                    every_secs: 100,
-                    for_secs: 1000,
-                },
-            ],
-        };
+        let p = policy();
         // One point per second; application-consistent at t = 1234 and 1503 (and t % 10 == 3
         // in 1900..2000, inside tier 1).
         let app = |t: u64| t == 1234 || t == 1503 || ((1900..2000).contains(&t) && t % 10 == 3);
