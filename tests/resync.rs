@@ -38,6 +38,19 @@ fn wait_resyncs(site: &Site, n: u64) -> ferry_process_server::DiskStatus {
     }
 }
 
+/// A protected site whose disk knows its host, each MiB filled with its own byte (so blocks of
+/// different MiBs differ, and a block sent is a block that differed).
+fn patterned_site(disk: &str, size: u64) -> Site {
+    let prefill: Vec<String> = (0..size / MIB)
+        .map(|i| format!("write -P {} {i}M 1M", 1 + i % 255))
+        .collect();
+    let prefill: Vec<&str> = prefill.iter().map(String::as_str).collect();
+    Site::start(disk, size, &prefill, |lab| {
+        lab.host_access = true;
+        lab.interval_ms = 100;
+    })
+}
+
 #[test]
 fn a_full_journal_is_resynchronized_from_the_host_while_the_guest_writes() {
     let size = 32 * MIB;
@@ -116,15 +129,7 @@ fn a_full_journal_is_resynchronized_from_the_host_while_the_guest_writes() {
 #[test]
 fn a_process_server_that_lost_its_journal_resends_only_what_differs() {
     let size = 64 * MIB;
-    // Every 64 KiB block distinct, so a block sent is a block that differed.
-    let prefill: Vec<String> = (0..64u64)
-        .map(|i| format!("write -P {} {}M 1M", 0x40 + i, i))
-        .collect();
-    let prefill: Vec<&str> = prefill.iter().map(String::as_str).collect();
-    let mut site = Site::start("lost-rs", size, &prefill, |lab| {
-        lab.host_access = true;
-        lab.interval_ms = 100;
-    });
+    let mut site = patterned_site("lost-rs", size);
     site.caught_up();
     // The cache is lost while the recovery site is away, and 1% of the disk changes meanwhile.
     site.lab.kill_master();
@@ -193,13 +198,21 @@ fn without_its_host_a_disk_needing_a_resync_says_how_to_give_it() {
     site.lab.kill_process();
     std::fs::remove_dir_all(site.lab.cache.join("nohost-rs")).unwrap();
     site.lab.start_process().unwrap();
-    let st = wait_state(&site, State::ResyncRequired, Duration::from_secs(20));
-    assert!(
-        st.last_error
+    wait_state(&site, State::ResyncRequired, Duration::from_secs(20));
+    // The state is written first, then the reason the link stopped.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = site.lab.status(&site.disk).unwrap();
+        let said = st
+            .last_error
             .as_deref()
-            .is_some_and(|e| e.contains("resync required") && e.contains("qmp=")),
-        "{st:?}"
-    );
+            .is_some_and(|e| e.contains("resync required") && e.contains("qmp="));
+        if said {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let out = Command::new(exe())
         .args(["resync", "--disk", "nohost-rs", "--cache"])
         .arg(&site.lab.cache)
@@ -215,14 +228,7 @@ fn without_its_host_a_disk_needing_a_resync_says_how_to_give_it() {
 #[test]
 fn killing_either_side_during_a_resync_never_exposes_a_partial_point() {
     let size = 192 * MIB;
-    let prefill: Vec<String> = (0..192u64)
-        .map(|i| format!("write -P {} {}M 1M", 1 + i, i))
-        .collect();
-    let prefill: Vec<&str> = prefill.iter().map(String::as_str).collect();
-    let mut site = Site::start("kill-rs", size, &prefill, |lab| {
-        lab.host_access = true;
-        lab.interval_ms = 100;
-    });
+    let mut site = patterned_site("kill-rs", size);
     let before = site.caught_up();
     let old = site.guest_image();
     // The cache is lost while the recovery site is away, and 5% of the disk changes.

@@ -46,61 +46,181 @@ pub struct HostDisk {
 /// The request file `ferry resync` writes into the disk's cache directory.
 pub use crate::periodic::RESYNC_REQUEST as REQUEST;
 
-/// Resynchronize `disk` inside one checkpoint `seq` that follows the master target's point at
-/// `journal_start`; returns the journal position the new point holds the disk at.
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    disk: &Arc<Disk>,
-    host: &HostDisk,
-    tuning: &Tuning,
-    shared: &Shared,
-    rd: &mut SessionReader,
-    wr: &mut SessionWriter,
-    seq: u64,
-    journal_start: u64,
-) -> anyhow::Result<u64> {
-    let j = disk.journal.clone();
-    let s0 = tokio::task::spawn_blocking(move || j.restart_for_resync())
-        .await?
-        .context("restarting the journal")?;
-    tracing::warn!(disk = %disk.name, seq, s0, "checksum resync: reading the disk on its host");
-    let export = format!("ferry-live-{}", disk.name);
-    let mut qmp = {
-        let (h, e) = (host.clone(), export.clone());
-        tokio::task::spawn_blocking(move || export_live(&h, &e))
+/// One resync: what it works on and the checkpoint it makes.
+pub struct Resync<'a> {
+    pub disk: &'a Arc<Disk>,
+    pub host: &'a HostDisk,
+    pub tuning: &'a Tuning,
+    pub shared: &'a Shared,
+    /// The checkpoint's sequence number.
+    pub seq: u64,
+    /// The master target's journal position (its newest point's end).
+    pub journal_start: u64,
+}
+
+impl Resync<'_> {
+    /// Resynchronize the disk inside one checkpoint; returns the journal position the new
+    /// point holds the disk at.
+    pub async fn run(&self, rd: &mut SessionReader, wr: &mut SessionWriter) -> anyhow::Result<u64> {
+        let disk = self.disk;
+        let j = disk.journal.clone();
+        let s0 = tokio::task::spawn_blocking(move || j.restart_for_resync())
             .await?
-            .context("exporting the disk on its host")?
-    };
-    let result = transfer(
-        disk,
-        host,
-        tuning,
-        shared,
-        rd,
-        wr,
-        seq,
-        journal_start,
-        s0,
-        &export,
-        &mut qmp,
-    )
-    .await;
-    let e = export.clone();
-    let _ = tokio::task::spawn_blocking(move || {
-        let _ = qmp.execute("block-export-del", json!({"id": e}));
-    })
-    .await;
-    let (s2, report) = result?;
-    tracing::info!(disk = %disk.name, seq, s2, blocks = report.blocks, bytes = report.bytes, hash_bytes = report.hash_bytes, "checksum resync committed");
-    disk.update(|s| {
-        s.resyncs += 1;
-        s.last_cut_blocks = report.blocks;
-        s.last_cut_bytes = report.bytes;
-        s.last_cut_hash_bytes = report.hash_bytes;
-        s.bytes_sent += report.bytes;
-        s.progress = None;
-    });
-    Ok(s2)
+            .context("restarting the journal")?;
+        tracing::warn!(disk = %disk.name, seq = self.seq, s0, "checksum resync: reading the disk on its host");
+        let export = format!("ferry-live-{}", disk.name);
+        let mut qmp = {
+            let (h, e) = (self.host.clone(), export.clone());
+            tokio::task::spawn_blocking(move || export_live(&h, &e))
+                .await?
+                .context("exporting the disk on its host")?
+        };
+        let result = self.transfer(rd, wr, s0, &export, &mut qmp).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = qmp.execute("block-export-del", json!({"id": export}));
+        })
+        .await;
+        let (s2, report) = result?;
+        tracing::info!(disk = %disk.name, seq = self.seq, s2, blocks = report.blocks, bytes = report.bytes, hash_bytes = report.hash_bytes, "checksum resync committed");
+        disk.update(|s| {
+            s.resyncs += 1;
+            s.last_cut_blocks = report.blocks;
+            s.last_cut_bytes = report.bytes;
+            s.last_cut_hash_bytes = report.hash_bytes;
+            s.bytes_sent += report.bytes;
+            s.progress = None;
+        });
+        Ok(s2)
+    }
+    async fn transfer(
+        &self,
+        rd: &mut SessionReader,
+        wr: &mut SessionWriter,
+        s0: u64,
+        export: &str,
+        qmp: &mut Qmp,
+    ) -> anyhow::Result<(u64, Report)> {
+        let (disk, host, tuning, shared, seq, journal_start) = (
+            self.disk,
+            self.host,
+            self.tuning,
+            self.shared,
+            self.seq,
+            self.journal_start,
+        );
+        let mut nbd = Client::connect_unix_with(&host.nbd_socket, ClientOptions::new(export))
+            .await
+            .context("reading the disk over the host's NBD server")?;
+        if nbd.size() != disk.size {
+            bail!(
+                "the host's disk is {} bytes, protected as {}",
+                nbd.size(),
+                disk.size
+            );
+        }
+        let bs = u64::from(disk.block_size);
+        wr.write_all(
+            &Msg::Begin(Checkpoint {
+                seq,
+                created_unix_ns: now_unix_ns(),
+                journal_start,
+                journal_end: journal_start,
+                disk_size: disk.size,
+                block_size: disk.block_size,
+                consistency: Consistency::Crash,
+            })
+            .encode(),
+        )
+        .await?;
+        let mut progress = Progress::new("resync", disk.size);
+        disk.update(|s| {
+            s.state = State::Resyncing;
+            s.progress = Some(progress.clone());
+        });
+        let mut on_progress = |done: u64| {
+            progress.advance(done);
+            disk.update(|s| s.progress = Some(progress.clone()));
+        };
+        let (mut report, chunks) = bulk::send_runs(
+            &mut nbd,
+            &[(0, disk.size.div_ceil(bs))],
+            bulk::Options {
+                disk_size: disk.size,
+                block_size: bs,
+                compare: true,
+                dedupe: true,
+            },
+            shared,
+            rd,
+            wr,
+            &mut on_progress,
+        )
+        .await?;
+        let _ = nbd.disconnect().await;
+
+        // Drain the host: every write the read can have seen is journaled after this.
+        let drained =
+            tokio::task::block_in_place(|| qmp.execute("transaction", json!({"actions": []})));
+        drained.context("draining the host's requests")?;
+        let j = disk.journal.clone();
+        let s2 = tokio::task::spawn_blocking(move || j.sync())
+            .await?
+            .context("journal sync")?;
+        // A journal that filled up again during the read kept some writes only in its bitmap: the
+        // replay would miss them. Start over (the full journal says so to the shipper too).
+        if let ferry_journal::JournalState::ResyncRequired { dirty_bytes } = disk.journal.state() {
+            bail!(
+            "the journal filled up during the resync ({dirty_bytes} bytes written since only in its bitmap): \
+             starting over; a larger --journal-capacity lets a resync finish under this write load"
+        );
+        }
+
+        // Replay (s0, s2] over what was read, in bounded batches.
+        let mut pos = s0;
+        while pos < s2 {
+            let (j, max) = (disk.journal.clone(), tuning.max_checkpoint_bytes);
+            let records = tokio::task::spawn_blocking(move || j.read_durable(pos, max))
+                .await?
+                .context("reading the journal")?;
+            if records.is_empty() {
+                bail!("the journal holds no records after {pos} although {s2} is durable");
+            }
+            let mut builder = Builder::new(disk.size, disk.block_size);
+            for r in records.iter().take_while(|r| r.seq <= s2) {
+                builder.apply(r);
+                pos = r.seq;
+                if builder.touched() >= tuning.max_checkpoint_blocks {
+                    break;
+                }
+            }
+            let blocks = {
+                let known = shared.known.lock().expect("known lock");
+                builder.finish(&shared.key, &disk.name, seq, &known)
+            };
+            for b in blocks {
+                let frame = Msg::Block {
+                    index: b.index,
+                    body: b.body,
+                }
+                .encode();
+                wr.write_all(&frame).await?;
+                report.blocks += 1;
+                report.bytes += frame.len() as u64;
+            }
+        }
+        wr.write_all(
+            &Msg::EndAt {
+                seq,
+                blocks: report.blocks,
+                journal_end: s2,
+            }
+            .encode(),
+        )
+        .await?;
+        wr.flush().await?;
+        bulk::await_commit(rd, seq, shared, chunks).await?;
+        Ok((s2, report))
+    }
 }
 
 fn export_live(host: &HostDisk, export: &str) -> anyhow::Result<Qmp> {
@@ -113,132 +233,4 @@ fn export_live(host: &HostDisk, export: &str) -> anyhow::Result<Qmp> {
         json!({"type": "nbd", "id": export, "node-name": host.node, "name": export}),
     )?;
     Ok(qmp)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn transfer(
-    disk: &Arc<Disk>,
-    host: &HostDisk,
-    tuning: &Tuning,
-    shared: &Shared,
-    rd: &mut SessionReader,
-    wr: &mut SessionWriter,
-    seq: u64,
-    journal_start: u64,
-    s0: u64,
-    export: &str,
-    qmp: &mut Qmp,
-) -> anyhow::Result<(u64, Report)> {
-    let mut nbd = Client::connect_unix_with(&host.nbd_socket, ClientOptions::new(export))
-        .await
-        .context("reading the disk over the host's NBD server")?;
-    if nbd.size() != disk.size {
-        bail!(
-            "the host's disk is {} bytes, protected as {}",
-            nbd.size(),
-            disk.size
-        );
-    }
-    let bs = u64::from(disk.block_size);
-    wr.write_all(
-        &Msg::Begin(Checkpoint {
-            seq,
-            created_unix_ns: now_unix_ns(),
-            journal_start,
-            journal_end: journal_start,
-            disk_size: disk.size,
-            block_size: disk.block_size,
-            consistency: Consistency::Crash,
-        })
-        .encode(),
-    )
-    .await?;
-    let mut progress = Progress::new("resync", disk.size);
-    disk.update(|s| {
-        s.state = State::Resyncing;
-        s.progress = Some(progress.clone());
-    });
-    let mut on_progress = |done: u64| {
-        progress.advance(done);
-        disk.update(|s| s.progress = Some(progress.clone()));
-    };
-    let (mut report, chunks) = bulk::send_runs(
-        &mut nbd,
-        &[(0, disk.size.div_ceil(bs))],
-        bulk::Options {
-            disk_size: disk.size,
-            block_size: bs,
-            compare: true,
-            dedupe: true,
-        },
-        shared,
-        rd,
-        wr,
-        &mut on_progress,
-    )
-    .await?;
-    let _ = nbd.disconnect().await;
-
-    // Drain the host: every write the read can have seen is journaled after this.
-    let drained =
-        tokio::task::block_in_place(|| qmp.execute("transaction", json!({"actions": []})));
-    drained.context("draining the host's requests")?;
-    let j = disk.journal.clone();
-    let s2 = tokio::task::spawn_blocking(move || j.sync())
-        .await?
-        .context("journal sync")?;
-    // A journal that filled up again during the read kept some writes only in its bitmap: the
-    // replay would miss them. Start over (the full journal says so to the shipper too).
-    if let ferry_journal::JournalState::ResyncRequired { dirty_bytes } = disk.journal.state() {
-        bail!(
-            "the journal filled up during the resync ({dirty_bytes} bytes written since only in its bitmap): \
-             starting over; a larger --journal-capacity lets a resync finish under this write load"
-        );
-    }
-
-    // Replay (s0, s2] over what was read, in bounded batches.
-    let mut pos = s0;
-    while pos < s2 {
-        let (j, max) = (disk.journal.clone(), tuning.max_checkpoint_bytes);
-        let records = tokio::task::spawn_blocking(move || j.read_durable(pos, max))
-            .await?
-            .context("reading the journal")?;
-        if records.is_empty() {
-            bail!("the journal holds no records after {pos} although {s2} is durable");
-        }
-        let mut builder = Builder::new(disk.size, disk.block_size);
-        for r in records.iter().take_while(|r| r.seq <= s2) {
-            builder.apply(r);
-            pos = r.seq;
-            if builder.touched() >= tuning.max_checkpoint_blocks {
-                break;
-            }
-        }
-        let blocks = {
-            let known = shared.known.lock().expect("known lock");
-            builder.finish(&shared.key, &disk.name, seq, &known)
-        };
-        for b in blocks {
-            let frame = Msg::Block {
-                index: b.index,
-                body: b.body,
-            }
-            .encode();
-            wr.write_all(&frame).await?;
-            report.blocks += 1;
-            report.bytes += frame.len() as u64;
-        }
-    }
-    wr.write_all(
-        &Msg::EndAt {
-            seq,
-            blocks: report.blocks,
-            journal_end: s2,
-        }
-        .encode(),
-    )
-    .await?;
-    wr.flush().await?;
-    bulk::await_commit(rd, seq, shared, chunks).await?;
-    Ok((s2, report))
 }

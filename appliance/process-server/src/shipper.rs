@@ -141,16 +141,15 @@ async fn session(
             );
         };
         disk.update(|s| s.connected = true);
-        journal_end = crate::resync::run(
+        journal_end = crate::resync::Resync {
             disk,
             host,
             tuning,
             shared,
-            &mut rd,
-            &mut wr,
-            last_seq + 1,
-            journal_end,
-        )
+            seq: last_seq + 1,
+            journal_start: journal_end,
+        }
+        .run(&mut rd, &mut wr)
         .await?;
         last_seq += 1;
         disk.clear_resync_request();
