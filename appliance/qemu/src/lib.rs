@@ -33,12 +33,17 @@ pub enum QemuError {
 
 type Result<T> = std::result::Result<T, QemuError>;
 
-/// A QMP connection; events that arrive while waiting for a reply are kept for [`Qmp::wait_event`].
+/// A QMP connection; events that arrive while waiting for a reply are kept for [`Qmp::wait_event`]
+/// (the newest [`KEPT_EVENTS`]: a long-lived connection sees events nobody waits for, such as
+/// the job status changes of every periodic cut, and must not grow with them).
 pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
-    events: Vec<Value>,
+    events: std::collections::VecDeque<Value>,
 }
+
+/// Events a [`Qmp`] keeps for [`Qmp::wait_event`]; older ones are dropped first.
+pub const KEPT_EVENTS: usize = 256;
 
 impl Qmp {
     /// Connect (retrying while the socket appears), read the greeting, leave negotiation mode.
@@ -62,7 +67,7 @@ impl Qmp {
         let mut q = Qmp {
             reader: BufReader::new(stream),
             writer,
-            events: Vec::new(),
+            events: std::collections::VecDeque::new(),
         };
         let greeting = q.read_line(deadline)?;
         if greeting.get("QMP").is_none() {
@@ -107,7 +112,7 @@ impl Qmp {
         loop {
             let v = self.read_line(deadline)?;
             if v.get("event").is_some() {
-                self.events.push(v);
+                self.keep_event(v);
             } else if let Some(r) = v.get("return") {
                 return Ok(r.clone());
             } else if let Some(e) = v.get("error") {
@@ -120,15 +125,22 @@ impl Qmp {
         }
     }
 
+    fn keep_event(&mut self, v: Value) {
+        if self.events.len() == KEPT_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(v);
+    }
+
     /// Wait for an event by name (one that already arrived counts), returning it.
     pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-                return Ok(self.events.remove(i));
+                return Ok(self.events.remove(i).expect("found"));
             }
             match self.read_line(deadline) {
-                Ok(v) => self.events.push(v),
+                Ok(v) => self.keep_event(v),
                 Err(QemuError::Timeout(_)) => return Err(QemuError::Timeout(name.into())),
                 Err(e) => return Err(e),
             }
@@ -317,6 +329,47 @@ mod tests {
         let err = qsd.qmp.execute("no-such-command", json!({})).unwrap_err();
         assert!(matches!(err, QemuError::Command { .. }), "{err}");
         assert_eq!(qsd.mirror_status().unwrap(), "absent");
+        qsd.stop();
+    }
+
+    /// Events nobody waits for (here: one BLOCK_EXPORT_DELETED per export removed) do not pile
+    /// up on a long-lived connection, and the newest can still be waited for.
+    #[test]
+    fn unclaimed_events_are_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("a.qcow2");
+        let ok = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("1M")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let mut qsd = StorageDaemon::start(&img, "qcow2", d.path()).unwrap();
+        let sock = d.path().join("nbd.sock");
+        fleece::ensure_nbd_server(&mut qsd.qmp, &sock).unwrap();
+        for i in 0..KEPT_EVENTS + 64 {
+            let id = format!("e{i}");
+            qsd.qmp
+                .execute(
+                    "block-export-add",
+                    json!({"type": "nbd", "id": id, "node-name": "disk0", "name": id}),
+                )
+                .unwrap();
+            qsd.qmp
+                .execute("block-export-del", json!({"id": id}))
+                .unwrap();
+        }
+        // Let the last deletions' events arrive, then count what is kept.
+        let _ = qsd.qmp.execute("query-block-exports", json!({})).unwrap();
+        assert!(
+            qsd.qmp.events.len() <= KEPT_EVENTS,
+            "{} kept",
+            qsd.qmp.events.len()
+        );
+        qsd.qmp
+            .wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(5))
+            .unwrap();
         qsd.stop();
     }
 }
