@@ -540,6 +540,7 @@ fn a_damaged_replica_is_repaired_by_an_operator_resync() {
         std::fs::write(f, b).unwrap();
     }
     assert!(!lab.ferry(&["verify"]).unwrap().status.success());
+    let before = lab.status(DISK).unwrap();
 
     let out = Command::new(exe())
         .args(["resync", "--disk", DISK, "--cache"])
@@ -573,6 +574,8 @@ fn a_damaged_replica_is_repaired_by_an_operator_resync() {
         st.last_cut_bytes <= size / 50,
         "resync sent more than 2% of the disk: {st:?}"
     );
+    // In one pass: the damaged chunks' data went with the resync, not after a refusal.
+    assert_eq!(st.reconnects, before.reconnects, "{st:?}");
     let scratch = dir.path().join("now.raw");
     assert!(point(&lab, st.acked_seq) == host.image_now(&scratch));
     // The fresh chunks repaired the older points that share them too.

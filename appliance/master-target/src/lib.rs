@@ -244,9 +244,7 @@ async fn session(
     }
 }
 
-/// Stands for a block whose stored chunk failed authentication: it never equals a real name,
-/// so a resync sends the block again.
-pub const DAMAGED: ChunkId = ChunkId([0xff; 32]);
+pub use ferry_wire::DAMAGED;
 
 /// The names of blocks `first..first+count` in the disk's newest point (all holes when the disk
 /// has no point yet; blocks past the end are not named). Each named chunk is read and checked

@@ -15,7 +15,7 @@ use crate::shipper::{SessionReader, SessionWriter, Shared, KNOWN_LIMIT};
 use anyhow::bail;
 use ferry_chunk::{is_zero, ChunkId};
 use ferry_nbd::client::Client;
-use ferry_wire::{read_msg, BlockBody, Msg, MAX_IDS};
+use ferry_wire::{read_msg, BlockBody, Msg, DAMAGED, MAX_IDS};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -80,8 +80,15 @@ where
             for (i, block) in data.chunks(bs as usize).enumerate() {
                 let id = (!is_zero(block)).then(|| shared.key.chunk_id(block));
                 if let Some(ids) = &theirs {
-                    if ids.get(i) == Some(&id.unwrap_or(ChunkId::ZERO)) {
-                        continue;
+                    match ids.get(i) {
+                        Some(t) if *t == id.unwrap_or(ChunkId::ZERO) => continue,
+                        // Their copy was quarantined: whatever was sent before, send the data.
+                        Some(t) if *t == DAMAGED => {
+                            if let Some(id) = id {
+                                shared.known.lock().expect("known lock").remove(&id);
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 picked.push((b + i as u64, block, id));

@@ -148,6 +148,11 @@ pub enum Msg {
 /// The most block names one `IdsRequest` may ask for (a 256 KiB answer).
 pub const MAX_IDS: u32 = 8192;
 
+/// The name an `Ids` answer gives a block whose stored chunk failed authentication (it was
+/// quarantined): it never equals a real name, so a resync sends the block again, with its data
+/// even when the sender believes the master target holds that chunk.
+pub const DAMAGED: ChunkId = ChunkId([0xff; 32]);
+
 const T_HELLO: u8 = 1;
 const T_WELCOME: u8 = 2;
 const T_BEGIN: u8 = 3;
