@@ -21,7 +21,7 @@
 //! qemu-storage-daemon from /proc/<pid>/stat before and after; for the peers the children's
 //! rusage from bash's `times`), and bytes stored (`du -sB1` of the repositories; growth for the
 //! incremental). Each input file is read once before each tool runs, so every tool starts with
-//! a warm page cache.
+//! a warm page cache, and `sync` runs then, so no tool pays for the writeback of another.
 //!
 //! Environment: FERRY_BENCH_PERIODIC_GIB (image size, default 8), FERRY_BENCH_PERIODIC_VERIFY
 //! (default 1: export Ferry's last point and `qemu-img compare` it with the raw image),
@@ -197,10 +197,15 @@ fn build_image(path: &Path, size: u64) -> anyhow::Result<ImageInfo> {
 }
 
 /// Read a file once (warms the page cache so every tool starts alike).
+/// Ready the machine for the next timed step: `path` in the page cache (every tool starts warm),
+/// and no writeback pending from an earlier step (a tool that syncs its repository would
+/// otherwise also pay for flushing what the tool before it wrote).
 fn warm(path: &Path) -> anyhow::Result<()> {
     let mut f = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 8 << 20];
     while f.read(&mut buf)? > 0 {}
+    let synced = std::process::Command::new("sync").status()?;
+    anyhow::ensure!(synced.success(), "sync failed");
     Ok(())
 }
 
