@@ -542,11 +542,7 @@ fn a_damaged_replica_is_repaired_by_an_operator_resync() {
     assert!(!lab.ferry(&["verify"]).unwrap().status.success());
     let before = lab.status(DISK).unwrap();
 
-    let out = Command::new(exe())
-        .args(["resync", "--disk", DISK, "--cache"])
-        .arg(&lab.cache)
-        .output()
-        .unwrap();
+    let out = ferry_resync(&lab.cache, DISK);
     assert!(
         out.status.success(),
         "{}",

@@ -7,7 +7,6 @@
 mod support;
 
 use ferry_process_server::State;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -172,11 +171,7 @@ fn a_process_server_that_lost_its_journal_resends_only_what_differs() {
 
     // The operator asks for one more (say, after restoring the replica's storage): nothing
     // differs, nothing but names crosses, and replication goes on.
-    let out = Command::new(exe())
-        .args(["resync", "--disk", "lost-rs", "--cache"])
-        .arg(&site.lab.cache)
-        .output()
-        .unwrap();
+    let out = ferry_resync(&site.lab.cache, "lost-rs");
     assert!(
         out.status.success(),
         "{}",
@@ -213,11 +208,7 @@ fn without_its_host_a_disk_needing_a_resync_says_how_to_give_it() {
         assert!(Instant::now() < deadline, "{st:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let out = Command::new(exe())
-        .args(["resync", "--disk", "nohost-rs", "--cache"])
-        .arg(&site.lab.cache)
-        .output()
-        .unwrap();
+    let out = ferry_resync(&site.lab.cache, "nohost-rs");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("without its host"),

@@ -373,6 +373,15 @@ impl TaggedWriter {
     }
 }
 
+/// Run `ferry resync --disk DISK --cache CACHE` to completion.
+pub fn ferry_resync(cache: &std::path::Path, disk: &str) -> std::process::Output {
+    Command::new(exe())
+        .args(["resync", "--disk", disk, "--cache"])
+        .arg(cache)
+        .output()
+        .unwrap()
+}
+
 /// Serve a recovery point over NBD with `ferry serve`; returns the child and its port.
 pub fn serve_point(site: &Site, seq: u64) -> (std::process::Child, u16) {
     let port = ferry::lab::free_port().unwrap();

@@ -117,15 +117,10 @@ async fn run_hook(cmd: &str, disk: &str, which: &str, timeout: Duration) -> Resu
     if out.status.success() {
         return Ok(());
     }
+    // The end of stderr says why (an agent's message usually comes last); keep 300 characters.
     let err = String::from_utf8_lossy(&out.stderr);
-    let tail: String = err
-        .trim()
-        .chars()
-        .rev()
-        .take(300)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
+    let err = err.trim();
+    let start = err.char_indices().rev().nth(299).map_or(0, |(i, _)| i);
+    let tail = &err[start..];
     Err(format!("`{cmd}` failed ({}): {tail}", out.status))
 }

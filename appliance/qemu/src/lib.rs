@@ -309,8 +309,8 @@ impl Drop for StorageDaemon {
 mod tests {
     use super::*;
 
-    #[test]
-    fn storage_daemon_answers_qmp_and_reports_errors() {
+    /// A qemu-storage-daemon on a fresh 1 MiB qcow2 in a temporary directory.
+    fn daemon() -> (tempfile::TempDir, StorageDaemon) {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("a.qcow2");
         let ok = Command::new("qemu-img")
@@ -320,7 +320,13 @@ mod tests {
             .status()
             .unwrap();
         assert!(ok.success());
-        let mut qsd = StorageDaemon::start(&img, "qcow2", d.path()).unwrap();
+        let qsd = StorageDaemon::start(&img, "qcow2", d.path()).unwrap();
+        (d, qsd)
+    }
+
+    #[test]
+    fn storage_daemon_answers_qmp_and_reports_errors() {
+        let (_dir, mut qsd) = daemon();
         let nodes = qsd
             .qmp
             .execute("query-named-block-nodes", json!({}))
@@ -336,16 +342,7 @@ mod tests {
     /// up on a long-lived connection, and the newest can still be waited for.
     #[test]
     fn unclaimed_events_are_bounded() {
-        let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("a.qcow2");
-        let ok = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&img)
-            .arg("1M")
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let mut qsd = StorageDaemon::start(&img, "qcow2", d.path()).unwrap();
+        let (d, mut qsd) = daemon();
         let sock = d.path().join("nbd.sock");
         fleece::ensure_nbd_server(&mut qsd.qmp, &sock).unwrap();
         for i in 0..KEPT_EVENTS + 64 {

@@ -159,6 +159,14 @@ impl Repository {
 mod tests {
     use super::*;
 
+    /// The creation seconds of the points `del` leaves.
+    fn kept_secs(pts: &[(u64, u64, bool)], del: &[u64]) -> Vec<u64> {
+        pts.iter()
+            .filter(|x| !del.contains(&x.0))
+            .map(|x| x.1 / NS)
+            .collect()
+    }
+
     /// Keep all for 10 s, then one per 10 s for 100 s, then one per 100 s for 1000 s.
     fn policy() -> RetentionPolicy {
         RetentionPolicy {
@@ -182,11 +190,7 @@ mod tests {
         // One point per second from t=0 to t=2000 s; now = 2000 s.
         let pts: Vec<(u64, u64, bool)> = (0..=2000).map(|s| (s + 1, s * NS, false)).collect();
         let del = p.select_deletions(&pts, 2000 * NS);
-        let kept: Vec<u64> = pts
-            .iter()
-            .filter(|x| !del.contains(&x.0))
-            .map(|x| x.1 / NS)
-            .collect();
+        let kept = kept_secs(&pts, &del);
         // Keep-all: ages 0..=10 → t 1990..=2000.
         for t in 1990..=2000 {
             assert!(kept.contains(&t), "{t}");
@@ -221,11 +225,7 @@ mod tests {
         let app = |t: u64| t == 1234 || t == 1503 || ((1900..2000).contains(&t) && t % 10 == 3);
         let pts: Vec<(u64, u64, bool)> = (0..=2000).map(|s| (s + 1, s * NS, app(s))).collect();
         let del = p.select_deletions(&pts, 2000 * NS);
-        let kept: Vec<u64> = pts
-            .iter()
-            .filter(|x| !del.contains(&x.0))
-            .map(|x| x.1 / NS)
-            .collect();
+        let kept = kept_secs(&pts, &del);
         for t in 1900..1990 {
             assert_eq!(kept.contains(&t), t % 10 == 3, "tier 1, t {t}");
         }
