@@ -254,11 +254,10 @@ impl StorageDaemon {
     }
 
     /// Export a node writable over NBD on a unix socket (the "guest" writes through it).
+    /// The NBD server may be running already (another management client, such as Ferry's
+    /// resync, may have started it on the same socket).
     pub fn export(&mut self, node: &str, name: &str, socket: &Path) -> Result<()> {
-        self.qmp.execute(
-            "nbd-server-start",
-            json!({"addr": {"type": "unix", "data": {"path": socket}}}),
-        )?;
+        fleece::ensure_nbd_server(&mut self.qmp, socket)?;
         self.qmp.execute(
             "block-export-add",
             json!({"type": "nbd", "id": name, "node-name": node, "name": name, "writable": true}),
