@@ -16,6 +16,7 @@
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
+use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
 
@@ -169,36 +170,42 @@ impl TenantKey {
     }
 
     /// Compress (when it helps) and encrypt `plaintext`, authenticating `context` with it.
+    ///
+    /// The blob is built in one buffer: header, then zstd straight into the space after it (with
+    /// this thread's reused compression context: a fresh one per block costs as much as
+    /// compressing a small block), then AES-GCM in place. Only a block zstd does not shrink is
+    /// copied.
     pub fn seal(&self, plaintext: &[u8], context: &[u8]) -> Vec<u8> {
         assert!(
             plaintext.len() <= MAX_PLAINTEXT,
             "plaintext over MAX_PLAINTEXT"
         );
-        let compressed = zstd::bulk::compress(plaintext, ZSTD_LEVEL).ok();
-        let (flags, payload): (u8, &[u8]) = match &compressed {
-            Some(c) if c.len() < plaintext.len() => (FLAG_ZSTD, c),
-            _ => (0, plaintext),
-        };
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).expect("system random source");
-        let mut out = Vec::with_capacity(BLOB_HEADER_LEN + payload.len() + TAG_LEN);
+        let bound = zstd::zstd_safe::compress_bound(plaintext.len());
+        let mut out = Vec::with_capacity(BLOB_HEADER_LEN + bound.max(plaintext.len()) + TAG_LEN);
         out.extend_from_slice(&BLOB_MAGIC);
         out.push(BLOB_VERSION);
-        out.push(flags);
+        out.push(0); // flags, set below
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&(plaintext.len() as u32).to_le_bytes());
         out.extend_from_slice(&nonce);
+        let compressed = compress_after(plaintext, &mut out);
+        if compressed.is_some_and(|n| n < plaintext.len()) {
+            out[5] = FLAG_ZSTD;
+        } else {
+            out.truncate(BLOB_HEADER_LEN);
+            out.extend_from_slice(plaintext);
+        }
         let aad = aad_bytes(&out[..BLOB_HEADER_LEN], context);
-        let mut body = payload.to_vec();
         let tag = self
             .aead
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(&aad),
-                &mut body,
+                &mut out[BLOB_HEADER_LEN..],
             )
             .expect("AES-GCM seal of a bounded buffer");
-        out.extend_from_slice(&body);
         out.extend_from_slice(tag.as_ref());
         out
     }
@@ -250,6 +257,33 @@ fn parse_header(blob: &[u8]) -> Result<Header, ChunkError> {
     Ok(Header {
         flags: blob[5],
         plaintext_len,
+    })
+}
+
+thread_local! {
+    /// This thread's zstd compression context (created on first use, reused for every block).
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// zstd-compress `plaintext` into `out` after its current contents (whose capacity must hold the
+/// compress bound); the compressed length, or None when zstd failed (the caller stores it plain).
+fn compress_after(plaintext: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        let comp = c.as_mut()?;
+        let start = out.len();
+        let mut cur = std::io::Cursor::new(&mut *out);
+        cur.set_position(start as u64);
+        match comp.compress_to_buffer(plaintext, &mut cur) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                out.truncate(start);
+                None
+            }
+        }
     })
 }
 
