@@ -222,8 +222,7 @@ impl TenantKey {
             .open_in_place(nonce, Aad::from(&aad), &mut body)
             .map_err(|_| ChunkError::Authentication)?;
         let out = if header.flags & FLAG_ZSTD != 0 {
-            let v = zstd::bulk::decompress(plain, header.plaintext_len)
-                .map_err(|_| ChunkError::Decompress)?;
+            let v = decompress(plain, header.plaintext_len)?;
             if v.len() != header.plaintext_len {
                 return Err(ChunkError::Decompress);
             }
@@ -284,6 +283,25 @@ fn compress_after(plaintext: &[u8], out: &mut Vec<u8>) -> Option<usize> {
                 None
             }
         }
+    })
+}
+
+/// zstd-decompress a payload that declares `len` bytes of plaintext (with this thread's reused
+/// decompression context); more than `len` bytes is an error.
+fn decompress(payload: &[u8], len: usize) -> Result<Vec<u8>, ChunkError> {
+    thread_local! {
+        static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = zstd::bulk::Decompressor::new().ok();
+        }
+        let dec = d.as_mut().ok_or(ChunkError::Decompress)?;
+        let mut out = Vec::with_capacity(len);
+        dec.decompress_to_buffer(payload, &mut out)
+            .map_err(|_| ChunkError::Decompress)?;
+        Ok(out)
     })
 }
 
