@@ -33,6 +33,14 @@ pub struct Report {
     pub hash_bytes: u64,
 }
 
+impl Report {
+    pub fn add(&mut self, o: Report) {
+        self.blocks += o.blocks;
+        self.bytes += o.bytes;
+        self.hash_bytes += o.hash_bytes;
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
     pub disk_size: u64,

@@ -17,7 +17,7 @@
 //! The old bitmap is dropped only after the master target has committed the point.
 
 use crate::bulk::{self, Report};
-use crate::shipper::{open_session, Link, SessionReader, SessionWriter, Shared};
+use crate::shipper::{open_session, Link, SessionReader, SessionWriter, Shared, KNOWN_LIMIT};
 use crate::status::{self, now_unix_ns, DiskStatus, State};
 use anyhow::{anyhow, bail, Context};
 use ferry_nbd::client::{Client, ClientOptions, Extent};
@@ -339,6 +339,39 @@ fn finish(qmp: &mut Qmp, spec: &PeriodicSpec, plan: &Plan, committed: bool) -> a
     Ok(())
 }
 
+/// Disk bytes whose block status a cut holds at once.
+const STATUS_WINDOW: u64 = 1 << 30;
+
+/// Which blocks a cut reads.
+#[derive(Clone, Copy)]
+enum Select {
+    /// Every block (a checksum resync).
+    All,
+    /// Allocated, non-zero blocks (`base:allocation` context id): a seed.
+    Allocated(u32),
+    /// Blocks the dirty bitmap marks (its context id): an incremental.
+    Dirty(u32),
+}
+
+/// The block runs of `[first, end)` that `select` picks.
+async fn window_runs(
+    nbd: &mut Client<tokio::net::UnixStream>,
+    select: Select,
+    first: u64,
+    end: u64,
+    bs: u64,
+) -> anyhow::Result<Vec<(u64, u64)>> {
+    let (ctx, pick): (u32, fn(u32) -> bool) = match select {
+        Select::All => return Ok(vec![(first, end)]),
+        Select::Allocated(c) => (c, |f| f & (STATE_HOLE | STATE_ZERO) == 0),
+        Select::Dirty(c) => (c, |f| f & 1 != 0),
+    };
+    let ext = nbd
+        .block_status_range(ctx, first * bs, (end - first) * bs)
+        .await?;
+    Ok(block_runs(&ext, bs, pick))
+}
+
 /// Block ranges `[first, end)` covered by extents that `pick` selects.
 fn block_runs(extents: &[Extent], bs: u64, pick: impl Fn(u32) -> bool) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -389,27 +422,30 @@ async fn transfer(
             }
         );
     }
-    let runs = match (&plan.mode, &dirty_ctx) {
-        (Mode::Incremental(_), Some(c)) => {
-            let id = nbd
-                .meta_context_id(c)
-                .ok_or_else(|| anyhow!("{c} not offered"))?;
-            block_runs(&nbd.block_status_all(id).await?, bs, |f| f & 1 != 0)
-        }
-        (Mode::Seed, _) => {
-            let id = nbd
-                .meta_context_id("base:allocation")
-                .ok_or_else(|| anyhow!("base:allocation not offered"))?;
-            block_runs(&nbd.block_status_all(id).await?, bs, |f| {
-                f & (STATE_HOLE | STATE_ZERO) == 0
-            })
-        }
-        _ => vec![(0, nblocks)],
+    // What a cut reads, window by window: a multi-terabyte disk's extents are never held at once.
+    // The view is a point in time, so the counting pass and the sending pass see the same extents.
+    let select = match (&plan.mode, &dirty_ctx) {
+        (Mode::Incremental(_), Some(c)) => Select::Dirty(
+            nbd.meta_context_id(c)
+                .ok_or_else(|| anyhow!("{c} not offered"))?,
+        ),
+        (Mode::Seed, _) => Select::Allocated(
+            nbd.meta_context_id("base:allocation")
+                .ok_or_else(|| anyhow!("base:allocation not offered"))?,
+        ),
+        _ => Select::All,
     };
-    let total: u64 = runs
-        .iter()
-        .map(|&(a, b)| (b * bs).min(spec.size) - a * bs)
-        .sum();
+    let window = (STATUS_WINDOW / bs).max(1);
+    let run_bytes = |runs: &[(u64, u64)]| -> u64 {
+        runs.iter()
+            .map(|&(a, b)| (b * bs).min(spec.size) - a * bs)
+            .sum()
+    };
+    let mut total = 0u64;
+    for first in (0..nblocks).step_by(window as usize) {
+        let end = (first + window).min(nblocks);
+        total += run_bytes(&window_runs(&mut nbd, select, first, end, bs).await?);
+    }
     let mut progress = crate::status::Progress::new(plan.mode.label(), total);
     status.update(|s| s.progress = Some(progress.clone()));
     let begin = Msg::Begin(Checkpoint {
@@ -424,25 +460,38 @@ async fn transfer(
     wr.write_all(&begin.encode()).await?;
     let resync = plan.mode == Mode::Resync;
     let dedupe = !matches!(plan.mode, Mode::Incremental(_));
-    let mut on_progress = |done: u64| {
+    let mut report = Report::default();
+    let mut chunks = Vec::new();
+    let mut done = 0u64;
+    for first in (0..nblocks).step_by(window as usize) {
+        let end = (first + window).min(nblocks);
+        let runs = window_runs(&mut nbd, select, first, end, bs).await?;
+        let base = done;
+        let mut on_progress = |d: u64| {
+            progress.advance(base + d);
+            status.update(|s| s.progress = Some(progress.clone()));
+        };
+        let (r, c) = bulk::send_runs(
+            &mut nbd,
+            &runs,
+            bulk::Options {
+                disk_size: spec.size,
+                block_size: bs,
+                compare: resync,
+                dedupe,
+            },
+            shared,
+            rd,
+            wr,
+            &mut on_progress,
+        )
+        .await?;
+        report.add(r);
+        chunks.extend(c.into_iter().take(KNOWN_LIMIT.saturating_sub(chunks.len())));
+        done += run_bytes(&runs);
         progress.advance(done);
         status.update(|s| s.progress = Some(progress.clone()));
-    };
-    let (report, chunks) = bulk::send_runs(
-        &mut nbd,
-        &runs,
-        bulk::Options {
-            disk_size: spec.size,
-            block_size: bs,
-            compare: resync,
-            dedupe,
-        },
-        shared,
-        rd,
-        wr,
-        &mut on_progress,
-    )
-    .await?;
+    }
     wr.write_all(
         &Msg::End {
             seq,

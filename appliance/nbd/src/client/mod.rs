@@ -514,12 +514,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Block status of context `context_id` over the whole export, in requests of at most
     /// [`BLOCK_STATUS_STEP`] bytes; neighbouring extents with equal flags are merged.
     pub async fn block_status_all(&mut self, context_id: u32) -> Result<Vec<Extent>> {
+        let size = self.size;
+        self.block_status_range(context_id, 0, size).await
+    }
+
+    /// Block status of context `context_id` over `[offset, offset + len)` (clipped to the
+    /// export), in requests of at most [`BLOCK_STATUS_STEP`] bytes; neighbouring extents with
+    /// equal flags are merged and the last one ends at the range's end. A caller that walks a
+    /// large disk window by window holds one window's extents at a time.
+    pub async fn block_status_range(
+        &mut self,
+        context_id: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>> {
+        let end = offset.saturating_add(len).min(self.size);
         let mut out: Vec<Extent> = Vec::new();
-        let mut pos = 0u64;
-        while pos < self.size {
-            let len = (self.size - pos).min(BLOCK_STATUS_STEP as u64) as u32;
-            let ext = self.block_status(pos, len, context_id).await?;
-            for e in ext {
+        let mut pos = offset;
+        while pos < end {
+            let step = (end - pos).min(BLOCK_STATUS_STEP as u64) as u32;
+            let ext = self.block_status(pos, step, context_id).await?;
+            for mut e in ext {
+                if e.offset >= end {
+                    break;
+                }
+                e.len = e.len.min(end - e.offset);
                 match out.last_mut() {
                     Some(last) if last.flags == e.flags && last.end() == e.offset => {
                         last.len += e.len
