@@ -289,3 +289,64 @@ fn killing_either_side_during_a_resync_never_exposes_a_partial_point() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
     eprintln!("{kills} kills during the resync; {} points", points.len());
 }
+
+/// A continuous disk's first full copy (QEMU's mirror, before it is ready) shows bytes done of
+/// the total, rate and ETA in `ferry status`, like a seed; the progress goes away once the
+/// mirror is ready, and the first point equals the disk.
+#[test]
+fn the_first_full_copy_of_a_continuous_disk_shows_its_progress() {
+    let size = 64 * MIB;
+    let mut site = Site::start_copying(
+        "copying",
+        size,
+        &["write -P 0x6b 0 64M"],
+        |lab| lab.host_access = true,
+        8 * MIB,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let p = loop {
+        if let Ok(st) = site.lab.status(&site.disk) {
+            if let Some(p) = st.progress.filter(|p| p.operation == "first copy") {
+                if p.done_bytes > 0 && p.eta_secs.is_some() {
+                    break p;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no first-copy progress");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(p.total_bytes, size, "{p:?}");
+    assert!(p.done_bytes < size, "{p:?}");
+    assert!(p.bytes_per_sec > 0.0, "{p:?}");
+    let out = std::process::Command::new(exe())
+        .arg("status")
+        .arg("--cache")
+        .arg(&site.lab.cache)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("first copy [") && text.contains("/ 64.0 MiB") && text.contains("ETA "),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Let the copy finish: the progress goes, and the first point is the disk.
+    let qmp = &mut site.qsd.as_mut().unwrap().qmp;
+    qmp.execute(
+        "block-job-set-speed",
+        serde_json::json!({"device": ferry_qemu::MIRROR_JOB, "speed": 0}),
+    )
+    .unwrap();
+    qmp.wait_event("BLOCK_JOB_READY", Duration::from_secs(60))
+        .unwrap();
+    let seq = site.caught_up();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while site.lab.status(&site.disk).unwrap().progress.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the progress stayed after the copy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    site.assert_point_equals_guest(seq);
+}

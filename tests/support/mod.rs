@@ -35,6 +35,28 @@ impl Site {
     /// start master target and process server, mirror the disk to the process server and export
     /// the mirror's filter node as the guest's disk.
     pub fn start(disk: &str, size: u64, prefill: &[&str], tune: impl FnOnce(&mut Lab)) -> Site {
+        Site::start_mirror(disk, size, prefill, tune, None)
+    }
+
+    /// [`Site::start`], but the mirror's first copy is limited to `speed` bytes per second and
+    /// not waited for (the guest's disk is exported at once).
+    pub fn start_copying(
+        disk: &str,
+        size: u64,
+        prefill: &[&str],
+        tune: impl FnOnce(&mut Lab),
+        speed: u64,
+    ) -> Site {
+        Site::start_mirror(disk, size, prefill, tune, Some(speed))
+    }
+
+    fn start_mirror(
+        disk: &str,
+        size: u64,
+        prefill: &[&str],
+        tune: impl FnOnce(&mut Lab),
+        copy_speed: Option<u64>,
+    ) -> Site {
         let dir = tempfile::Builder::new()
             .prefix("ferry-e2e-")
             .tempdir()
@@ -60,14 +82,20 @@ impl Site {
         lab.start_process().unwrap();
         let mut qsd = StorageDaemon::start(&image, "qcow2", dir.path()).unwrap();
         let tls = lab.nbd_tls.then_some(lab.pki.as_path());
-        qsd.mirror_to_nbd(
-            "127.0.0.1",
-            lab.nbd_port,
-            disk,
-            tls,
-            Duration::from_secs(120),
-        )
-        .unwrap();
+        match copy_speed {
+            None => qsd
+                .mirror_to_nbd(
+                    "127.0.0.1",
+                    lab.nbd_port,
+                    disk,
+                    tls,
+                    Duration::from_secs(120),
+                )
+                .unwrap(),
+            Some(speed) => qsd
+                .start_mirror_to_nbd("127.0.0.1", lab.nbd_port, disk, tls, speed)
+                .unwrap(),
+        }
         let guest_sock = dir.path().join("guest.sock");
         qsd.export(MIRROR_FILTER, "guest", &guest_sock).unwrap();
         Site {

@@ -11,6 +11,7 @@ pub mod app_consistent;
 pub mod bulk;
 pub mod checkpoint;
 pub mod export;
+pub mod first_copy;
 pub mod periodic;
 pub mod resync;
 pub mod shipper;
@@ -179,6 +180,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 size: d.size,
             }),
         );
+        first_copy::spawn(d.clone());
         tokio::spawn(shipper::replicate(
             d.clone(),
             link.clone(),

@@ -226,6 +226,21 @@ impl StorageDaemon {
         tls_dir: Option<&Path>,
         timeout: Duration,
     ) -> Result<()> {
+        self.start_mirror_to_nbd(host, port, export, tls_dir, 0)?;
+        self.qmp.wait_event("BLOCK_JOB_READY", timeout)?;
+        Ok(())
+    }
+
+    /// Start the mirror of [`StorageDaemon::mirror_to_nbd`] without waiting for its first copy;
+    /// `speed` limits the copy in bytes per second (0: unlimited).
+    pub fn start_mirror_to_nbd(
+        &mut self,
+        host: &str,
+        port: u16,
+        export: &str,
+        tls_dir: Option<&Path>,
+        speed: u64,
+    ) -> Result<()> {
         let mut target = json!({
             "driver": "nbd",
             "node-name": "ferry-target",
@@ -245,11 +260,10 @@ impl StorageDaemon {
             "blockdev-mirror",
             json!({
                 "job-id": MIRROR_JOB, "device": "disk0", "target": "ferry-target",
-                "sync": "full", "copy-mode": "write-blocking",
+                "sync": "full", "copy-mode": "write-blocking", "speed": speed,
                 "filter-node-name": MIRROR_FILTER, "auto-finalize": false, "auto-dismiss": false,
             }),
         )?;
-        self.qmp.wait_event("BLOCK_JOB_READY", timeout)?;
         Ok(())
     }
 
