@@ -250,6 +250,11 @@ struct ProcessServerArgs {
     /// Journal capacity per disk in bytes (K/M/G suffixes allowed).
     #[arg(long, default_value = "1G")]
     journal_capacity: String,
+    /// How the journal writes to the cache: `direct` (O_DIRECT, aligned), `buffered` (page
+    /// cache), or `auto`: what the hardware profile of the disk holding --cache advises
+    /// (`ferry hw probe` shows it; NVMe and virtual disks: direct).
+    #[arg(long, value_enum, default_value_t = CacheIo::Auto)]
+    cache_io: CacheIo,
     /// Block size of the recovery repository's block map.
     #[arg(long, default_value_t = ferry_chunk::DEFAULT_BLOCK_SIZE)]
     block_size: u32,
@@ -536,6 +541,37 @@ fn print_status(st: &[ferry_process_server::DiskStatus], redraw: bool) -> anyhow
     Ok(())
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CacheIo {
+    Auto,
+    Direct,
+    Buffered,
+}
+
+/// Whether the journal writes with O_DIRECT; `auto` asks the cache disk's hardware profile.
+fn cache_direct_io(mode: CacheIo, cache: &std::path::Path) -> bool {
+    match mode {
+        CacheIo::Direct => true,
+        CacheIo::Buffered => false,
+        CacheIo::Auto => {
+            let advice = ferry_hardware::Profiles::builtin()
+                .ok()
+                .and_then(|p| ferry_hardware::probe::cache_direct_io(cache, &p));
+            match advice {
+                Some((disk, direct)) => {
+                    tracing::info!(%disk, direct, "cache I/O as the disk's hardware profile advises");
+                    direct
+                }
+                None => {
+                    tracing::info!(cache = %cache.display(),
+                        "cache I/O: the cache's disk has no profile here; writing through the page cache");
+                    false
+                }
+            }
+        }
+    }
+}
+
 fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
     let mut disks = Vec::new();
     for d in &a.disks {
@@ -556,6 +592,7 @@ fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--master {:?} must be HOST:PORT", a.master))?;
     let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
         .with_context(|| format!("{host:?} is not a valid host name"))?;
+    let journal_direct_io = cache_direct_io(a.cache_io, &a.cache);
     let cfg = ferry_process_server::Config {
         cache_dir: a.cache,
         nbd_listen: a.nbd_listen,
@@ -568,6 +605,7 @@ fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
         periodic,
         block_size: a.block_size,
         journal_capacity: parse_size(&a.journal_capacity)?,
+        journal_direct_io,
         link: ferry_process_server::Link {
             addr: a.master.clone(),
             server_name,
