@@ -274,12 +274,7 @@ struct ProcessServerArgs {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("ferry: {e:#}");
@@ -539,6 +534,44 @@ fn print_status(st: &[ferry_process_server::DiskStatus], redraw: bool) -> anyhow
         }
     }
     Ok(())
+}
+
+/// Structured logs: to journald (every event's fields as journal fields, `TARGET`, `CODE_FILE`,
+/// `PRIORITY`) when the process runs under systemd with its stderr connected to the journal
+/// (`JOURNAL_STREAM` names stderr's device and inode), else formatted lines on stderr. `FERRY_LOG`
+/// filters (default `info`).
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let journal = stderr_is_journal()
+        .then(|| tracing_journald::layer().ok())
+        .flatten();
+    let registry = tracing_subscriber::registry().with(filter);
+    match journal {
+        Some(j) => registry.with(j).init(),
+        None => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+    }
+}
+
+/// systemd's test: `JOURNAL_STREAM=DEV:INODE` equals stderr's.
+fn stderr_is_journal() -> bool {
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned();
+    match stderr.map(std::fs::File::from).and_then(|f| f.metadata()) {
+        Ok(m) => dev.parse() == Ok(m.dev()) && ino.parse() == Ok(m.ino()),
+        Err(_) => false,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

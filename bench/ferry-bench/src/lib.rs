@@ -157,7 +157,10 @@ pub fn start_lab(
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         if lab.status(name).map(|s| s.connected).unwrap_or(false) {
-            let direct = lab.status(name).map(|s| s.journal_direct_io).unwrap_or(false);
+            let direct = lab
+                .status(name)
+                .map(|s| s.journal_direct_io)
+                .unwrap_or(false);
             println!(
                 "process server journal: {} (FERRY_BENCH_CACHE_IO=auto|direct|buffered)",
                 if direct { "O_DIRECT" } else { "page cache" }
