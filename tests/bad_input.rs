@@ -196,3 +196,22 @@ fn a_damaged_chunk_is_caught_by_verify_and_never_served() {
         "export of a damaged point succeeded"
     );
 }
+
+/// A command whose reader went away (`ferry hw probe | head -c0`) ends like a Unix tool, by
+/// SIGPIPE, and does not panic on the broken pipe.
+#[test]
+fn a_command_whose_reader_went_away_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = std::process::Command::new(exe())
+        .args(["hw", "probe", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the probe has anything to print.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(13), "{:?} {stderr}", out.status);
+}

@@ -276,6 +276,25 @@ struct ProcessServerArgs {
 fn main() {
     init_logging();
     let cli = Cli::parse();
+    let daemon = matches!(
+        cli.cmd,
+        Cmd::ConfigServer(_)
+            | Cmd::ProcessServer(_)
+            | Cmd::MasterTarget { .. }
+            | Cmd::Serve { .. }
+            | Cmd::Demo(_)
+    );
+    if !daemon {
+        // A command piped into `head` or `grep -q` ends quietly when the reader goes away, as
+        // Unix tools do, instead of panicking on the broken pipe (Rust ignores SIGPIPE). The
+        // roles keep ignoring it: a peer that hangs up is an error they handle, not a reason
+        // to die.
+        // SAFETY: no other thread exists yet (logging is set up, no runtime started), and
+        // SIG_DFL is a valid disposition for SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Err(e) = run(cli) {
         eprintln!("ferry: {e:#}");
         std::process::exit(1);

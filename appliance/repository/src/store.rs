@@ -36,6 +36,9 @@ impl Kind {
     }
 }
 
+/// The shortest possible blob: a header and a tag around an empty payload.
+const MIN_BLOB_LEN: u64 = ferry_chunk::BLOB_HEADER_LEN as u64 + 16;
+
 pub(crate) struct Store {
     root: PathBuf,
     tmp_seq: AtomicU64,
@@ -77,8 +80,10 @@ impl Store {
         self.root.join(kind.dir()).join(&h[..2]).join(h)
     }
 
+    /// Whether an object of that name is stored. A file too short to be any blob (a power loss
+    /// can leave an unsynced object empty) does not count, so it is asked for and written again.
     pub(crate) fn exists(&self, kind: Kind, id: &ChunkId) -> bool {
-        self.path(kind, id).is_file()
+        fs::metadata(self.path(kind, id)).is_ok_and(|m| m.is_file() && m.len() >= MIN_BLOB_LEN)
     }
 
     /// A fresh temp path in `tmp/` (same filesystem as every destination, so rename is atomic).
@@ -90,10 +95,19 @@ impl Store {
     }
 
     /// Store a blob unless an object of that name exists. Returns true when it was written.
+    ///
+    /// An existing object of another length is written again: after a power loss, an object
+    /// renamed into place by a checkpoint that never committed (so never synced) can be left
+    /// empty or short, and dedup must not build a new point on it. Blobs of one name have one
+    /// length (the same plaintext, compressed the same way, plus a fixed header and tag).
     pub(crate) fn put(&self, kind: Kind, id: &ChunkId, blob: &[u8]) -> Result<bool, RepoError> {
         let dest = self.path(kind, id);
-        if dest.is_file() {
-            return Ok(false);
+        if let Ok(m) = fs::metadata(&dest) {
+            if m.is_file() && m.len() == blob.len() as u64 {
+                return Ok(false);
+            }
+            tracing::warn!(path = %dest.display(), len = m.len(), want = blob.len(),
+                "object of the wrong length (left by a crash?): writing it again");
         }
         let tmp = self.tmp_path("obj");
         let res = (|| -> io::Result<()> {
@@ -178,4 +192,30 @@ pub(crate) fn write_durable(store: &Store, dest: &Path, bytes: &[u8]) -> Result<
 
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_object_left_short_by_a_crash_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let id = ChunkId([7; 32]);
+        let blob = vec![0x5a; 1000];
+        assert!(store.put(Kind::Chunk, &id, &blob).unwrap());
+        assert!(!store.put(Kind::Chunk, &id, &blob).unwrap(), "deduplicated");
+        // Power loss after the rename, before any sync: an empty file under the name.
+        std::fs::write(store.path(Kind::Chunk, &id), b"").unwrap();
+        assert!(
+            !store.exists(Kind::Chunk, &id),
+            "an empty object counts as stored"
+        );
+        assert!(
+            store.put(Kind::Chunk, &id, &blob).unwrap(),
+            "the empty object was trusted"
+        );
+        assert_eq!(store.get(Kind::Chunk, &id).unwrap().unwrap(), blob);
+    }
 }
