@@ -1,0 +1,714 @@
+//! The appliance's network, applied through rtnetlink: an interface's MTU, an optional VLAN on
+//! it, static IPv4/IPv6 addresses and default routes (or a DHCP client, run by its hook).
+//!
+//! A change that could cut the administrator off is never final at once. Each step is
+//! recorded in an [`Undo`] before the next one; after applying, the gateway must answer
+//! (its neighbour entry resolves, i.e. it answered ARP or neighbour discovery), or everything is
+//! undone at once and the change is refused. A change that passed stays pending until it is
+//! confirmed; when the confirmation does not come in time (the administrator lost the
+//! console, say), the undo runs on its own. The undo is stored with the pending change, so a
+//! server restarted meanwhile rolls it back too.
+
+use crate::app::{now_unix, Caller, Shared};
+use crate::error::{ApiError, Body};
+use crate::store::trees;
+use crate::system::{self, event, get, keys, put};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use ferry_api::{Action, NetworkConfig, NetworkPlan, NetworkState, PendingNetwork, Severity};
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkUnspec, LinkVlan, RouteMessageBuilder};
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+/// How long a gateway has to answer ARP or neighbour discovery.
+const GATEWAY_WAIT: Duration = Duration::from_secs(5);
+const MAIN_TABLE: u32 = 254;
+
+/// Everything a change did, so that it can be taken back. Names, not indexes: a VLAN made
+/// again gets a new index.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Undo {
+    parent: String,
+    parent_mtu: Option<u32>,
+    parent_was_down: bool,
+    vlan_created: Option<String>,
+    target: String,
+    target_mtu: Option<u32>,
+    removed_addrs: Vec<(IpAddr, u8)>,
+    added_addrs: Vec<(IpAddr, u8)>,
+    removed_routes: Vec<(IpAddr, String)>,
+    added_routes: Vec<(IpAddr, String)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PendingRecord {
+    pending: PendingNetwork,
+    undo: Undo,
+}
+
+/// A netlink connection for one operation.
+struct Net {
+    h: Handle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Link {
+    index: u32,
+    name: String,
+    mtu: u32,
+    up: bool,
+}
+
+fn nl(what: &str) -> impl FnOnce(rtnetlink::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+impl Net {
+    fn open() -> Result<Net, ApiError> {
+        let (conn, h, _) = rtnetlink::new_connection()
+            .map_err(|e| ApiError::internal(format!("cannot open a netlink socket: {e}")))?;
+        Ok(Net {
+            h,
+            task: tokio::spawn(conn),
+        })
+    }
+
+    async fn links(&self) -> Result<Vec<Link>, String> {
+        let msgs: Vec<LinkMessage> = self
+            .h
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing interfaces"))?;
+        Ok(msgs
+            .into_iter()
+            .map(|m| {
+                let mut l = Link {
+                    index: m.header.index,
+                    name: String::new(),
+                    mtu: 0,
+                    up: m.header.flags.contains(LinkFlags::Up),
+                };
+                for a in m.attributes {
+                    match a {
+                        LinkAttribute::IfName(n) => l.name = n,
+                        LinkAttribute::Mtu(v) => l.mtu = v,
+                        _ => {}
+                    }
+                }
+                l
+            })
+            .collect())
+    }
+
+    async fn link(&self, name: &str) -> Result<Option<Link>, String> {
+        Ok(self.links().await?.into_iter().find(|l| l.name == name))
+    }
+
+    async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), String> {
+        self.h
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(nl(&format!("setting the MTU to {mtu}")))
+    }
+
+    async fn set_up(&self, index: u32, up: bool) -> Result<(), String> {
+        let m = LinkUnspec::new_with_index(index);
+        let m = if up { m.up() } else { m.down() };
+        self.h
+            .link()
+            .set(m.build())
+            .execute()
+            .await
+            .map_err(nl("setting the interface up or down"))
+    }
+
+    /// Global addresses of an interface.
+    async fn addrs(&self, index: u32) -> Result<Vec<(IpAddr, u8, AddressMessage)>, String> {
+        let msgs: Vec<AddressMessage> = self
+            .h
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing addresses"))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.index == index && m.header.scope == AddressScope::Universe)
+            .filter_map(|m| {
+                let ip = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })?;
+                Some((ip, m.header.prefix_len, m))
+            })
+            .collect())
+    }
+
+    /// Default routes of the main table, with their gateway and output interface.
+    async fn defaults(&self, v6: bool) -> Result<Vec<(IpAddr, u32, RouteMessage)>, String> {
+        let q = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
+        let msgs: Vec<RouteMessage> = self
+            .h
+            .route()
+            .get(q)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing routes"))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.destination_prefix_length == 0)
+            .filter(|m| {
+                let table = m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(m.header.table));
+                table == MAIN_TABLE
+            })
+            .filter_map(|m| {
+                let gw = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                    RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+                    _ => None,
+                })?;
+                let oif = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })?;
+                Some((gw, oif, m))
+            })
+            .collect())
+    }
+
+    async fn add_default(&self, gw: IpAddr, oif: u32) -> Result<(), String> {
+        let m = match gw {
+            IpAddr::V4(g) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(g)
+                .output_interface(oif)
+                .build(),
+            IpAddr::V6(g) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .gateway(g)
+                .output_interface(oif)
+                .build(),
+        };
+        self.h
+            .route()
+            .add(m)
+            .execute()
+            .await
+            .map_err(nl(&format!("adding the default route via {gw}")))
+    }
+
+    /// Whether `gw` answers on `index`: a datagram makes the kernel resolve it, and the
+    /// neighbour table says whether it did.
+    async fn gateway_answers(&self, index: u32, gw: IpAddr) -> Result<bool, String> {
+        let family = if gw.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let find = || async {
+            let msgs: Vec<_> = self
+                .h
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl("listing neighbours"))?;
+            Ok::<_, String>(msgs.into_iter().find(|m| {
+                m.header.ifindex == index
+                    && m.attributes.iter().any(|a| match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                            IpAddr::V4(*ip) == gw
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                            IpAddr::V6(*ip) == gw
+                        }
+                        _ => false,
+                    })
+            }))
+        };
+        // An entry from an earlier configuration must not answer for this one.
+        if let Some(old) = find().await? {
+            let _ = self.h.neighbours().del(old).execute().await;
+        }
+        let bind: std::net::SocketAddr = if gw.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = tokio::net::UdpSocket::bind(bind)
+            .await
+            .map_err(|e| format!("probing the gateway: {e}"))?;
+        let start = tokio::time::Instant::now();
+        let mut sent = false;
+        while start.elapsed() < GATEWAY_WAIT {
+            // The discard port: nothing answers it, but the kernel must resolve the gateway
+            // to send. A fresh IPv6 address may still be tentative: keep trying.
+            if !sent {
+                sent = sock.send_to(b"ferry", (gw, 9)).await.is_ok();
+            }
+            if let Some(n) = find().await? {
+                match n.header.state {
+                    NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+                    | NeighbourState::Noarp => return Ok(true),
+                    NeighbourState::Failed => return Ok(false),
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(false)
+    }
+}
+
+/// Apply `plan`, recording every step in `undo`. Returns the target interface's index.
+async fn apply(
+    app: &Shared,
+    net: &Net,
+    plan: &NetworkPlan,
+    undo: &mut Undo,
+) -> Result<u32, String> {
+    let parent = net
+        .link(&plan.interface)
+        .await?
+        .ok_or_else(|| format!("interface: no interface {} here", plan.interface))?;
+    undo.parent = parent.name.clone();
+    if let Some(mtu) = plan.mtu.filter(|m| *m != parent.mtu) {
+        undo.parent_mtu = Some(parent.mtu);
+        net.set_mtu(parent.index, mtu).await?;
+    }
+    if !parent.up {
+        undo.parent_was_down = true;
+        net.set_up(parent.index, true).await?;
+    }
+    let target_name = plan.target();
+    undo.target = target_name.clone();
+    let target = match (plan.vlan, net.link(&target_name).await?) {
+        (_, Some(t)) => {
+            if let Some(mtu) = plan.mtu.filter(|m| *m != t.mtu && t.index != parent.index) {
+                undo.target_mtu = Some(t.mtu);
+                net.set_mtu(t.index, mtu).await?;
+            }
+            if !t.up {
+                net.set_up(t.index, true).await?;
+            }
+            t.index
+        }
+        (Some(id), None) => {
+            undo.vlan_created = Some(target_name.clone());
+            let msg = LinkVlan::new(&target_name, parent.index, id).up().build();
+            net.h
+                .link()
+                .add(msg)
+                .execute()
+                .await
+                .map_err(nl(&format!("creating VLAN {id} on {}", plan.interface)))?;
+            net.link(&target_name)
+                .await?
+                .ok_or_else(|| format!("the VLAN interface {target_name} did not appear"))?
+                .index
+        }
+        (None, None) => return Err(format!("interface {target_name} disappeared")),
+    };
+    if plan.dhcp {
+        system::hook(app, "dhcp", &[("FERRY_INTERFACE", target_name.clone())])
+            .await
+            .map_err(|e| e.message)?;
+        return Ok(target);
+    }
+    for (cidr, gw) in [
+        plan.ipv4.map(|(c, g)| (c, g.map(IpAddr::V4))),
+        plan.ipv6.map(|(c, g)| (c, g.map(IpAddr::V6))),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let v6 = cidr.addr.is_ipv6();
+        for (ip, prefix, msg) in net.addrs(target).await? {
+            if ip.is_ipv6() == v6 && (ip, prefix) != (cidr.addr, cidr.prefix) {
+                undo.removed_addrs.push((ip, prefix));
+                net.h
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(nl(&format!("removing {ip}/{prefix}")))?;
+            }
+        }
+        if !net
+            .addrs(target)
+            .await?
+            .iter()
+            .any(|(ip, p, _)| (*ip, *p) == (cidr.addr, cidr.prefix))
+        {
+            undo.added_addrs.push((cidr.addr, cidr.prefix));
+            net.h
+                .address()
+                .add(target, cidr.addr, cidr.prefix)
+                .execute()
+                .await
+                .map_err(nl(&format!("adding {}/{}", cidr.addr, cidr.prefix)))?;
+        }
+        if let Some(gw) = gw {
+            let names = net.links().await?;
+            let name_of = |i: u32| {
+                names
+                    .iter()
+                    .find(|l| l.index == i)
+                    .map(|l| l.name.clone())
+                    .unwrap_or_default()
+            };
+            for (old_gw, oif, msg) in net.defaults(v6).await? {
+                undo.removed_routes.push((old_gw, name_of(oif)));
+                net.h
+                    .route()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(nl(&format!("removing the default route via {old_gw}")))?;
+            }
+            undo.added_routes.push((gw, target_name.clone()));
+            net.add_default(gw, target).await?;
+        }
+    }
+    Ok(target)
+}
+
+/// Take back what `undo` recorded, newest first; goes on past failures and lists them.
+async fn rollback(net: &Net, undo: &Undo) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut note = |r: Result<(), String>| {
+        if let Err(e) = r {
+            errors.push(e);
+        }
+    };
+    let links = match net.links().await {
+        Ok(l) => l,
+        Err(e) => return vec![e],
+    };
+    let index = |n: &str| links.iter().find(|l| l.name == n).map(|l| l.index);
+    for (gw, dev) in &undo.added_routes {
+        if let (Some(i), Ok(routes)) = (index(dev), net.defaults(gw.is_ipv6()).await) {
+            for (g, oif, msg) in routes {
+                if g == *gw && oif == i {
+                    note(
+                        net.h
+                            .route()
+                            .del(msg)
+                            .execute()
+                            .await
+                            .map_err(nl("removing a route")),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(t) = index(&undo.target) {
+        if let Ok(addrs) = net.addrs(t).await {
+            for (ip, p, msg) in addrs {
+                if undo.added_addrs.contains(&(ip, p)) {
+                    note(
+                        net.h
+                            .address()
+                            .del(msg)
+                            .execute()
+                            .await
+                            .map_err(nl("removing an address")),
+                    );
+                }
+            }
+        }
+        for (ip, p) in &undo.removed_addrs {
+            note(
+                net.h
+                    .address()
+                    .add(t, *ip, *p)
+                    .execute()
+                    .await
+                    .map_err(nl(&format!("restoring {ip}/{p}"))),
+            );
+        }
+        if let Some(m) = undo.target_mtu {
+            note(net.set_mtu(t, m).await);
+        }
+    }
+    if let Some(v) = undo.vlan_created.as_deref().and_then(index) {
+        note(
+            net.h
+                .link()
+                .del(v)
+                .execute()
+                .await
+                .map_err(nl("removing the VLAN")),
+        );
+    }
+    if let Some(p) = index(&undo.parent) {
+        if let Some(m) = undo.parent_mtu {
+            note(net.set_mtu(p, m).await);
+        }
+        if undo.parent_was_down {
+            note(net.set_up(p, false).await);
+        }
+    }
+    for (gw, dev) in &undo.removed_routes {
+        if let Some(i) = index(dev) {
+            note(net.add_default(*gw, i).await);
+        }
+    }
+    errors
+}
+
+fn refusal(code: &'static str, msg: String) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, msg)
+}
+
+fn rolled_back(errors: &[String]) -> String {
+    if errors.is_empty() {
+        "nothing was changed".into()
+    } else {
+        format!("undoing it failed in part: {}", errors.join("; "))
+    }
+}
+
+pub async fn state(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+) -> Result<Json<NetworkState>, ApiError> {
+    p.may(Action::System, None)?;
+    current(&app).map(Json)
+}
+
+fn current(app: &Shared) -> Result<NetworkState, ApiError> {
+    Ok(NetworkState {
+        confirmed: get(app, keys::NETWORK)?,
+        pending: get::<PendingRecord>(app, keys::NETWORK_PENDING)?.map(|r| r.pending),
+        last_rollback: get(app, keys::LAST_ROLLBACK)?,
+    })
+}
+
+pub async fn change(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+    Body(cfg): Body<NetworkConfig>,
+) -> Result<Json<PendingNetwork>, ApiError> {
+    p.may(Action::System, None)?;
+    let plan = cfg.plan()?;
+    let _n = app.system.network.lock().await;
+    if let Some(r) = get::<PendingRecord>(&app, keys::NETWORK_PENDING)? {
+        return Err(ApiError::conflict(format!(
+            "the change to {} waits for confirmation: confirm or revert it first",
+            r.pending.config.interface
+        )));
+    }
+    if plan.dhcp && !app.system.config.hooks.contains_key("dhcp") {
+        return Err(refusal(
+            "invalid",
+            "mode: no DHCP client is configured on this appliance (--hook dhcp=COMMAND)".into(),
+        ));
+    }
+    let net = Net::open()?;
+    let links = net.links().await.map_err(ApiError::internal)?;
+    if !links.iter().any(|l| l.name == plan.interface) {
+        let mut have: Vec<_> = links.iter().map(|l| l.name.as_str()).collect();
+        have.sort_unstable();
+        return Err(refusal(
+            "invalid",
+            format!(
+                "interface: no interface {} here (there are: {})",
+                plan.interface,
+                have.join(", ")
+            ),
+        ));
+    }
+    let mut undo = Undo::default();
+    let target = match apply(&app, &net, &plan, &mut undo).await {
+        Ok(t) => t,
+        Err(e) => {
+            let errs = rollback(&net, &undo).await;
+            return Err(refusal(
+                "not-applied",
+                format!("the network change failed ({e}); {}", rolled_back(&errs)),
+            ));
+        }
+    };
+    let mut checks = vec![format!("{} is up", plan.target())];
+    let gateways = [
+        plan.ipv4.and_then(|(_, g)| g).map(IpAddr::V4),
+        plan.ipv6.and_then(|(_, g)| g).map(IpAddr::V6),
+    ];
+    for gw in gateways.into_iter().flatten() {
+        match net.gateway_answers(target, gw).await {
+            Ok(true) => checks.push(format!("gateway {gw} answers")),
+            Ok(false) | Err(_) => {
+                let errs = rollback(&net, &undo).await;
+                return Err(refusal(
+                    "unreachable-gateway",
+                    format!(
+                        "gateway {gw} did not answer on {} within {} s; {}",
+                        plan.target(),
+                        GATEWAY_WAIT.as_secs(),
+                        rolled_back(&errs)
+                    ),
+                ));
+            }
+        }
+    }
+    let secs = app.system.config.network_confirm_secs;
+    let pending = PendingNetwork {
+        id: random_id()?,
+        config: cfg,
+        deadline_unix: now_unix() + secs,
+        confirm_secs: secs,
+        checks,
+    };
+    put(
+        &app,
+        keys::NETWORK_PENDING,
+        &PendingRecord {
+            pending: pending.clone(),
+            undo,
+        },
+    )?;
+    app.store.flush().await?;
+    arm(app.clone(), pending.id, Duration::from_secs(secs));
+    tracing::info!(interface = %pending.config.interface, secs, "network change applied; waiting for confirmation");
+    Ok(Json(pending))
+}
+
+/// Pending changes are told apart by a random id, so that a timer armed for an earlier change
+/// never rolls back a later one.
+fn random_id() -> Result<u64, ApiError> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| ApiError::internal("no randomness from the system"))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Roll the pending change `id` back after `after`, unless it was confirmed or reverted.
+fn arm(app: Shared, id: u64, after: Duration) {
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        let _n = app.system.network.lock().await;
+        let still = matches!(
+            get::<PendingRecord>(&app, keys::NETWORK_PENDING),
+            Ok(Some(r)) if r.pending.id == id
+        );
+        if still {
+            let why = format!(
+                "not confirmed within {} s",
+                app.system.config.network_confirm_secs
+            );
+            if let Err(e) = undo_pending(&app, &why).await {
+                tracing::error!(error = e.message, "rolling back the network change");
+            }
+        }
+    });
+}
+
+/// Undo the pending change and say why in the state and the events.
+async fn undo_pending(app: &Shared, why: &str) -> Result<NetworkState, ApiError> {
+    let rec: PendingRecord = get(app, keys::NETWORK_PENDING)?
+        .ok_or_else(|| ApiError::conflict("no network change is waiting for confirmation"))?;
+    let net = Net::open()?;
+    let errs = rollback(&net, &rec.undo).await;
+    let msg = format!(
+        "the change to {} was rolled back ({why}); {}",
+        rec.pending.config.interface,
+        if errs.is_empty() {
+            "the previous configuration is back".to_string()
+        } else {
+            rolled_back(&errs)
+        }
+    );
+    app.store.remove(trees::SYSTEM, keys::NETWORK_PENDING)?;
+    put(app, keys::LAST_ROLLBACK, &msg)?;
+    event(app, Severity::Warning, "system/network", msg.clone());
+    app.store.flush().await?;
+    tracing::warn!("{msg}");
+    current(app)
+}
+
+pub async fn confirm(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+) -> Result<Json<NetworkState>, ApiError> {
+    p.may(Action::System, None)?;
+    let _n = app.system.network.lock().await;
+    let rec: PendingRecord = get(&app, keys::NETWORK_PENDING)?.ok_or_else(|| {
+        ApiError::conflict("no network change is waiting for confirmation (rolled back already?)")
+    })?;
+    let dns: Vec<String> = rec.pending.config.dns.clone();
+    system::hook(&app, "dns", &[("FERRY_DNS", dns.join(" "))]).await?;
+    put(&app, keys::NETWORK, &rec.pending.config)?;
+    app.store.remove(trees::SYSTEM, keys::NETWORK_PENDING)?;
+    app.store.remove(trees::SYSTEM, keys::LAST_ROLLBACK)?;
+    event(
+        &app,
+        Severity::Info,
+        "system/network",
+        format!(
+            "the change to {} was confirmed",
+            rec.pending.config.interface
+        ),
+    );
+    app.store.flush().await?;
+    current(&app).map(Json)
+}
+
+pub async fn revert(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+) -> Result<Json<NetworkState>, ApiError> {
+    p.may(Action::System, None)?;
+    let _n = app.system.network.lock().await;
+    undo_pending(&app, "reverted by the administrator")
+        .await
+        .map(Json)
+}
+
+/// At start: a change still pending from before a restart gets the rest of its time.
+pub async fn resume(app: &Shared) {
+    let Ok(Some(rec)) = get::<PendingRecord>(app, keys::NETWORK_PENDING) else {
+        return;
+    };
+    let left = rec.pending.deadline_unix.saturating_sub(now_unix());
+    arm(app.clone(), rec.pending.id, Duration::from_secs(left));
+}
