@@ -21,7 +21,7 @@ use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVlan, RouteMessageBuilder};
 use serde::{Deserialize, Serialize};
@@ -44,8 +44,17 @@ pub struct Undo {
     target_mtu: Option<u32>,
     removed_addrs: Vec<(IpAddr, u8)>,
     added_addrs: Vec<(IpAddr, u8)>,
-    removed_routes: Vec<(IpAddr, String)>,
+    removed_routes: Vec<SavedRoute>,
     added_routes: Vec<(IpAddr, String)>,
+}
+
+/// A default route taken away, with what it takes to put it back as it was.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedRoute {
+    gateway: IpAddr,
+    dev: String,
+    protocol: u8,
+    metric: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -74,7 +83,15 @@ struct Link {
 }
 
 fn nl(what: &str) -> impl FnOnce(rtnetlink::Error) -> String + '_ {
-    move |e| format!("{what}: {e}")
+    move |e| format!("{what}: {}", nl_text(&e))
+}
+
+/// The kernel's answer in its own words ("Operation not supported (os error 95)").
+fn nl_text(e: &rtnetlink::Error) -> String {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.to_io().to_string(),
+        e => e.to_string(),
+    }
 }
 
 impl Net {
@@ -209,8 +226,14 @@ impl Net {
             .collect())
     }
 
-    async fn add_default(&self, gw: IpAddr, oif: u32) -> Result<(), String> {
-        let m = match gw {
+    /// A default route via `gw`; `like` restores a saved one's protocol and metric.
+    async fn add_default(
+        &self,
+        gw: IpAddr,
+        oif: u32,
+        like: Option<&SavedRoute>,
+    ) -> Result<(), String> {
+        let mut m = match gw {
             IpAddr::V4(g) => RouteMessageBuilder::<Ipv4Addr>::new()
                 .gateway(g)
                 .output_interface(oif)
@@ -220,6 +243,12 @@ impl Net {
                 .output_interface(oif)
                 .build(),
         };
+        if let Some(r) = like {
+            m.header.protocol = RouteProtocol::from(r.protocol);
+            if let Some(metric) = r.metric {
+                m.attributes.push(RouteAttribute::Priority(metric));
+            }
+        }
         self.h
             .route()
             .add(m)
@@ -333,12 +362,14 @@ async fn apply(
         (Some(id), None) => {
             undo.vlan_created = Some(target_name.clone());
             let msg = LinkVlan::new(&target_name, parent.index, id).up().build();
-            net.h
-                .link()
-                .add(msg)
-                .execute()
-                .await
-                .map_err(nl(&format!("creating VLAN {id} on {}", plan.interface)))?;
+            net.h.link().add(msg).execute().await.map_err(|e| {
+                format!(
+                    "VLAN {id} on {}: this kernel cannot make VLAN interfaces (no 802.1Q \
+                     support, module 8021q?): {}",
+                    plan.interface,
+                    nl_text(&e)
+                )
+            })?;
             net.link(&target_name)
                 .await?
                 .ok_or_else(|| format!("the VLAN interface {target_name} did not appear"))?
@@ -360,6 +391,34 @@ async fn apply(
     .flatten()
     {
         let v6 = cidr.addr.is_ipv6();
+        // The family's default routes go first, recorded: taking an address away would
+        // take a route through it along silently, and the undo could not bring it back.
+        // A static configuration's default route is the one it names, or none.
+        let names = net.links().await?;
+        let name_of = |i: u32| {
+            names
+                .iter()
+                .find(|l| l.index == i)
+                .map(|l| l.name.clone())
+                .unwrap_or_default()
+        };
+        for (old_gw, oif, msg) in net.defaults(v6).await? {
+            undo.removed_routes.push(SavedRoute {
+                gateway: old_gw,
+                dev: name_of(oif),
+                protocol: u8::from(msg.header.protocol),
+                metric: msg.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Priority(p) => Some(*p),
+                    _ => None,
+                }),
+            });
+            net.h
+                .route()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(nl(&format!("removing the default route via {old_gw}")))?;
+        }
         for (ip, prefix, msg) in net.addrs(target).await? {
             if ip.is_ipv6() == v6 && (ip, prefix) != (cidr.addr, cidr.prefix) {
                 undo.removed_addrs.push((ip, prefix));
@@ -386,25 +445,8 @@ async fn apply(
                 .map_err(nl(&format!("adding {}/{}", cidr.addr, cidr.prefix)))?;
         }
         if let Some(gw) = gw {
-            let names = net.links().await?;
-            let name_of = |i: u32| {
-                names
-                    .iter()
-                    .find(|l| l.index == i)
-                    .map(|l| l.name.clone())
-                    .unwrap_or_default()
-            };
-            for (old_gw, oif, msg) in net.defaults(v6).await? {
-                undo.removed_routes.push((old_gw, name_of(oif)));
-                net.h
-                    .route()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(nl(&format!("removing the default route via {old_gw}")))?;
-            }
             undo.added_routes.push((gw, target_name.clone()));
-            net.add_default(gw, target).await?;
+            net.add_default(gw, target, None).await?;
         }
     }
     Ok(target)
@@ -486,9 +528,9 @@ async fn rollback(net: &Net, undo: &Undo) -> Vec<String> {
             note(net.set_up(p, false).await);
         }
     }
-    for (gw, dev) in &undo.removed_routes {
-        if let Some(i) = index(dev) {
-            note(net.add_default(*gw, i).await);
+    for r in &undo.removed_routes {
+        if let Some(i) = index(&r.dev) {
+            note(net.add_default(r.gateway, i, Some(r)).await);
         }
     }
     errors
@@ -563,7 +605,7 @@ pub async fn change(
             let errs = rollback(&net, &undo).await;
             return Err(refusal(
                 "not-applied",
-                format!("the network change failed ({e}); {}", rolled_back(&errs)),
+                format!("{e}; {}", rolled_back(&errs)),
             ));
         }
     };
