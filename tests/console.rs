@@ -250,15 +250,18 @@ impl Drop for Server {
     }
 }
 
-/// `ferry console` in a detached tmux session of its own (own server socket), 80x24.
+/// `ferry console` in a detached tmux session of its own (own server, its socket in a
+/// temporary directory), 80x24.
 struct Tmux {
     socket: String,
+    _dir: tempfile::TempDir,
     started: Instant,
 }
 
 impl Tmux {
     fn start(server: &Server, ns: Option<&Netns>, idle_lock_secs: u64) -> Tmux {
-        let socket = unique("tmux");
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("tmux").display().to_string();
         let mut cmd = String::new();
         if let Some(ns) = ns {
             cmd.push_str(&format!("ip netns exec {} ", ns.0));
@@ -270,10 +273,11 @@ impl Tmux {
             server.state.join("admin").display()
         ));
         sh(Command::new("tmux")
-            .args(["-u", "-L", &socket, "-f", "/dev/null", "new-session", "-d"])
+            .args(["-u", "-S", &socket, "-f", "/dev/null", "new-session", "-d"])
             .args(["-s", "c", "-x", "80", "-y", "24", &cmd]));
         let t = Tmux {
             socket,
+            _dir: dir,
             started: Instant::now(),
         };
         t.tmux(&["set-option", "-t", "c", "remain-on-exit", "on"]);
@@ -282,7 +286,7 @@ impl Tmux {
 
     fn tmux(&self, args: &[&str]) -> String {
         sh(Command::new("tmux")
-            .args(["-u", "-L", &self.socket])
+            .args(["-u", "-S", &self.socket])
             .args(args))
     }
 
@@ -334,7 +338,7 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = Command::new("tmux")
-            .args(["-L", &self.socket, "kill-server"])
+            .args(["-S", &self.socket, "kill-server"])
             .status();
     }
 }
