@@ -83,7 +83,8 @@ fn kernel_has_vlans() -> bool {
 }
 
 /// The appliance's namespace (`eth-t`, 10.77.0.5/24, default via 10.77.0.1) and the gateway's
-/// (`gw0`: 10.77.0.1/24, and, when the kernel has VLANs, 10.77.100.1/24 on VLAN 100).
+/// (`gw0`: 10.77.0.1/24, and, when the kernel has VLANs, 10.77.100.1/24 on VLAN 100;
+/// 2001:db8:77::1/64 on VLAN 100 when there is one, else on `gw0`).
 struct Lan {
     appliance: Netns,
     _gateway: Netns,
@@ -109,6 +110,7 @@ fn lan() -> Lan {
         &gateway.0,
     ]));
     gateway.ip(&["addr", "add", "10.77.0.1/24", "dev", "gw0"]);
+    let gw_v6_dev = if vlans { "gw0.100" } else { "gw0" };
     gateway.ip(&["link", "set", "gw0", "up"]);
     if vlans {
         gateway.ip(&[
@@ -117,6 +119,14 @@ fn lan() -> Lan {
         gateway.ip(&["addr", "add", "10.77.100.1/24", "dev", "gw0.100"]);
         gateway.ip(&["link", "set", "gw0.100", "up"]);
     }
+    gateway.ip(&[
+        "addr",
+        "add",
+        "2001:db8:77::1/64",
+        "dev",
+        gw_v6_dev,
+        "nodad",
+    ]);
     appliance.ip(&["addr", "add", "10.77.0.5/24", "dev", "eth-t"]);
     appliance.ip(&["link", "set", "eth-t", "up"]);
     appliance.ip(&["route", "add", "default", "via", "10.77.0.1"]);
@@ -420,13 +430,34 @@ fn wizard_configures_the_appliance_vlan_mtu_and_registration() {
         ("eth-t", "10.77.0.2/24", "10.77.0.1")
     };
     let vlan_field = if lan.vlans { "100" } else { "" };
-    t.fill(&["eth-t", "static", addr, gw, "", "", gw, vlan_field, "1400"]);
+    t.fill(&[
+        "eth-t",
+        "static",
+        addr,
+        gw,
+        "2001:db8:77::2/64",
+        "2001:db8:77::1",
+        gw,
+        vlan_field,
+        "1400",
+    ]);
     t.key("Enter");
     let screen = t.wait_for("Keep this network configuration?", 15);
     fits(&screen);
     assert!(
         screen.contains(&format!("gateway {gw} answers")),
         "{screen}"
+    );
+    assert!(
+        screen.contains("gateway 2001:db8:77::1 answers"),
+        "{screen}"
+    );
+    let shown6 = ns.ip(&["-6", "addr", "show", "dev", dev]);
+    assert!(shown6.contains("inet6 2001:db8:77::2/64"), "{shown6}");
+    let route6 = ns.ip(&["-6", "route", "show", "default"]);
+    assert!(
+        route6.starts_with(&format!("default via 2001:db8:77::1 dev {dev} ")),
+        "{route6}"
     );
     if lan.vlans {
         let vlan = ns.ip(&["-d", "link", "show", "eth-t.100"]);

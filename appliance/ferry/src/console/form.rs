@@ -108,3 +108,37 @@ impl Form {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(code: KeyCode) -> KeyEvent {
+        KeyEvent::new(code, KeyModifiers::NONE)
+    }
+
+    #[test]
+    fn typing_moving_and_secrets() {
+        let mut f = Form::new(&[("A", ""), ("B", "")]).secret(1);
+        for c in "ab".chars() {
+            assert!(f.key(k(KeyCode::Char(c))));
+        }
+        f.key(k(KeyCode::Backspace));
+        f.key(k(KeyCode::Down));
+        for c in "pw".chars() {
+            f.key(k(KeyCode::Char(c)));
+        }
+        assert_eq!((f.value(0), f.value(1)), ("a", "pw"));
+        let text: String = f.lines()[1]
+            .spans
+            .iter()
+            .map(|s| s.content.as_ref())
+            .collect();
+        assert!(text.starts_with("> B") && text.contains("**_") && !text.contains("pw"));
+        f.key(KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL));
+        assert_eq!(f.value(1), "");
+        f.key(k(KeyCode::Down));
+        assert_eq!(f.focus, 0, "the focus wraps");
+        assert!(!f.key(k(KeyCode::Enter)), "Enter is the screen's");
+    }
+}
