@@ -269,7 +269,7 @@ struct Tmux {
 }
 
 impl Tmux {
-    fn start(server: &Server, ns: Option<&Netns>, idle_lock_secs: u64) -> Tmux {
+    fn start(server: &Server, ns: Option<&Netns>, idle_lock_secs: u64, args: &str) -> Tmux {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("tmux").display().to_string();
         let mut cmd = String::new();
@@ -277,7 +277,7 @@ impl Tmux {
             cmd.push_str(&format!("ip netns exec {} ", ns.0));
         }
         cmd.push_str(&format!(
-            "{} console --server {} --cert-dir {} --idle-lock-secs {idle_lock_secs}",
+            "{} console --server {} --cert-dir {} --idle-lock-secs {idle_lock_secs} {args}",
             harness::exe().display(),
             server.url,
             server.state.join("admin").display()
@@ -311,7 +311,7 @@ impl Tmux {
             let s = self.screen();
             // A long message wraps over two lines.
             let flat = s.split_whitespace().collect::<Vec<_>>().join(" ");
-            if s.contains(needle) || flat.contains(needle) {
+            if (s.contains(needle) || flat.contains(needle)) && drawn(&s) {
                 return s;
             }
             assert!(
@@ -353,16 +353,20 @@ impl Drop for Tmux {
     }
 }
 
+/// Whether a whole frame is on the screen (a capture can catch one half drawn).
+fn drawn(screen: &str) -> bool {
+    screen.lines().any(|l| {
+        (l.starts_with('└') && l.ends_with('┘')) || (l.starts_with("+-") && l.ends_with("-+"))
+    })
+}
+
 /// The pane is 80x24 and the screen's frame is whole: header, box, message, key line.
 fn fits(screen: &str) {
     let lines: Vec<&str> = screen.lines().collect();
     assert!(lines.len() <= 24, "{} lines:\n{screen}", lines.len());
     assert!(lines.iter().all(|l| l.chars().count() <= 80), "{screen}");
     assert!(lines[0].contains("Ferry appliance console"), "{screen}");
-    assert!(
-        lines.iter().any(|l| l.starts_with('└') && l.ends_with('┘')),
-        "the box is not closed:\n{screen}"
-    );
+    assert!(drawn(screen), "the box is not closed:\n{screen}");
 }
 
 const PASSWORD: &str = "correct-horse-1";
@@ -400,7 +404,7 @@ fn wizard_configures_the_appliance_vlan_mtu_and_registration() {
             "configuration-server",
         ],
     );
-    let t = Tmux::start(&s, Some(ns), 600);
+    let t = Tmux::start(&s, Some(ns), 600, "");
     set_password(&t);
 
     let screen = t.wait_for("Setup 2/4: network", 10);
@@ -541,7 +545,7 @@ fn bad_network_input_is_refused_and_nothing_changes() {
     let lan = lan();
     let ns = &lan.appliance;
     let s = Server::start(dir.path(), Some(ns), &[]);
-    let t = Tmux::start(&s, Some(ns), 600);
+    let t = Tmux::start(&s, Some(ns), 600, "");
     set_password(&t);
     t.wait_for("Setup 2/4: network", 10);
     let before = net_state(ns);
@@ -608,7 +612,7 @@ fn an_unconfirmed_network_change_is_rolled_back() {
     let lan = lan();
     let ns = &lan.appliance;
     let s = Server::start(dir.path(), Some(ns), &["--network-confirm-secs=4".into()]);
-    let t = Tmux::start(&s, Some(ns), 600);
+    let t = Tmux::start(&s, Some(ns), 600, "");
     set_password(&t);
     t.wait_for("Setup 2/4: network", 10);
     let before = net_state(ns);
@@ -660,7 +664,8 @@ fn screens_fit_80x24_and_maintenance_runs_the_configured_commands() {
         )
         .await;
     });
-    let t = Tmux::start(&s, None, 600);
+    // The serial console's frames: + - | instead of line-drawing characters.
+    let t = Tmux::start(&s, None, 600, "--ascii");
     set_password(&t);
     t.wait_for("Setup 2/4: network", 10);
     t.key("Escape");
@@ -675,7 +680,7 @@ fn screens_fit_80x24_and_maintenance_runs_the_configured_commands() {
         "1  Dashboard",
         "5  Diagnostics",
         "6  Maintenance",
-        "7  Lock the console",
+        "8  Lock the console",
     ] {
         assert!(menu.contains(item), "{menu}");
     }
@@ -750,6 +755,27 @@ fn screens_fit_80x24_and_maintenance_runs_the_configured_commands() {
     let actions = s.actions();
     assert!(actions.contains("reboot \n"), "{actions}");
     assert!(actions.contains("update-slot b\n"), "{actions}");
+
+    // A new password: the current one is checked (and counted) first; then the console
+    // locks on request and opens with the new one only.
+    t.key("Escape");
+    t.wait_for("Main menu", 5);
+    t.key("7");
+    fits(&t.wait_for("Current password", 5));
+    t.fill(&["not-the-password", "another-pass-2", "another-pass-2"]);
+    t.key("Enter");
+    t.wait_for("wrong password (1 of 3 attempts", 10);
+    t.fill(&[PASSWORD, "another-pass-2", "another-pass-2"]);
+    t.key("Enter");
+    t.wait_for("Password changed.", 10);
+    t.key("8");
+    t.wait_for("This console is locked.", 5);
+    t.text(PASSWORD);
+    t.key("Enter");
+    t.wait_for("wrong password (1 of 3 attempts", 10);
+    t.text("another-pass-2");
+    t.key("Enter");
+    t.wait_for("Unlocked. 1 wrong password(s) were tried before.", 10);
     drop(site);
 }
 
@@ -761,7 +787,7 @@ fn wrong_passwords_lock_the_console_and_are_audited() {
         None,
         &["--login-attempts=3".into(), "--lockout-secs=6".into()],
     );
-    let t = Tmux::start(&s, None, 2);
+    let t = Tmux::start(&s, None, 2, "");
     set_password(&t);
     // Idle: the console locks itself.
     fits(&t.wait_for("This console is locked.", 10));

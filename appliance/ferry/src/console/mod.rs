@@ -4,6 +4,7 @@
 //! diagnostics and maintenance. It locks after idle time; the password is checked, counted and
 //! audited by the server. Everything fits 80x24 and reads without colour.
 
+mod fields;
 mod form;
 mod views;
 
@@ -11,11 +12,15 @@ use anyhow::Context;
 use clap::Args;
 use crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind};
 use ferry_api::{
-    AddressMode, Dashboard, Diagnostics, LoggedIn, Login, Maintenance, MaintenanceAction,
-    NetworkConfig, NetworkState, PendingNetwork, Registered, Registration, SetPassword, Settings,
-    SetupStatus, SupportBundle, UpdateSlot,
+    Dashboard, Diagnostics, LoggedIn, Login, Maintenance, MaintenanceAction, NetworkState,
+    PendingNetwork, Registered, Registration, SetPassword, Settings, SetupStatus, SupportBundle,
+    UpdateSlot,
 };
 use ferry_config_server::client::{Client, ClientError, Method};
+use fields::{
+    change_password_form, host_form, list, login_form, network_config, network_form, password_form,
+    register_form,
+};
 use form::Form;
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::PathBuf;
@@ -32,6 +37,9 @@ pub struct ConsoleArgs {
     /// Lock the console after this many seconds without a key.
     #[arg(long, default_value_t = 300)]
     idle_lock_secs: u64,
+    /// Draw frames with + - | (serial terminals without line-drawing characters).
+    #[arg(long)]
+    ascii: bool,
 }
 
 /// Where the console is. Wizard screens carry `wizard: true` and move on to the next step.
@@ -63,6 +71,7 @@ enum Screen {
         sel: usize,
         confirm: Option<Form>,
     },
+    ChangePassword(Form),
 }
 
 pub const MENU: &[&str] = &[
@@ -72,6 +81,7 @@ pub const MENU: &[&str] = &[
     "Registration",
     "Diagnostics",
     "Maintenance",
+    "Change the password",
     "Lock the console",
 ];
 
@@ -98,81 +108,7 @@ struct Console {
     /// Set when the console should end (only when stdin is gone).
     quit: bool,
     terminal: Option<ratatui::DefaultTerminal>,
-}
-
-fn network_form(cfg: Option<&NetworkConfig>) -> Form {
-    let f = Form::new(&[
-        ("Interface", "e.g. eth0"),
-        ("Mode", "static/dhcp"),
-        ("IPv4 address", "a.b.c.d/nn"),
-        ("IPv4 gateway", "a.b.c.d"),
-        ("IPv6 address", "optional"),
-        ("IPv6 gateway", "optional"),
-        ("DNS servers", "comma list"),
-        ("VLAN id", "1-4094/empty"),
-        ("MTU", "576-9216/empty"),
-    ])
-    .with(1, "static");
-    match cfg {
-        None => f,
-        Some(c) => f
-            .with(0, c.interface.clone())
-            .with(
-                1,
-                match c.mode {
-                    AddressMode::Dhcp => "dhcp",
-                    AddressMode::Static => "static",
-                },
-            )
-            .with(2, c.ipv4.clone().unwrap_or_default())
-            .with(3, c.gateway4.clone().unwrap_or_default())
-            .with(4, c.ipv6.clone().unwrap_or_default())
-            .with(5, c.gateway6.clone().unwrap_or_default())
-            .with(6, c.dns.join(","))
-            .with(7, c.vlan.map(|v| v.to_string()).unwrap_or_default())
-            .with(8, c.mtu.map(|v| v.to_string()).unwrap_or_default()),
-    }
-}
-
-fn host_form(s: &Settings) -> Form {
-    Form::new(&[
-        ("Host name", "a-z 0-9 -"),
-        ("NTP servers", "comma list"),
-        ("HTTP proxy", "http://h:port"),
-    ])
-    .with(0, s.hostname.clone())
-    .with(1, s.ntp.join(","))
-    .with(2, s.proxy.clone())
-}
-
-fn register_form() -> Form {
-    Form::new(&[
-        ("Provider URL", "https://h:p"),
-        ("Registration key", "ID.SECRET"),
-        ("Provider CA SHA-256", "64 hex"),
-    ])
-}
-
-fn password_form() -> Form {
-    Form::new(&[("New password", "8+ chars"), ("Repeat password", "")])
-        .secret(0)
-        .secret(1)
-}
-
-fn login_form() -> Form {
-    Form::new(&[("Password", "")]).secret(0)
-}
-
-fn list(s: &str) -> Vec<String> {
-    s.split([',', ' '])
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-fn opt(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_string())
+    ascii: bool,
 }
 
 fn describe(e: &ClientError) -> String {
@@ -438,7 +374,7 @@ impl Console {
             Screen::Menu(sel) => match k.code {
                 KeyCode::Up => Screen::Menu((sel + MENU.len() - 1) % MENU.len()),
                 KeyCode::Down | KeyCode::Tab => Screen::Menu((sel + 1) % MENU.len()),
-                KeyCode::Char(c @ '1'..='7') => self.open(c as usize - '1' as usize),
+                KeyCode::Char(c @ '1'..='8') => self.open(c as usize - '1' as usize),
                 KeyCode::Enter => self.open(sel),
                 _ => Screen::Menu(sel),
             },
@@ -470,6 +406,33 @@ impl Console {
                 _ => Screen::Diagnostics(lines),
             },
             Screen::Maintenance { sel, confirm } => self.maintenance_key(k, sel, confirm),
+            Screen::ChangePassword(mut f) => match k.code {
+                KeyCode::Esc => Screen::Menu(6),
+                KeyCode::Enter if f.value(1) != f.value(2) => {
+                    self.message = "The two new passwords differ; type them again.".into();
+                    Screen::ChangePassword(change_password_form())
+                }
+                KeyCode::Enter => {
+                    let body = SetPassword {
+                        password: f.fields[1].value.clone(),
+                        current: Some(f.fields[0].value.clone()),
+                    };
+                    match self.call::<_, ()>(Method::PUT, "/v1/system/password", Some(&body)) {
+                        Ok(()) => {
+                            self.message = "Password changed.".into();
+                            Screen::Menu(6)
+                        }
+                        Err(e) => {
+                            self.message = describe(&e);
+                            Screen::ChangePassword(change_password_form())
+                        }
+                    }
+                }
+                _ => {
+                    f.key(k);
+                    Screen::ChangePassword(f)
+                }
+            },
         };
     }
 
@@ -496,36 +459,7 @@ impl Console {
     }
 
     fn apply_network(&mut self, form: Form, wizard: bool) {
-        let num = |i: usize| -> Result<Option<u32>, String> {
-            match form.value(i) {
-                "" => Ok(None),
-                v => v
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| format!("{}: {v:?} is not a number", form.fields[i].label)),
-            }
-        };
-        let built = (|| {
-            let mode = match form.value(1) {
-                "dhcp" => AddressMode::Dhcp,
-                "static" | "" => AddressMode::Static,
-                m => return Err(format!("Mode: {m:?} is neither static nor dhcp")),
-            };
-            let vlan = num(7)?
-                .map(|v| u16::try_from(v).map_err(|_| format!("VLAN id: {v} is out of range")))
-                .transpose()?;
-            Ok(NetworkConfig {
-                interface: form.value(0).to_string(),
-                mode,
-                ipv4: opt(form.value(2)),
-                gateway4: opt(form.value(3)),
-                ipv6: opt(form.value(4)),
-                gateway6: opt(form.value(5)),
-                dns: list(form.value(6)),
-                vlan,
-                mtu: num(8)?,
-            })
-        })();
+        let built = network_config(&form);
         let cfg = match built {
             Ok(c) => c,
             Err(m) => {
@@ -570,6 +504,7 @@ impl Console {
                 sel: 0,
                 confirm: None,
             },
+            6 => Screen::ChangePassword(change_password_form()),
             _ => {
                 self.message = "Locked. Enter the administrator password.".into();
                 Screen::Login(login_form())
@@ -764,6 +699,7 @@ pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
         refreshed: Instant::now(),
         quit: false,
         terminal: None,
+        ascii: a.ascii,
     };
     c.terminal = Some(ratatui::try_init().context("setting up the terminal")?);
     c.start();

@@ -5,6 +5,7 @@ use super::{Console, Screen, MAINTENANCE, MENU};
 use ferry_api::{Dashboard, Diagnostics};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
+use ratatui::symbols::border;
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Wrap};
 use ratatui::Frame;
@@ -211,7 +212,7 @@ fn body(c: &Console) -> (String, Vec<Line<'static>>, &'static str) {
                     }
                 })
                 .collect();
-            ("Main menu".into(), l, "Up/Down or 1-7: choose  Enter: open")
+            ("Main menu".into(), l, "Up/Down or 1-8: choose  Enter: open")
         }
         Screen::Dashboard(d) => (
             "Dashboard".into(),
@@ -222,6 +223,11 @@ fn body(c: &Console) -> (String, Vec<Line<'static>>, &'static str) {
             "Diagnostics".into(),
             plain(lines.clone()),
             "c: check again  l: logs  b: support bundle  Esc: back",
+        ),
+        Screen::ChangePassword(f) => (
+            "Change the password".into(),
+            f.lines(),
+            "Up/Down: field  Enter: change  Esc: back",
         ),
         Screen::Maintenance { sel, confirm } => {
             let mut l: Vec<Line<'static>> = MAINTENANCE
@@ -268,10 +274,20 @@ pub fn draw(f: &mut Frame, c: &Console) {
             .style(Style::default().add_modifier(Modifier::REVERSED)),
         head,
     );
-    f.render_widget(
-        Paragraph::new(lines).block(Block::bordered().title(format!(" {title} "))),
-        main,
-    );
+    let mut block = Block::bordered().title(format!(" {title} "));
+    if c.ascii {
+        block = block.border_set(border::Set {
+            top_left: "+",
+            top_right: "+",
+            bottom_left: "+",
+            bottom_right: "+",
+            vertical_left: "|",
+            vertical_right: "|",
+            horizontal_top: "-",
+            horizontal_bottom: "-",
+        });
+    }
+    f.render_widget(Paragraph::new(lines).block(block), main);
     f.render_widget(
         Paragraph::new(c.message.clone()).wrap(Wrap { trim: true }),
         msg,
