@@ -170,6 +170,8 @@ impl Server {
     fn start(dir: &Path, ns: Option<&Netns>, extra: &[String]) -> Server {
         let state = dir.join("state");
         let actions = dir.join("actions");
+        // A restarted server writes its new address here.
+        let _ = std::fs::remove_file(state.join("listening"));
         let log = std::fs::File::create(dir.join("server.log")).unwrap();
         let mut cmd = match ns {
             Some(ns) => {
@@ -636,6 +638,61 @@ fn an_unconfirmed_network_change_is_rolled_back() {
     assert_eq!(net_state(ns), before);
     let route = ns.ip(&["route", "show", "default"]);
     assert!(route.contains("default via 10.77.0.1 dev eth-t"), "{route}");
+}
+
+#[test]
+fn a_change_pending_when_the_server_dies_is_rolled_back_when_it_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let lan = lan();
+    let ns = &lan.appliance;
+    let before = net_state(ns);
+    let confirm = ["--network-confirm-secs=3".to_string()];
+    let s = Server::start(dir.path(), Some(ns), &confirm);
+    let body = dir.path().join("network.json");
+    std::fs::write(
+        &body,
+        json!({"interface": "eth-t", "mode": "static", "ipv4": "10.77.0.9/24",
+               "gateway4": "10.77.0.1", "mtu": 1400})
+        .to_string(),
+    )
+    .unwrap();
+    let path = body.display().to_string();
+    let pending = s.ctl(
+        Some(ns),
+        &["call", "PUT", "/v1/system/network", "--file", &path],
+    );
+    assert_eq!(pending["confirm_secs"], 3, "{pending}");
+    let changed = net_state(ns);
+    assert!(
+        changed.contains("10.77.0.9/24") && changed.contains("mtu 1400"),
+        "{changed}"
+    );
+    // SIGKILL, and the deadline passes while nothing runs.
+    drop(s);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        net_state(ns),
+        changed,
+        "nothing runs while the server is down"
+    );
+    let s = Server::start(dir.path(), Some(ns), &confirm);
+    let start = Instant::now();
+    while net_state(ns) != before {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not rolled back after the restart: {}",
+            net_state(ns)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let state = s.ctl(Some(ns), &["call", "GET", "/v1/system/network"]);
+    assert!(state["pending"].is_null(), "{state}");
+    assert!(
+        state["last_rollback"]
+            .as_str()
+            .is_some_and(|m| m.contains("not confirmed within 3 s")),
+        "{state}"
+    );
 }
 
 #[test]
