@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// The dashboard refreshes every few seconds and waits for its answer: its reachability check
+/// is shorter than a diagnostic's.
+const GLANCE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub async fn dashboard(
     State(app): State<Shared>,
@@ -53,7 +56,7 @@ pub async fn dashboard(
         })
     });
     let recovery_site = match &app.system.config.recovery_site {
-        Some(t) => Some(reach("recovery site", t).await),
+        Some(t) => Some(reach("recovery site", t, GLANCE_TIMEOUT).await),
         None => None,
     };
     let settings: Settings = get(&app, keys::SETTINGS)?.unwrap_or_default();
@@ -66,16 +69,13 @@ pub async fn dashboard(
     }))
 }
 
-/// A TCP connection within [`CHECK_TIMEOUT`].
-async fn reach(name: &str, target: &str) -> Check {
-    let r = tokio::time::timeout(CHECK_TIMEOUT, tokio::net::TcpStream::connect(target)).await;
+/// A TCP connection within `within`.
+async fn reach(name: &str, target: &str, within: Duration) -> Check {
+    let r = tokio::time::timeout(within, tokio::net::TcpStream::connect(target)).await;
     let (ok, detail) = match r {
         Ok(Ok(_)) => (true, "reachable (TCP connection made)".to_string()),
         Ok(Err(e)) => (false, format!("unreachable: {e}")),
-        Err(_) => (
-            false,
-            format!("no answer within {} s", CHECK_TIMEOUT.as_secs()),
-        ),
+        Err(_) => (false, format!("no answer within {} s", within.as_secs())),
     };
     Check {
         name: format!("{name} reachable"),
@@ -219,7 +219,7 @@ pub async fn diagnostics(
     let mut checks = Vec::new();
     match &app.system.config.recovery_site {
         Some(t) => {
-            checks.push(reach("recovery site", t).await);
+            checks.push(reach("recovery site", t, CHECK_TIMEOUT).await);
             checks.push(tls("recovery site", t, None).await);
         }
         None => checks.push(Check {
@@ -238,7 +238,7 @@ pub async fn diagnostics(
             let ca = std::fs::read_to_string(app.state_dir.join("provider/ca-cert.pem"))
                 .ok()
                 .and_then(|pem| ca_pem_sha256(&pem));
-            checks.push(reach("provider", target).await);
+            checks.push(reach("provider", target, CHECK_TIMEOUT).await);
             checks.push(tls("provider", target, ca.as_deref()).await);
         }
         None => checks.push(Check {
