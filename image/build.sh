@@ -89,8 +89,9 @@ else
 fi
 systemctl --root="$root" enable systemd-networkd.service systemd-resolved.service nftables.service \
   ferry-storage.service ferry-provision.service ferry-process-server.service \
-  ferry-master-target.service ferry-health.service ferry-hw-tune.service
-# No login prompts until the console unit (issue 6) takes tty1 and the serial line.
+  ferry-master-target.service ferry-health.service ferry-hw-tune.service \
+  ferry-console.service ferry-console-serial.service
+# No login prompts: ferry-console.service and ferry-console-serial.service hold tty1 and ttyS0.
 systemctl --root="$root" mask getty@.service serial-getty@.service console-getty.service
 ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 # Empty machine-id: systemd makes a transient one on the read-only root at each boot.

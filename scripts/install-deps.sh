@@ -10,6 +10,8 @@ have qemu-io || need+=(qemu-utils)
 have cc || need+=(gcc libc6-dev)
 have ip || need+=(iproute2)
 have python3 || need+=(python3)
+# The console tests drive `ferry console` in tmux and change networks inside namespaces.
+have tmux || need+=(tmux)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

@@ -465,6 +465,15 @@ fn example_body(method: &Method, path: &str) -> Value {
         "disks" | "d0" => json!({"name": "d0", "size_bytes": 4096}),
         "plans" | "dr" => json!({"name": "dr", "groups": []}),
         "report" => json!({"state": "seeding", "rpo_seconds": null}),
+        // The appliance's own routes, with bodies that change nothing on this machine: no such
+        // interface, no hooks configured, no provider listening.
+        "password" | "login" => json!({"password": "example-password"}),
+        "network" => json!({"interface": "ferry-none0", "mode": "static", "ipv4": "192.0.2.10/24"}),
+        "settings" => json!({"hostname": "example"}),
+        "registration" => json!({"provider": "https://127.0.0.1:1", "key": "00.11",
+                                 "ca_sha256": "00".repeat(32)}),
+        "maintenance" => json!({"action": "reboot"}),
+        "update-slot" => json!({"slot": "a"}),
         other => panic!("no example body for {other} ({path})"),
     }
 }

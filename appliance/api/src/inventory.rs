@@ -162,6 +162,9 @@ pub struct Disk {
     /// The last reported recovery point objective (age of the newest recovery point), if known.
     #[serde(default)]
     pub rpo_seconds: Option<f64>,
+    /// The last reported replication throughput (bytes per second), if known.
+    #[serde(default)]
+    pub throughput_bytes_per_sec: Option<f64>,
 }
 
 impl Object for Disk {
@@ -189,15 +192,21 @@ pub struct DiskReport {
     pub state: DiskState,
     /// Age of the newest recovery point, in seconds; none while there is none.
     pub rpo_seconds: Option<f64>,
+    /// Bytes per second replicated lately.
+    #[serde(default)]
+    pub throughput_bytes_per_sec: Option<f64>,
 }
 
 impl DiskReport {
     pub fn validate(&self) -> Result<(), Invalid> {
-        match self.rpo_seconds {
-            Some(r) if !r.is_finite() || r < 0.0 => {
-                Err(Invalid::new("rpo_seconds", "must be a finite number >= 0"))
+        for (field, v) in [
+            ("rpo_seconds", self.rpo_seconds),
+            ("throughput_bytes_per_sec", self.throughput_bytes_per_sec),
+        ] {
+            if matches!(v, Some(r) if !r.is_finite() || r < 0.0) {
+                return Err(Invalid::new(field, "must be a finite number >= 0"));
             }
-            _ => Ok(()),
         }
+        Ok(())
     }
 }

@@ -1,5 +1,5 @@
 //! The configuration server's API model: every request and response body, shared by the server,
-//! the `ferry ctl` client and (later) the console, so that all of them speak one typed language.
+//! the `ferry ctl` client and the console, so that all of them speak one typed language.
 //!
 //! This crate does no I/O. It also holds the validation rules ([`Object::validate`],
 //! [`validate::name`]) and the permission rules ([`Principal::may`]) so that every front end
@@ -15,6 +15,7 @@ pub mod plan;
 pub mod policy;
 pub mod records;
 pub mod security;
+pub mod system;
 pub mod validate;
 
 pub use inventory::*;
@@ -22,6 +23,12 @@ pub use plan::*;
 pub use policy::*;
 pub use records::*;
 pub use security::*;
+pub use system::{
+    ActionDone, AddressMode, CacheUse, Check, Cidr, Dashboard, Diagnostics, DiskStatus, LoggedIn,
+    Login, Logs, Maintenance, MaintenanceAction, NetworkConfig, NetworkPlan, NetworkState,
+    PendingNetwork, Registered, Registration, SetPassword, Settings, SetupStatus, SupportBundle,
+    UpdateSlot,
+};
 pub use validate::Invalid;
 
 use schemars::JsonSchema;

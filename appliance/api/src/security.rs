@@ -63,6 +63,8 @@ pub enum Action {
     Enroll(Role),
     /// Report what an appliance observes (disk state, RPO).
     Report,
+    /// Manage the appliance itself: its network, password, maintenance (the local console).
+    System,
 }
 
 /// Why a principal may not do something, in words for the operator.
@@ -106,6 +108,10 @@ impl Principal {
             Action::Report => (
                 self.appliance.is_some() || self.role == Role::ProviderAdmin,
                 "report disk state (appliances only)",
+            ),
+            Action::System => (
+                self.role == Role::ProviderAdmin && self.appliance.is_none(),
+                "manage the appliance itself (network, maintenance)",
             ),
             // Nobody hands out more than they hold; a tenant's admin enrolls only inside it.
             Action::Enroll(r) => (

@@ -20,6 +20,10 @@ pub struct App {
     /// One writer at a time: a change checks references and then writes, and the check must
     /// still hold when the write lands. A control plane's write rate makes this cheap.
     pub write: tokio::sync::Mutex<()>,
+    /// The appliance itself: hooks, login lockout, the network lock.
+    pub system: crate::system::SystemState,
+    /// The state directory (the provider identity and support bundles go below it).
+    pub state_dir: std::path::PathBuf,
 }
 
 pub type Shared = Arc<App>;
@@ -148,6 +152,22 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
         tracing::info!(%method, %path, status = status.as_u16(), "audited");
     }
     resp
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC), for logs and screens.
+pub fn format_time(unix: u64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix).unwrap_or(0)) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => unix.to_string(),
+    }
 }
 
 /// The tenant a path touches: `/v1/tenants/{tenant}/...`.

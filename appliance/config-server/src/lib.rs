@@ -7,15 +7,18 @@
 //!
 //! Rooms: [`store`] (sled), [`ca`] (issuing), [`app`] (the authentication and audit gate),
 //! [`objects`] (CRUD for every kind), [`enroll`], [`reports`] (audit, events, metrics),
-//! [`report`] (what appliances observe),
+//! [`report`] (what appliances observe), [`system`], [`network`] and [`diagnose`] (the
+//! appliance itself, for the local console),
 //! [`routes`] (the table) and [`openapi`] (the document made from it), [`serve`] (TLS and
 //! HTTP), [`client`] (for the CLI and tests).
 
 pub mod app;
 pub mod ca;
 pub mod client;
+pub mod diagnose;
 pub mod enroll;
 pub mod error;
+pub mod network;
 pub mod objects;
 pub mod openapi;
 pub mod report;
@@ -23,5 +26,6 @@ pub mod reports;
 pub mod routes;
 pub mod serve;
 pub mod store;
+pub mod system;
 
 pub use serve::{Config, Server, ServerError};

@@ -141,6 +141,7 @@ impl Stored for Disk {
     fn keep_server_fields(&mut self, old: &Self) {
         self.state = old.state;
         self.rpo_seconds = old.rpo_seconds;
+        self.throughput_bytes_per_sec = old.throughput_bytes_per_sec;
     }
 }
 

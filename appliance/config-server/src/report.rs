@@ -42,6 +42,7 @@ pub async fn disk(
     let (was, is) = (over(d.rpo_seconds), over(r.rpo_seconds));
     d.state = r.state;
     d.rpo_seconds = r.rpo_seconds;
+    d.throughput_bytes_per_sec = r.throughput_bytes_per_sec;
     app.store.put(trees::DISKS, &key, &d)?;
     if was != is {
         let t = threshold.unwrap_or_default();

@@ -5,15 +5,17 @@
 use crate::app::{gate, Caller, Shared, ENROLL_PATH};
 use crate::error::ApiError;
 use crate::objects::{self, Stored};
-use crate::{enroll, openapi, report, reports};
+use crate::{diagnose, enroll, network, openapi, report, reports, system};
 use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler;
 use axum::http::{Method, StatusCode};
 use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use ferry_api::{
-    Appliance, AuditEntry, CreateToken, Disk, DiskReport, EnrollRequest, Enrolled, Event, Health,
-    Machine, Plan, Policy, Principal, Site, Tenant, TokenCreated,
+    ActionDone, Appliance, AuditEntry, CreateToken, Dashboard, Diagnostics, Disk, DiskReport,
+    EnrollRequest, Enrolled, Event, Health, LoggedIn, Login, Logs, Machine, Maintenance,
+    NetworkConfig, NetworkState, PendingNetwork, Plan, Policy, Principal, Registered, Registration,
+    SetPassword, Settings, SetupStatus, Site, SupportBundle, Tenant, TokenCreated, UpdateSlot,
 };
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
@@ -167,6 +169,172 @@ fn crud<T: Stored>(api: Api, coll: &str) -> Api {
     )
 }
 
+/// The appliance itself, for the local console (docs/api.md, "The appliance").
+fn system_routes(api: Api) -> Api {
+    let who = "provider-admin persons (the local console's identity)";
+    let op =
+        |m: Method, path: &str, summary: &str| Op::new(m, path, summary).who(who).errors(&[403]);
+    api.add(
+        op(
+            Method::GET,
+            "/v1/system/setup",
+            "What the first-boot wizard has done",
+        )
+        .answers::<SetupStatus>(),
+        system::setup,
+    )
+    .add(
+        op(
+            Method::POST,
+            "/v1/system/setup/done",
+            "Mark the first-boot wizard done",
+        )
+        .ok(204),
+        system::wizard_done,
+    )
+    .add(
+        op(
+            Method::PUT,
+            "/v1/system/password",
+            "Set or change the administrator password",
+        )
+        .body::<SetPassword>()
+        .ok(204)
+        .errors(&[409, 429]),
+        system::set_password,
+    )
+    .add(
+        op(
+            Method::POST,
+            "/v1/system/login",
+            "Check the administrator password (counted; locks)",
+        )
+        .body::<Login>()
+        .answers::<LoggedIn>()
+        .errors(&[409, 429]),
+        system::login,
+    )
+    .add(
+        op(
+            Method::GET,
+            "/v1/system/network",
+            "The network: confirmed, pending, last rollback",
+        )
+        .answers::<NetworkState>(),
+        network::state,
+    )
+    .add(
+        op(
+            Method::PUT,
+            "/v1/system/network",
+            "Apply a network change (rolled back unless confirmed)",
+        )
+        .body::<NetworkConfig>()
+        .answers::<PendingNetwork>()
+        .errors(&[409]),
+        network::change,
+    )
+    .add(
+        op(
+            Method::POST,
+            "/v1/system/network/confirm",
+            "Keep the pending network change",
+        )
+        .answers::<NetworkState>()
+        .errors(&[409]),
+        network::confirm,
+    )
+    .add(
+        op(
+            Method::POST,
+            "/v1/system/network/revert",
+            "Roll the pending network change back now",
+        )
+        .answers::<NetworkState>()
+        .errors(&[409]),
+        network::revert,
+    )
+    .add(
+        op(
+            Method::PUT,
+            "/v1/system/settings",
+            "Host name, time servers, HTTP proxy",
+        )
+        .body::<Settings>()
+        .answers::<Settings>(),
+        system::put_settings,
+    )
+    .add(
+        op(
+            Method::POST,
+            "/v1/system/registration",
+            "Register with the provider using a key",
+        )
+        .body::<Registration>()
+        .answers::<Registered>()
+        .errors(&[502]),
+        system::register,
+    )
+    .add(
+        op(
+            Method::POST,
+            "/v1/system/maintenance",
+            "Restart services, reboot, shut down, factory reset",
+        )
+        .body::<Maintenance>()
+        .answers::<ActionDone>()
+        .errors(&[501]),
+        system::maintenance,
+    )
+    .add(
+        op(
+            Method::PUT,
+            "/v1/system/update-slot",
+            "Choose the update slot for the next boot",
+        )
+        .body::<UpdateSlot>()
+        .answers::<ActionDone>()
+        .errors(&[501]),
+        system::update_slot,
+    )
+    .add(
+        op(
+            Method::GET,
+            "/v1/system/dashboard",
+            "Disks, cache, alerts, recovery site",
+        )
+        .answers::<Dashboard>(),
+        diagnose::dashboard,
+    )
+    .add(
+        op(
+            Method::POST,
+            "/v1/system/diagnostics",
+            "Reachability and TLS checks",
+        )
+        .answers::<Diagnostics>(),
+        diagnose::diagnostics,
+    )
+    .add(
+        op(
+            Method::GET,
+            "/v1/system/logs",
+            "Recent log lines (secrets removed)",
+        )
+        .answers::<Logs>(),
+        diagnose::logs,
+    )
+    .add(
+        op(
+            Method::POST,
+            "/v1/system/support-bundle",
+            "Write a support bundle (secrets removed)",
+        )
+        .answers::<SupportBundle>(),
+        diagnose::support_bundle,
+    )
+}
+
 /// Every route of the server, with its middleware: the gate (authentication and audit) and
 /// the body limit.
 pub fn router(app: Shared) -> Router {
@@ -262,6 +430,7 @@ pub fn router(app: Shared) -> Router {
         .errors(&[403, 404]),
         report::disk,
     );
+    api = system_routes(api);
 
     let doc_op = Op::new(Method::GET, "/openapi.json", "This document");
     api.ops.push(doc_op);

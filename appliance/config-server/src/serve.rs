@@ -43,6 +43,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Extra names or addresses for the server certificate (at creation only).
     pub server_names: Vec<String>,
+    /// The appliance's own settings: hooks, timeouts, the cache and recovery site.
+    pub system: crate::system::SystemConfig,
 }
 
 /// Concurrent connections; more are closed at once rather than queued without bound.
@@ -79,7 +81,11 @@ impl Server {
             store,
             ca,
             write: tokio::sync::Mutex::new(()),
+            system: crate::system::SystemState::new(cfg.system.clone()),
+            state_dir: cfg.state.clone(),
         });
+        // A network change left pending by a stopped server still rolls back on time.
+        crate::network::resume(&app).await;
         Ok(Server {
             listener,
             app,

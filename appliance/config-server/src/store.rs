@@ -39,6 +39,8 @@ pub mod trees {
     pub const CERTS: &str = "certs";
     pub const AUDIT: &str = "audit";
     pub const EVENTS: &str = "events";
+    /// The appliance itself (password hash, network, settings): see `crate::system::keys`.
+    pub const SYSTEM: &str = "system";
 }
 
 /// Entries kept per log (audit, events): about 60 MB of audit at ~300 bytes an entry.

@@ -23,15 +23,68 @@ pub struct ServerArgs {
     /// Extra DNS names or addresses for the server certificate (used when the CA is created).
     #[arg(long = "name")]
     names: Vec<String>,
+    /// Seconds to confirm a network change before it is rolled back.
+    #[arg(long, default_value_t = 60)]
+    network_confirm_secs: u64,
+    /// Wrong console passwords in a row before the console locks.
+    #[arg(long, default_value_t = 3)]
+    login_attempts: u32,
+    /// How long the console stays locked after too many wrong passwords.
+    #[arg(long, default_value_t = 300)]
+    lockout_secs: u64,
+    /// The command for an appliance action, NAME=COMMAND (run with sh -c; arguments in FERRY_*
+    /// variables): restart-services, reboot, shutdown, factory-reset, update-slot, hostname,
+    /// ntp, proxy, dns, dhcp, logs.
+    #[arg(long = "hook", value_name = "NAME=COMMAND")]
+    hooks: Vec<String>,
+    /// The cache device's mount point (the dashboard shows its use).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// The recovery site's replication endpoint, HOST:PORT (dashboard and diagnostics).
+    #[arg(long)]
+    recovery_site: Option<String>,
 }
+
+const HOOKS: &[&str] = &[
+    "restart-services",
+    "reboot",
+    "shutdown",
+    "factory-reset",
+    "update-slot",
+    "hostname",
+    "ntp",
+    "proxy",
+    "dns",
+    "dhcp",
+    "logs",
+];
 
 pub fn server(a: ServerArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
+    let mut hooks = std::collections::BTreeMap::new();
+    for h in &a.hooks {
+        let (name, cmd) = h
+            .split_once('=')
+            .with_context(|| format!("--hook {h:?}: expected NAME=COMMAND"))?;
+        if !HOOKS.contains(&name) {
+            bail!("--hook {name}: not an action (one of {})", HOOKS.join(", "));
+        }
+        hooks.insert(name.to_string(), cmd.to_string());
+    }
+    let system = ferry_config_server::system::SystemConfig {
+        network_confirm_secs: a.network_confirm_secs,
+        login_attempts: a.login_attempts.max(1),
+        lockout_secs: a.lockout_secs,
+        hooks,
+        cache_dir: a.cache_dir.clone(),
+        recovery_site: a.recovery_site.clone(),
+    };
     rt.block_on(async {
         let cfg = ferry_config_server::Config {
             state: a.state.clone(),
             listen: a.listen,
             server_names: a.names,
+            system,
         };
         let s = ferry_config_server::Server::bind(&cfg)
             .await

@@ -2,6 +2,7 @@
 //! arguments, sets up logging, and reports errors with context.
 
 mod app_point;
+mod console;
 mod control;
 mod demo;
 mod hw;
@@ -66,6 +67,9 @@ enum Cmd {
     ConfigServer(control::ServerArgs),
     /// Talk to the configuration server's API.
     Ctl(control::CtlArgs),
+    /// The local text console (tty1, serial): first-boot wizard, dashboard, diagnostics,
+    /// maintenance; talks only to the configuration server's API.
+    Console(console::ConsoleArgs),
     /// Run the demo: protect a disk, replicate it, recover it, prove it matches.
     Demo(demo::DemoArgs),
     /// Apply or verify a signed appliance update; make and sign bundles (provider side).
@@ -323,6 +327,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::ConfigServer(a) => control::server(a),
         Cmd::Ctl(a) => control::ctl(a),
+        Cmd::Console(a) => console::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Update(a) => update::run(a),
         Cmd::Keygen { out } => {
