@@ -190,6 +190,16 @@ pub enum JournalError {
     Trimmed { after_seq: u64, first_seq: u64 },
     #[error("cannot trim up to seq {seq}: only up to {durable_seq} is durable")]
     TrimBeyondDurable { seq: u64, durable_seq: u64 },
+    #[error(
+        "shrinking a protected disk is refused: the journal in {dir} was written for a disk of \
+         {written} bytes, configured {configured} bytes (a disk only grows; after `ferry grow` \
+         give the new size)"
+    )]
+    Shrunk {
+        dir: PathBuf,
+        written: u64,
+        configured: u64,
+    },
     #[error("invalid journal configuration: {0}")]
     InvalidConfig(String),
     #[error("journal failed earlier and refuses further writes: {0}")]
