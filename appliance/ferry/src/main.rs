@@ -162,6 +162,19 @@ enum Cmd {
         #[arg(long)]
         disk: String,
     },
+    /// Grow a continuously protected disk whose host is known: the process server ends the
+    /// host's mirror, resizes the disk's node on the host (block_resize), grows its journal and
+    /// export, starts the mirror again and resyncs by checksums what changed meanwhile; later
+    /// recovery points have the new size, older ones keep theirs. A disk never shrinks.
+    Grow {
+        #[arg(long, default_value = "/var/cache/ferry")]
+        cache: PathBuf,
+        #[arg(long)]
+        disk: String,
+        /// The new size in bytes (K, M, G, T suffixes); a multiple of 512, larger than now.
+        #[arg(long)]
+        size: String,
+    },
     /// Show each protected disk's replication state at this process server.
     Status {
         #[arg(long, default_value = "/var/cache/ferry")]
@@ -494,6 +507,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("resync of {disk} requested; it starts at the next cut (watch: ferry status --watch)");
             Ok(())
         }
+        Cmd::Grow { cache, disk, size } => {
+            let size = ferry::parse_size(&size)?;
+            let dir = cache.join(&disk);
+            let st = ferry_process_server::status::read(&dir.join("status.json"))
+                .with_context(|| format!("no protected disk {disk} under {}", cache.display()))?;
+            if st.periodic {
+                bail!(
+                    "disk {disk} is protected periodically: resize it on its host (block_resize) and                      its next recovery point has the new size by itself"
+                );
+            }
+            if !st.host_access {
+                bail!(
+                    "disk {disk} is protected continuously without its host: growing it ends and restarts                      the host's mirror; give the host to the process server as                      --disk {disk}=SIZE,qmp=SOCKET,node=NODE,nbd=SOCKET"
+                );
+            }
+            if size < st.disk_size {
+                bail!(
+                    "shrinking a protected disk is refused: disk {disk} is {} bytes, asked for {size}",
+                    st.disk_size
+                );
+            }
+            if size == st.disk_size {
+                bail!("disk {disk} is {size} bytes already");
+            }
+            if size % 512 != 0 {
+                bail!("the new size of disk {disk} must be a multiple of 512 bytes, not {size}");
+            }
+            ferry_process_server::grow::write_request(&dir, size)
+                .with_context(|| format!("writing the request into {}", dir.display()))?;
+            println!(
+                "growth of {disk} from {} to {size} bytes requested; the process server does it between                  two checkpoints (watch: ferry status). Restart the process server with --disk {disk}={size} from now on.",
+                st.disk_size
+            );
+            Ok(())
+        }
         Cmd::Status { cache, json, watch } => loop {
             let st = ferry_process_server::read_statuses(&cache)?;
             if json {
@@ -531,6 +579,13 @@ fn print_status(st: &[ferry_process_server::DiskStatus], redraw: bool) -> anyhow
         );
         if let Some(p) = &s.progress {
             println!("  {}", p.bar(30));
+        }
+        if let Some(e) = s
+            .grow_error
+            .as_ref()
+            .filter(|e| s.last_error.as_ref() != Some(*e))
+        {
+            println!("  grow: {e}");
         }
     }
     Ok(())

@@ -11,7 +11,9 @@
 //! while the disk's mirror is not ready; the rate is measured from what this thread saw, so a
 //! process server started in the middle of a copy does not claim the whole copy as its rate.
 //! The job is the mirror named after the disk's node, or else the host's only mirror job. Other
-//! operations' progress (a resync) is never overwritten.
+//! operations' progress (a resync) is never overwritten. The thread connects for each question
+//! and leaves at once: a QMP socket serves one client at a time, and a resync or a growth of the
+//! disk needs the same socket for long stretches.
 
 use crate::status::{now_unix_ns, Progress};
 use crate::Disk;
@@ -26,6 +28,8 @@ pub const OPERATION: &str = "first copy";
 /// A mirror job as the host reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MirrorJob {
+    /// The job's id (`device` in `query-block-jobs`).
+    pub id: String,
     pub offset: u64,
     pub len: u64,
     pub ready: bool,
@@ -47,6 +51,7 @@ pub fn find_mirror(jobs: &Value, node: &str) -> Option<MirrorJob> {
             None
         })?;
     Some(MirrorJob {
+        id: job["device"].as_str()?.to_string(),
         offset: job["offset"].as_u64()?,
         len: job["len"].as_u64()?,
         ready: job["ready"].as_bool().unwrap_or(false),
@@ -61,24 +66,17 @@ pub fn spawn(disk: Arc<Disk>) {
     std::thread::Builder::new()
         .name(format!("first-copy-{}", disk.name))
         .spawn(move || {
-            let mut qmp: Option<Qmp> = None;
             // (offset, unix ns) when this thread first saw the copy under way.
             let mut start: Option<(u64, u64)> = None;
             loop {
-                if qmp.is_none() {
-                    qmp = Qmp::connect(&host.qmp, Duration::from_secs(5)).ok();
-                }
-                let job = match qmp
-                    .as_mut()
-                    .map(|q| q.execute("query-block-jobs", json!({})))
-                {
-                    Some(Ok(jobs)) => find_mirror(&jobs, &host.node),
-                    Some(Err(e)) => {
+                let jobs = Qmp::connect(&host.qmp, Duration::from_secs(5))
+                    .and_then(|mut q| q.execute("query-block-jobs", json!({})));
+                let job = match jobs {
+                    Ok(jobs) => find_mirror(&jobs, &host.node),
+                    Err(e) => {
                         tracing::debug!(disk = %disk.name, error = %e, "host QMP");
-                        qmp = None;
                         None
                     }
-                    None => None,
                 };
                 publish(&disk, job.as_ref(), &mut start);
                 std::thread::sleep(Duration::from_secs(1));
@@ -135,6 +133,7 @@ mod tests {
         assert_eq!(
             find_mirror(&one, "disk0"),
             Some(MirrorJob {
+                id: "ferry-mirror".into(),
                 offset: 5,
                 len: 10,
                 ready: false
@@ -148,6 +147,7 @@ mod tests {
         assert_eq!(
             find_mirror(&two, "disk0"),
             Some(MirrorJob {
+                id: "disk0".into(),
                 offset: 3,
                 len: 10,
                 ready: true

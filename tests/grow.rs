@@ -1,0 +1,176 @@
+//! Growing a continuously protected disk with `ferry grow`: the process server ends the host's
+//! mirror, resizes the disk on its host, grows its journal and export, restarts the mirror and
+//! resyncs by checksums what changed meanwhile. Later recovery points have the new size and equal
+//! the guest's disk; older ones keep their size and content; a shrink is refused, by `ferry grow`
+//! and by a process server restarted with a smaller size.
+
+mod support;
+
+use ferry_process_server::DiskStatus;
+use serde_json::json;
+use std::time::{Duration, Instant};
+use support::*;
+
+const MIB: u64 = 1 << 20;
+
+fn ferry_grow(site: &Site, size: u64) -> std::process::Output {
+    std::process::Command::new(exe())
+        .args([
+            "grow",
+            "--disk",
+            &site.disk,
+            "--size",
+            &size.to_string(),
+            "--cache",
+        ])
+        .arg(&site.lab.cache)
+        .output()
+        .unwrap()
+}
+
+fn wait_status(site: &Site, what: &str, ok: impl Fn(&DiskStatus) -> bool) -> DiskStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(st) = site.lab.status(&site.disk) {
+            if ok(&st) {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(site.lab.dir.join("process-server.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!("{what}: {st:?}\n{}", tail.join("\n"));
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}: no status");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The recovery point `seq`'s disk size at the recovery site.
+fn point_size(site: &Site, seq: u64) -> u64 {
+    let repo = site.lab.repository().unwrap();
+    let p = repo.points(&site.disk).unwrap();
+    p.iter().find(|p| p.meta.seq == seq).unwrap().meta.disk_size
+}
+
+#[test]
+fn a_continuous_disk_grows_by_ferry_grow_and_never_shrinks() {
+    let (size, grown) = (32 * MIB, 48 * MIB);
+    // Each MiB its own byte, so a block sent is a block that differed.
+    let prefill: Vec<String> = (0..size / MIB)
+        .map(|i| format!("write -P {} {i}M 1M", 1 + i))
+        .collect();
+    let prefill: Vec<&str> = prefill.iter().map(String::as_str).collect();
+    let mut site = Site::start("grow-c", size, &prefill, |lab| {
+        lab.host_access = true;
+        lab.interval_ms = 100;
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let writer = TaggedWriter::start(&rt, &site.guest_sock, size, 0x6a0f_0001, 8);
+    std::thread::sleep(Duration::from_millis(700));
+    writer.finish(&rt);
+    let old_seq = site.caught_up();
+    let old_image = site.guest_image();
+    assert_eq!(site.point_image(old_seq), old_image);
+
+    // A shrink is refused at once, with both sizes, and changes nothing.
+    let out = ferry_grow(&site, 16 * MIB);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("shrinking a protected disk is refused")
+            && err.contains(&size.to_string())
+            && err.contains(&(16 * MIB).to_string()),
+        "{err}"
+    );
+    assert!(!site
+        .lab
+        .cache
+        .join(&site.disk)
+        .join(ferry_process_server::grow::REQUEST)
+        .exists());
+    site.qemu_io(&["write -P 0x5c 3M 64k".into()]);
+    let seq = site.caught_up();
+    assert_eq!(point_size(&site, seq), size);
+    site.assert_point_equals_guest(seq);
+    let before = site.lab.status(&site.disk).unwrap();
+    assert_eq!((before.disk_size, before.grows), (size, 0), "{before:?}");
+
+    // QEMU's NBD export (the guest here) does not share the resize permission a VM's device
+    // shares: it steps aside around the growth and comes back on the new mirror's filter.
+    let qmp = &mut site.qsd.as_mut().unwrap().qmp;
+    qmp.execute("block-export-del", json!({"id": "guest"}))
+        .unwrap();
+    qmp.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(10))
+        .unwrap();
+    let out = ferry_grow(&site, grown);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = wait_status(&site, "the growth and its resync", |s| {
+        s.grows == 1 && s.resyncs == before.resyncs + 1 && s.disk_size == grown
+    });
+    assert!(st.last_error.is_none(), "{st:?}");
+    let growth_bytes = st.last_cut_bytes;
+    let qsd = site.qsd.as_mut().unwrap();
+    assert_eq!(qsd.mirror_status().unwrap(), "ready");
+    assert_eq!(
+        ferry_qemu::fleece::node_size(&mut qsd.qmp, "disk0").unwrap(),
+        grown
+    );
+    qsd.export(ferry_qemu::MIRROR_FILTER, "guest", &site.guest_sock)
+        .unwrap();
+    site.size = grown;
+
+    // The guest writes across the old end and into the new area, through the new mirror.
+    site.qemu_io(&[
+        "write -P 0xa1 40M 1M".into(),
+        format!("write -P 0xa2 {} 128k", size - 64 * 1024),
+        format!("write -P 0xa3 {} 64k", grown - 64 * 1024),
+    ]);
+    let writer = TaggedWriter::start(&rt, &site.guest_sock, grown, 0x6a0f_0002, 8);
+    std::thread::sleep(Duration::from_millis(700));
+    writer.finish(&rt);
+    let last = site.caught_up();
+    assert_eq!(point_size(&site, last), grown);
+    site.assert_point_equals_guest(last);
+    // The older points keep their size and their content.
+    assert_eq!(point_size(&site, old_seq), size);
+    assert_eq!(site.point_image(old_seq), old_image);
+
+    // Little crossed for the growth: no block differed (the mirror's gap saw no writes), the new
+    // 16 MiB are holes; plus 32 bytes of name per block.
+    assert_eq!(st.last_cut_hash_bytes, 32 * (grown / 65536), "{st:?}");
+    assert!(
+        growth_bytes < 64 * 1024,
+        "the growth sent {growth_bytes} bytes"
+    );
+
+    // A process server restarted with the old size refuses to start, saying why; with the
+    // new size it replicates on.
+    site.lab.kill_process();
+    site.lab.disks = vec![(site.disk.clone(), size)];
+    assert!(site.lab.start_process().is_err());
+    let log = std::fs::read_to_string(site.lab.dir.join("process-server.log")).unwrap();
+    assert!(
+        log.contains("shrinking a protected disk is refused")
+            && log.contains(&grown.to_string())
+            && log.contains(&size.to_string()),
+        "{log}"
+    );
+    site.lab.kill_process();
+    site.lab.disks = vec![(site.disk.clone(), grown)];
+    site.lab.start_process().unwrap();
+    site.qemu_io(&[format!("write -P 0xa4 {} 4k", grown - 4096)]);
+    let after = site.caught_up();
+    site.assert_point_equals_guest(after);
+    let v = site.lab.ferry(&["verify"]).unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    eprintln!(
+        "growth from {size} to {grown} bytes: {} blocks, {growth_bytes} bytes of blocks, {} bytes of names",
+        st.last_cut_blocks, st.last_cut_hash_bytes
+    );
+}
