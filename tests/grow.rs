@@ -67,9 +67,7 @@ fn a_continuous_disk_grows_by_ferry_grow_and_never_shrinks() {
         lab.interval_ms = 100;
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let writer = TaggedWriter::start(&rt, &site.guest_sock, size, 0x6a0f_0001, 8);
-    std::thread::sleep(Duration::from_millis(700));
-    writer.finish(&rt);
+    site.qemu_io(&["write -P 0x3c 5M 3M".into(), "write -P 0x3d 20M 64k".into()]);
     let old_seq = site.caught_up();
     let old_image = site.guest_image();
     assert_eq!(site.point_image(old_seq), old_image);
@@ -97,6 +95,51 @@ fn a_continuous_disk_grows_by_ferry_grow_and_never_shrinks() {
     let before = site.lab.status(&site.disk).unwrap();
     assert_eq!((before.disk_size, before.grows), (size, 0), "{before:?}");
 
+    // A growth that fails after the mirror ended: the guest's export still sits on the disk and
+    // QEMU refuses the resize. The guest writes all along, also while no mirror runs; the
+    // mirror comes back at the old size, the failure is reported, and a resync sends what the
+    // guest wrote meanwhile, so the next point is still a prefix of the guest's writes.
+    let base = site.guest_image();
+    let writer = TaggedWriter::start_paced(
+        &rt,
+        &site.guest_sock,
+        size,
+        0x6a0f_0003,
+        8,
+        Duration::from_millis(2),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ferry_grow(&site, grown);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = wait_status(&site, "the failed growth and its resync", |s| {
+        s.grow_error.is_some() && s.resyncs == before.resyncs + 1
+    });
+    let said = failed.grow_error.clone().unwrap();
+    assert!(
+        said.contains("failed") && said.contains("mirror was restarted at 33554432 bytes"),
+        "{said}"
+    );
+    assert_eq!((failed.disk_size, failed.grows), (size, 0), "{failed:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (log, _) = writer.finish(&rt);
+    assert_eq!(site.qsd.as_mut().unwrap().mirror_status().unwrap(), "ready");
+    let seq = site.caught_up();
+    assert_eq!(point_size(&site, seq), size);
+    let n = check_prefix(&site.point_image(seq), &base, &log).unwrap();
+    assert_eq!(n as usize, log.len());
+    site.assert_point_equals_guest(seq);
+    eprintln!(
+        "failed growth: {} writes by the guest meanwhile; its resync sent {} blocks, {} bytes",
+        log.len(),
+        failed.last_cut_blocks,
+        failed.last_cut_bytes
+    );
+    let before = site.lab.status(&site.disk).unwrap();
+
     // QEMU's NBD export (the guest here) does not share the resize permission a VM's device
     // shares: it steps aside around the growth and comes back on the new mirror's filter.
     let qmp = &mut site.qsd.as_mut().unwrap().qmp;
@@ -113,7 +156,7 @@ fn a_continuous_disk_grows_by_ferry_grow_and_never_shrinks() {
     let st = wait_status(&site, "the growth and its resync", |s| {
         s.grows == 1 && s.resyncs == before.resyncs + 1 && s.disk_size == grown
     });
-    assert!(st.last_error.is_none(), "{st:?}");
+    assert!(st.last_error.is_none() && st.grow_error.is_none(), "{st:?}");
     let growth_bytes = st.last_cut_bytes;
     let qsd = site.qsd.as_mut().unwrap();
     assert_eq!(qsd.mirror_status().unwrap(), "ready");

@@ -531,7 +531,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if size == st.disk_size {
                 bail!("disk {disk} is {size} bytes already");
             }
-            if size % 512 != 0 {
+            if !size.is_multiple_of(512) {
                 bail!("the new size of disk {disk} must be a multiple of 512 bytes, not {size}");
             }
             ferry_process_server::grow::write_request(&dir, size)

@@ -162,7 +162,7 @@ fn stop_mirror(disk: &Disk, size: u64, setup_path: &Path) -> anyhow::Result<(Qmp
     if size < now {
         bail!("shrinking a protected disk is refused: it is {now} bytes, asked for {size}");
     }
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         bail!("{size} bytes is not a multiple of 512");
     }
     let mut qmp = Qmp::connect(&host.qmp, Duration::from_secs(10))
