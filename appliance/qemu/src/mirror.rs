@@ -187,12 +187,15 @@ fn unflatten(m: &Map<String, Value>) -> Map<String, Value> {
 
 /// The status of job `id` (`None` once it is gone).
 fn job_status(qmp: &mut crate::Qmp, id: &str) -> Result<Option<String>> {
+    Ok(job(qmp, id)?.and_then(|j| j["status"].as_str().map(str::to_string)))
+}
+
+fn job(qmp: &mut crate::Qmp, id: &str) -> Result<Option<Value>> {
     let jobs = qmp.execute("query-jobs", json!({}))?;
     Ok(jobs
         .as_array()
         .and_then(|a| a.iter().find(|j| j["id"] == id))
-        .and_then(|j| j["status"].as_str())
-        .map(str::to_string))
+        .cloned())
 }
 
 /// End mirror job `id`: cancel it (a ready mirror's target is then consistent), finalize it
@@ -237,12 +240,20 @@ pub fn restart(qmp: &mut crate::Qmp, s: &MirrorSetup, timeout: Duration) -> Resu
     loop {
         match job_status(qmp, &s.job_id)?.as_deref() {
             Some("ready") => return Ok(()),
-            Some("running" | "created") => {}
+            Some("running" | "created" | "aborting") => {}
             other => {
+                // A job that failed waits to be dismissed: it goes, so that a retry finds no
+                // mirror rather than a dead one.
+                let why = job(qmp, &s.job_id)?
+                    .and_then(|j| j["error"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                if other == Some("concluded") {
+                    let _ = qmp.execute("job-dismiss", json!({"id": s.job_id}));
+                }
                 return Err(QemuError::Protocol(format!(
-                    "mirror job {} is {other:?} instead of ready",
+                    "mirror job {} is {other:?} instead of ready: {why}",
                     s.job_id
-                )))
+                )));
             }
         }
         if Instant::now() > deadline {
