@@ -23,7 +23,7 @@
 //! | 4 | 2 | version = 1 |
 //! | 6 | 2 | header length = 32 |
 //! | 8 | 8 | seq of the first record in this segment (= number in the file name) |
-//! | 16 | 8 | disk size in bytes |
+//! | 16 | 8 | disk size in bytes at creation (at most the configured size: disks only grow) |
 //! | 24 | 4 | reserved, 0 |
 //! | 28 | 4 | crc32c of bytes 0..28 |
 //!
