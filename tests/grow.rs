@@ -217,3 +217,70 @@ fn a_continuous_disk_grows_by_ferry_grow_and_never_shrinks() {
         st.last_cut_blocks, st.last_cut_hash_bytes
     );
 }
+
+/// `ferry grow` refuses at once, saying why and what to do, a periodic disk (it follows its host
+/// by itself), a continuous disk without its host, a size that is not larger, and an unaligned
+/// one; nothing is requested.
+#[test]
+fn ferry_grow_refuses_what_it_cannot_do_at_once() {
+    let cache = tempfile::tempdir().unwrap();
+    let grow = |disk: &str, size: &str| {
+        std::process::Command::new(exe())
+            .args(["grow", "--disk", disk, "--size", size, "--cache"])
+            .arg(cache.path())
+            .output()
+            .unwrap()
+    };
+    let status = |disk: &str, f: &dyn Fn(&mut DiskStatus)| {
+        let dir = cache.path().join(disk);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = DiskStatus {
+            disk: disk.into(),
+            disk_size: 32 * MIB,
+            ..Default::default()
+        };
+        f(&mut s);
+        ferry_process_server::status::write(&dir.join("status.json"), &s).unwrap();
+    };
+    status("per", &|s| s.periodic = true);
+    status("nohost", &|_| {});
+    status("host", &|s| s.host_access = true);
+    for (disk, size, says) in [
+        ("per", "64M", "resize it on its host"),
+        (
+            "nohost",
+            "64M",
+            "--disk nohost=SIZE,qmp=SOCKET,node=NODE,nbd=SOCKET",
+        ),
+        ("host", "16M", "shrinking a protected disk is refused"),
+        ("host", "32M", "already"),
+        ("host", "33554433", "multiple of 512"),
+        ("absent", "64M", "no protected disk absent"),
+    ] {
+        let out = grow(disk, size);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{disk} {size}: {err}"
+        );
+        assert!(!cache
+            .path()
+            .join(disk)
+            .join(ferry_process_server::grow::REQUEST)
+            .exists());
+    }
+    let out = grow("host", "64M");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let req = cache
+        .path()
+        .join("host")
+        .join(ferry_process_server::grow::REQUEST);
+    assert_eq!(
+        ferry_process_server::grow::read_request(&req),
+        Some(64 * MIB)
+    );
+}
