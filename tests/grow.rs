@@ -284,3 +284,65 @@ fn ferry_grow_refuses_what_it_cannot_do_at_once() {
         Some(64 * MIB)
     );
 }
+
+/// A process server killed in the middle of a growth, after it ended the mirror (its setup
+/// saved), is restarted with the new size: it finds no mirror, starts it again from the saved
+/// setup at the new size, and its resync sends what the guest wrote while no mirror ran.
+#[test]
+fn an_interrupted_growth_is_finished_after_a_restart() {
+    let (size, grown) = (16 * MIB, 24 * MIB);
+    let mut site = Site::start("grow-i", size, &["write -P 0x11 0 16M"], |lab| {
+        lab.host_access = true;
+        lab.interval_ms = 100;
+        // QEMU's description of a plain NBD node is its URI (`nbd://HOST:PORT/EXPORT`).
+        lab.nbd_tls = false;
+    });
+    site.qemu_io(&["write -P 0x12 1M 64k".into()]);
+    site.caught_up();
+    // Where the killed growth got to: the setup saved, the mirror ended (while the process
+    // server ran: a mirror whose target is gone waits for it to come back), the request still
+    // there.
+    let dir = site.lab.cache.join(&site.disk);
+    let qmp = &mut site.qsd.as_mut().unwrap().qmp;
+    let setup = ferry_qemu::mirror::setup(qmp, ferry_qemu::MIRROR_JOB).unwrap();
+    assert_eq!(setup.target_options["server"]["type"], "inet");
+    std::fs::write(
+        dir.join(ferry_process_server::grow::SETUP),
+        serde_json::to_vec(&setup).unwrap(),
+    )
+    .unwrap();
+    ferry_qemu::mirror::cancel(qmp, ferry_qemu::MIRROR_JOB, Duration::from_secs(20)).unwrap();
+    site.lab.kill_process();
+    ferry_process_server::grow::write_request(&dir, grown).unwrap();
+    // The guest writes while no mirror runs (its export now sits on the disk itself), then its
+    // export steps aside for the resize.
+    site.qemu_io(&[
+        "write -P 0x13 2M 128k".into(),
+        "write -P 0x14 15M 1M".into(),
+    ]);
+    let qmp = &mut site.qsd.as_mut().unwrap().qmp;
+    qmp.execute("block-export-del", json!({"id": "guest"}))
+        .unwrap();
+    qmp.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(10))
+        .unwrap();
+
+    site.lab.disks = vec![(site.disk.clone(), grown)];
+    site.lab.start_process().unwrap();
+    let st = wait_status(&site, "the finished growth and its resync", |s| {
+        s.grows == 1 && s.resyncs == 1 && s.disk_size == grown
+    });
+    assert!(st.grow_error.is_none(), "{st:?}");
+    assert!(!dir.join(ferry_process_server::grow::SETUP).exists());
+    let qsd = site.qsd.as_mut().unwrap();
+    assert_eq!(qsd.mirror_status().unwrap(), "ready");
+    qsd.export(ferry_qemu::MIRROR_FILTER, "guest", &site.guest_sock)
+        .unwrap();
+    site.qemu_io(&[format!("write -P 0x15 {} 64k", grown - 64 * 1024)]);
+    let last = site.caught_up();
+    assert_eq!(point_size(&site, last), grown);
+    site.assert_point_equals_guest(last);
+    eprintln!(
+        "interrupted growth finished: its resync sent {} blocks, {} bytes",
+        st.last_cut_blocks, st.last_cut_bytes
+    );
+}
