@@ -237,7 +237,8 @@ struct ProcessServerArgs {
     #[arg(long, default_value = "0.0.0.0:10809")]
     nbd_listen: SocketAddr,
     /// A continuously protected disk (QEMU mirrors to our NBD export) as NAME=SIZE; SIZE must
-    /// equal the source disk's size. With `,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET`
+    /// equal the source disk's size (after `ferry grow`, the new size: a size smaller than the
+    /// disk's journal was written for is refused, a larger one is taken as a growth). With `,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET`
     /// the process server can read the disk on its host and resynchronizes it by checksums when
     /// its journal overflowed or was lost, or on `ferry resync`. Repeatable.
     #[arg(long = "disk", required_unless_present = "periodic")]
