@@ -18,6 +18,7 @@
 #
 # Each can run alone: cargo run --release -p ferry-bench --bin pipeline|ingest|rpo
 # Knobs (environment): FERRY_BENCH_IMAGE_MIB, FERRY_BENCH_MIN_SECS (pipeline);
+# FERRY_BENCH_CACHE_IO=auto|direct|buffered (the journal's writes, ingest and rpo);
 # FERRY_BENCH_SECS, FERRY_BENCH_SEQ_MIB (ingest); FERRY_BENCH_RPO_SECS, FERRY_BENCH_RPO_MBPS,
 # FERRY_BENCH_INTERVAL_MS (rpo); FERRY_BENCH_TMP (scratch parent, default: a fresh directory
 # under /tmp that this script removes).

@@ -93,6 +93,7 @@ grep -a 'ferry-storage:\|ferry-provision:' "$work/healthy.log" | tr -d '\r' || t
 case $line in *FERRY-HEALTHY*) ;; *) tail -n 80 "$work/healthy.log"; echo "FAIL: not healthy"; exit 1 ;; esac
 # The hardware profiles were applied at boot (ferry-hw-tune.service ran and stayed active).
 case $line in *hw-tune=active*) ;; *) tail -n 80 "$work/healthy.log"; echo "FAIL: ferry-hw-tune.service is not active"; exit 1 ;; esac
+case $line in *journald=yes*) ;; *) tail -n 80 "$work/healthy.log"; echo "FAIL: the roles' logs are not structured journal entries"; exit 1 ;; esac
 printf '== boot-to-healthy: %.0f s (QEMU start to FERRY-HEALTHY on the serial console, TCG)\n' \
   "$(echo "$healthy_at - $boot_start" | bc -l 2>/dev/null || python3 -c "print($healthy_at - $boot_start)")"
 # Through the forwarded ports and the appliance's nftables policy, from the host.

@@ -406,3 +406,88 @@ fn application_points(site: &Site) -> Vec<u64> {
         .map(|p| p["meta"]["seq"].as_u64().unwrap())
         .collect()
 }
+
+/// Whether `dir`'s filesystem accepts O_DIRECT (tmpfs does not).
+fn o_direct_supported(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = dir.join("o-direct-probe");
+    let ok = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(0o40000) // O_DIRECT on x86_64
+        .open(&p)
+        .is_ok();
+    let _ = std::fs::remove_file(&p);
+    ok
+}
+
+/// The journal segments a process opened with O_DIRECT, as its open file flags say.
+fn direct_segments(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        let t = target.display().to_string();
+        if !t.contains("/journal/seg-") {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(0);
+        if flags & 0o40000 != 0 {
+            out.push(t);
+        }
+    }
+    out
+}
+
+/// With `--cache-io direct` the journal's segments are written with O_DIRECT (the process
+/// server's open file flags show it), unaligned guest writes still become matching points, and
+/// a SIGKILLed process server recovers segments that end in a direct writer's padding.
+#[test]
+fn a_journal_written_with_o_direct_replicates_and_recovers_after_a_kill() {
+    let mut site = Site::start("direct", 32 * MIB, &["write -P 0x11 0 8M"], |lab| {
+        lab.process_args = vec!["--cache-io".into(), "direct".into()];
+    });
+    site.qemu_io(&[
+        "write -P 0x33 12345 77777".into(),
+        "write -P 0x44 65535 3".into(),
+        "write -P 0x55 1M 3M".into(),
+    ]);
+    let seq = site.caught_up();
+    site.assert_point_equals_guest(seq);
+    let st = site.lab.status(&site.disk).unwrap();
+    if o_direct_supported(&site.lab.cache) {
+        assert!(st.journal_direct_io, "{st:?}");
+        let pid = site.lab.process_pid().unwrap();
+        assert!(
+            !direct_segments(pid).is_empty(),
+            "no journal segment is open with O_DIRECT"
+        );
+    } else {
+        eprintln!("this filesystem has no O_DIRECT: the journal fell back to buffered writes");
+        assert!(!st.journal_direct_io, "{st:?}");
+    }
+    // Writes the process server acknowledged, then SIGKILL: it recovers its padded segments.
+    site.qemu_io(&[
+        "write -P 0x66 7777 5000".into(),
+        "write -P 0x77 20M 1M".into(),
+    ]);
+    site.lab.kill_process();
+    site.lab.start_process().unwrap();
+    site.qemu_io(&["write -P 0x88 30M 4097".into()]);
+    let seq = site.caught_up();
+    site.assert_point_equals_guest(seq);
+}

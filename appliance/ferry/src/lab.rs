@@ -153,6 +153,11 @@ impl Lab {
         wait_port(self.nbd_port, Duration::from_secs(20))
     }
 
+    /// The running process server's process id.
+    pub fn process_pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+
     /// SIGKILL the master target (no chance to clean up).
     pub fn kill_master(&mut self) {
         kill(&mut self.master);

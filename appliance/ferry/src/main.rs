@@ -264,6 +264,11 @@ struct ProcessServerArgs {
     /// Journal capacity per disk in bytes (K/M/G suffixes allowed).
     #[arg(long, default_value = "1G")]
     journal_capacity: String,
+    /// How the journal writes to the cache: `direct` (O_DIRECT, aligned), `buffered` (page
+    /// cache), or `auto`: what the hardware profile of the disk holding --cache advises
+    /// (`ferry hw probe` shows it; NVMe and virtual disks: direct).
+    #[arg(long, value_enum, default_value_t = CacheIo::Auto)]
+    cache_io: CacheIo,
     /// Block size of the recovery repository's block map.
     #[arg(long, default_value_t = ferry_chunk::DEFAULT_BLOCK_SIZE)]
     block_size: u32,
@@ -283,12 +288,7 @@ struct ProcessServerArgs {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("ferry: {e:#}");
@@ -592,6 +592,75 @@ fn print_status(st: &[ferry_process_server::DiskStatus], redraw: bool) -> anyhow
     Ok(())
 }
 
+/// Structured logs: to journald (every event's fields as journal fields, `TARGET`, `CODE_FILE`,
+/// `PRIORITY`) when the process runs under systemd with its stderr connected to the journal
+/// (`JOURNAL_STREAM` names stderr's device and inode), else formatted lines on stderr. `FERRY_LOG`
+/// filters (default `info`).
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let journal = stderr_is_journal()
+        .then(|| tracing_journald::layer().ok())
+        .flatten();
+    let registry = tracing_subscriber::registry().with(filter);
+    match journal {
+        Some(j) => registry.with(j).init(),
+        None => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+    }
+}
+
+/// systemd's test: `JOURNAL_STREAM=DEV:INODE` equals stderr's.
+fn stderr_is_journal() -> bool {
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned();
+    match stderr.map(std::fs::File::from).and_then(|f| f.metadata()) {
+        Ok(m) => dev.parse() == Ok(m.dev()) && ino.parse() == Ok(m.ino()),
+        Err(_) => false,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CacheIo {
+    Auto,
+    Direct,
+    Buffered,
+}
+
+/// Whether the journal writes with O_DIRECT; `auto` asks the cache disk's hardware profile.
+fn cache_direct_io(mode: CacheIo, cache: &std::path::Path) -> bool {
+    match mode {
+        CacheIo::Direct => true,
+        CacheIo::Buffered => false,
+        CacheIo::Auto => {
+            let advice = ferry_hardware::Profiles::builtin()
+                .ok()
+                .and_then(|p| ferry_hardware::probe::cache_direct_io(cache, &p));
+            match advice {
+                Some((disk, direct)) => {
+                    tracing::info!(%disk, direct, "cache I/O as the disk's hardware profile advises");
+                    direct
+                }
+                None => {
+                    tracing::info!(cache = %cache.display(),
+                        "cache I/O: the cache's disk has no profile here; writing through the page cache");
+                    false
+                }
+            }
+        }
+    }
+}
+
 fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
     let mut disks = Vec::new();
     for d in &a.disks {
@@ -612,6 +681,7 @@ fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--master {:?} must be HOST:PORT", a.master))?;
     let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
         .with_context(|| format!("{host:?} is not a valid host name"))?;
+    let journal_direct_io = cache_direct_io(a.cache_io, &a.cache);
     let cfg = ferry_process_server::Config {
         cache_dir: a.cache,
         nbd_listen: a.nbd_listen,
@@ -624,6 +694,7 @@ fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
         periodic,
         block_size: a.block_size,
         journal_capacity: parse_size(&a.journal_capacity)?,
+        journal_direct_io,
         link: ferry_process_server::Link {
             addr: a.master.clone(),
             server_name,

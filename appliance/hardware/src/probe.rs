@@ -283,6 +283,21 @@ fn disk(host: &Host, profiles: &Profiles, name: &str) -> Disk {
     }
 }
 
+/// The profile's advice for a cache directory on the live machine: the disk holding it, and
+/// whether its profile says the cache should use O_DIRECT (see `hardware/profiles/disks.toml`).
+/// None when the directory's disk cannot be told (a tmpfs, an overlay, a device-mapper stack).
+pub fn cache_direct_io(dir: &std::path::Path, profiles: &Profiles) -> Option<(String, bool)> {
+    let host = Host::new(std::path::Path::new("/"));
+    // A cache directory not created yet will live on its nearest existing ancestor's disk.
+    let existing = dir.ancestors().find(|d| d.exists())?;
+    let name = crate::tune::disk_of_dir(&host, existing)?;
+    if !host.exists(&format!("sys/block/{name}")) {
+        return None;
+    }
+    let d = disk(&host, profiles, &name);
+    Some((name, d.direct_io && d.profile_matched))
+}
+
 /// What tells a disk from another that later takes its kernel name: a world-wide name or serial
 /// number where the device has one (NVMe namespace `wwid`, SCSI `device/wwid`, virtio-blk
 /// `serial`, NVMe controller `device/serial`), else its model and size. None when the disk is

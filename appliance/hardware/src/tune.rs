@@ -439,7 +439,7 @@ fn plan_tcp(host: &Host, profiles: &Profiles, opts: &Options, plan: &mut Plan) {
 }
 
 /// The whole-disk name holding `dir` (live machine only).
-fn disk_of_dir(host: &Host, dir: &Path) -> Option<String> {
+pub(crate) fn disk_of_dir(host: &Host, dir: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(dir).ok()?.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));

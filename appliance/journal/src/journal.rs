@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::bitmap::{DirtyBitmap, PersistState};
@@ -54,6 +54,8 @@ struct Mem {
 }
 
 struct Io {
+    /// The direct writer of the current segment (direct I/O only).
+    tail: Option<crate::direct::Tail>,
     cur_seg: u64,
     cur: Option<(Arc<File>, PathBuf)>,
     unsynced: bool,
@@ -73,6 +75,8 @@ pub(crate) struct Shared {
     persist: Mutex<u64>,
     fdatasyncs: AtomicU64,
     sync_calls: AtomicU64,
+    /// Segments are written with O_DIRECT (asked for, and the filesystem supports it).
+    direct: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,6 +165,7 @@ impl Shared {
             }),
             cv: Condvar::new(),
             io: Mutex::new(Io {
+                tail: None,
                 cur_seg: 0,
                 cur: None,
                 unsynced: false,
@@ -169,6 +174,7 @@ impl Shared {
             persist: Mutex::new(0),
             fdatasyncs: AtomicU64::new(0),
             sync_calls: AtomicU64::new(0),
+            direct: AtomicBool::new(cfg.direct_io),
             dir_file,
             disk_size: AtomicU64::new(cfg.disk_size),
             cfg,
@@ -524,6 +530,7 @@ impl Shared {
             state: Self::state_of(&m),
             fdatasyncs: self.fdatasyncs.load(Ordering::Relaxed),
             sync_calls: self.sync_calls.load(Ordering::Relaxed),
+            direct_io: self.direct.load(Ordering::Relaxed),
         }
     }
 

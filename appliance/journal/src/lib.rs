@@ -64,6 +64,7 @@
 #![forbid(unsafe_code)]
 
 mod bitmap;
+mod direct;
 mod format;
 mod handle;
 mod journal;
@@ -87,6 +88,9 @@ pub struct JournalConfig {
     pub segment_bytes: u64,
     /// Dirty bitmap granularity in bytes (default 64 KiB).
     pub bitmap_granularity: u64,
+    /// Write segments with O_DIRECT and aligned I/O (see `direct.rs`); falls back to buffered
+    /// writes on a filesystem without O_DIRECT. Default off: the hardware profile decides.
+    pub direct_io: bool,
 }
 
 impl JournalConfig {
@@ -97,6 +101,7 @@ impl JournalConfig {
             capacity_bytes: 1 << 30,
             segment_bytes: 64 << 20,
             bitmap_granularity: 64 << 10,
+            direct_io: false,
         }
     }
 }
@@ -157,6 +162,8 @@ pub struct Stats {
     pub fdatasyncs: u64,
     /// Number of `sync` calls since open.
     pub sync_calls: u64,
+    /// Segments are written with O_DIRECT (asked for and supported by the filesystem).
+    pub direct_io: bool,
 }
 
 /// Journal errors.

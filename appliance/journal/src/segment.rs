@@ -146,6 +146,7 @@ fn scan(bytes: &[u8], first_seq: u64, disk_size: u64) -> Scan {
                 s.bad = Some((pos as u64, "record out of sequence"));
                 break;
             }
+            Err(_) if is_padding(&bytes[pos..]) => break,
             Err(reason) => {
                 s.bad = Some((pos as u64, reason));
                 break;
@@ -154,6 +155,12 @@ fn scan(bytes: &[u8], first_seq: u64, disk_size: u64) -> Scan {
     }
     s.valid_end = pos as u64;
     s
+}
+
+/// The zeros a direct writer leaves after a segment's last record (fewer than one aligned
+/// block; see `direct.rs`): the end of the segment, not a torn record.
+fn is_padding(rest: &[u8]) -> bool {
+    rest.len() < crate::direct::ALIGN && rest.iter().all(|&b| b == 0)
 }
 
 /// True if a well-formed record with seq > `min_seq` starts anywhere at or after `from`.

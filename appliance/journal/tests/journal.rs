@@ -7,11 +7,22 @@ use ferry_journal::{Appended, Journal, JournalError, JournalState, Op, OwnedOp};
 
 #[test]
 fn round_trip_writes_zeroes_trims() {
+    round_trip(false);
+}
+
+#[test]
+fn round_trip_with_direct_io_and_switching_modes_across_restarts() {
+    round_trip(true);
+}
+
+fn round_trip(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
     let disk = 64 * MIB;
     let mut c = cfg(dir.path(), disk);
     c.segment_bytes = 64 << 10; // many segments
+    c.direct_io = direct;
     let j = Journal::open(c.clone()).unwrap();
+    assert_eq!(j.stats().direct_io, direct);
     let mut r = Rng(7);
     let model: Vec<OwnedOp> = (0..400).map(|_| random_op(&mut r, disk, 20_000)).collect();
     for (i, op) in model.iter().enumerate() {
@@ -24,6 +35,8 @@ fn round_trip_writes_zeroes_trims() {
     assert!(j.read_durable(0, usize::MAX).unwrap().is_empty());
     assert_eq!(j.stats().durable_seq, 0);
     assert_eq!(j.sync().unwrap(), 400);
+    // Still direct after writing: this filesystem (the test's temp dir) has O_DIRECT.
+    assert_eq!(j.stats().direct_io, direct);
     // Paged reads with a byte budget.
     let mut pos = 0;
     let mut got = Vec::new();
@@ -62,13 +75,38 @@ fn round_trip_writes_zeroes_trims() {
     assert_eq!(st.state, JournalState::Replicating);
     drop(j);
 
-    let j = Journal::open(c).unwrap();
+    // Reopened in the other mode (a hardware profile changed its advice): everything reads
+    // back, and appending continues the same segment.
+    c.direct_io = !direct;
+    let j = Journal::open(c.clone()).unwrap();
     let again = read_all(&j, 0, 1 << 20);
     assert_eq!(again.len(), 400);
     assert!(again.iter().zip(&model).all(|(r, m)| &r.op == m));
     assert_eq!(
         j.append(Op::Zero { offset: 0, len: 1 }).unwrap(),
         Appended::Journaled(401)
+    );
+    let w = pattern(5, 5000);
+    assert_eq!(
+        j.append(Op::Write {
+            offset: 4096,
+            data: &w
+        })
+        .unwrap(),
+        Appended::Journaled(402)
+    );
+    j.sync().unwrap();
+    drop(j);
+    c.direct_io = direct;
+    let j = Journal::open(c).unwrap();
+    let again = read_all(&j, 0, 1 << 20);
+    assert_eq!(again.len(), 402);
+    assert_eq!(
+        again[401].op,
+        OwnedOp::Write {
+            offset: 4096,
+            data: w
+        }
     );
 }
 

@@ -7,8 +7,9 @@
 //! mirror job reports `offset` of `len` until it is `ready`.
 //!
 //! How: for a disk whose host is known (`--disk NAME=SIZE,qmp=,node=,nbd=`), a thread asks the
-//! host's QMP `query-block-jobs` every second and publishes `progress` (operation `first copy`)
-//! while the disk's mirror is not ready; the rate is measured from what this thread saw, so a
+//! host's QMP `query-block-jobs` every second (a short connection each time: the socket serves
+//! one client at a time) and publishes `progress` (operation `first copy`) while the disk's
+//! mirror is not ready; the rate is measured from what this thread saw, so a
 //! process server started in the middle of a copy does not claim the whole copy as its rate.
 //! The job is the mirror named after the disk's node, or else the host's only mirror job. Other
 //! operations' progress (a resync) is never overwritten. The thread connects for each question
@@ -58,7 +59,12 @@ pub fn find_mirror(jobs: &Value, node: &str) -> Option<MirrorJob> {
     })
 }
 
-/// Watch the disk's mirror for as long as the process runs.
+/// Watch the disk's mirror until its first copy is done.
+///
+/// A host's QMP socket serves one client at a time (a resync, a periodic cut, the hypervisor's
+/// own management need it too), so each look is a short connection, and the watch ends once the
+/// copy is done: when the mirror is seen ready, or when there is no copy under way and the disk
+/// has a recovery point already (a process server restarted after its disk was protected).
 pub fn spawn(disk: Arc<Disk>) {
     let Some(host) = disk.host.clone() else {
         return;
@@ -79,6 +85,13 @@ pub fn spawn(disk: Arc<Disk>) {
                     }
                 };
                 publish(&disk, job.as_ref(), &mut start);
+                let done = match &job {
+                    Some(j) => j.ready,
+                    None => disk.status().acked_seq > 0,
+                };
+                if done {
+                    return;
+                }
                 std::thread::sleep(Duration::from_secs(1));
             }
         })

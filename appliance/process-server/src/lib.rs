@@ -139,6 +139,7 @@ impl Disk {
         s.journal_durable_seq = st.durable_seq;
         s.journal_used_bytes = st.used_bytes;
         s.journal_capacity_bytes = st.capacity_bytes;
+        s.journal_direct_io = st.direct_io;
         s.disk_size = self.journal.disk_size();
         match st.state {
             JournalState::ResyncRequired { dirty_bytes } => {
@@ -171,6 +172,8 @@ pub struct Config {
     pub periodic: Vec<periodic::PeriodicSpec>,
     pub block_size: u32,
     pub journal_capacity: u64,
+    /// Write journal segments with O_DIRECT (the cache device's hardware profile decides).
+    pub journal_direct_io: bool,
     pub link: Link,
     pub tuning: Tuning,
     pub key: ferry_chunk::TenantKey,
@@ -188,6 +191,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         &cfg.disks,
         cfg.block_size,
         cfg.journal_capacity,
+        cfg.journal_direct_io,
         cfg.app_hooks.is_some(),
         cfg.nbd_tls.is_some(),
     )?;
@@ -254,6 +258,7 @@ fn open_disks(
     specs: &[DiskSpec],
     block_size: u32,
     capacity: u64,
+    direct_io: bool,
     app_hooks: bool,
     nbd_tls: bool,
 ) -> anyhow::Result<Vec<Arc<Disk>>> {
@@ -277,6 +282,7 @@ fn open_disks(
         }
         let mut jc = JournalConfig::new(dir.join("journal"), spec.size);
         jc.capacity_bytes = capacity;
+        jc.direct_io = direct_io;
         let journal = Journal::open(jc)
             .with_context(|| format!("opening the journal of disk {}", spec.name))?;
         let status_path = dir.join("status.json");

@@ -32,6 +32,8 @@ pub struct DiskStatus {
     pub journal_durable_seq: u64,
     pub journal_used_bytes: u64,
     pub journal_capacity_bytes: u64,
+    /// The journal writes with O_DIRECT.
+    pub journal_direct_io: bool,
     pub dirty_bytes: u64,
     /// Continuous disks: the disk's size now (it grows with `ferry grow`).
     pub disk_size: u64,

@@ -9,6 +9,9 @@
 //! How: `chunks/<first byte hex>/<64 hex>` and `maps/<first byte hex>/<64 hex>`. Durability is
 //! not per object: a checkpoint commit calls `syncfs` once on the repository filesystem before
 //! writing its root (see `root.rs`), which covers every object and directory entry written before.
+//! A chunk's writeback is started as soon as it is written (`POSIX_FADV_DONTNEED`: write back
+//! without waiting, drop the clean pages), so that flush is spread over the checkpoint rather
+//! than paid at its commit.
 
 use crate::RepoError;
 use ferry_chunk::ChunkId;
@@ -96,6 +99,12 @@ impl Store {
         let res = (|| -> io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(blob)?;
+            if kind == Kind::Chunk {
+                // Start writing the chunk back now (without waiting), so the commit's `syncfs`
+                // finds most of a checkpoint's data on disk already instead of flushing it all
+                // at once; the clean pages are dropped (a chunk is rarely read back soon).
+                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+            }
             drop(f);
             match fs::rename(&tmp, &dest) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {

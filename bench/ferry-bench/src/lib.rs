@@ -149,11 +149,22 @@ pub fn start_lab(
     lab.nbd_tls = false;
     lab.interval_ms = interval_ms;
     lab.journal_capacity = journal_capacity;
+    // How the journal writes to the cache (auto: the cache disk's hardware profile decides).
+    let cache_io = std::env::var("FERRY_BENCH_CACHE_IO").unwrap_or_else(|_| "auto".into());
+    lab.process_args = vec!["--cache-io".into(), cache_io];
     lab.start_master().context("starting the master target")?;
     lab.start_process().context("starting the process server")?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         if lab.status(name).map(|s| s.connected).unwrap_or(false) {
+            let direct = lab
+                .status(name)
+                .map(|s| s.journal_direct_io)
+                .unwrap_or(false);
+            println!(
+                "process server journal: {} (FERRY_BENCH_CACHE_IO=auto|direct|buffered)",
+                if direct { "O_DIRECT" } else { "page cache" }
+            );
             return Ok(lab);
         }
         if std::time::Instant::now() > deadline {
