@@ -518,11 +518,22 @@ fn bad_input_changes_nothing() {
 /// the journal learnt the larger size from `grow`, from its segments or from its state file.
 #[test]
 fn a_disk_grows_and_never_shrinks() {
+    grows_and_never_shrinks(false);
+    grows_and_never_shrinks(true);
+}
+
+fn grows_and_never_shrinks(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
+    let cfg = |dir: &std::path::Path, size: u64| {
+        let mut c = cfg(dir, size);
+        c.direct_io = direct;
+        c
+    };
     let (small, big, bigger) = (4 * MIB, 6 * MIB, 9 * MIB);
     let mut c = cfg(dir.path(), small);
     c.segment_bytes = 64 << 10;
     let j = Journal::open(c.clone()).unwrap();
+    assert_eq!(j.stats().direct_io, direct);
     let data = pattern(1, 8192);
     assert_eq!(
         j.append(Op::Write {
