@@ -166,6 +166,19 @@ enum Cmd {
         #[arg(long)]
         disk: String,
     },
+    /// Grow a continuously protected disk whose host is known: the process server ends the
+    /// host's mirror, resizes the disk's node on the host (block_resize), grows its journal and
+    /// export, starts the mirror again and resyncs by checksums what changed meanwhile; later
+    /// recovery points have the new size, older ones keep theirs. A disk never shrinks.
+    Grow {
+        #[arg(long, default_value = "/var/cache/ferry")]
+        cache: PathBuf,
+        #[arg(long)]
+        disk: String,
+        /// The new size in bytes (K, M, G, T suffixes); a multiple of 512, larger than now.
+        #[arg(long)]
+        size: String,
+    },
     /// Show each protected disk's replication state at this process server.
     Status {
         #[arg(long, default_value = "/var/cache/ferry")]
@@ -228,7 +241,8 @@ struct ProcessServerArgs {
     #[arg(long, default_value = "0.0.0.0:10809")]
     nbd_listen: SocketAddr,
     /// A continuously protected disk (QEMU mirrors to our NBD export) as NAME=SIZE; SIZE must
-    /// equal the source disk's size. With `,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET`
+    /// equal the source disk's size (after `ferry grow`, the new size: a size smaller than the
+    /// disk's journal was written for is refused, a larger one is taken as a growth). With `,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET`
     /// the process server can read the disk on its host and resynchronizes it by checksums when
     /// its journal overflowed or was lost, or on `ferry resync`. Repeatable.
     #[arg(long = "disk", required_unless_present = "periodic")]
@@ -518,6 +532,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("resync of {disk} requested; it starts at the next cut (watch: ferry status --watch)");
             Ok(())
         }
+        Cmd::Grow { cache, disk, size } => {
+            let size = ferry::parse_size(&size)?;
+            let dir = cache.join(&disk);
+            let st = ferry_process_server::status::read(&dir.join("status.json"))
+                .with_context(|| format!("no protected disk {disk} under {}", cache.display()))?;
+            if st.periodic {
+                bail!(
+                    "disk {disk} is protected periodically: resize it on its host (block_resize) and                      its next recovery point has the new size by itself"
+                );
+            }
+            if !st.host_access {
+                bail!(
+                    "disk {disk} is protected continuously without its host: growing it ends and restarts                      the host's mirror; give the host to the process server as                      --disk {disk}=SIZE,qmp=SOCKET,node=NODE,nbd=SOCKET"
+                );
+            }
+            if size < st.disk_size {
+                bail!(
+                    "shrinking a protected disk is refused: disk {disk} is {} bytes, asked for {size}",
+                    st.disk_size
+                );
+            }
+            if size == st.disk_size {
+                bail!("disk {disk} is {size} bytes already");
+            }
+            if !size.is_multiple_of(512) {
+                bail!("the new size of disk {disk} must be a multiple of 512 bytes, not {size}");
+            }
+            ferry_process_server::grow::write_request(&dir, size)
+                .with_context(|| format!("writing the request into {}", dir.display()))?;
+            println!(
+                "growth of {disk} from {} to {size} bytes requested; the process server does it between                  two checkpoints (watch: ferry status). Restart the process server with --disk {disk}={size} from now on.",
+                st.disk_size
+            );
+            Ok(())
+        }
         Cmd::Status { cache, json, watch } => loop {
             let st = ferry_process_server::read_statuses(&cache)?;
             if json {
@@ -555,6 +604,13 @@ fn print_status(st: &[ferry_process_server::DiskStatus], redraw: bool) -> anyhow
         );
         if let Some(p) = &s.progress {
             println!("  {}", p.bar(30));
+        }
+        if let Some(e) = s
+            .grow_error
+            .as_ref()
+            .filter(|e| s.last_error.as_ref() != Some(*e))
+        {
+            println!("  grow: {e}");
         }
     }
     Ok(())

@@ -50,6 +50,18 @@ impl DirtyBitmap {
         }
     }
 
+    /// The disk grew to `disk_size` (not smaller than now): the new blocks are clean.
+    pub fn grow(&mut self, disk_size: u64) {
+        debug_assert!(disk_size >= self.disk_size);
+        self.disk_size = disk_size;
+        self.bits = disk_size.div_ceil(self.granularity);
+        self.words.resize(self.bits.div_ceil(64) as usize, 0);
+    }
+
+    pub fn disk_size(&self) -> u64 {
+        self.disk_size
+    }
+
     pub fn clear(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0);
         self.set = 0;
@@ -128,7 +140,9 @@ impl PersistState {
         v
     }
 
-    pub fn decode(b: &[u8], disk_size: u64, granularity: u64) -> Result<Self, String> {
+    /// Decodes a state file for the disk size it records (which the caller compares with the
+    /// configured one); the granularity must be the configured one.
+    pub fn decode(b: &[u8], granularity: u64) -> Result<Self, String> {
         if b.len() < STATE_HEADER_LEN + 4 || b[0..4] != STATE_MAGIC {
             return Err("bad state file magic or length".into());
         }
@@ -142,12 +156,12 @@ impl PersistState {
         let flags = le16(&b[6..8]);
         let trim_seq = le64(&b[8..16]);
         let (ds, gran, bits) = (le64(&b[16..24]), le64(&b[24..32]), le64(&b[32..40]));
-        if ds != disk_size || gran != granularity {
+        if gran != granularity {
             return Err(format!(
-                "state file is for disk size {ds} / granularity {gran}, configured {disk_size} / {granularity}"
+                "state file is for bitmap granularity {gran}, configured {granularity}"
             ));
         }
-        let mut bitmap = DirtyBitmap::new(disk_size, granularity);
+        let mut bitmap = DirtyBitmap::new(ds, granularity);
         if bits != bitmap.bits || body - STATE_HEADER_LEN != bitmap.words.len() * 8 {
             return Err("state file bitmap size mismatch".into());
         }
@@ -167,7 +181,9 @@ impl PersistState {
         })
     }
 
-    /// Loads the state file; `None` if it does not exist.
+    /// Loads the state file; `None` if it does not exist. A state file written for a smaller
+    /// disk is valid for a larger one (returned as written: [`DirtyBitmap::grow`] pads it); for
+    /// a larger disk it is [`JournalError::Shrunk`].
     pub fn load(
         dir: &Path,
         disk_size: u64,
@@ -176,13 +192,24 @@ impl PersistState {
         let _ = fs::remove_file(dir.join(STATE_TMP));
         let path = dir.join(STATE_FILE);
         match fs::read(&path) {
-            Ok(b) => PersistState::decode(&b, disk_size, granularity)
-                .map(Some)
-                .map_err(|reason| JournalError::Corrupt {
-                    path,
-                    offset: 0,
-                    reason,
-                }),
+            Ok(b) => {
+                let st = PersistState::decode(&b, granularity).map_err(|reason| {
+                    JournalError::Corrupt {
+                        path,
+                        offset: 0,
+                        reason,
+                    }
+                })?;
+                let written = st.bitmap.disk_size();
+                if written > disk_size {
+                    return Err(JournalError::Shrunk {
+                        dir: dir.to_path_buf(),
+                        written,
+                        configured: disk_size,
+                    });
+                }
+                Ok(Some(st))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(&path, e)),
         }
@@ -241,13 +268,51 @@ mod tests {
             bitmap: bm,
         };
         let enc = st.encode();
-        let d = PersistState::decode(&enc, 1 << 20, 4096).unwrap();
+        let d = PersistState::decode(&enc, 4096).unwrap();
         assert_eq!(d.trim_seq, 77);
         assert!(d.resync);
+        assert_eq!(d.bitmap.disk_size(), 1 << 20);
         assert_eq!(d.bitmap.extents(), st.bitmap.extents());
-        assert!(PersistState::decode(&enc, 1 << 21, 4096).is_err());
+        assert!(PersistState::decode(&enc, 512).is_err());
         let mut bad = enc.clone();
         bad[45] ^= 4;
-        assert!(PersistState::decode(&bad, 1 << 20, 4096).is_err());
+        assert!(PersistState::decode(&bad, 4096).is_err());
+    }
+
+    #[test]
+    fn a_state_file_of_a_smaller_disk_is_padded_and_of_a_larger_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_file = File::open(dir.path()).unwrap();
+        let mut bm = DirtyBitmap::new(100 * 4096 + 5, 4096);
+        bm.mark(100 * 4096, 5); // the old last, partial block
+        let st = PersistState {
+            trim_seq: 9,
+            resync: true,
+            bitmap: bm,
+        };
+        st.store(dir.path(), &dir_file).unwrap();
+        let mut grown = PersistState::load(dir.path(), 300 * 4096, 4096)
+            .unwrap()
+            .unwrap();
+        assert_eq!(grown.bitmap.disk_size(), 100 * 4096 + 5);
+        grown.bitmap.grow(300 * 4096);
+        assert_eq!(grown.bitmap.disk_size(), 300 * 4096);
+        assert_eq!(grown.trim_seq, 9);
+        // The old last block is now a whole one; blocks past the old end are clean.
+        assert_eq!(grown.bitmap.extents(), vec![(100 * 4096, 4096)]);
+        let mut g = grown.bitmap.clone();
+        g.mark(299 * 4096, 4096);
+        assert_eq!(g.extents().last(), Some(&(299 * 4096, 4096)));
+        let err = PersistState::load(dir.path(), 100 * 4096, 4096).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, JournalError::Shrunk { written, configured, .. }
+                if written == 100 * 4096 + 5 && configured == 100 * 4096),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("shrinking a protected disk is refused"),
+            "{msg}"
+        );
     }
 }

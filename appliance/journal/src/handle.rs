@@ -82,4 +82,18 @@ impl Journal {
     pub fn restart_for_resync(&self) -> Result<u64, JournalError> {
         self.shared.restart_for_resync()
     }
+
+    /// The disk's size: the configured one, or what [`grow`](Self::grow) made it.
+    pub fn disk_size(&self) -> u64 {
+        self.shared.disk_size()
+    }
+
+    /// The disk grew to `new_size` bytes: operations up to it are accepted from now on, the
+    /// dirty bitmap covers it, and the state file records it before this returns (so a
+    /// restart configured with the old size is refused as a shrink). Records and segments
+    /// written for the smaller size stay valid. A smaller size is [`JournalError::Shrunk`];
+    /// the same size changes nothing.
+    pub fn grow(&self, new_size: u64) -> Result<(), JournalError> {
+        self.shared.grow(new_size)
+    }
 }

@@ -65,6 +65,9 @@ struct Io {
 /// State shared by every user of a [`crate::Journal`] handle.
 pub(crate) struct Shared {
     cfg: JournalConfig,
+    /// The disk's size now: `cfg.disk_size` at open, larger after [`Shared::grow`]. Changed
+    /// under the `persist` and `mem` locks; read without them by `append`'s bounds check.
+    disk_size: AtomicU64,
     dir_file: File,
     mem: Mutex<Mem>,
     cv: Condvar,
@@ -92,14 +95,23 @@ impl Shared {
         let dir = &cfg.dir;
         fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let dir_file = File::open(dir).map_err(|e| io_err(dir, e))?;
-        let st = PersistState::load(dir, cfg.disk_size, cfg.bitmap_granularity)?.unwrap_or(
+        let mut st = PersistState::load(dir, cfg.disk_size, cfg.bitmap_granularity)?.unwrap_or(
             PersistState {
                 trim_seq: 0,
                 resync: false,
                 bitmap: DirtyBitmap::new(cfg.disk_size, cfg.bitmap_granularity),
             },
         );
+        let written_for = st.bitmap.disk_size();
         let mut segments: VecDeque<SegMeta> = segment::recover(dir, cfg.disk_size)?.into();
+        if written_for < cfg.disk_size {
+            // The disk grew while the process server was down: the state file says so at once,
+            // so that a later start with the old size is refused as a shrink.
+            st.bitmap.grow(cfg.disk_size);
+            st.store(dir, &dir_file)?;
+            tracing::info!(dir = %dir.display(), from = written_for, to = cfg.disk_size,
+                "journal: the disk grew");
+        }
         while segments.front().is_some_and(|s| s.last_seq <= st.trim_seq) {
             let s = segments.pop_front().expect("front exists");
             tracing::info!(path = %s.path.display(), "journal: removing trimmed segment");
@@ -164,6 +176,7 @@ impl Shared {
             sync_calls: AtomicU64::new(0),
             direct: AtomicBool::new(cfg.direct_io),
             dir_file,
+            disk_size: AtomicU64::new(cfg.disk_size),
             cfg,
         })
     }
@@ -196,13 +209,14 @@ impl Shared {
                 max: MAX_WRITE_LEN,
             });
         }
+        let disk_size = self.disk_size.load(Ordering::SeqCst);
         match enc.offset.checked_add(enc.len) {
-            Some(end) if end <= self.cfg.disk_size => {}
+            Some(end) if end <= disk_size => {}
             _ => {
                 return Err(JournalError::OutOfRange {
                     offset: enc.offset,
                     len: enc.len,
-                    disk_size: self.cfg.disk_size,
+                    disk_size,
                 })
             }
         }
@@ -236,7 +250,7 @@ impl Shared {
         }
         if roll {
             self.seal(m);
-            let seg = segment::create(&self.cfg.dir, m.next_seq, self.cfg.disk_size)?;
+            let seg = segment::create(&self.cfg.dir, m.next_seq, self.disk_size())?;
             m.used_bytes += seg.size;
             m.segments.push_back(seg);
             m.dir_unsynced = true;
@@ -439,6 +453,45 @@ impl Shared {
         self.remove_segments(&dropped)?;
         tracing::info!(dir = %self.cfg.dir.display(), trimmed_to = upto, "journal: restarted for a resync");
         Ok(upto)
+    }
+
+    /// See [`crate::Journal`].
+    pub fn disk_size(&self) -> u64 {
+        self.disk_size.load(Ordering::SeqCst)
+    }
+
+    /// See [`crate::Journal`].
+    pub fn grow(&self, new_size: u64) -> Result<(), JournalError> {
+        let mut stored = lock(&self.persist);
+        let mut m = lock(&self.mem);
+        let now = self.disk_size();
+        if new_size < now {
+            return Err(JournalError::Shrunk {
+                dir: self.cfg.dir.clone(),
+                written: now,
+                configured: new_size,
+            });
+        }
+        if new_size == now {
+            return Ok(());
+        }
+        if let Some(e) = &m.failed {
+            return Err(JournalError::Failed(e.clone()));
+        }
+        m.bitmap.grow(new_size);
+        m.state_gen += 1;
+        let (snap, gen) = (self.snapshot(&m), m.state_gen);
+        drop(m);
+        // Persisted before the new size is used: a restart with the old size is then refused
+        // as a shrink instead of meeting records past its end.
+        snap.store(&self.cfg.dir, &self.dir_file)
+            .map_err(|e| self.fail(e))?;
+        *stored = gen;
+        self.disk_size.store(new_size, Ordering::SeqCst);
+        let mut m = lock(&self.mem);
+        m.persisted_gen = m.persisted_gen.max(gen);
+        tracing::info!(dir = %self.cfg.dir.display(), from = now, to = new_size, "journal: the disk grew");
+        Ok(())
     }
 
     /// Forget the segments whose records are all `<= seq`; returns their paths to delete once

@@ -23,7 +23,7 @@
 //! | 4 | 2 | version = 1 |
 //! | 6 | 2 | header length = 32 |
 //! | 8 | 8 | seq of the first record in this segment (= number in the file name) |
-//! | 16 | 8 | disk size in bytes |
+//! | 16 | 8 | disk size in bytes at creation (at most the configured size: disks only grow) |
 //! | 24 | 4 | reserved, 0 |
 //! | 28 | 4 | crc32c of bytes 0..28 |
 //!
@@ -197,6 +197,16 @@ pub enum JournalError {
     Trimmed { after_seq: u64, first_seq: u64 },
     #[error("cannot trim up to seq {seq}: only up to {durable_seq} is durable")]
     TrimBeyondDurable { seq: u64, durable_seq: u64 },
+    #[error(
+        "shrinking a protected disk is refused: the journal in {dir} was written for a disk of \
+         {written} bytes, configured {configured} bytes (a disk only grows; after `ferry grow` \
+         give the new size)"
+    )]
+    Shrunk {
+        dir: PathBuf,
+        written: u64,
+        configured: u64,
+    },
     #[error("invalid journal configuration: {0}")]
     InvalidConfig(String),
     #[error("journal failed earlier and refuses further writes: {0}")]

@@ -98,6 +98,8 @@ struct Scan {
     last_seq: u64,
     index: Vec<(u64, u64)>,
     bad: Option<(u64, &'static str)>,
+    /// The highest disk byte a valid record reaches.
+    max_end: u64,
 }
 
 fn scan(bytes: &[u8], first_seq: u64, disk_size: u64) -> Scan {
@@ -107,15 +109,18 @@ fn scan(bytes: &[u8], first_seq: u64, disk_size: u64) -> Scan {
         last_seq: first_seq - 1,
         index: Vec::new(),
         bad: None,
+        max_end: 0,
     };
     match format::decode_seg_header(bytes) {
-        Ok(h) if h.first_seq == first_seq && h.disk_size == disk_size => {}
+        // A segment written before the disk grew holds records inside the smaller size, which
+        // are inside the larger one too. A larger size is refused by `recover` before the scan.
+        Ok(h) if h.first_seq == first_seq && h.disk_size <= disk_size => {}
         Ok(h) if h.first_seq != first_seq => {
             s.bad = Some((0, "segment header seq does not match file name"));
             return s;
         }
         Ok(_) => {
-            s.bad = Some((0, "segment was written for another disk size"));
+            s.bad = Some((0, "segment was written for a larger disk"));
             return s;
         }
         Err(reason) => {
@@ -133,6 +138,7 @@ fn scan(bytes: &[u8], first_seq: u64, disk_size: u64) -> Scan {
                     s.index.push((h.seq, meta_size));
                 }
                 s.last_seq = h.seq;
+                s.max_end = s.max_end.max(h.offset + h.len);
                 pos += h.total_len();
                 meta_size = pos as u64;
             }
@@ -209,7 +215,24 @@ pub fn recover(dir: &Path, disk_size: u64) -> Result<Vec<SegMeta>, JournalError>
     let mut out: Vec<SegMeta> = Vec::new();
     for (i, (first, path)) in files.iter().enumerate() {
         let bytes = fs::read(path).map_err(|e| io_err(path, e))?;
+        if let Ok(h) = format::decode_seg_header(&bytes) {
+            if h.disk_size > disk_size {
+                return Err(JournalError::Shrunk {
+                    dir: dir.to_path_buf(),
+                    written: h.disk_size,
+                    configured: disk_size,
+                });
+            }
+        }
         let mut s = scan(&bytes, *first, disk_size);
+        // A record past the end was written after the disk grew (in a segment begun before).
+        if s.max_end > disk_size {
+            return Err(JournalError::Shrunk {
+                dir: dir.to_path_buf(),
+                written: s.max_end,
+                configured: disk_size,
+            });
+        }
         let mut min_seq = s.last_seq;
         if let Some(prev) = out.last() {
             if s.header_ok && *first != prev.last_seq + 1 {

@@ -511,3 +511,114 @@ fn bad_input_changes_nothing() {
         Err(JournalError::InvalidConfig(_))
     ));
 }
+
+/// A disk that grows: records and segments written for the smaller size stay valid, writes past
+/// the old end are accepted once grown (in process, or by reopening with a larger size), the
+/// bitmap covers the new blocks, and a smaller size is refused with both sizes named, whether
+/// the journal learnt the larger size from `grow`, from its segments or from its state file.
+#[test]
+fn a_disk_grows_and_never_shrinks() {
+    grows_and_never_shrinks(false);
+    grows_and_never_shrinks(true);
+}
+
+fn grows_and_never_shrinks(direct: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |dir: &std::path::Path, size: u64| {
+        let mut c = cfg(dir, size);
+        c.direct_io = direct;
+        c
+    };
+    let (small, big, bigger) = (4 * MIB, 6 * MIB, 9 * MIB);
+    let mut c = cfg(dir.path(), small);
+    c.segment_bytes = 64 << 10;
+    let j = Journal::open(c.clone()).unwrap();
+    assert_eq!(j.stats().direct_io, direct);
+    let data = pattern(1, 8192);
+    assert_eq!(
+        j.append(Op::Write {
+            offset: small - 8192,
+            data: &data
+        })
+        .unwrap(),
+        Appended::Journaled(1)
+    );
+    // Past the end: refused before the growth.
+    assert!(matches!(
+        j.append(Op::Write {
+            offset: small,
+            data: &data
+        }),
+        Err(JournalError::OutOfRange { .. })
+    ));
+    j.grow(big).unwrap();
+    assert_eq!(j.disk_size(), big);
+    let e = j.grow(small).unwrap_err();
+    assert!(
+        matches!(e, JournalError::Shrunk { written, configured, .. } if written == big && configured == small),
+        "{e}"
+    );
+    j.grow(big).unwrap(); // the same size: nothing to do
+    assert_eq!(
+        j.append(Op::Write {
+            offset: big - 8192,
+            data: &data
+        })
+        .unwrap(),
+        Appended::Journaled(2)
+    );
+    j.sync().unwrap();
+    drop(j);
+
+    // The old size is refused (the state file and the new segment both say `big`)...
+    let err = Journal::open(cfg(dir.path(), small)).err().unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("shrinking a protected disk is refused")
+            && msg.contains(&big.to_string())
+            && msg.contains(&small.to_string()),
+        "{msg}"
+    );
+    // ...and so is it when only the records say so (no state file; the segment began small).
+    std::fs::remove_file(dir.path().join("journal.state")).unwrap();
+    let err = Journal::open(cfg(dir.path(), small)).err().unwrap();
+    assert!(
+        matches!(err, JournalError::Shrunk { written, configured, .. } if written == big && configured == small),
+        "{err}"
+    );
+
+    // Reopened larger still: both records replay, and the bitmap covers the new end.
+    let mut c = cfg(dir.path(), bigger);
+    c.capacity_bytes = 200 << 10; // fills up below
+    let j = Journal::open(c).unwrap();
+    let recs = read_all(&j, 0, usize::MAX);
+    assert_eq!(recs.len(), 2);
+    assert_eq!(
+        recs[1].op,
+        OwnedOp::Write {
+            offset: big - 8192,
+            data: data.clone()
+        }
+    );
+    let big_write = pattern(2, 256 << 10);
+    assert_eq!(
+        j.append(Op::Write {
+            offset: bigger - (256 << 10),
+            data: &big_write
+        })
+        .unwrap(),
+        Appended::Dirty
+    );
+    j.sync().unwrap();
+    assert_eq!(j.dirty_extents(), vec![(bigger - (256 << 10), 256 << 10)]);
+    drop(j);
+    // The state file now records the larger size: the middle one is a shrink too.
+    let err = Journal::open(cfg(dir.path(), big)).err().unwrap();
+    assert!(
+        matches!(err, JournalError::Shrunk { written, .. } if written == bigger),
+        "{err}"
+    );
+    let j = Journal::open(cfg(dir.path(), bigger)).unwrap();
+    assert!(matches!(j.state(), JournalState::ResyncRequired { .. }));
+    assert_eq!(j.dirty_extents(), vec![(bigger - (256 << 10), 256 << 10)]);
+}

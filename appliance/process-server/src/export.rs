@@ -3,7 +3,8 @@
 //! Writes, zeroes and trims are appended to the journal in arrival order (the NBD server calls us
 //! in that order) and acknowledged at once; FLUSH and FUA wait for the journal's group commit.
 //! When the journal is full the journal itself falls back to its dirty bitmap and the write is
-//! still acknowledged: a full cache never blocks the guest.
+//! still acknowledged: a full cache never blocks the guest. The export's size is the journal's:
+//! after a growth ([`crate::grow`]) a new connection sees the larger size.
 
 use ferry_journal::{Journal, Op};
 use ferry_nbd::{Errno, Export, NbdResult};
@@ -12,7 +13,6 @@ use std::sync::Arc;
 pub struct JournalExport {
     pub disk: String,
     pub journal: Arc<Journal>,
-    pub size: u64,
 }
 
 impl JournalExport {
@@ -43,7 +43,7 @@ impl JournalExport {
 
     fn in_range(&self, offset: u64, len: u64) -> NbdResult<()> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.journal.disk_size() => Ok(()),
             _ => Err(Errno::Inval),
         }
     }
@@ -52,7 +52,7 @@ impl JournalExport {
 #[async_trait::async_trait]
 impl Export for JournalExport {
     fn size(&self) -> u64 {
-        self.size
+        self.journal.disk_size()
     }
 
     /// The process server keeps no copy of the disk, only the writes not yet shipped; a mirror

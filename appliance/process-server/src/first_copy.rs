@@ -12,7 +12,9 @@
 //! mirror is not ready; the rate is measured from what this thread saw, so a
 //! process server started in the middle of a copy does not claim the whole copy as its rate.
 //! The job is the mirror named after the disk's node, or else the host's only mirror job. Other
-//! operations' progress (a resync) is never overwritten.
+//! operations' progress (a resync) is never overwritten. The thread connects for each question
+//! and leaves at once: a QMP socket serves one client at a time, and a resync or a growth of the
+//! disk needs the same socket for long stretches.
 
 use crate::status::{now_unix_ns, Progress};
 use crate::Disk;
@@ -27,6 +29,8 @@ pub const OPERATION: &str = "first copy";
 /// A mirror job as the host reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MirrorJob {
+    /// The job's id (`device` in `query-block-jobs`).
+    pub id: String,
     pub offset: u64,
     pub len: u64,
     pub ready: bool,
@@ -48,6 +52,7 @@ pub fn find_mirror(jobs: &Value, node: &str) -> Option<MirrorJob> {
             None
         })?;
     Some(MirrorJob {
+        id: job["device"].as_str()?.to_string(),
         offset: job["offset"].as_u64()?,
         len: job["len"].as_u64()?,
         ready: job["ready"].as_bool().unwrap_or(false),
@@ -141,6 +146,7 @@ mod tests {
         assert_eq!(
             find_mirror(&one, "disk0"),
             Some(MirrorJob {
+                id: "ferry-mirror".into(),
                 offset: 5,
                 len: 10,
                 ready: false
@@ -154,6 +160,7 @@ mod tests {
         assert_eq!(
             find_mirror(&two, "disk0"),
             Some(MirrorJob {
+                id: "disk0".into(),
                 offset: 3,
                 len: 10,
                 ready: true

@@ -12,6 +12,7 @@ pub mod bulk;
 pub mod checkpoint;
 pub mod export;
 pub mod first_copy;
+pub mod grow;
 pub mod periodic;
 pub mod resync;
 pub mod shipper;
@@ -30,14 +31,17 @@ pub use status::{DiskStatus, State};
 /// One protected disk: its journal and what is known of its replication.
 pub struct Disk {
     pub name: String,
-    pub size: u64,
     pub block_size: u32,
     pub journal: Arc<Journal>,
     status: Mutex<DiskStatus>,
     status_path: PathBuf,
     /// Where the disk lives on its host, for checksum resyncs.
     pub host: Option<resync::HostDisk>,
+    /// QEMU must use TLS to reach our NBD export (a mirror target re-added by a growth too).
+    pub nbd_tls: bool,
     request_path: PathBuf,
+    /// Written by `ferry grow` (the new size), removed once the growth is done or refused.
+    grow_path: PathBuf,
     /// Exists while the journal may not continue what the recovery site holds: it was created
     /// empty (a new or lost cache) and no resync has reconciled it yet.
     unreconciled_path: PathBuf,
@@ -47,6 +51,26 @@ pub struct Disk {
 }
 
 impl Disk {
+    /// The disk's size now (the journal's, which grows with the disk).
+    pub fn size(&self) -> u64 {
+        self.journal.disk_size()
+    }
+
+    /// The size `ferry grow` asked for, if it did (and the disk's host is known).
+    pub fn grow_requested(&self) -> Option<u64> {
+        self.host.as_ref()?;
+        grow::read_request(&self.grow_path)
+    }
+
+    pub fn clear_grow_request(&self) {
+        let _ = std::fs::remove_file(&self.grow_path);
+    }
+
+    /// Ask for a checksum resync (as `ferry resync` does).
+    pub fn request_resync(&self) -> std::io::Result<()> {
+        std::fs::write(&self.request_path, b"")
+    }
+
     /// Change the status and write it out.
     pub fn update(&self, f: impl FnOnce(&mut DiskStatus)) {
         let mut s = self.status.lock().expect("status lock");
@@ -116,6 +140,7 @@ impl Disk {
         s.journal_used_bytes = st.used_bytes;
         s.journal_capacity_bytes = st.capacity_bytes;
         s.journal_direct_io = st.direct_io;
+        s.disk_size = self.journal.disk_size();
         match st.state {
             JournalState::ResyncRequired { dirty_bytes } => {
                 if s.state != State::Resyncing {
@@ -168,6 +193,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.journal_capacity,
         cfg.journal_direct_io,
         cfg.app_hooks.is_some(),
+        cfg.nbd_tls.is_some(),
     )?;
     let shared = Arc::new(Shared {
         key: cfg.key,
@@ -181,7 +207,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             Arc::new(export::JournalExport {
                 disk: d.name.clone(),
                 journal: d.journal.clone(),
-                size: d.size,
             }),
         );
         first_copy::spawn(d.clone());
@@ -235,6 +260,7 @@ fn open_disks(
     capacity: u64,
     direct_io: bool,
     app_hooks: bool,
+    nbd_tls: bool,
 ) -> anyhow::Result<Vec<Arc<Disk>>> {
     let mut out = Vec::new();
     for spec in specs {
@@ -262,7 +288,6 @@ fn open_disks(
         let status_path = dir.join("status.json");
         let disk = Arc::new(Disk {
             name: spec.name.clone(),
-            size: spec.size,
             block_size,
             journal: Arc::new(journal),
             status: Mutex::new(DiskStatus {
@@ -273,7 +298,9 @@ fn open_disks(
             }),
             status_path,
             host: spec.host.clone(),
+            nbd_tls,
             request_path: dir.join(resync::REQUEST),
+            grow_path: dir.join(grow::REQUEST),
             unreconciled_path,
             app_mark: Mutex::new(None),
         });

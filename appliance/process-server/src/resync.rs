@@ -108,14 +108,20 @@ impl Resync<'_> {
             self.seq,
             self.journal_start,
         );
+        // Fixed for the session: a growth runs between sessions (see `crate::grow`).
+        let size = disk.size();
         let mut nbd = Client::connect_unix_with(&host.nbd_socket, ClientOptions::new(export))
             .await
             .context("reading the disk over the host's NBD server")?;
-        if nbd.size() != disk.size {
+        if nbd.size() != size {
             bail!(
-                "the host's disk is {} bytes, protected as {}",
+                "the host's disk is {} bytes, protected as {size}{}",
                 nbd.size(),
-                disk.size
+                if nbd.size() > size {
+                    " (grow its protection with `ferry grow`)"
+                } else {
+                    ""
+                }
             );
         }
         let bs = u64::from(disk.block_size);
@@ -125,14 +131,14 @@ impl Resync<'_> {
                 created_unix_ns: now_unix_ns(),
                 journal_start,
                 journal_end: journal_start,
-                disk_size: disk.size,
+                disk_size: size,
                 block_size: disk.block_size,
                 consistency: Consistency::Crash,
             })
             .encode(),
         )
         .await?;
-        let mut progress = Progress::new("resync", disk.size);
+        let mut progress = Progress::new("resync", size);
         disk.update(|s| {
             s.state = State::Resyncing;
             s.progress = Some(progress.clone());
@@ -143,9 +149,9 @@ impl Resync<'_> {
         };
         let (mut report, chunks) = bulk::send_runs(
             &mut nbd,
-            &[(0, disk.size.div_ceil(bs))],
+            &[(0, size.div_ceil(bs))],
             bulk::Options {
-                disk_size: disk.size,
+                disk_size: size,
                 block_size: bs,
                 compare: true,
                 dedupe: true,
@@ -185,7 +191,7 @@ impl Resync<'_> {
             if records.is_empty() {
                 bail!("the journal holds no records after {pos} although {s2} is durable");
             }
-            let mut builder = Builder::new(disk.size, disk.block_size);
+            let mut builder = Builder::new(size, disk.block_size);
             for r in records.iter().take_while(|r| r.seq <= s2) {
                 builder.apply(r);
                 pos = r.seq;

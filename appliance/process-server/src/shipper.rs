@@ -81,10 +81,23 @@ struct Cut {
 pub async fn replicate(disk: Arc<Disk>, link: Arc<Link>, tuning: Tuning, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
     loop {
+        // `ferry grow` runs between sessions: none cuts a checkpoint while the size changes.
+        if let Some(size) = disk.grow_requested() {
+            crate::grow::run(&disk, size).await;
+        }
         let mut welcomed = false;
         let result = session(&disk, &link, &tuning, &shared, &mut welcomed).await;
         let msg = match result {
-            Ok(()) => "session ended".to_string(),
+            // The session ended for a growth: no failure, start over at once.
+            Ok(()) => {
+                disk.update(|s| {
+                    s.connected = false;
+                    if matches!(s.state, State::Replicating | State::Resyncing) {
+                        s.state = State::Connecting;
+                    }
+                });
+                continue;
+            }
             Err(e) => format!("{e:#}"),
         };
         tracing::warn!(disk = %disk.name, error = %msg, "replication link down; reconnecting");
@@ -112,7 +125,7 @@ async fn session(
     welcomed: &mut bool,
 ) -> anyhow::Result<()> {
     let (mut rd, mut wr, mut last_seq, mut journal_end) =
-        open_session(link, &disk.name, disk.size, disk.block_size).await?;
+        open_session(link, &disk.name, disk.size(), disk.block_size).await?;
     *welcomed = true;
 
     let stats = disk.journal.stats();
@@ -230,6 +243,10 @@ async fn session(
                 }
             }
             _ = tick.tick(), if can_send && !more => {
+                if disk.grow_requested().is_some() {
+                    tracing::info!(disk = %disk.name, "ending the session for a growth");
+                    return Ok(());
+                }
                 if disk.host.is_some() && (disk.resync_requested() || matches!(disk.journal.state(), ferry_journal::JournalState::ResyncRequired { .. })) {
                     bail!("a checksum resync is due; starting it on a fresh connection");
                 }
@@ -378,7 +395,11 @@ fn build(
         return Ok(None);
     }
     let created_unix_ns = now_unix_ns();
-    let mut builder = Builder::new(disk.size, disk.block_size);
+    // Read after the records: a record past an older size can only follow the growth that
+    // allowed it. (A growth runs between sessions, so this is the session's size; were it not,
+    // the master target would refuse the checkpoint rather than lose a write to a clamp.)
+    let size = disk.size();
+    let mut builder = Builder::new(size, disk.block_size);
     let mut end = pos;
     let mut bytes = 0usize;
     for r in &records {
@@ -408,7 +429,7 @@ fn build(
             created_unix_ns,
             journal_start: pos,
             journal_end: end,
-            disk_size: disk.size,
+            disk_size: size,
             block_size: disk.block_size,
             consistency: if app {
                 Consistency::Application

@@ -35,6 +35,13 @@ pub struct DiskStatus {
     /// The journal writes with O_DIRECT.
     pub journal_direct_io: bool,
     pub dirty_bytes: u64,
+    /// Continuous disks: the disk's size now (it grows with `ferry grow`).
+    pub disk_size: u64,
+    /// Growths of the disk done since the process server started.
+    pub grows: u64,
+    /// Why the last `ferry grow` was refused or failed (also in `last_error` when it happened,
+    /// which a reconnection clears); cleared by a growth that succeeds.
+    pub grow_error: Option<String>,
     pub checkpoints_sent: u64,
     pub bytes_sent: u64,
     pub reconnects: u64,

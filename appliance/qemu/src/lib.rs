@@ -7,6 +7,7 @@
 //! exports that node (a real VM's device sits there on its own).
 
 pub mod fleece;
+pub mod mirror;
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
@@ -258,11 +259,14 @@ impl StorageDaemon {
         self.qmp.execute("blockdev-add", target)?;
         self.qmp.execute(
             "blockdev-mirror",
-            json!({
-                "job-id": MIRROR_JOB, "device": "disk0", "target": "ferry-target",
-                "sync": "full", "copy-mode": "write-blocking", "speed": speed,
-                "filter-node-name": MIRROR_FILTER, "auto-finalize": false, "auto-dismiss": false,
-            }),
+            mirror::mirror_arguments(
+                MIRROR_JOB,
+                "disk0",
+                "ferry-target",
+                "full",
+                MIRROR_FILTER,
+                speed,
+            ),
         )?;
         Ok(())
     }
