@@ -20,6 +20,8 @@ pub struct App {
     /// One writer at a time: a change checks references and then writes, and the check must
     /// still hold when the write lands. A control plane's write rate makes this cheap.
     pub write: tokio::sync::Mutex<()>,
+    /// The recovery site jobs drive, and the servers test failovers run.
+    pub jobs: crate::jobs::Runtime,
 }
 
 pub type Shared = Arc<App>;

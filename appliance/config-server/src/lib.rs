@@ -7,7 +7,7 @@
 //!
 //! Rooms: [`store`] (sled), [`ca`] (issuing), [`app`] (the authentication and audit gate),
 //! [`objects`] (CRUD for every kind), [`enroll`], [`reports`] (audit, events, metrics),
-//! [`report`] (what appliances observe),
+//! [`report`] (what appliances observe), [`jobs`] (failover jobs),
 //! [`routes`] (the table) and [`openapi`] (the document made from it), [`serve`] (TLS and
 //! HTTP), [`client`] (for the CLI and tests).
 
@@ -16,6 +16,7 @@ pub mod ca;
 pub mod client;
 pub mod enroll;
 pub mod error;
+pub mod jobs;
 pub mod objects;
 pub mod openapi;
 pub mod report;

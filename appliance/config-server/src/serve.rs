@@ -43,6 +43,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Extra names or addresses for the server certificate (at creation only).
     pub server_names: Vec<String>,
+    /// The recovery site failover jobs drive; none refuses jobs.
+    pub site: Option<ferry_failover::Site>,
 }
 
 /// Concurrent connections; more are closed at once rather than queued without bound.
@@ -79,7 +81,10 @@ impl Server {
             store,
             ca,
             write: tokio::sync::Mutex::new(()),
+            jobs: crate::jobs::Runtime::new(cfg.site.clone()),
         });
+        // Jobs a crash interrupted resume (or end, saying why) before any request is served.
+        crate::jobs::resume(&app).await?;
         Ok(Server {
             listener,
             app,

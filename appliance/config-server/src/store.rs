@@ -39,6 +39,12 @@ pub mod trees {
     pub const CERTS: &str = "certs";
     pub const AUDIT: &str = "audit";
     pub const EVENTS: &str = "events";
+    /// Failover jobs: `{tenant}/{id:020}` → job.
+    pub const JOBS: &str = "jobs";
+    /// Job numbers (a log of numbers, so they never repeat).
+    pub const JOB_IDS: &str = "job-ids";
+    /// Where each recovery plan stands: `{tenant}/{plan}` → plan status.
+    pub const PLAN_STATUS: &str = "plan-status";
 }
 
 /// Entries kept per log (audit, events): about 60 MB of audit at ~300 bytes an entry.

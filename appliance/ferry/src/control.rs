@@ -4,8 +4,9 @@
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ferry_api::{
-    Appliance, AuditEntry, CreateToken, Disk, EnrollRequest, Enrolled, Event, Machine, Plan,
-    Policy, Principal, Site, Tenant, TokenCreated,
+    Appliance, AuditEntry, CreateToken, Disk, DiskOutcome, EnrollRequest, Enrolled, Event, Job,
+    JobKind, JobState, Machine, Plan, PlanStatus, Policy, Principal, Site, StartJob, StepState,
+    Tenant, TokenCreated,
 };
 use ferry_config_server::client::Method;
 use ferry_config_server::client::{Client, ClientError};
@@ -23,6 +24,19 @@ pub struct ServerArgs {
     /// Extra DNS names or addresses for the server certificate (used when the CA is created).
     #[arg(long = "name")]
     names: Vec<String>,
+    /// The recovery repository failover jobs use (the master target's, read beside it).
+    /// Without it the server refuses jobs.
+    #[arg(long, requires_all = ["recovery_key", "recovery_work"])]
+    recovery_repo: Option<PathBuf>,
+    /// The tenant key of the recovery repository.
+    #[arg(long, requires = "recovery_repo")]
+    recovery_key: Option<PathBuf>,
+    /// Where jobs keep scratch overlays and live disks.
+    #[arg(long, requires = "recovery_repo")]
+    recovery_work: Option<PathBuf>,
+    /// The process server's cache directory (planned failover waits for its journals to drain).
+    #[arg(long, requires = "recovery_repo")]
+    process_cache: Option<PathBuf>,
 }
 
 pub fn server(a: ServerArgs) -> anyhow::Result<()> {
@@ -32,6 +46,15 @@ pub fn server(a: ServerArgs) -> anyhow::Result<()> {
             state: a.state.clone(),
             listen: a.listen,
             server_names: a.names,
+            site: match (a.recovery_repo, a.recovery_key, a.recovery_work) {
+                (Some(repo), Some(key), Some(work)) => Some(ferry_failover::Site {
+                    repo,
+                    key,
+                    work,
+                    process_cache: a.process_cache,
+                }),
+                _ => None,
+            },
         };
         let s = ferry_config_server::Server::bind(&cfg)
             .await
@@ -132,6 +155,60 @@ enum CtlCmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Show a recovery plan and where it stands, or create or replace it from a JSON file.
+    Plan {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Fail a plan over: a test beside replication, a planned one (nothing lost), or an
+    /// unplanned one (the source is gone).
+    Failover {
+        #[command(flatten)]
+        job: JobArgs,
+        #[arg(long, group = "how", required = true)]
+        test: bool,
+        #[arg(long, group = "how")]
+        planned: bool,
+        #[arg(long, group = "how")]
+        unplanned: bool,
+        /// The newest point at or before this time (RFC 3339 or Unix seconds); default latest.
+        #[arg(long, conflicts_with = "planned")]
+        point: Option<String>,
+    },
+    /// Discard a test failover's scratch layers.
+    Cleanup {
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Accept a failover.
+    Commit {
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Bring the original site's disks up to date from the recovery site (checksum resync).
+    Reprotect {
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Fail back to the original site (a planned failover back).
+    Failback {
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// A tenant's jobs, or one job's steps.
+    Jobs {
+        #[arg(long)]
+        tenant: String,
+        id: Option<u64>,
+    },
+    /// Active alerts (RPO over threshold, ...).
+    Alerts {
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// Any API call: `ctl call POST /v1/tenants/acme/sites --file site.json`.
     Call {
         method: String,
@@ -139,6 +216,107 @@ enum CtlCmd {
         #[arg(long)]
         file: Option<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct JobArgs {
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    plan: String,
+    /// Wait for the job to end and show its steps (a failed job exits non-zero).
+    #[arg(long)]
+    wait: bool,
+}
+
+/// `--point`: RFC 3339 or Unix seconds.
+fn parse_time(s: &str) -> anyhow::Result<u64> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(n);
+    }
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("--point {s:?} is neither RFC 3339 nor Unix seconds"))?;
+    u64::try_from(t.unix_timestamp()).with_context(|| format!("--point {s:?} is before 1970"))
+}
+
+fn job_table(j: &Job) {
+    println!(
+        "job {} {} on plan {}: {}{}",
+        j.id,
+        j.kind.as_str(),
+        j.plan,
+        format!("{:?}", j.state).to_lowercase(),
+        if j.resumed > 0 {
+            format!(" (resumed {} times)", j.resumed)
+        } else {
+            String::new()
+        }
+    );
+    table(
+        &["step", "state", "progress", "detail"],
+        j.steps
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    format!("{:?}", s.state).to_lowercase(),
+                    if s.total > 0 {
+                        format!("{}/{}", s.done, s.total)
+                    } else {
+                        "-".into()
+                    },
+                    s.detail.clone(),
+                ]
+            })
+            .collect(),
+    );
+    for d in &j.disks {
+        if let Some(r) = &d.resync {
+            println!(
+                "{}/{}: sent {} of {} bytes ({} of {} blocks differed), {} bytes of block names",
+                d.machine,
+                d.disk,
+                r.bytes_sent,
+                r.disk_bytes,
+                r.blocks_sent,
+                r.blocks_compared,
+                r.hash_bytes
+            );
+        }
+    }
+    if let Some(e) = &j.error {
+        println!("error: {e}");
+    }
+}
+
+async fn start_job(
+    c: &Client,
+    json: bool,
+    a: &JobArgs,
+    kind: JobKind,
+    point_unix: Option<u64>,
+) -> anyhow::Result<()> {
+    let req = StartJob { kind, point_unix };
+    let mut j: Job = c
+        .call(
+            Method::POST,
+            &format!("/v1/tenants/{}/plans/{}/jobs", a.tenant, a.plan),
+            Some(&req),
+        )
+        .await?;
+    if a.wait {
+        while j.state == JobState::Running {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            j = c
+                .get(&format!("/v1/tenants/{}/jobs/{}", a.tenant, j.id))
+                .await?;
+        }
+    }
+    show(json, &j, job_table)?;
+    if j.state == JobState::Failed {
+        bail!("job {} failed", j.id);
+    }
+    Ok(())
 }
 
 fn parse_name<T: DeserializeOwned>(what: &str, s: &str) -> anyhow::Result<T> {
@@ -194,6 +372,17 @@ fn when(unix: u64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| unix.to_string())
+}
+
+/// An alert is raised by an active event and cleared by a later event about the same subject:
+/// the newest event of each subject, when active.
+fn active_alerts(events: Vec<Event>) -> Vec<Event> {
+    let mut newest: std::collections::BTreeMap<(Option<String>, String), Event> =
+        Default::default();
+    for e in events {
+        newest.insert((e.tenant.clone(), e.subject.clone()), e);
+    }
+    newest.into_values().filter(|e| e.active).collect()
 }
 
 pub fn ctl(a: CtlArgs) -> anyhow::Result<()> {
@@ -473,6 +662,152 @@ async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
                             vec![
                                 when(e.at_unix),
                                 format!("{:?}", e.severity).to_lowercase(),
+                                e.subject.clone(),
+                                e.message.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        CtlCmd::Plan { tenant, name, file } => {
+            let path = format!("/v1/tenants/{tenant}/plans/{name}");
+            let p: Plan = match file {
+                None => c.get(&path).await?,
+                Some(f) => {
+                    let p: Plan = read_json(&f)?;
+                    match c.call(Method::PUT, &path, Some(&p)).await {
+                        Err(ClientError::Api { status: 404, .. }) => {
+                            c.call(
+                                Method::POST,
+                                &format!("/v1/tenants/{tenant}/plans"),
+                                Some(&p),
+                            )
+                            .await?
+                        }
+                        r => r?,
+                    }
+                }
+            };
+            let st: PlanStatus = c.get(&format!("{path}/status")).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"plan": p, "status": st}))?
+                );
+                return Ok(());
+            }
+            println!(
+                "plan {}: {}{}",
+                p.name,
+                st.phase.as_str(),
+                st.running_job
+                    .map_or(String::new(), |j| format!(", job {j} running"))
+            );
+            table(
+                &["machine", "start", "disk", "point", "path"],
+                p.start_order()
+                    .flat_map(|m| {
+                        let disks: Vec<&DiskOutcome> =
+                            st.disks.iter().filter(|d| d.machine == m.machine).collect();
+                        let start = m
+                            .start
+                            .as_ref()
+                            .map_or("-".to_string(), |h| h.argv.join(" "));
+                        if disks.is_empty() {
+                            return vec![vec![
+                                m.machine.clone(),
+                                start,
+                                "-".into(),
+                                "-".into(),
+                                "-".into(),
+                            ]];
+                        }
+                        disks
+                            .into_iter()
+                            .map(|d| {
+                                vec![
+                                    m.machine.clone(),
+                                    start.clone(),
+                                    d.disk.clone(),
+                                    d.point_seq.map_or("-".into(), |s| s.to_string()),
+                                    d.path.clone(),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .collect(),
+            );
+            Ok(())
+        }
+        CtlCmd::Failover {
+            job,
+            test,
+            planned,
+            unplanned: _,
+            point,
+        } => {
+            let kind = if test {
+                JobKind::TestFailover
+            } else if planned {
+                JobKind::PlannedFailover
+            } else {
+                JobKind::UnplannedFailover
+            };
+            let point = point.as_deref().map(parse_time).transpose()?;
+            start_job(&c, json, &job, kind, point).await
+        }
+        CtlCmd::Cleanup { job } => start_job(&c, json, &job, JobKind::Cleanup, None).await,
+        CtlCmd::Commit { job } => start_job(&c, json, &job, JobKind::Commit, None).await,
+        CtlCmd::Reprotect { job } => start_job(&c, json, &job, JobKind::Reprotect, None).await,
+        CtlCmd::Failback { job } => start_job(&c, json, &job, JobKind::Failback, None).await,
+        CtlCmd::Jobs {
+            tenant,
+            id: Some(id),
+        } => {
+            let j: Job = c.get(&format!("/v1/tenants/{tenant}/jobs/{id}")).await?;
+            show(json, &j, job_table)
+        }
+        CtlCmd::Jobs { tenant, id: None } => {
+            let v: Vec<Job> = c.get(&format!("/v1/tenants/{tenant}/jobs")).await?;
+            show(json, &v, |v| {
+                table(
+                    &["id", "kind", "plan", "state", "by", "started", "steps done"],
+                    v.iter()
+                        .map(|j| {
+                            vec![
+                                j.id.to_string(),
+                                j.kind.as_str().into(),
+                                j.plan.clone(),
+                                format!("{:?}", j.state).to_lowercase(),
+                                j.by.clone(),
+                                when(j.created_unix),
+                                format!(
+                                    "{}/{}",
+                                    j.steps
+                                        .iter()
+                                        .filter(|s| s.state == StepState::Done)
+                                        .count(),
+                                    j.steps.len()
+                                ),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        CtlCmd::Alerts { limit } => {
+            let v: Vec<Event> = c.get(&format!("/v1/events?limit={limit}")).await?;
+            let active = active_alerts(v);
+            show(json, &active, |v| {
+                table(
+                    &["since", "severity", "tenant", "subject", "message"],
+                    v.iter()
+                        .map(|e| {
+                            vec![
+                                when(e.at_unix),
+                                format!("{:?}", e.severity).to_lowercase(),
+                                opt(&e.tenant),
                                 e.subject.clone(),
                                 e.message.clone(),
                             ]
