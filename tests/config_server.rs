@@ -465,6 +465,8 @@ fn example_body(method: &Method, path: &str) -> Value {
         "disks" | "d0" => json!({"name": "d0", "size_bytes": 4096}),
         "plans" | "dr" => json!({"name": "dr", "groups": []}),
         "report" => json!({"state": "seeding", "rpo_seconds": null}),
+        // Without a recovery site the server refuses jobs (409), as documented.
+        "jobs" => json!({"kind": "test-failover"}),
         other => panic!("no example body for {other} ({path})"),
     }
 }
@@ -523,7 +525,8 @@ fn openapi_document_parses_and_every_route_answers_as_documented() {
                 .replace("{policy}", "gold")
                 .replace("{machine}", "web")
                 .replace("{disk}", "d0")
-                .replace("{plan}", "dr");
+                .replace("{plan}", "dr")
+                .replace("{job}", "1");
             let body = op.get("requestBody").map(|_| {
                 (
                     "application/json",
