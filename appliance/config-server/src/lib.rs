@@ -7,10 +7,11 @@
 //!
 //! Rooms: [`store`] (sled), [`ca`] (issuing), [`app`] (the authentication and audit gate),
 //! [`objects`] (CRUD for every kind), [`enroll`], [`reports`] (audit, events, metrics),
-//! [`report`] (what appliances observe), [`jobs`] (failover jobs),
+//! [`report`] (what appliances observe), [`alerts`], [`jobs`] (failover jobs),
 //! [`routes`] (the table) and [`openapi`] (the document made from it), [`serve`] (TLS and
 //! HTTP), [`client`] (for the CLI and tests).
 
+pub mod alerts;
 pub mod app;
 pub mod ca;
 pub mod client;

@@ -12,8 +12,8 @@ use axum::http::{Method, StatusCode};
 use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use ferry_api::{
-    Appliance, AuditEntry, CreateToken, Disk, DiskReport, EnrollRequest, Enrolled, Event, Health,
-    Machine, Plan, Policy, Principal, Site, Tenant, TokenCreated,
+    Appliance, ApplianceReport, AuditEntry, CreateToken, Disk, DiskReport, EnrollRequest, Enrolled,
+    Event, Health, Machine, Plan, Policy, Principal, Site, Tenant, TokenCreated,
 };
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
@@ -251,6 +251,23 @@ pub fn router(app: Shared) -> Router {
     api = crud::<Disk>(api, "/v1/tenants/{tenant}/machines/{machine}/disks");
     api = crud::<Plan>(api, "/v1/tenants/{tenant}/plans");
     api = crate::jobs::routes::add(api);
+    api = api
+        .add(
+            Op::new(Method::GET, "/v1/alerts", "Active alerts").answers::<Vec<Event>>(),
+            crate::alerts::list,
+        )
+        .add(
+            Op::new(
+                Method::PUT,
+                "/v1/appliances/{appliance}/report",
+                "An appliance reports its cache and upload backlog",
+            )
+            .body::<ApplianceReport>()
+            .answers::<ApplianceReport>()
+            .who("the appliance itself, provider-admin")
+            .errors(&[403, 404]),
+            crate::alerts::report,
+        );
     api = api.add(
         Op::new(
             Method::PUT,

@@ -45,6 +45,8 @@ pub struct Config {
     pub server_names: Vec<String>,
     /// The recovery site failover jobs drive; none refuses jobs.
     pub site: Option<ferry_failover::Site>,
+    /// An appliance silent for this long is unreachable (an alert).
+    pub unreachable_after: Duration,
 }
 
 /// Concurrent connections; more are closed at once rather than queued without bound.
@@ -55,6 +57,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Server {
     listener: TcpListener,
     app: Shared,
+    unreachable_after: Duration,
     pub local_addr: SocketAddr,
 }
 
@@ -88,6 +91,7 @@ impl Server {
         Ok(Server {
             listener,
             app,
+            unreachable_after: cfg.unreachable_after,
             local_addr,
         })
     }
@@ -99,6 +103,10 @@ impl Server {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(io("installing the SIGTERM handler"))?;
+        tokio::spawn(crate::alerts::watch(
+            self.app.clone(),
+            self.unreachable_after,
+        ));
         tracing::info!(addr = %self.local_addr, "configuration server listening");
         loop {
             let (tcp, peer) = tokio::select! {

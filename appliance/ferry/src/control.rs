@@ -4,9 +4,9 @@
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ferry_api::{
-    Appliance, AuditEntry, CreateToken, Disk, DiskOutcome, EnrollRequest, Enrolled, Event, Job,
-    JobKind, JobState, Machine, Plan, PlanStatus, Policy, Principal, Site, StartJob, StepState,
-    Tenant, TokenCreated,
+    Appliance, ApplianceReport, AuditEntry, CreateToken, Disk, DiskOutcome, EnrollRequest,
+    Enrolled, Event, Job, JobKind, JobState, Machine, Plan, PlanStatus, Policy, Principal, Site,
+    StartJob, StepState, Tenant, TokenCreated,
 };
 use ferry_config_server::client::Method;
 use ferry_config_server::client::{Client, ClientError};
@@ -37,6 +37,9 @@ pub struct ServerArgs {
     /// The process server's cache directory (planned failover waits for its journals to drain).
     #[arg(long, requires = "recovery_repo")]
     process_cache: Option<PathBuf>,
+    /// An appliance that has not reported for this many seconds raises an "unreachable" alert.
+    #[arg(long, default_value_t = 300)]
+    unreachable_secs: u64,
 }
 
 pub fn server(a: ServerArgs) -> anyhow::Result<()> {
@@ -55,6 +58,7 @@ pub fn server(a: ServerArgs) -> anyhow::Result<()> {
                 }),
                 _ => None,
             },
+            unreachable_after: std::time::Duration::from_secs(a.unreachable_secs.max(1)),
         };
         let s = ferry_config_server::Server::bind(&cfg)
             .await
@@ -204,10 +208,18 @@ enum CtlCmd {
         tenant: String,
         id: Option<u64>,
     },
-    /// Active alerts (RPO over threshold, ...).
-    Alerts {
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
+    /// Active alerts: RPO over threshold, cache free below 30%/20%, upload backlog over 30
+    /// minutes, an appliance unreachable.
+    Alerts,
+    /// Report this appliance's cache and backlog (what a process server sends).
+    Report {
+        /// The appliance's name (an appliance may report only for itself).
+        name: String,
+        /// Free fraction of the cache, 0 to 1.
+        #[arg(long)]
+        cache_free: Option<f64>,
+        #[arg(long)]
+        backlog_secs: Option<f64>,
     },
     /// Any API call: `ctl call POST /v1/tenants/acme/sites --file site.json`.
     Call {
@@ -372,17 +384,6 @@ fn when(unix: u64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| unix.to_string())
-}
-
-/// An alert is raised by an active event and cleared by a later event about the same subject:
-/// the newest event of each subject, when active.
-fn active_alerts(events: Vec<Event>) -> Vec<Event> {
-    let mut newest: std::collections::BTreeMap<(Option<String>, String), Event> =
-        Default::default();
-    for e in events {
-        newest.insert((e.tenant.clone(), e.subject.clone()), e);
-    }
-    newest.into_values().filter(|e| e.active).collect()
 }
 
 pub fn ctl(a: CtlArgs) -> anyhow::Result<()> {
@@ -796,10 +797,9 @@ async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
                 )
             })
         }
-        CtlCmd::Alerts { limit } => {
-            let v: Vec<Event> = c.get(&format!("/v1/events?limit={limit}")).await?;
-            let active = active_alerts(v);
-            show(json, &active, |v| {
+        CtlCmd::Alerts => {
+            let v: Vec<Event> = c.get("/v1/alerts").await?;
+            show(json, &v, |v| {
                 table(
                     &["since", "severity", "tenant", "subject", "message"],
                     v.iter()
@@ -815,6 +815,24 @@ async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
                         .collect(),
                 )
             })
+        }
+        CtlCmd::Report {
+            name,
+            cache_free,
+            backlog_secs,
+        } => {
+            let r = ApplianceReport {
+                cache_free_ratio: cache_free,
+                upload_backlog_secs: backlog_secs,
+            };
+            let r: ApplianceReport = c
+                .call(
+                    Method::PUT,
+                    &format!("/v1/appliances/{name}/report"),
+                    Some(&r),
+                )
+                .await?;
+            show(json, &r, |_| println!("reported for {name}"))
         }
         CtlCmd::Call { method, path, file } => {
             let m: Method = method.to_uppercase().parse().context("bad method")?;
