@@ -197,6 +197,27 @@ impl Dr {
         Client::from_cert_dir(&self.server().url, &self.path(name)).unwrap()
     }
 
+    /// `ferry ctl ARGS` as `who` (`admin` or an enrolled person); stdout when it succeeds.
+    fn ctl(&self, who: &str, args: &[&str]) -> Result<String, String> {
+        let dir = if who == "admin" {
+            self.path("cs/admin")
+        } else {
+            self.path(who)
+        };
+        let out = Command::new(support::exe())
+            .args(["ctl", "--server", &self.server().url, "--cert-dir"])
+            .arg(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
     fn left(&self) -> Duration {
         DEADLINE
             .checked_sub(self.began.elapsed())
@@ -381,6 +402,43 @@ fn test_failover_scratch_never_reaches_the_replica_and_cleanup_leaves_nothing() 
     assert_eq!(dr.ok(&admin, Method::GET, gold, None)["rpo_alert_secs"], 30);
     let jobs = dr.ok(&admin, Method::GET, "/v1/tenants/acme/jobs", None);
     assert_eq!(jobs, json!([]), "a refused job left a record");
+    // Protecting and unprotecting machines is configuration: refused to the operator (nothing
+    // made), done by the administrator.
+    let protect = [
+        "protect",
+        "--tenant",
+        "acme",
+        "--machine",
+        "db",
+        "--site",
+        "hq",
+        "--policy",
+        "gold",
+        "--disk",
+        "x0=1M",
+    ];
+    let e = dr.ctl("olivia", &protect).unwrap_err();
+    assert!(e.contains("may not change configuration"), "{e}");
+    let (st, _, _) = dr.rt.block_on(harness::refused(
+        &admin,
+        Method::GET,
+        "/v1/tenants/acme/machines/db",
+        None,
+    ));
+    assert_eq!(st, 404);
+    dr.ctl("admin", &protect).unwrap();
+    dr.ctl(
+        "admin",
+        &["unprotect", "--tenant", "acme", "--machine", "db"],
+    )
+    .unwrap();
+    let e = dr
+        .ctl(
+            "admin",
+            &["unprotect", "--tenant", "acme", "--machine", "web"],
+        )
+        .unwrap_err();
+    assert!(e.contains("plan dr starts machine web"), "{e}");
     // Bad input: a point for a cleanup, an unknown kind. Refused, nothing started.
     for bad in [
         json!({"kind": "cleanup", "point_unix": 5}),

@@ -229,3 +229,14 @@ mod tests {
         );
     }
 }
+
+/// A recovery point of one of a machine's disks, as the recovery site holds it
+/// (`GET /v1/tenants/{tenant}/machines/{machine}/points`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PointInfo {
+    pub disk: String,
+    pub seq: u64,
+    pub created_unix_ns: u64,
+    /// `crash` or `application`.
+    pub consistency: String,
+}

@@ -5,12 +5,13 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ferry_api::{
     Appliance, ApplianceReport, AuditEntry, CreateToken, Disk, DiskOutcome, EnrollRequest,
-    Enrolled, Event, Job, JobKind, JobState, Machine, Plan, PlanStatus, Policy, Principal, Site,
-    StartJob, StepState, Tenant, TokenCreated,
+    Enrolled, Event, Job, JobKind, JobState, Machine, Plan, PlanStatus, PointInfo, Policy,
+    Principal, Site, StartJob, StepState, Tenant, TokenCreated,
 };
 use ferry_config_server::client::Method;
 use ferry_config_server::client::{Client, ClientError};
 use serde::{de::DeserializeOwned, Serialize};
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -158,6 +159,41 @@ enum CtlCmd {
     Events {
         #[arg(long, default_value_t = 50)]
         limit: usize,
+    },
+    /// A tenant at a glance: machines, disks (state, RPO), plans (phase), active alerts.
+    Status {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Protect a machine: create it (if new) and its disks, NAME=SIZE[,source=IMAGE].
+    Protect {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        machine: String,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        policy: String,
+        /// NAME=SIZE (bytes, K/M/G/T suffixes), with `,source=IMAGE` for reprotect. Repeatable.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+    },
+    /// Stop protecting a machine: delete its disks and the machine (refused while a plan
+    /// names it).
+    Unprotect {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        machine: String,
+    },
+    /// The recovery points of a machine's disks at the recovery site (`ferry points` reads a
+    /// repository directly).
+    Points {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        machine: String,
     },
     /// Show a recovery plan and where it stands, or create or replace it from a JSON file.
     Plan {
@@ -665,6 +701,180 @@ async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
                                 format!("{:?}", e.severity).to_lowercase(),
                                 e.subject.clone(),
                                 e.message.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        CtlCmd::Status { tenant } => {
+            let machines: Vec<Machine> = c.get(&format!("/v1/tenants/{tenant}/machines")).await?;
+            let mut disks = Vec::new();
+            for m in &machines {
+                let ds: Vec<Disk> = c
+                    .get(&format!("/v1/tenants/{tenant}/machines/{}/disks", m.name))
+                    .await?;
+                disks.extend(ds.into_iter().map(|d| (m.name.clone(), d)));
+            }
+            let plans: Vec<Plan> = c.get(&format!("/v1/tenants/{tenant}/plans")).await?;
+            let mut phases = Vec::new();
+            for p in &plans {
+                let st: PlanStatus = c
+                    .get(&format!("/v1/tenants/{tenant}/plans/{}/status", p.name))
+                    .await?;
+                phases.push(st);
+            }
+            let alerts: Vec<Event> = c.get("/v1/alerts").await?;
+            if json {
+                let disks: Vec<Value> = disks
+                    .iter()
+                    .map(|(m, d)| serde_json::json!({"machine": m, "disk": d}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "machines": machines, "disks": disks, "plans": phases, "alerts": alerts
+                    }))?
+                );
+                return Ok(());
+            }
+            table(
+                &["machine", "disk", "size", "state", "rpo"],
+                disks
+                    .iter()
+                    .map(|(m, d)| {
+                        vec![
+                            m.clone(),
+                            d.name.clone(),
+                            ferry_process_server::status::human_bytes(d.size_bytes),
+                            d.state.as_str().into(),
+                            d.rpo_seconds.map_or("-".into(), |r| format!("{r:.1}s")),
+                        ]
+                    })
+                    .collect(),
+            );
+            println!();
+            table(
+                &["plan", "phase", "running job", "last job"],
+                phases
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.plan.clone(),
+                            s.phase.as_str().into(),
+                            s.running_job.map_or("-".into(), |j| j.to_string()),
+                            s.last_job.map_or("-".into(), |j| j.to_string()),
+                        ]
+                    })
+                    .collect(),
+            );
+            println!("\n{} active alerts (ferry ctl alerts)", alerts.len());
+            Ok(())
+        }
+        CtlCmd::Protect {
+            tenant,
+            machine,
+            site,
+            policy,
+            disks,
+        } => {
+            // Every disk is checked before anything is created.
+            let mut ds = Vec::new();
+            for spec in &disks {
+                let (head, source) = match spec.split_once(",source=") {
+                    Some((h, s)) => (h, s.to_string()),
+                    None => (spec.as_str(), String::new()),
+                };
+                let (name, size) = head
+                    .split_once('=')
+                    .with_context(|| format!("--disk {spec:?} must be NAME=SIZE[,source=IMAGE]"))?;
+                ds.push(Disk {
+                    name: name.to_string(),
+                    size_bytes: ferry::parse_size(size)?,
+                    source,
+                    state: Default::default(),
+                    rpo_seconds: None,
+                });
+            }
+            let m = Machine {
+                name: machine.clone(),
+                site,
+                policy,
+                description: String::new(),
+            };
+            let mpath = format!("/v1/tenants/{tenant}/machines/{machine}");
+            match c.call::<_, Machine>(Method::PUT, &mpath, Some(&m)).await {
+                Err(ClientError::Api { status: 404, .. }) => {
+                    c.call::<_, Machine>(
+                        Method::POST,
+                        &format!("/v1/tenants/{tenant}/machines"),
+                        Some(&m),
+                    )
+                    .await?;
+                }
+                r => {
+                    r?;
+                }
+            }
+            let mut made = Vec::new();
+            for d in &ds {
+                let d: Disk = c
+                    .call(Method::POST, &format!("{mpath}/disks"), Some(d))
+                    .await?;
+                made.push(d);
+            }
+            show(json, &made, |v| {
+                println!(
+                    "protecting machine {machine} ({} disks): {}",
+                    v.len(),
+                    v.iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+        }
+        CtlCmd::Unprotect { tenant, machine } => {
+            let mpath = format!("/v1/tenants/{tenant}/machines/{machine}");
+            // Refused before anything is deleted when a plan still starts the machine.
+            let plans: Vec<Plan> = c.get(&format!("/v1/tenants/{tenant}/plans")).await?;
+            if let Some(p) = plans.iter().find(|p| p.machines().any(|m| m == machine)) {
+                bail!(
+                    "plan {} starts machine {machine}: take it out of the plan first",
+                    p.name
+                );
+            }
+            let ds: Vec<Disk> = c.get(&format!("{mpath}/disks")).await?;
+            for d in &ds {
+                c.call::<(), ()>(Method::DELETE, &format!("{mpath}/disks/{}", d.name), None)
+                    .await?;
+            }
+            c.call::<(), ()>(Method::DELETE, &mpath, None).await?;
+            show(
+                json,
+                &serde_json::json!({"machine": machine, "disks": ds.len()}),
+                |_| {
+                    println!(
+                        "machine {machine} and its {} disks are no longer protected",
+                        ds.len()
+                    )
+                },
+            )
+        }
+        CtlCmd::Points { tenant, machine } => {
+            let v: Vec<PointInfo> = c
+                .get(&format!("/v1/tenants/{tenant}/machines/{machine}/points"))
+                .await?;
+            show(json, &v, |v| {
+                table(
+                    &["disk", "point", "time (utc)", "consistency"],
+                    v.iter()
+                        .map(|p| {
+                            vec![
+                                p.disk.clone(),
+                                p.seq.to_string(),
+                                when(p.created_unix_ns / 1_000_000_000),
+                                p.consistency.clone(),
                             ]
                         })
                         .collect(),

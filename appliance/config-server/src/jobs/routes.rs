@@ -8,7 +8,7 @@ use crate::store::trees;
 use axum::extract::State;
 use axum::http::{Method, StatusCode};
 use axum::Json;
-use ferry_api::{Action, Job, PlanStatus, StartJob};
+use ferry_api::{Action, Disk, Job, PlanStatus, PointInfo, StartJob};
 
 pub fn add(api: Api) -> Api {
     api.add(
@@ -34,6 +34,16 @@ pub fn add(api: Api) -> Api {
         .answers::<PlanStatus>()
         .errors(&[403, 404]),
         status,
+    )
+    .add(
+        Op::new(
+            Method::GET,
+            "/v1/tenants/{tenant}/machines/{machine}/points",
+            "The recovery points of a machine's disks at the recovery site",
+        )
+        .answers::<Vec<PointInfo>>()
+        .errors(&[403, 404, 409]),
+        points,
     )
     .add(
         Op::new(
@@ -130,4 +140,51 @@ async fn one(
         .get(trees::JOBS, &super::job_key(tenant, id))?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
+}
+
+async fn points(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+    Segs(s): Segs,
+) -> Result<Json<Vec<PointInfo>>, ApiError> {
+    let [tenant, machine] = s.as_slice() else {
+        return Err(ApiError::not_found("points name a tenant and a machine"));
+    };
+    p.may(Action::Read, Some(tenant))?;
+    if !app
+        .store
+        .contains(trees::MACHINES, &format!("{tenant}/{machine}"))?
+    {
+        return Err(ApiError::not_found(format!("no machine {machine}")));
+    }
+    let site = app.jobs.site.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no-recovery-site",
+            "this configuration server reads no recovery repository (--recovery-repo)",
+        )
+    })?;
+    let disks: Vec<Disk> = app
+        .store
+        .list(trees::DISKS, &format!("{tenant}/{machine}/"))?;
+    let out = tokio::task::spawn_blocking(move || {
+        let repo = site.repository()?;
+        let mut out = Vec::new();
+        for d in disks {
+            // A disk that has not replicated yet has no points.
+            for pt in repo.points(&d.name).unwrap_or_default() {
+                out.push(PointInfo {
+                    disk: d.name.clone(),
+                    seq: pt.meta.seq,
+                    created_unix_ns: pt.meta.created_unix_ns,
+                    consistency: format!("{:?}", pt.meta.consistency).to_lowercase(),
+                });
+            }
+        }
+        Ok::<_, ferry_failover::FailoverError>(out)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    Ok(Json(out))
 }
