@@ -400,6 +400,25 @@ fn test_failover_scratch_never_reaches_the_replica_and_cleanup_leaves_nothing() 
         .block_on(harness::audited(&admin, &format!("PUT {gold}")));
     assert_eq!((a.who.as_str(), a.result), ("olivia", AuditResult::Refused));
     assert_eq!(dr.ok(&admin, Method::GET, gold, None)["rpo_alert_secs"], 30);
+    // Hooks and start commands run on the appliance: only a provider admin sets them. A
+    // tenant admin may write plans without them.
+    let tara = dr.person("tara", "tenant-admin");
+    let plan = dr.ok(&admin, Method::GET, "/v1/tenants/acme/plans/dr", None);
+    let (st, _, msg) = dr.rt.block_on(harness::refused(
+        &tara,
+        Method::PUT,
+        "/v1/tenants/acme/plans/dr",
+        Some(plan.clone()),
+    ));
+    assert!(st == 403 && msg.contains("commands"), "{msg}");
+    assert_eq!(
+        dr.ok(&admin, Method::GET, "/v1/tenants/acme/plans/dr", None),
+        plan
+    );
+    let quiet = json!({"name": "quiet",
+        "groups": [{"priority": 1, "machines": [{"machine": "web", "boot_order": 1}]}]});
+    dr.ok(&tara, Method::POST, "/v1/tenants/acme/plans", Some(quiet));
+    dr.ok(&tara, Method::DELETE, "/v1/tenants/acme/plans/quiet", None);
     let jobs = dr.ok(&admin, Method::GET, "/v1/tenants/acme/jobs", None);
     assert_eq!(jobs, json!([]), "a refused job left a record");
     // Protecting and unprotecting machines is configuration: refused to the operator (nothing

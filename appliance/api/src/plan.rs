@@ -82,6 +82,13 @@ impl Plan {
         self.start_order().map(|m| m.machine.as_str())
     }
 
+    /// Whether the plan holds commands the appliance would run (hooks, start commands).
+    pub fn has_commands(&self) -> bool {
+        !self.pre_hooks.is_empty()
+            || !self.post_hooks.is_empty()
+            || self.start_order().any(|m| m.start.is_some())
+    }
+
     /// The plan's machines in start order: priority group 1 first, by boot order inside one.
     pub fn start_order(&self) -> impl Iterator<Item = &PlanMachine> {
         let mut groups: Vec<&PriorityGroup> = self.groups.iter().collect();
