@@ -16,6 +16,7 @@ use ferry_nbd::client::Client;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// The unit of comparison: the recovery repository's default block size.
 pub const BLOCK: u64 = 64 * 1024;
@@ -63,6 +64,7 @@ pub fn run(
         .len();
     let format = format_of(target)?;
     std::fs::create_dir_all(scratch).map_err(io(format!("creating {}", scratch.display())))?;
+    quit_leftover(scratch);
     let mut qsd = ferry_qemu::StorageDaemon::start(target, &format, scratch)?;
     let sock = scratch.join("target.sock");
     qsd.export("disk0", "target", &sock)?;
@@ -87,6 +89,24 @@ pub fn run(
     });
     qsd.stop();
     r
+}
+
+/// A resync interrupted by a crash of the process that ran it leaves its daemon running with
+/// the target open (and locked): ask it to quit before opening the target again.
+fn quit_leftover(scratch: &Path) {
+    let sock = scratch.join("qsd-qmp.sock");
+    if !sock.exists() {
+        return;
+    }
+    if let Ok(mut q) = ferry_qemu::Qmp::connect(&sock, Duration::from_millis(500)) {
+        tracing::warn!(dir = %scratch.display(), "stopping a daemon an interrupted resync left");
+        let _ = q.execute("quit", serde_json::json!({}));
+        // It has quit when its socket no longer answers.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 async fn compare_and_send<S>(
