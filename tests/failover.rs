@@ -585,7 +585,18 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
     let mut dr = Dr::start();
     let op = dr.person("olivia", "operator");
     let writers = dr.writers();
-    std::thread::sleep(Duration::from_millis(1500));
+    // A source that keeps writing (its pre-hooks did not stop it) fails the drain: nothing
+    // goes live, the plan stays protected.
+    let j = dr.start_job(&op, json!({"kind": "planned-failover"}));
+    let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(j.state, JobState::Failed);
+    let e = j.error.unwrap();
+    assert!(
+        e.contains("still taking writes") && e.contains("Steps done: pre-hooks."),
+        "{e}"
+    );
+    assert_eq!(dr.status().phase, PlanPhase::Protected);
+    assert!(!dr.path("work/acme/dr/live").exists());
     for w in writers {
         let (_, flushed) = w.finish(&dr.rt);
         assert!(flushed > 0);
@@ -692,7 +703,7 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
     assert_eq!(st.phase, PlanPhase::Protected);
     assert_eq!(
         read_log(&dr.path("hooks.log")),
-        "pre planned-failover\npost planned-failover\npre failback\npost failback\n"
+        "pre planned-failover\npre planned-failover\npost planned-failover\npre failback\npost failback\n"
     );
 }
 
