@@ -498,6 +498,15 @@ fn test_failover_scratch_never_reaches_the_replica_and_cleanup_leaves_nothing() 
     );
     let st = dr.status();
     assert_eq!(st.phase, PlanPhase::TestRunning);
+    let (_, m) = dr
+        .rt
+        .block_on(viewer.raw(Method::GET, "/metrics", None))
+        .unwrap();
+    let m = String::from_utf8_lossy(&m);
+    assert!(
+        m.contains("ferry_plan_phase{tenant=\"acme\",plan=\"dr\",phase=\"test-running\"} 1"),
+        "{m}"
+    );
     assert_eq!(st.disks.len(), 2);
     let port = st.test_nbd_port.unwrap();
     let starts = read_log(&dr.path("starts.log"));

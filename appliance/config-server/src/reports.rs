@@ -129,6 +129,7 @@ pub async fn metrics(
     );
     out.push_str(&size);
     crate::alerts::metrics(&app.store, &p, &mut out)?;
+    crate::jobs::metrics(&app.store, &p, &mut out)?;
     let proc = process_stats();
     let _ = writeln!(
         out,

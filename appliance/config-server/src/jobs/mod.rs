@@ -250,6 +250,40 @@ pub async fn start(
     Ok(job)
 }
 
+/// `ferry_plan_phase{tenant,plan,phase} 1` for each plan that has run a job, and
+/// `ferry_plan_job_running{tenant,plan}` (0 or 1).
+pub fn metrics(
+    store: &Store,
+    p: &ferry_api::Principal,
+    out: &mut String,
+) -> Result<(), StoreError> {
+    use std::fmt::Write;
+    out.push_str("# HELP ferry_plan_phase 1 for the phase a recovery plan is in\n# TYPE ferry_plan_phase gauge\n");
+    let all: Vec<(String, PlanStatus)> = store.list_keyed(trees::PLAN_STATUS, "")?;
+    let mut running = String::new();
+    for (key, st) in &all {
+        let Some((t, plan)) = key.split_once('/') else {
+            continue;
+        };
+        if !p.sees(t) {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "ferry_plan_phase{{tenant=\"{t}\",plan=\"{plan}\",phase=\"{}\"}} 1",
+            st.phase.as_str()
+        );
+        let _ = writeln!(
+            running,
+            "ferry_plan_job_running{{tenant=\"{t}\",plan=\"{plan}\"}} {}",
+            u8::from(st.running_job.is_some())
+        );
+    }
+    out.push_str("# HELP ferry_plan_job_running 1 while a job runs on the plan\n# TYPE ferry_plan_job_running gauge\n");
+    out.push_str(&running);
+    Ok(())
+}
+
 /// At start-up: serve the scratch layers of running tests again, and resume running jobs
 /// (or end them failed when the interrupted step may not run again).
 pub async fn resume(app: &Shared) -> Result<(), StoreError> {
@@ -298,4 +332,75 @@ pub async fn resume(app: &Shared) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_api::{PlanMachine, PriorityGroup};
+
+    fn pm(m: &str, o: u32) -> PlanMachine {
+        PlanMachine {
+            machine: m.into(),
+            boot_order: o,
+            start: None,
+        }
+    }
+
+    #[test]
+    fn steps_follow_priority_groups_and_boot_order() {
+        let plan = Plan {
+            name: "dr".into(),
+            groups: vec![
+                PriorityGroup {
+                    priority: 2,
+                    machines: vec![pm("app", 2), pm("web", 1)],
+                },
+                PriorityGroup {
+                    priority: 1,
+                    machines: vec![pm("db", 1)],
+                },
+            ],
+            pre_hooks: vec![],
+            post_hooks: vec![],
+            networks: Default::default(),
+        };
+        let names = |k| {
+            steps(k, &plan)
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(JobKind::TestFailover),
+            [
+                "pre-hooks",
+                "points",
+                "scratch db",
+                "start db",
+                "scratch web",
+                "start web",
+                "scratch app",
+                "start app",
+                "post-hooks"
+            ]
+        );
+        assert_eq!(
+            names(JobKind::Failback),
+            [
+                "pre-hooks",
+                "resync db",
+                "resync web",
+                "resync app",
+                "start db",
+                "start web",
+                "start app",
+                "post-hooks"
+            ]
+        );
+        assert!(names(JobKind::PlannedFailover)[1..4] == ["drain db", "drain web", "drain app"]);
+        // What starts or stops things outside Ferry never runs twice.
+        assert!(!retry_safe("start db") && !retry_safe("pre-hooks") && !retry_safe("post-hooks"));
+        assert!(retry_safe("drain db") && retry_safe("resync db") && retry_safe("scratch db"));
+    }
 }
