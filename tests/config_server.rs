@@ -464,6 +464,7 @@ fn example_body(method: &Method, path: &str) -> Value {
         "machines" | "web" => json!({"name": "web", "site": "hq", "policy": "gold"}),
         "disks" | "d0" => json!({"name": "d0", "size_bytes": 4096}),
         "plans" | "dr" => json!({"name": "dr", "groups": []}),
+        "report" if path.starts_with("/v1/appliances/") => json!({"cache_free_ratio": 0.5}),
         "report" => json!({"state": "seeding", "rpo_seconds": null}),
         // The appliance's own routes, with bodies that change nothing on this machine: no such
         // interface, no hooks configured, no provider listening.
@@ -474,6 +475,8 @@ fn example_body(method: &Method, path: &str) -> Value {
                                  "ca_sha256": "00".repeat(32)}),
         "maintenance" => json!({"action": "reboot"}),
         "update-slot" => json!({"slot": "a"}),
+        // Without a recovery site the server refuses jobs (409), as documented.
+        "jobs" => json!({"kind": "test-failover"}),
         other => panic!("no example body for {other} ({path})"),
     }
 }
@@ -532,7 +535,9 @@ fn openapi_document_parses_and_every_route_answers_as_documented() {
                 .replace("{policy}", "gold")
                 .replace("{machine}", "web")
                 .replace("{disk}", "d0")
-                .replace("{plan}", "dr");
+                .replace("{plan}", "dr")
+                .replace("{job}", "1")
+                .replace("{appliance}", "ps1");
             let body = op.get("requestBody").map(|_| {
                 (
                     "application/json",

@@ -25,14 +25,25 @@ pub struct Server {
 
 impl Server {
     pub fn start(state: &Path) -> Server {
+        Self::start_with(state, &[])
+    }
+
+    /// Start with extra arguments (a recovery site for failover jobs, for instance).
+    pub fn start_with(state: &Path, extra: &[String]) -> Server {
         let addr_file = state.join("listening");
         let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::File::create(state.with_extension("log")).unwrap();
+        // Appending: a restarted server's log follows the crashed one's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state.with_extension("log"))
+            .unwrap();
         let mut child = Command::new(exe())
             .arg("config-server")
             .arg("--state")
             .arg(state)
             .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
             .env("FERRY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

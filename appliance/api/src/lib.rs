@@ -11,6 +11,7 @@
 //! Times are Unix seconds (`*_unix`).
 
 pub mod inventory;
+pub mod jobs;
 pub mod plan;
 pub mod policy;
 pub mod records;
@@ -19,6 +20,7 @@ pub mod system;
 pub mod validate;
 
 pub use inventory::*;
+pub use jobs::*;
 pub use plan::*;
 pub use policy::*;
 pub use records::*;

@@ -20,6 +20,13 @@ pub struct Hook {
 pub struct PlanMachine {
     pub machine: String,
     pub boot_order: u32,
+    /// Starts the machine over its disks in a failover (e.g. a QEMU command line). In the
+    /// argv, `{disk:NAME}` becomes the path of disk NAME as the job left it (scratch overlay,
+    /// live disk, or the original disk after failback), `{machine}` the machine's name,
+    /// `{site}` `test`, `recovery` or `protected`, and `{network:SOURCE}` the network SOURCE
+    /// is mapped to (the test mapping in a test failover, the real one otherwise).
+    #[serde(default)]
+    pub start: Option<Hook>,
 }
 
 /// Machines started together; group 1 starts first, group 5 last (as SRM's priority groups).
@@ -72,12 +79,24 @@ const MAPS_MAX: usize = 64;
 impl Plan {
     /// Every machine the plan names, in start order.
     pub fn machines(&self) -> impl Iterator<Item = &str> {
+        self.start_order().map(|m| m.machine.as_str())
+    }
+
+    /// Whether the plan holds commands the appliance would run (hooks, start commands).
+    pub fn has_commands(&self) -> bool {
+        !self.pre_hooks.is_empty()
+            || !self.post_hooks.is_empty()
+            || self.start_order().any(|m| m.start.is_some())
+    }
+
+    /// The plan's machines in start order: priority group 1 first, by boot order inside one.
+    pub fn start_order(&self) -> impl Iterator<Item = &PlanMachine> {
         let mut groups: Vec<&PriorityGroup> = self.groups.iter().collect();
         groups.sort_by_key(|g| g.priority);
         groups.into_iter().flat_map(|g| {
             let mut ms: Vec<&PlanMachine> = g.machines.iter().collect();
             ms.sort_by_key(|m| m.boot_order);
-            ms.into_iter().map(|m| m.machine.as_str())
+            ms
         })
     }
 }
@@ -85,20 +104,23 @@ impl Plan {
 fn hooks(field: &str, hs: &[Hook]) -> Result<(), Invalid> {
     validate::range(field, hs.len(), 0, HOOKS_MAX)?;
     for (i, h) in hs.iter().enumerate() {
-        let f = format!("{field}[{i}]");
-        validate::range(&format!("{f}.argv"), h.argv.len(), 1, ARGV_MAX)?;
-        for a in &h.argv {
-            validate::text(&format!("{f}.argv"), a)?;
-        }
-        if h.argv[0].is_empty() {
-            return Err(Invalid::new(
-                format!("{f}.argv"),
-                "the program must not be empty",
-            ));
-        }
-        validate::range(&format!("{f}.timeout_secs"), h.timeout_secs, 1, 3600)?;
+        hook(&format!("{field}[{i}]"), h)?;
     }
     Ok(())
+}
+
+fn hook(f: &str, h: &Hook) -> Result<(), Invalid> {
+    validate::range(&format!("{f}.argv"), h.argv.len(), 1, ARGV_MAX)?;
+    for a in &h.argv {
+        validate::text(&format!("{f}.argv"), a)?;
+    }
+    if h.argv[0].is_empty() {
+        return Err(Invalid::new(
+            format!("{f}.argv"),
+            "the program must not be empty",
+        ));
+    }
+    validate::range(&format!("{f}.timeout_secs"), h.timeout_secs, 1, 3600)
 }
 
 fn maps(field: &str, ms: &[NetworkMap]) -> Result<(), Invalid> {
@@ -143,6 +165,9 @@ impl Object for Plan {
             for (j, m) in g.machines.iter().enumerate() {
                 let mf = format!("{f}.machines[{j}].machine");
                 validate::name(&mf, &m.machine)?;
+                if let Some(h) = &m.start {
+                    hook(&format!("{f}.machines[{j}].start"), h)?;
+                }
                 // A machine can start only once per failover.
                 if !machines.insert(m.machine.as_str()) {
                     return Err(Invalid::new(mf, format!("{} appears twice", m.machine)));
@@ -165,6 +190,7 @@ mod tests {
         PlanMachine {
             machine: m.into(),
             boot_order: o,
+            start: None,
         }
     }
 

@@ -74,3 +74,93 @@ pub struct Health {
     pub status: String,
     pub version: String,
 }
+
+/// What an appliance reports about itself (`PUT /v1/appliances/{name}/report`). The server
+/// raises and clears alerts from it as ASR does: cache free below 30% (warning) and 20%
+/// (critical), upload backlog over 30 minutes; an appliance that stops reporting is
+/// unreachable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceReport {
+    /// Free fraction of the cache device, 0 to 1 (process servers).
+    #[serde(default)]
+    pub cache_free_ratio: Option<f64>,
+    /// Age of the oldest write not yet at the recovery site, in seconds (process servers).
+    #[serde(default)]
+    pub upload_backlog_secs: Option<f64>,
+}
+
+/// Below these free fractions of the cache an alert is raised (warning, then critical).
+pub const CACHE_FREE_WARNING: f64 = 0.30;
+pub const CACHE_FREE_CRITICAL: f64 = 0.20;
+/// An upload backlog older than this raises an alert.
+pub const BACKLOG_ALERT_SECS: f64 = 30.0 * 60.0;
+
+impl ApplianceReport {
+    pub fn validate(&self) -> Result<(), crate::Invalid> {
+        if let Some(r) = self.cache_free_ratio {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(crate::Invalid::new(
+                    "cache_free_ratio",
+                    "must be a number from 0 to 1",
+                ));
+            }
+        }
+        match self.upload_backlog_secs {
+            Some(b) if !b.is_finite() || b < 0.0 => Err(crate::Invalid::new(
+                "upload_backlog_secs",
+                "must be a finite number >= 0",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The cache alert this report calls for, if any.
+    pub fn cache_alert(&self) -> Option<(Severity, String)> {
+        let r = self.cache_free_ratio?;
+        let pct = r * 100.0;
+        if r < CACHE_FREE_CRITICAL {
+            Some((
+                Severity::Critical,
+                format!("cache free {pct:.0}% is below 20%"),
+            ))
+        } else if r < CACHE_FREE_WARNING {
+            Some((
+                Severity::Warning,
+                format!("cache free {pct:.0}% is below 30%"),
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// The backlog alert this report calls for, if any.
+    pub fn backlog_alert(&self) -> Option<(Severity, String)> {
+        let b = self.upload_backlog_secs?;
+        (b > BACKLOG_ALERT_SECS).then(|| {
+            (
+                Severity::Warning,
+                format!("upload backlog {:.0} min is over 30 min", b / 60.0),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appliance_thresholds() {
+        let r = |c: f64, b: f64| ApplianceReport {
+            cache_free_ratio: Some(c),
+            upload_backlog_secs: Some(b),
+        };
+        assert_eq!(r(0.5, 0.0).cache_alert(), None);
+        assert_eq!(r(0.25, 0.0).cache_alert().unwrap().0, Severity::Warning);
+        assert_eq!(r(0.1, 0.0).cache_alert().unwrap().0, Severity::Critical);
+        assert_eq!(r(0.5, 1800.0).backlog_alert(), None);
+        assert!(r(0.5, 1801.0).backlog_alert().is_some());
+        assert!(r(1.5, 0.0).validate().is_err() && r(0.5, -1.0).validate().is_err());
+    }
+}

@@ -65,6 +65,9 @@ pub enum Action {
     Report,
     /// Manage the appliance itself: its network, password, maintenance (the local console).
     System,
+    /// Set commands the appliance itself runs (a plan's hooks and start commands): they run
+    /// with the configuration server's rights on a host every tenant shares.
+    SetCommands,
 }
 
 /// Why a principal may not do something, in words for the operator.
@@ -103,6 +106,10 @@ impl Principal {
             Action::Configure => (self.role >= Role::TenantAdmin, "change configuration"),
             Action::ManageTenants => (self.role == Role::ProviderAdmin, "manage tenants"),
             Action::ReadAudit => (self.role >= Role::TenantAdmin, "read the audit log"),
+            Action::SetCommands => (
+                self.role == Role::ProviderAdmin,
+                "set commands the appliance runs (plan hooks and start commands)",
+            ),
             // Observations come from the appliances that make them, never from people (a
             // provider admin may correct one).
             Action::Report => (
@@ -228,6 +235,12 @@ mod tests {
         let op = p(Role::Operator, Some("acme"));
         op.may(Action::Operate, Some("acme")).unwrap();
         assert!(op.may(Action::Configure, Some("acme")).is_err());
+        assert!(p(Role::TenantAdmin, Some("acme"))
+            .may(Action::SetCommands, Some("acme"))
+            .is_err());
+        p(Role::ProviderAdmin, None)
+            .may(Action::SetCommands, Some("acme"))
+            .unwrap();
         let ta = p(Role::TenantAdmin, Some("acme"));
         ta.may(Action::Configure, Some("acme")).unwrap();
         assert!(ta.may(Action::ManageTenants, None).is_err());

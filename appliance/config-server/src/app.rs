@@ -24,6 +24,8 @@ pub struct App {
     pub system: crate::system::SystemState,
     /// The state directory (the provider identity and support bundles go below it).
     pub state_dir: std::path::PathBuf,
+    /// The recovery site jobs drive, and the servers test failovers run.
+    pub jobs: crate::jobs::Runtime,
 }
 
 pub type Shared = Arc<App>;

@@ -7,17 +7,19 @@
 //!
 //! Rooms: [`store`] (sled), [`ca`] (issuing), [`app`] (the authentication and audit gate),
 //! [`objects`] (CRUD for every kind), [`enroll`], [`reports`] (audit, events, metrics),
-//! [`report`] (what appliances observe), [`system`], [`network`] and [`diagnose`] (the
-//! appliance itself, for the local console),
+//! [`report`] (what appliances observe), [`alerts`], [`jobs`] (failover jobs), [`system`],
+//! [`network`] and [`diagnose`] (the appliance itself, for the local console),
 //! [`routes`] (the table) and [`openapi`] (the document made from it), [`serve`] (TLS and
 //! HTTP), [`client`] (for the CLI and tests).
 
+pub mod alerts;
 pub mod app;
 pub mod ca;
 pub mod client;
 pub mod diagnose;
 pub mod enroll;
 pub mod error;
+pub mod jobs;
 pub mod network;
 pub mod objects;
 pub mod openapi;

@@ -38,6 +38,10 @@ pub trait Stored: Object {
     }
     /// Fields the server owns survive an administrator's replace.
     fn keep_server_fields(&mut self, _old: &Self) {}
+    /// A permission this object's content needs beyond [`Stored::WRITE`].
+    fn content_needs(&self) -> Option<Action> {
+        None
+    }
 }
 
 fn exists(
@@ -147,6 +151,9 @@ impl Stored for Disk {
 
 impl Stored for Plan {
     const ONE: &'static str = "plan";
+    fn content_needs(&self) -> Option<Action> {
+        self.has_commands().then_some(Action::SetCommands)
+    }
     const TREE: &'static str = trees::PLANS;
     const PARENTS: &'static [&'static str] = &[trees::TENANTS];
     fn check_refs(&self, store: &Store, tenant: &str) -> Result<(), ApiError> {
@@ -249,6 +256,9 @@ pub async fn create<T: Stored>(
     let _w = app.write.lock().await;
     p.may(T::WRITE, Some(tenant_of(&s, obj.name())))?;
     let prefix = enter::<T>(&app.store, &p, &s, true)?;
+    if let Some(a) = obj.content_needs() {
+        p.may(a, Some(tenant_of(&s, obj.name())))?;
+    }
     obj.validate()?;
     obj.check_refs(&app.store, tenant_of(&s, obj.name()))?;
     if !app
@@ -275,6 +285,9 @@ pub async fn replace<T: Stored>(
     let (parents, name) = item(&s)?;
     p.may(T::WRITE, Some(tenant_of(parents, name)))?;
     let prefix = enter::<T>(&app.store, &p, parents, true)?;
+    if let Some(a) = obj.content_needs() {
+        p.may(a, Some(tenant_of(parents, name)))?;
+    }
     obj.validate()?;
     if obj.name() != name {
         return Err(ApiError::new(

@@ -1,13 +1,13 @@
 //! Reports from appliances: a disk's state and RPO. They feed the metrics, and an RPO crossing
 //! the policy's threshold raises (or clears) an alert, as ASR's "RPO over threshold".
 
-use crate::app::{now_unix, Caller, Shared};
+use crate::app::{Caller, Shared};
 use crate::error::{ApiError, Body};
 use crate::objects::Segs;
 use crate::store::trees;
 use axum::extract::State;
 use axum::Json;
-use ferry_api::{Action, Disk, DiskReport, Event, Machine, Policy, Severity};
+use ferry_api::{Action, Disk, DiskReport, Machine, Policy, Severity};
 
 pub async fn disk(
     State(app): State<Shared>,
@@ -38,32 +38,23 @@ pub async fn disk(
             .map(|p| f64::from(p.rpo_alert_secs)),
         None => None,
     };
-    let over = |rpo: Option<f64>| matches!((rpo, threshold), (Some(r), Some(t)) if r > t);
-    let (was, is) = (over(d.rpo_seconds), over(r.rpo_seconds));
     d.state = r.state;
     d.rpo_seconds = r.rpo_seconds;
     d.throughput_bytes_per_sec = r.throughput_bytes_per_sec;
     app.store.put(trees::DISKS, &key, &d)?;
-    if was != is {
-        let t = threshold.unwrap_or_default();
-        let message = match r.rpo_seconds {
-            Some(rpo) if is => format!("RPO {rpo:.1} s is over the threshold of {t} s"),
-            _ => format!("RPO is back under the threshold of {t} s"),
-        };
-        app.store.append(trees::EVENTS, |seq| Event {
-            seq,
-            at_unix: now_unix(),
-            severity: if is {
-                Severity::Warning
-            } else {
-                Severity::Info
-            },
-            tenant: Some(tenant.clone()),
-            subject: format!("disks/{machine}/{name}"),
-            message,
-            active: is,
-        })?;
-    }
+    let want = match (r.rpo_seconds, threshold) {
+        (Some(rpo), Some(t)) if rpo > t => Some((
+            Severity::Warning,
+            format!("RPO {rpo:.1} s is over the threshold of {t} s"),
+        )),
+        _ => None,
+    };
+    crate::alerts::set(
+        &app.store,
+        Some(tenant),
+        &format!("disks/{machine}/{name}"),
+        want,
+    )?;
     app.store.flush().await?;
     Ok(Json(d))
 }

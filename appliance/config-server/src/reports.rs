@@ -128,6 +128,8 @@ pub async fn metrics(
         "# HELP ferry_disk_size_bytes configured disk size\n# TYPE ferry_disk_size_bytes gauge\n",
     );
     out.push_str(&size);
+    crate::alerts::metrics(&app.store, &p, &mut out)?;
+    crate::jobs::metrics(&app.store, &p, &mut out)?;
     let proc = process_stats();
     let _ = writeln!(
         out,

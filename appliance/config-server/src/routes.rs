@@ -12,10 +12,11 @@ use axum::http::{Method, StatusCode};
 use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use ferry_api::{
-    ActionDone, Appliance, AuditEntry, CreateToken, Dashboard, Diagnostics, Disk, DiskReport,
-    EnrollRequest, Enrolled, Event, Health, LoggedIn, Login, Logs, Machine, Maintenance,
-    NetworkConfig, NetworkState, PendingNetwork, Plan, Policy, Principal, Registered, Registration,
-    SetPassword, Settings, SetupStatus, Site, SupportBundle, Tenant, TokenCreated, UpdateSlot,
+    ActionDone, Appliance, ApplianceReport, AuditEntry, CreateToken, Dashboard, Diagnostics, Disk,
+    DiskReport, EnrollRequest, Enrolled, Event, Health, LoggedIn, Login, Logs, Machine,
+    Maintenance, NetworkConfig, NetworkState, PendingNetwork, Plan, Policy, Principal, Registered,
+    Registration, SetPassword, Settings, SetupStatus, Site, SupportBundle, Tenant, TokenCreated,
+    UpdateSlot,
 };
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
@@ -51,7 +52,7 @@ fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
 }
 
 impl Op {
-    fn new(method: Method, path: impl Into<String>, summary: impl Into<String>) -> Op {
+    pub(crate) fn new(method: Method, path: impl Into<String>, summary: impl Into<String>) -> Op {
         Op {
             method,
             path: path.into(),
@@ -65,30 +66,30 @@ impl Op {
             token_auth: false,
         }
     }
-    fn answers<T: JsonSchema>(mut self) -> Op {
+    pub(crate) fn answers<T: JsonSchema>(mut self) -> Op {
         self.answer = Answer::Json(schema::<T>);
         self
     }
-    fn body<T: JsonSchema>(mut self) -> Op {
+    pub(crate) fn body<T: JsonSchema>(mut self) -> Op {
         self.request = Some(schema::<T>);
         self.errors.extend([400, 408, 413, 415, 422]);
         self
     }
-    fn text(mut self, content_type: &'static str) -> Op {
+    pub(crate) fn text(mut self, content_type: &'static str) -> Op {
         self.answer = Answer::Text(content_type);
         self
     }
-    fn errors(mut self, e: &[u16]) -> Op {
+    pub(crate) fn errors(mut self, e: &[u16]) -> Op {
         self.errors.extend(e);
         self.errors.sort_unstable();
         self.errors.dedup();
         self
     }
-    fn ok(mut self, s: u16) -> Op {
+    pub(crate) fn ok(mut self, s: u16) -> Op {
         self.ok = s;
         self
     }
-    fn who(mut self, w: &'static str) -> Op {
+    pub(crate) fn who(mut self, w: &'static str) -> Op {
         self.who = w;
         self
     }
@@ -100,7 +101,7 @@ pub struct Api {
 }
 
 impl Api {
-    fn add<H: Handler<T, Shared>, T: 'static>(mut self, op: Op, h: H) -> Api {
+    pub(crate) fn add<H: Handler<T, Shared>, T: 'static>(mut self, op: Op, h: H) -> Api {
         let filter = match op.method {
             Method::GET => MethodFilter::GET,
             Method::POST => MethodFilter::POST,
@@ -418,6 +419,24 @@ pub fn router(app: Shared) -> Router {
     api = crud::<Machine>(api, "/v1/tenants/{tenant}/machines");
     api = crud::<Disk>(api, "/v1/tenants/{tenant}/machines/{machine}/disks");
     api = crud::<Plan>(api, "/v1/tenants/{tenant}/plans");
+    api = crate::jobs::routes::add(api);
+    api = api
+        .add(
+            Op::new(Method::GET, "/v1/alerts", "Active alerts").answers::<Vec<Event>>(),
+            crate::alerts::list,
+        )
+        .add(
+            Op::new(
+                Method::PUT,
+                "/v1/appliances/{appliance}/report",
+                "An appliance reports its cache and upload backlog",
+            )
+            .body::<ApplianceReport>()
+            .answers::<ApplianceReport>()
+            .who("the appliance itself, provider-admin")
+            .errors(&[403, 404]),
+            crate::alerts::report,
+        );
     api = api.add(
         Op::new(
             Method::PUT,

@@ -45,6 +45,10 @@ pub struct Config {
     pub server_names: Vec<String>,
     /// The appliance's own settings: hooks, timeouts, the cache and recovery site.
     pub system: crate::system::SystemConfig,
+    /// The recovery site failover jobs drive; none refuses jobs.
+    pub site: Option<ferry_failover::Site>,
+    /// An appliance silent for this long is unreachable (an alert).
+    pub unreachable_after: Duration,
 }
 
 /// Concurrent connections; more are closed at once rather than queued without bound.
@@ -55,6 +59,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Server {
     listener: TcpListener,
     app: Shared,
+    unreachable_after: Duration,
     pub local_addr: SocketAddr,
 }
 
@@ -83,12 +88,16 @@ impl Server {
             write: tokio::sync::Mutex::new(()),
             system: crate::system::SystemState::new(cfg.system.clone()),
             state_dir: cfg.state.clone(),
+            jobs: crate::jobs::Runtime::new(cfg.site.clone()),
         });
         // A network change left pending by a stopped server still rolls back on time.
         crate::network::resume(&app).await;
+        // Jobs a crash interrupted resume (or end, saying why) before any request is served.
+        crate::jobs::resume(&app).await?;
         Ok(Server {
             listener,
             app,
+            unreachable_after: cfg.unreachable_after,
             local_addr,
         })
     }
@@ -100,6 +109,10 @@ impl Server {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(io("installing the SIGTERM handler"))?;
+        tokio::spawn(crate::alerts::watch(
+            self.app.clone(),
+            self.unreachable_after,
+        ));
         tracing::info!(addr = %self.local_addr, "configuration server listening");
         loop {
             let (tcp, peer) = tokio::select! {

@@ -41,6 +41,16 @@ pub mod trees {
     pub const EVENTS: &str = "events";
     /// The appliance itself (password hash, network, settings): see `crate::system::keys`.
     pub const SYSTEM: &str = "system";
+    /// Failover jobs: `{tenant}/{id:020}` → job.
+    pub const JOBS: &str = "jobs";
+    /// Job numbers (a log of numbers, so they never repeat).
+    pub const JOB_IDS: &str = "job-ids";
+    /// Where each recovery plan stands: `{tenant}/{plan}` → plan status.
+    pub const PLAN_STATUS: &str = "plan-status";
+    /// Active alerts: `{tenant or -}/{subject}` → the event that raised them.
+    pub const ALERTS: &str = "alerts";
+    /// When each appliance last reported, and what: name → seen.
+    pub const APPLIANCE_SEEN: &str = "appliance-seen";
 }
 
 /// Entries kept per log (audit, events): about 60 MB of audit at ~300 bytes an entry.

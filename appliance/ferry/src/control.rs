@@ -11,6 +11,8 @@ use ferry_config_server::client::Method;
 use ferry_config_server::client::{Client, ClientError};
 use serde::{de::DeserializeOwned, Serialize};
 use std::net::SocketAddr;
+
+mod operate;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -43,6 +45,22 @@ pub struct ServerArgs {
     /// The recovery site's replication endpoint, HOST:PORT (dashboard and diagnostics).
     #[arg(long)]
     recovery_site: Option<String>,
+    /// The recovery repository failover jobs use (the master target's, read beside it).
+    /// Without it the server refuses jobs.
+    #[arg(long, requires_all = ["recovery_key", "recovery_work"])]
+    recovery_repo: Option<PathBuf>,
+    /// The tenant key of the recovery repository.
+    #[arg(long, requires = "recovery_repo")]
+    recovery_key: Option<PathBuf>,
+    /// Where jobs keep scratch overlays and live disks.
+    #[arg(long, requires = "recovery_repo")]
+    recovery_work: Option<PathBuf>,
+    /// The process server's cache directory (planned failover waits for its journals to drain).
+    #[arg(long, requires = "recovery_repo")]
+    process_cache: Option<PathBuf>,
+    /// An appliance that has not reported for this many seconds raises an "unreachable" alert.
+    #[arg(long, default_value_t = 300)]
+    unreachable_secs: u64,
 }
 
 const HOOKS: &[&str] = &[
@@ -85,6 +103,16 @@ pub fn server(a: ServerArgs) -> anyhow::Result<()> {
             listen: a.listen,
             server_names: a.names,
             system,
+            site: match (a.recovery_repo, a.recovery_key, a.recovery_work) {
+                (Some(repo), Some(key), Some(work)) => Some(ferry_failover::Site {
+                    repo,
+                    key,
+                    work,
+                    process_cache: a.process_cache,
+                }),
+                _ => None,
+            },
+            unreachable_after: std::time::Duration::from_secs(a.unreachable_secs.max(1)),
         };
         let s = ferry_config_server::Server::bind(&cfg)
             .await
@@ -185,6 +213,8 @@ enum CtlCmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    #[command(flatten)]
+    Operate(operate::OperateCmd),
     /// Any API call: `ctl call POST /v1/tenants/acme/sites --file site.json`.
     Call {
         method: String,
@@ -534,6 +564,7 @@ async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
                 )
             })
         }
+        CtlCmd::Operate(cmd) => operate::run(&c, json, cmd).await,
         CtlCmd::Call { method, path, file } => {
             let m: Method = method.to_uppercase().parse().context("bad method")?;
             let body = file

@@ -181,14 +181,7 @@ impl Lab {
         let since = ferry_process_server::status::now_unix_ns();
         loop {
             if let Ok(s) = self.status(disk) {
-                // Not while the journal overflowed or a resync runs: the journal may then be
-                // "drained" while the recovery site still lacks the writes the bitmap tracked.
-                if s.updated_unix_ns > since
-                    && s.connected
-                    && s.state == ferry_process_server::State::Replicating
-                    && s.journal_last_seq == s.journal_durable_seq
-                    && s.acked_journal_seq == s.journal_durable_seq
-                {
+                if s.updated_unix_ns > since && s.caught_up() {
                     return Ok(s);
                 }
                 if Instant::now() > deadline {

@@ -70,6 +70,18 @@ pub struct DiskStatus {
     pub updated_unix_ns: u64,
 }
 
+impl DiskStatus {
+    /// The recovery site holds, as a recovery point, every write journaled when this status
+    /// was written. Not while the journal overflowed or a resync runs: the journal may then be
+    /// "drained" while the recovery site still lacks the writes a dirty bitmap tracked.
+    pub fn caught_up(&self) -> bool {
+        self.connected
+            && self.state == State::Replicating
+            && self.journal_last_seq == self.journal_durable_seq
+            && self.acked_journal_seq == self.journal_durable_seq
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Progress {
     /// `seed`, `resync` or `incremental`.

@@ -1,0 +1,776 @@
+//! Failover jobs end to end (issue 4): a real configuration server drives a real recovery site
+//! (the master target's repository, the process server's journals) while qemu-storage-daemon
+//! plays two disks of one protected machine and keeps writing.
+//!
+//! - A test failover gives each disk a copy-on-write scratch layer over its point's instant
+//!   access export: scratch writes never reach the replica, replication keeps committing new
+//!   points, and cleanup leaves nothing behind. A viewer may not start it, an operator may, and
+//!   an operator may not change a policy; all of it is audited.
+//! - A planned failover loses nothing; reprotect sends back only what the recovery site
+//!   changed, and failback leaves the original disks equal to the recovery site's.
+//! - The configuration server killed in the middle of a job: a step that may run again
+//!   resumes; one that may not ends the job failed, saying which step and what was done.
+
+#[path = "support/config_server.rs"]
+mod harness;
+mod support;
+
+use ferry::lab::{sh, Lab};
+use ferry_api::{AuditResult, Job, JobState, PlanPhase, PlanStatus, StepState, TokenCreated};
+use ferry_config_server::client::{Client, Method};
+use ferry_qemu::{StorageDaemon, MIRROR_FILTER};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 64 * MIB;
+const DISKS: [&str; 2] = ["d0", "d1"];
+const JOBS: &str = "/v1/tenants/acme/plans/dr/jobs";
+/// Every wait in these tests ends by this much after the test began.
+const DEADLINE: Duration = Duration::from_secs(300);
+
+/// A protected machine with two disks, its replication, and a configuration server that
+/// drives the recovery site.
+struct Dr {
+    hosts: Vec<Option<StorageDaemon>>,
+    images: Vec<PathBuf>,
+    socks: Vec<PathBuf>,
+    lab: Lab,
+    server: Option<harness::Server>,
+    server_args: Vec<String>,
+    rt: tokio::runtime::Runtime,
+    began: Instant,
+    dir: tempfile::TempDir,
+}
+
+impl Dr {
+    fn start() -> Dr {
+        let began = Instant::now();
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-failover-")
+            .tempdir()
+            .unwrap();
+        let mut lab = Lab::new(&support::exe(), dir.path(), &[("d0", SIZE), ("d1", SIZE)]).unwrap();
+        lab.interval_ms = 200;
+        lab.start_master().unwrap();
+        lab.start_process().unwrap();
+        let (mut hosts, mut images, mut socks) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, d) in DISKS.iter().enumerate() {
+            let h = dir.path().join(format!("host-{d}"));
+            std::fs::create_dir_all(&h).unwrap();
+            let image = h.join(format!("{d}.qcow2"));
+            sh(Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&image)
+                .arg(SIZE.to_string()))
+            .unwrap();
+            sh(Command::new("qemu-io")
+                .args(["-f", "qcow2"])
+                .arg(&image)
+                .args(["-c", &format!("write -P {} 0 8M", 0x10 + i)]))
+            .unwrap();
+            let mut q = StorageDaemon::start(&image, "qcow2", &h).unwrap();
+            q.mirror_to_nbd(
+                "127.0.0.1",
+                lab.nbd_port,
+                d,
+                Some(&lab.pki),
+                Duration::from_secs(120),
+            )
+            .unwrap();
+            let sock = h.join("guest.sock");
+            q.export(MIRROR_FILTER, "guest", &sock).unwrap();
+            hosts.push(Some(q));
+            images.push(image);
+            socks.push(sock);
+        }
+        let server_args: Vec<String> = [
+            ("--recovery-repo", &lab.repo),
+            ("--recovery-key", &lab.key),
+            ("--recovery-work", &dir.path().join("work")),
+            ("--process-cache", &lab.cache),
+        ]
+        .iter()
+        .flat_map(|(k, v)| [k.to_string(), v.display().to_string()])
+        .collect();
+        let server = harness::Server::start_with(&dir.path().join("cs"), &server_args);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dr = Dr {
+            hosts,
+            images,
+            socks,
+            lab,
+            server: Some(server),
+            server_args,
+            rt,
+            began,
+            dir,
+        };
+        dr.inventory();
+        dr
+    }
+
+    fn server(&self) -> &harness::Server {
+        self.server.as_ref().unwrap()
+    }
+
+    fn admin(&self) -> Client {
+        self.server().admin()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn ok(&self, c: &Client, m: Method, path: &str, body: Option<Value>) -> Value {
+        self.rt.block_on(harness::ok(c, m, path, body))
+    }
+
+    fn inventory(&self) {
+        let a = self.admin();
+        let post = |path: &str, body: Value| self.ok(&a, Method::POST, path, Some(body));
+        post("/v1/tenants", json!({"name": "acme"}));
+        post(
+            "/v1/tenants/acme/sites",
+            json!({"name": "hq", "kind": "protected"}),
+        );
+        post("/v1/tenants/acme/policies", harness::policy(30));
+        post(
+            "/v1/tenants/acme/machines",
+            json!({"name": "web", "site": "hq", "policy": "gold"}),
+        );
+        for (d, image) in DISKS.iter().zip(&self.images) {
+            post(
+                "/v1/tenants/acme/machines/web/disks",
+                json!({"name": d, "size_bytes": SIZE, "source": image.display().to_string()}),
+            );
+        }
+        let log = |name: &str| self.path(name).display().to_string();
+        // The machine's start command records its arguments; with a `slow` file beside it,
+        // it takes a while (long enough to kill the configuration server during it).
+        let start = format!(
+            "echo \"$FERRY_JOB_KIND $*\" >> {}; if [ -e {} ]; then sleep 4; fi",
+            log("starts.log"),
+            log("slow")
+        );
+        let hook = |when: &str| {
+            json!({"argv": ["sh", "-c", format!("echo {when} $FERRY_JOB_KIND >> {}", log("hooks.log"))],
+                   "timeout_secs": 30})
+        };
+        post(
+            "/v1/tenants/acme/plans",
+            json!({
+                "name": "dr",
+                "groups": [{"priority": 1, "machines": [{"machine": "web", "boot_order": 1,
+                    "start": {"argv": ["sh", "-c", start, "start", "{disk:d0}", "{disk:d1}",
+                                       "{site}", "{network:prod}"],
+                              "timeout_secs": 30}}]}],
+                "pre_hooks": [hook("pre")],
+                "post_hooks": [hook("post")],
+                "networks": {"test": [{"source": "prod", "target": "bubble"}],
+                             "real": [{"source": "prod", "target": "dr-net"}]}
+            }),
+        );
+    }
+
+    /// A person of tenant acme with `role`, enrolled with a token.
+    fn person(&self, name: &str, role: &str) -> Client {
+        let t: TokenCreated = serde_json::from_value(self.ok(
+            &self.admin(),
+            Method::POST,
+            "/v1/tokens",
+            Some(json!({"name": name, "role": role, "tenant": "acme", "ttl_secs": 600})),
+        ))
+        .unwrap();
+        self.rt
+            .block_on(harness::enroll(self.server(), &t.token, &self.path(name)))
+    }
+
+    /// The same person's client after a restart (the server's address changes).
+    fn again(&self, name: &str) -> Client {
+        Client::from_cert_dir(&self.server().url, &self.path(name)).unwrap()
+    }
+
+    /// `ferry ctl ARGS` as `who` (`admin` or an enrolled person); stdout when it succeeds.
+    fn ctl(&self, who: &str, args: &[&str]) -> Result<String, String> {
+        let dir = if who == "admin" {
+            self.path("cs/admin")
+        } else {
+            self.path(who)
+        };
+        let out = Command::new(support::exe())
+            .args(["ctl", "--server", &self.server().url, "--cert-dir"])
+            .arg(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    fn left(&self) -> Duration {
+        DEADLINE
+            .checked_sub(self.began.elapsed())
+            .expect("the test ran out of time")
+    }
+
+    fn start_job(&self, c: &Client, body: Value) -> Job {
+        serde_json::from_value(self.ok(c, Method::POST, JOBS, Some(body))).unwrap()
+    }
+
+    fn get_job(&self, c: &Client, id: u64) -> Job {
+        serde_json::from_value(self.ok(
+            c,
+            Method::GET,
+            &format!("/v1/tenants/acme/jobs/{id}"),
+            None,
+        ))
+        .unwrap()
+    }
+
+    /// Wait until `pred` holds for the job (bounded by the test's deadline).
+    fn wait_job(&self, c: &Client, id: u64, pred: impl Fn(&Job) -> bool) -> Job {
+        loop {
+            let j = self.get_job(c, id);
+            if pred(&j) {
+                return j;
+            }
+            self.left();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Start a job, wait for it to end, and require that it succeeded.
+    fn run_job(&self, c: &Client, body: Value) -> Job {
+        let j = self.start_job(c, body);
+        let j = self.wait_job(c, j.id, |j| j.state != JobState::Running);
+        assert_eq!(j.state, JobState::Succeeded, "{j:#?}");
+        assert!(j.steps.iter().all(|s| s.state == StepState::Done), "{j:#?}");
+        j
+    }
+
+    fn status(&self) -> PlanStatus {
+        serde_json::from_value(self.ok(
+            &self.admin(),
+            Method::GET,
+            "/v1/tenants/acme/plans/dr/status",
+            None,
+        ))
+        .unwrap()
+    }
+
+    fn caught_up(&self) -> Vec<u64> {
+        DISKS
+            .iter()
+            .map(|d| self.lab.wait_caught_up(d, self.left()).unwrap().acked_seq)
+            .collect()
+    }
+
+    /// Wait for a point of each disk newer than `base` (while the guest writes, the journal is
+    /// never empty, so "caught up" would never come).
+    fn newer_than(&self, base: &[u64]) -> Vec<u64> {
+        DISKS
+            .iter()
+            .zip(base)
+            .map(|(d, b)| loop {
+                if let Ok(s) = self.lab.status(d) {
+                    if s.acked_seq > *b {
+                        break s.acked_seq;
+                    }
+                }
+                self.left();
+                std::thread::sleep(Duration::from_millis(50));
+            })
+            .collect()
+    }
+
+    fn point_image(&self, disk: &str, seq: u64) -> Vec<u8> {
+        let repo = self.lab.repository().unwrap();
+        let r = repo.reader(disk, seq).unwrap();
+        let mut buf = vec![0u8; r.size() as usize];
+        r.read_at(0, &mut buf).unwrap();
+        buf
+    }
+
+    /// The guest's disk `i` as it is now, read through its host.
+    fn guest_image(&self, i: usize) -> Vec<u8> {
+        let out = self.path(&format!("guest-{i}.raw"));
+        sh(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(format!(
+                "nbd+unix:///guest?socket={}",
+                self.socks[i].display()
+            ))
+            .arg(&out))
+        .unwrap();
+        let v = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        v
+    }
+
+    fn writers(&self) -> Vec<support::TaggedWriter> {
+        self.socks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                support::TaggedWriter::start_paced(
+                    &self.rt,
+                    s,
+                    SIZE,
+                    7 + i as u64,
+                    8,
+                    Duration::from_millis(2),
+                )
+            })
+            .collect()
+    }
+
+    fn restart_server(&mut self) {
+        self.server.take().unwrap().crash();
+        self.server = Some(harness::Server::start_with(
+            &self.path("cs"),
+            &self.server_args,
+        ));
+    }
+}
+
+fn read_log(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn qemu_io(format: &str, image: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", format, image]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    sh(&mut c).unwrap();
+}
+
+/// `qemu-img compare`: true when the guest-visible contents are equal.
+fn same(a: &str, fa: &str, b: &str, fb: &str) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", fa, "-F", fb, a, b])
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn test_failover_scratch_never_reaches_the_replica_and_cleanup_leaves_nothing() {
+    let dr = Dr::start();
+    let admin = dr.admin();
+    let op = dr.person("olivia", "operator");
+    let viewer = dr.person("victor", "viewer");
+
+    // A viewer may not fail over; an operator may not change a policy. Refused, audited,
+    // nothing changed.
+    let test = json!({"kind": "test-failover"});
+    let (st, code, msg) = dr.rt.block_on(harness::refused(
+        &viewer,
+        Method::POST,
+        JOBS,
+        Some(test.clone()),
+    ));
+    assert_eq!((st, code.as_str()), (403, "forbidden"), "{msg}");
+    let a = dr
+        .rt
+        .block_on(harness::audited(&admin, &format!("POST {JOBS}")));
+    assert_eq!((a.who.as_str(), a.result), ("victor", AuditResult::Refused));
+    let gold = "/v1/tenants/acme/policies/gold";
+    let (st, _, _) = dr.rt.block_on(harness::refused(
+        &op,
+        Method::PUT,
+        gold,
+        Some(harness::policy(60)),
+    ));
+    assert_eq!(st, 403);
+    let a = dr
+        .rt
+        .block_on(harness::audited(&admin, &format!("PUT {gold}")));
+    assert_eq!((a.who.as_str(), a.result), ("olivia", AuditResult::Refused));
+    assert_eq!(dr.ok(&admin, Method::GET, gold, None)["rpo_alert_secs"], 30);
+    // Hooks and start commands run on the appliance: only a provider admin sets them. A
+    // tenant admin may write plans without them.
+    let tara = dr.person("tara", "tenant-admin");
+    let plan = dr.ok(&admin, Method::GET, "/v1/tenants/acme/plans/dr", None);
+    let (st, _, msg) = dr.rt.block_on(harness::refused(
+        &tara,
+        Method::PUT,
+        "/v1/tenants/acme/plans/dr",
+        Some(plan.clone()),
+    ));
+    assert!(st == 403 && msg.contains("commands"), "{msg}");
+    assert_eq!(
+        dr.ok(&admin, Method::GET, "/v1/tenants/acme/plans/dr", None),
+        plan
+    );
+    let quiet = json!({"name": "quiet",
+        "groups": [{"priority": 1, "machines": [{"machine": "web", "boot_order": 1}]}]});
+    dr.ok(&tara, Method::POST, "/v1/tenants/acme/plans", Some(quiet));
+    dr.ok(&tara, Method::DELETE, "/v1/tenants/acme/plans/quiet", None);
+    let jobs = dr.ok(&admin, Method::GET, "/v1/tenants/acme/jobs", None);
+    assert_eq!(jobs, json!([]), "a refused job left a record");
+    // Protecting and unprotecting machines is configuration: refused to the operator (nothing
+    // made), done by the administrator.
+    let protect = [
+        "protect",
+        "--tenant",
+        "acme",
+        "--machine",
+        "db",
+        "--site",
+        "hq",
+        "--policy",
+        "gold",
+        "--disk",
+        "x0=1M",
+    ];
+    let e = dr.ctl("olivia", &protect).unwrap_err();
+    assert!(e.contains("may not change configuration"), "{e}");
+    let (st, _, _) = dr.rt.block_on(harness::refused(
+        &admin,
+        Method::GET,
+        "/v1/tenants/acme/machines/db",
+        None,
+    ));
+    assert_eq!(st, 404);
+    dr.ctl("admin", &protect).unwrap();
+    dr.ctl(
+        "admin",
+        &["unprotect", "--tenant", "acme", "--machine", "db"],
+    )
+    .unwrap();
+    let e = dr
+        .ctl(
+            "admin",
+            &["unprotect", "--tenant", "acme", "--machine", "web"],
+        )
+        .unwrap_err();
+    assert!(e.contains("plan dr starts machine web"), "{e}");
+    // Bad input: a point for a cleanup, an unknown kind. Refused, nothing started.
+    for bad in [
+        json!({"kind": "cleanup", "point_unix": 5}),
+        json!({"kind": "explode"}),
+    ] {
+        let (st, _, _) = dr
+            .rt
+            .block_on(harness::refused(&op, Method::POST, JOBS, Some(bad)));
+        assert_eq!(st, 422);
+    }
+    let (st, _, msg) = dr.rt.block_on(harness::refused(
+        &op,
+        Method::POST,
+        JOBS,
+        Some(json!({"kind": "cleanup"})),
+    ));
+    assert!(st == 409 && msg.contains("protected"), "{msg}");
+
+    // The guest keeps writing to both disks throughout.
+    let writers = dr.writers();
+    let base = dr.newer_than(&[0, 0]);
+    let job = dr.run_job(&op, test);
+    let a = dr
+        .rt
+        .block_on(harness::audited(&admin, &format!("POST {JOBS}")));
+    assert_eq!((a.who.as_str(), a.result), ("olivia", AuditResult::Ok));
+    assert_eq!(job.by, "olivia");
+    let names: Vec<&str> = job.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "pre-hooks",
+            "points",
+            "scratch web",
+            "start web",
+            "post-hooks"
+        ]
+    );
+    let st = dr.status();
+    assert_eq!(st.phase, PlanPhase::TestRunning);
+    let (_, m) = dr
+        .rt
+        .block_on(viewer.raw(Method::GET, "/metrics", None))
+        .unwrap();
+    let m = String::from_utf8_lossy(&m);
+    assert!(
+        m.contains("ferry_plan_phase{tenant=\"acme\",plan=\"dr\",phase=\"test-running\"} 1"),
+        "{m}"
+    );
+    assert_eq!(st.disks.len(), 2);
+    let port = st.test_nbd_port.unwrap();
+    let starts = read_log(&dr.path("starts.log"));
+    let overlays: Vec<&str> = st.disks.iter().map(|d| d.path.as_str()).collect();
+    assert_eq!(
+        starts.trim(),
+        format!("test-failover {} {} test bubble", overlays[0], overlays[1]),
+        "the machine starts over its scratch disks, on the test network"
+    );
+    assert_eq!(
+        read_log(&dr.path("hooks.log")),
+        "pre test-failover\npost test-failover\n"
+    );
+
+    for (i, d) in st.disks.iter().enumerate() {
+        let seq = d.point_seq.unwrap();
+        assert!(seq >= base[i], "the test uses the newest point");
+        let replica = dr.point_image(&d.disk, seq);
+        // The test machine writes to its scratch disk, and reads its writes back.
+        qemu_io(
+            "qcow2",
+            &d.path,
+            &[
+                "write -P 0xee 0 4M",
+                "write -P 0xef 40M 1M",
+                "read -P 0xee 0 4M",
+            ],
+        );
+        // What it did not write comes from the point.
+        let out = dr.path(&format!("overlay-{i}.raw"));
+        sh(Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw", &d.path])
+            .arg(&out))
+        .unwrap();
+        let seen = std::fs::read(&out).unwrap();
+        assert!(seen[..4 << 20].iter().all(|&b| b == 0xee));
+        assert!(seen[(4 << 20)..(40 << 20)] == replica[(4 << 20)..(40 << 20)]);
+        // The replica is untouched, byte for byte.
+        assert!(
+            dr.point_image(&d.disk, seq) == replica,
+            "scratch writes reached the replica of {}",
+            d.disk
+        );
+        assert!(!replica[..4 << 20].iter().all(|&b| b == 0xee));
+    }
+
+    // Replication went on during the test: newer points, caught up with the guest.
+    let used: Vec<u64> = st.disks.iter().map(|d| d.point_seq.unwrap()).collect();
+    let during = dr.newer_than(&used);
+    for (i, d) in st.disks.iter().enumerate() {
+        assert!(
+            during[i] > d.point_seq.unwrap(),
+            "no new point of {} during the test",
+            d.disk
+        );
+        let s = dr.lab.status(DISKS[i]).unwrap();
+        let rpo = ferry_process_server::status::now_unix_ns()
+            .saturating_sub(s.acked_point_created_unix_ns) as f64
+            / 1e9;
+        assert!(rpo < 10.0, "RPO {rpo:.1} s during the test");
+    }
+
+    // Cleanup leaves nothing: no overlays, no export, the plan protected again.
+    let c = dr.run_job(&op, json!({"kind": "cleanup"}));
+    assert!(c.steps[1].detail.contains("removed 2"), "{c:#?}");
+    assert!(!dr.path("work/acme/dr/test").exists());
+    for d in &st.disks {
+        assert!(!Path::new(&d.path).exists());
+    }
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    let after = dr.status();
+    assert_eq!(after.phase, PlanPhase::Protected);
+    assert!(after.disks.is_empty() && after.test_nbd_port.is_none());
+    for w in writers {
+        w.finish(&dr.rt);
+    }
+    dr.caught_up();
+    // The viewer reads the jobs, and the listing shows both.
+    let v: Vec<Job> = dr.rt.block_on(viewer.get("/v1/tenants/acme/jobs")).unwrap();
+    assert_eq!(v.len(), 2);
+}
+
+#[test]
+fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes() {
+    let mut dr = Dr::start();
+    let op = dr.person("olivia", "operator");
+    let writers = dr.writers();
+    // A source that keeps writing (its pre-hooks did not stop it) fails the drain: nothing
+    // goes live, the plan stays protected.
+    let j = dr.start_job(&op, json!({"kind": "planned-failover"}));
+    let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(j.state, JobState::Failed);
+    let e = j.error.unwrap();
+    assert!(
+        e.contains("still taking writes") && e.contains("Steps done: pre-hooks."),
+        "{e}"
+    );
+    assert_eq!(dr.status().phase, PlanPhase::Protected);
+    assert!(!dr.path("work/acme/dr/live").exists());
+    for w in writers {
+        let (_, flushed) = w.finish(&dr.rt);
+        assert!(flushed > 0);
+    }
+    // The source as it stopped: every acknowledged write is in it. Then the guest shuts down.
+    let source: Vec<Vec<u8>> = (0..2).map(|i| dr.guest_image(i)).collect();
+    for h in &mut dr.hosts {
+        h.take().unwrap().stop();
+    }
+
+    let job = dr.run_job(&op, json!({"kind": "planned-failover"}));
+    let names: Vec<&str> = job.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "pre-hooks",
+            "drain web",
+            "points",
+            "live web",
+            "start web",
+            "post-hooks"
+        ]
+    );
+    let st = dr.status();
+    assert_eq!(st.phase, PlanPhase::FailedOver);
+    let live: Vec<String> = st.disks.iter().map(|d| d.path.clone()).collect();
+    for i in 0..2 {
+        assert!(
+            std::fs::read(&live[i]).unwrap() == source[i],
+            "the recovery-site disk {} lacks acknowledged writes",
+            DISKS[i]
+        );
+        let orig = dr.images[i].display().to_string();
+        assert!(same(&live[i], "raw", &orig, "qcow2"));
+    }
+    let starts = read_log(&dr.path("starts.log"));
+    assert_eq!(
+        starts.trim(),
+        format!("planned-failover {} {} recovery dr-net", live[0], live[1])
+    );
+
+    // The machine runs at the recovery site and writes.
+    qemu_io("raw", &live[0], &["write -P 0x5a 4M 2M"]);
+    qemu_io("raw", &live[1], &["write -P 0x5b 20M 1M"]);
+    let (st_, _, msg) = dr.rt.block_on(harness::refused(
+        &op,
+        Method::POST,
+        JOBS,
+        Some(json!({"kind": "reprotect"})),
+    ));
+    assert!(st_ == 409 && msg.contains("committed"), "{msg}");
+    dr.run_job(&op, json!({"kind": "commit"}));
+    assert_eq!(dr.status().phase, PlanPhase::Committed);
+
+    // Reprotect: the original disks are brought up to date, sending only what differs.
+    let rp = dr.run_job(&op, json!({"kind": "reprotect"}));
+    let sent: Vec<u64> = rp
+        .disks
+        .iter()
+        .map(|d| d.resync.unwrap().bytes_sent)
+        .collect();
+    assert_eq!(sent, [2 * MIB, MIB], "{rp:#?}");
+    for (i, d) in rp.disks.iter().enumerate() {
+        let r = d.resync.unwrap();
+        assert_eq!(r.blocks_compared, SIZE / ferry_failover::resync::BLOCK);
+        assert!(r.bytes_sent * 16 < r.disk_bytes, "{r:?}");
+        let orig = dr.images[i].display().to_string();
+        assert!(same(&live[i], "raw", &orig, "qcow2"));
+        eprintln!(
+            "reprotect {}: sent {} of {} bytes, {} bytes of block names",
+            d.disk, r.bytes_sent, r.disk_bytes, r.hash_bytes
+        );
+    }
+    assert_eq!(dr.status().phase, PlanPhase::Reprotected);
+
+    // More writes at the recovery site, then fail back: the final pass sends only those, and
+    // the machine starts on its original disks at the protected site.
+    qemu_io("raw", &live[0], &["write -P 0x77 30M 64k"]);
+    let fb = dr.run_job(&op, json!({"kind": "failback"}));
+    let sent: Vec<u64> = fb
+        .disks
+        .iter()
+        .map(|d| d.resync.unwrap().bytes_sent)
+        .collect();
+    assert_eq!(sent, [64 * 1024, 0], "{fb:#?}");
+    for i in 0..2 {
+        let orig = dr.images[i].display().to_string();
+        assert!(
+            same(&live[i], "raw", &orig, "qcow2"),
+            "the original {} differs from the recovery site's",
+            DISKS[i]
+        );
+    }
+    let starts = read_log(&dr.path("starts.log"));
+    assert_eq!(
+        starts.lines().last().unwrap(),
+        format!(
+            "failback {} {} protected dr-net",
+            dr.images[0].display(),
+            dr.images[1].display()
+        )
+    );
+    let st = dr.status();
+    assert_eq!(st.phase, PlanPhase::Protected);
+    assert_eq!(
+        read_log(&dr.path("hooks.log")),
+        "pre planned-failover\npre planned-failover\npost planned-failover\npre failback\npost failback\n"
+    );
+}
+
+#[test]
+fn config_server_killed_mid_job_resumes_or_fails_clearly() {
+    let mut dr = Dr::start();
+    let _op = dr.person("olivia", "operator");
+    dr.caught_up();
+
+    // A step that starts something outside Ferry is not run twice: killed during the
+    // machine's start, the job ends failed, naming the step and what was done.
+    std::fs::write(dr.path("slow"), b"").unwrap();
+    let op = dr.again("olivia");
+    let j = dr.start_job(&op, json!({"kind": "test-failover"}));
+    dr.wait_job(&op, j.id, |j| {
+        j.steps
+            .iter()
+            .any(|s| s.name == "start web" && s.state == StepState::Running)
+    });
+    dr.restart_server();
+    let op = dr.again("olivia");
+    let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(j.state, JobState::Failed, "{j:#?}");
+    let e = j.error.clone().unwrap();
+    assert!(
+        e.contains("'start web'") && e.contains("Steps done: pre-hooks, points, scratch web"),
+        "{e}"
+    );
+    assert!(e.contains("cleanup"), "{e}");
+    let st = dr.status();
+    assert_eq!(st.phase, PlanPhase::TestRunning);
+    // The scratch layers made before the crash are served again and cleanup discards them.
+    let overlay = st.disks[0].path.clone();
+    qemu_io("qcow2", &overlay, &["read 0 64k"]);
+    std::fs::remove_file(dr.path("slow")).unwrap();
+    dr.run_job(&op, json!({"kind": "cleanup"}));
+    assert!(!Path::new(&overlay).exists());
+
+    // A step that may run again resumes: the drain of a planned failover waits for a process
+    // server that is down; the configuration server dies meanwhile; after both are back, the
+    // job goes on from the drain and ends as if nothing had happened.
+    dr.lab.kill_process();
+    let j = dr.start_job(&op, json!({"kind": "planned-failover"}));
+    dr.wait_job(&op, j.id, |j| {
+        j.steps
+            .iter()
+            .any(|s| s.name == "drain web" && s.state == StepState::Running)
+    });
+    dr.restart_server();
+    dr.lab.start_process().unwrap();
+    let op = dr.again("olivia");
+    let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(j.state, JobState::Succeeded, "{j:#?}");
+    assert_eq!(j.resumed, 1);
+    assert_eq!(dr.status().phase, PlanPhase::FailedOver);
+    // The pre-hooks ran once for each job, never twice.
+    assert_eq!(
+        read_log(&dr.path("hooks.log")),
+        "pre test-failover\npre planned-failover\npost planned-failover\n"
+    );
+}
