@@ -169,6 +169,41 @@ fn refusals_are_clear_audited_and_change_nothing() {
         assert_eq!(seen, vec![json!({"name": "globex", "description": ""})]);
         let (st, _, _) = refused(&globex, Method::GET, "/v1/tenants/acme/machines", None).await;
         assert_eq!(st, 403);
+        // Another tenant's disk of the same name would share acme's recovery points (the roles
+        // name a disk by its name alone): refused, without saying whose it is.
+        for (path, body) in [
+            (
+                "/v1/tenants/globex/sites",
+                json!({"name": "hq", "kind": "protected"}),
+            ),
+            ("/v1/tenants/globex/policies", policy(30)),
+            (
+                "/v1/tenants/globex/machines",
+                json!({"name": "db", "site": "hq", "policy": "gold"}),
+            ),
+        ] {
+            ok(&globex, Method::POST, path, Some(body)).await;
+        }
+        let disk = json!({"name": "d0", "size_bytes": 4096});
+        let (st, _, msg) = refused(
+            &globex,
+            Method::POST,
+            "/v1/tenants/globex/machines/db/disks",
+            Some(disk),
+        )
+        .await;
+        assert_eq!(st, 409, "{msg}");
+        assert!(
+            msg.contains("exists already on this appliance") && !msg.contains("acme"),
+            "{msg}"
+        );
+        ok(
+            &globex,
+            Method::POST,
+            "/v1/tenants/globex/machines/db/disks",
+            Some(json!({"name": "globex-d0", "size_bytes": 4096})),
+        )
+        .await;
 
         // A viewer trying to change anything.
         let (st, _, msg) = refused(&viewer, Method::PUT, machine, Some(changed.clone())).await;

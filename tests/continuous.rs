@@ -415,7 +415,7 @@ fn o_direct_supported(dir: &std::path::Path) -> bool {
         .write(true)
         .create(true)
         .truncate(true)
-        .custom_flags(0o40000) // O_DIRECT on x86_64
+        .custom_flags(libc::O_DIRECT)
         .open(&p)
         .is_ok();
     let _ = std::fs::remove_file(&p);
@@ -446,7 +446,7 @@ fn direct_segments(pid: u32) -> Vec<String> {
             .find_map(|l| l.strip_prefix("flags:"))
             .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
             .unwrap_or(0);
-        if flags & 0o40000 != 0 {
+        if flags & libc::O_DIRECT as u32 != 0 {
             out.push(t);
         }
     }

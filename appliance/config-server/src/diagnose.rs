@@ -44,7 +44,8 @@ pub async fn dashboard(
             }
         })
         .collect();
-    let events: Vec<Event> = app.store.tail(trees::EVENTS, 1000)?;
+    // The alerts that hold now (a raise stays in the event log after its clear).
+    let alerts = crate::alerts::active(&app.store, &p)?;
     let cache = app.system.config.cache_dir.as_ref().and_then(|d| {
         let s = rustix::fs::statvfs(d).ok()?;
         let total = s.f_blocks.saturating_mul(s.f_frsize);
@@ -64,7 +65,7 @@ pub async fn dashboard(
         hostname: settings.hostname,
         disks,
         cache,
-        alerts: events.into_iter().filter(|e| e.active).collect(),
+        alerts,
         recovery_site,
     }))
 }
@@ -319,6 +320,31 @@ pub fn redact(line: &str) -> (String, u32) {
     (s, n)
 }
 
+/// Redact every string inside a JSON value; how many secrets were removed.
+fn scrub(v: &mut serde_json::Value) -> u32 {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => {
+            let mut n = 0;
+            let out: Vec<String> = s
+                .lines()
+                .map(|l| {
+                    let (l, k) = redact(l);
+                    n += k;
+                    l
+                })
+                .collect();
+            if n > 0 {
+                *s = out.join("\n");
+            }
+            n
+        }
+        Value::Array(a) => a.iter_mut().map(scrub).sum(),
+        Value::Object(o) => o.values_mut().map(scrub).sum(),
+        _ => 0,
+    }
+}
+
 pub async fn support_bundle(
     State(app): State<Shared>,
     Caller(p): Caller,
@@ -334,12 +360,29 @@ pub async fn support_bundle(
     let reg: Option<Registered> = get(&app, keys::REGISTRATION)?;
     let mut lines = Vec::new();
     let raw = recent_lines(&app, 1000).await?;
+    let mut in_key = false;
     for l in raw {
+        // A private key spans lines: everything from its BEGIN line to its END line goes.
+        if l.contains("-----BEGIN") && l.contains("PRIVATE KEY") {
+            in_key = !l.contains("-----END");
+            redacted += 1;
+            lines.push("*** a private key was removed ***".to_string());
+            continue;
+        }
+        if in_key {
+            in_key = !l.contains("-----END");
+            continue;
+        }
         let (l, n) = redact(&l);
         redacted += n;
         lines.push(l);
     }
     let audit: Vec<AuditEntry> = app.store.tail(trees::AUDIT, 1000)?;
+    let mut audit = serde_json::to_value(audit).map_err(ApiError::internal)?;
+    let mut events = serde_json::to_value(app.store.tail::<Event>(trees::EVENTS, 1000)?)
+        .map_err(ApiError::internal)?;
+    // Events and audit entries carry what people and appliances sent: scrub them too.
+    redacted += scrub(&mut audit) + scrub(&mut events);
     let disks: Vec<(String, Disk)> = app.store.list_keyed(trees::DISKS, "")?;
     // The password hash, the CA and identity keys and registration keys are never read into
     // the bundle; what is read is scrubbed above.
@@ -351,7 +394,7 @@ pub async fn support_bundle(
         "registration": reg,
         "update_slot": get::<String>(&app, keys::UPDATE_SLOT)?,
         "disks": disks,
-        "events": app.store.tail::<Event>(trees::EVENTS, 1000)?,
+        "events": events,
         "audit": audit,
         "logs": lines,
     });
@@ -377,5 +420,9 @@ mod tests {
         assert_eq!(s, "proxy http://***@p:3128 password=*** ok");
         assert_eq!(n, 2);
         assert_eq!(super::redact("-----BEGIN PRIVATE KEY-----").1, 1);
+        let mut v =
+            serde_json::json!([{"detail": "set proxy http://a:pw@h:1"}, 3, {"x": ["key=abc"]}]);
+        assert_eq!(super::scrub(&mut v), 2);
+        assert!(!v.to_string().contains("pw@") && !v.to_string().contains("abc"));
     }
 }

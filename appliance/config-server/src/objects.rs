@@ -42,6 +42,10 @@ pub trait Stored: Object {
     fn content_needs(&self) -> Option<Action> {
         None
     }
+    /// A new object's name must not clash beyond its own parent (checked at creation).
+    fn check_unique(&self, _store: &Store) -> Result<(), ApiError> {
+        Ok(())
+    }
 }
 
 fn exists(
@@ -146,6 +150,21 @@ impl Stored for Disk {
         self.state = old.state;
         self.rpo_seconds = old.rpo_seconds;
         self.throughput_bytes_per_sec = old.throughput_bytes_per_sec;
+    }
+    /// A disk's name is its name at the process server and in the recovery repository, which
+    /// the roles key by that name alone: two disks of one name, in two machines or two tenants,
+    /// would share points, and a failover or a points listing of one would show the other's.
+    /// So a disk name is unique on the appliance. The refusal does not say where the other is.
+    fn check_unique(&self, store: &Store) -> Result<(), ApiError> {
+        let all: Vec<Disk> = store.list(trees::DISKS, "")?;
+        if all.iter().any(|d| d.name == self.name) {
+            return Err(ApiError::conflict(format!(
+                "a disk named {} exists already on this appliance (a disk's name names it at the \
+                 process server and in the recovery repository, so it must be unique)",
+                self.name
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -261,6 +280,7 @@ pub async fn create<T: Stored>(
     }
     obj.validate()?;
     obj.check_refs(&app.store, tenant_of(&s, obj.name()))?;
+    obj.check_unique(&app.store)?;
     if !app
         .store
         .insert_new(T::TREE, &format!("{prefix}{}", obj.name()), &obj)?

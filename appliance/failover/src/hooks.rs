@@ -60,20 +60,20 @@ pub fn run(argv: &[String], env: &[(String, String)], timeout: Duration) -> Resu
         .stderr(Stdio::piped())
         .spawn()
         .map_err(io(format!("starting {program}")))?;
-    let mut out = child.stdout.take();
-    let mut err = child.stderr.take();
-    // Read both pipes beside the wait, so a chatty hook cannot block on a full pipe.
-    let reader = std::thread::spawn(move || {
-        let mut o = Vec::new();
-        let mut e = Vec::new();
-        if let Some(s) = out.as_mut() {
-            let _ = s.take(64 << 10).read_to_end(&mut o);
-        }
-        if let Some(s) = err.as_mut() {
-            let _ = s.take(64 << 10).read_to_end(&mut e);
-        }
-        (o, e)
-    });
+    // Each pipe is read on its own thread to its end (the first 64 KiB kept, the rest read and
+    // dropped), so a chatty hook never blocks on a full pipe whichever one it fills.
+    fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            if let Some(mut r) = r {
+                let _ = (&mut r).take(64 << 10).read_to_end(&mut kept);
+                let _ = std::io::copy(&mut r, &mut std::io::sink());
+            }
+            kept
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child
@@ -92,7 +92,10 @@ pub fn run(argv: &[String], env: &[(String, String)], timeout: Duration) -> Resu
             None => std::thread::sleep(Duration::from_millis(20)),
         }
     };
-    let (o, e) = reader.join().unwrap_or_default();
+    let (o, e) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
     if !status.success() {
         return Err(FailoverError::Command {
             program: program.clone(),
@@ -143,5 +146,9 @@ mod tests {
         assert!(run(&s(&["false"]), &[], Duration::from_secs(5)).is_err());
         let e = run(&s(&["sleep", "5"]), &[], Duration::from_millis(200)).unwrap_err();
         assert!(e.to_string().contains("killed"), "{e}");
+        // A hook that writes far more than a pipe holds to both outputs still ends at once.
+        let chatty = "head -c 1000000 /dev/zero; head -c 1000000 /dev/zero >&2; echo done";
+        let out = run(&s(&["sh", "-c", chatty]), &[], Duration::from_secs(10)).unwrap();
+        assert!(out.ends_with("done") || out.contains("..."), "{out}");
     }
 }

@@ -301,12 +301,14 @@ fn main() {
             | Cmd::MasterTarget { .. }
             | Cmd::Serve { .. }
             | Cmd::Demo(_)
+            | Cmd::Console(_)
+            | Cmd::Update(_)
     );
     if !daemon {
         // A command piped into `head` or `grep -q` ends quietly when the reader goes away, as
         // Unix tools do, instead of panicking on the broken pipe (Rust ignores SIGPIPE). The
         // roles keep ignoring it: a peer that hangs up is an error they handle, not a reason
-        // to die.
+        // to die, and neither does the console or an update half-way through.
         // SAFETY: no other thread exists yet (logging is set up, no runtime started), and
         // SIG_DFL is a valid disposition for SIGPIPE.
         unsafe {
@@ -539,12 +541,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("no protected disk {disk} under {}", cache.display()))?;
             if st.periodic {
                 bail!(
-                    "disk {disk} is protected periodically: resize it on its host (block_resize) and                      its next recovery point has the new size by itself"
+                    "disk {disk} is protected periodically: resize it on its host (block_resize) and its next recovery point has the new size by itself"
                 );
             }
             if !st.host_access {
                 bail!(
-                    "disk {disk} is protected continuously without its host: growing it ends and restarts                      the host's mirror; give the host to the process server as                      --disk {disk}=SIZE,qmp=SOCKET,node=NODE,nbd=SOCKET"
+                    "disk {disk} is protected continuously without its host: growing it ends and restarts the host's mirror; give the host to the process server as --disk {disk}=SIZE,qmp=SOCKET,node=NODE,nbd=SOCKET"
                 );
             }
             if size < st.disk_size {
@@ -562,7 +564,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ferry_process_server::grow::write_request(&dir, size)
                 .with_context(|| format!("writing the request into {}", dir.display()))?;
             println!(
-                "growth of {disk} from {} to {size} bytes requested; the process server does it between                  two checkpoints (watch: ferry status). Restart the process server with --disk {disk}={size} from now on.",
+                "growth of {disk} from {} to {size} bytes requested; the process server does it between two checkpoints (watch: ferry status). Once ferry status shows the new size, start the process server with --disk {disk}={size} from then on.",
                 st.disk_size
             );
             Ok(())

@@ -130,10 +130,24 @@ fn grow(disk: &Disk, size: u64) -> Outcome {
     let setup_path = disk.grow_path.with_file_name(SETUP);
     let (mut qmp, setup) = match stop_mirror(disk, size, &setup_path) {
         Ok(x) => x,
-        Err(e) => return Outcome::Refused(e),
+        Err(Stop::Unchanged(e)) => return Outcome::Refused(e),
+        // The mirror may have ended (a cancel sent, or an earlier attempt's saved setup): the
+        // request stays, the status says the disk may be unprotected, and it is tried again.
+        Err(Stop::Unknown(e)) => return Outcome::Unprotected(e),
+        Err(Stop::Ended(b, e)) => {
+            let (mut qmp, setup) = *b;
+            return match mirror::restart(&mut qmp, &setup, JOB_TIMEOUT) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&setup_path);
+                    Outcome::Restored(e)
+                }
+                Err(e2) => Outcome::Unprotected(anyhow!("{e:#}; restarting the mirror: {e2}")),
+            };
+        }
     };
     // From here the guest's writes reach only the disk, not the journal: whatever happens, the
-    // mirror runs again and a resync sends what it missed.
+    // mirror runs again and a resync (asked for durably before the mirror ended) sends what it
+    // missed.
     let result = resize_and_restart(&mut qmp, disk, &setup, size);
     let result = match result {
         Ok(()) => Ok(Outcome::Grown),
@@ -144,9 +158,6 @@ fn grow(disk: &Disk, size: u64) -> Outcome {
     };
     match result {
         Ok(outcome) => {
-            if let Err(e) = disk.request_resync() {
-                return Outcome::Unprotected(anyhow!("asking for a resync: {e}"));
-            }
             let _ = std::fs::remove_file(&setup_path);
             outcome
         }
@@ -154,69 +165,127 @@ fn grow(disk: &Disk, size: u64) -> Outcome {
     }
 }
 
+/// Why the mirror was not (known to be) stopped.
+enum Stop {
+    /// Checked before anything was done: the mirror runs as before.
+    Unchanged(anyhow::Error),
+    /// The mirror may be ended and its setup is not at hand (the host did not answer while an
+    /// earlier attempt's setup is saved): try again.
+    Unknown(anyhow::Error),
+    /// The mirror may be ended: start it again from this setup.
+    Ended(Box<(Qmp, MirrorSetup)>, anyhow::Error),
+}
+
 /// Check the request, note the mirror's setup and end the mirror; or find it ended already by
-/// an earlier attempt that was interrupted (its setup saved).
-fn stop_mirror(disk: &Disk, size: u64, setup_path: &Path) -> anyhow::Result<(Qmp, MirrorSetup)> {
-    let host = disk.host.as_ref().context("the disk's host is not known")?;
+/// an earlier attempt that was interrupted (its setup saved, which is trusted before anything
+/// the host says: the host's only mirror may then be another disk's).
+fn stop_mirror(disk: &Disk, size: u64, setup_path: &Path) -> Result<(Qmp, MirrorSetup), Stop> {
+    let saved = std::fs::read(setup_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<MirrorSetup>(&b).ok());
+    let unchanged = |e: anyhow::Error| Stop::Unchanged(e);
+    let host = disk
+        .host
+        .as_ref()
+        .context("the disk's host is not known")
+        .map_err(unchanged)?;
     let now = disk.size();
     if size < now {
-        bail!("shrinking a protected disk is refused: it is {now} bytes, asked for {size}");
+        return Err(unchanged(anyhow!(
+            "shrinking a protected disk is refused: it is {now} bytes, asked for {size}"
+        )));
     }
     if !size.is_multiple_of(512) {
-        bail!("{size} bytes is not a multiple of 512");
+        return Err(unchanged(anyhow!("{size} bytes is not a multiple of 512")));
     }
-    let mut qmp = Qmp::connect(&host.qmp, Duration::from_secs(10))
-        .context("connecting to the host's QMP socket")?;
-    let jobs = qmp.execute("query-block-jobs", json!({}))?;
-    let Some(job) = crate::first_copy::find_mirror(&jobs, &host.node) else {
-        let saved = std::fs::read(setup_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<MirrorSetup>(&b).ok());
-        return match saved {
-            Some(s) => {
-                tracing::warn!(disk = %disk.name, "the mirror ended by an interrupted growth is restarted now");
-                Ok((qmp, s))
+    let mut qmp = match Qmp::connect(&host.qmp, Duration::from_secs(10))
+        .context("connecting to the host's QMP socket")
+    {
+        Ok(q) => q,
+        Err(e) if saved.is_some() => return Err(Stop::Unknown(e)),
+        Err(e) => return Err(unchanged(e)),
+    };
+    if let Some(setup) = saved {
+        // An earlier attempt ended the mirror (or was about to): end it if it runs, then go on.
+        let running = qmp
+            .execute("query-block-jobs", json!({}))
+            .map(|jobs| {
+                jobs.as_array()
+                    .is_some_and(|a| a.iter().any(|j| j["device"] == setup.job_id.as_str()))
+            })
+            .unwrap_or(false);
+        if running {
+            if let Err(e) = mirror::cancel(&mut qmp, &setup.job_id, JOB_TIMEOUT) {
+                return Err(Stop::Ended(
+                    Box::new((qmp, setup)),
+                    anyhow::Error::from(e).context("ending the mirror job"),
+                ));
             }
-            None => bail!(
-                "no mirror job of node {} runs on the disk's host: the disk is not mirrored to this \
-                 process server",
-                host.node
-            ),
-        };
+        }
+        tracing::warn!(disk = %disk.name, "the growth an interrupted attempt began goes on");
+        return Ok((qmp, setup));
+    }
+    let jobs = qmp
+        .execute("query-block-jobs", json!({}))
+        .map_err(|e| unchanged(e.into()))?;
+    let Some(job) = crate::first_copy::find_mirror(&jobs, &host.node) else {
+        return Err(unchanged(anyhow!(
+            "no mirror job of node {} runs on the disk's host: the disk is not mirrored to this \
+             process server",
+            host.node
+        )));
     };
     if !job.ready {
-        bail!(
+        return Err(unchanged(anyhow!(
             "the mirror's first full copy is still running ({} of {} bytes): grow the disk once it is done",
             job.offset,
             job.len
-        );
+        )));
     }
-    let mut setup = mirror::setup(&mut qmp, &job.id).context("reading the mirror's setup")?;
+    let mut setup = mirror::setup(&mut qmp, &job.id)
+        .context("reading the mirror's setup")
+        .map_err(unchanged)?;
     if disk.nbd_tls && setup.target_options.get("tls-creds").is_none() {
         // QEMU's description of an NBD node leaves its TLS credentials out; our export requires
         // them, so they are the host's (only) TLS client credentials.
-        let creds = mirror::client_tls_creds(&mut qmp)?;
+        let creds = mirror::client_tls_creds(&mut qmp).map_err(|e| unchanged(e.into()))?;
         let [id] = creds.as_slice() else {
-            bail!(
+            return Err(unchanged(anyhow!(
                 "cannot tell which of the host's TLS client credentials ({creds:?}) the mirror's \
                  target node {} uses",
                 setup.target
-            );
+            )));
         };
         setup.target_options["tls-creds"] = json!(id);
     }
     if setup.source != host.node {
-        bail!(
+        return Err(unchanged(anyhow!(
             "mirror job {} copies node {}, not the disk's node {}",
             job.id,
             setup.source,
             host.node
-        );
+        )));
     }
-    std::fs::write(setup_path, serde_json::to_vec_pretty(&setup)?)
-        .and_then(|()| std::fs::File::open(setup_path)?.sync_all())
-        .with_context(|| format!("writing {}", setup_path.display()))?;
-    mirror::cancel(&mut qmp, &job.id, JOB_TIMEOUT).context("ending the mirror job")?;
+    // Durable before the mirror ends: how to start it again, and the resync that sends what the
+    // guest writes while it does not run (a power loss anywhere after this finds both).
+    let saved = serde_json::to_vec_pretty(&setup)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| {
+            std::fs::write(setup_path, b)
+                .and_then(|()| std::fs::File::open(setup_path)?.sync_all())
+                .with_context(|| format!("writing {}", setup_path.display()))
+        })
+        .and_then(|()| disk.request_resync().context("asking for a resync"));
+    if let Err(e) = saved {
+        let _ = std::fs::remove_file(setup_path);
+        return Err(unchanged(e));
+    }
+    if let Err(e) = mirror::cancel(&mut qmp, &job.id, JOB_TIMEOUT) {
+        return Err(Stop::Ended(
+            Box::new((qmp, setup)),
+            anyhow::Error::from(e).context("ending the mirror job"),
+        ));
+    }
     tracing::info!(disk = %disk.name, job = %job.id, "mirror ended for the growth");
     Ok((qmp, setup))
 }

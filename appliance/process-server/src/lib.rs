@@ -67,8 +67,15 @@ impl Disk {
     }
 
     /// Ask for a checksum resync (as `ferry resync` does).
+    /// Ask for a checksum resync, durably (the file and its directory entry are synced).
     pub fn request_resync(&self) -> std::io::Result<()> {
-        std::fs::write(&self.request_path, b"")
+        std::fs::write(&self.request_path, b"")?;
+        std::fs::File::open(&self.request_path)?.sync_all()?;
+        let dir = self
+            .request_path
+            .parent()
+            .expect("a request file has a directory");
+        std::fs::File::open(dir)?.sync_all()
     }
 
     /// Change the status and write it out.

@@ -81,7 +81,10 @@ impl Store {
     }
 
     /// Whether an object of that name is stored. A file too short to be any blob (a power loss
-    /// can leave an unsynced object empty) does not count, so it is asked for and written again.
+    /// can leave an unsynced object empty: ext4 allocates a renamed file's blocks late) does not
+    /// count, so it is asked for and written again. A file torn to some other length still
+    /// counts here (the expected length is not known without the blob); `ferry verify` finds
+    /// it, and `put` replaces it when the blob arrives again.
     pub(crate) fn exists(&self, kind: Kind, id: &ChunkId) -> bool {
         fs::metadata(self.path(kind, id)).is_ok_and(|m| m.is_file() && m.len() >= MIN_BLOB_LEN)
     }
@@ -96,24 +99,31 @@ impl Store {
 
     /// Store a blob unless an object of that name exists. Returns true when it was written.
     ///
-    /// An existing object of another length is written again: after a power loss, an object
-    /// renamed into place by a checkpoint that never committed (so never synced) can be left
-    /// empty or short, and dedup must not build a new point on it. Blobs of one name have one
-    /// length (the same plaintext, compressed the same way, plus a fixed header and tag).
+    /// An existing object of another length is replaced: after a power loss, an object renamed
+    /// into place by a checkpoint that never committed (so never synced) can be left empty or
+    /// short, and dedup must not build a new point on it. Blobs of one name normally have one
+    /// length (the same plaintext compressed the same way, a fixed header and tag), but another
+    /// zstd version may compress differently, so the existing object may also be a committed,
+    /// good one: the replacement is made durable (fsync) before it is renamed over it, so a
+    /// power loss leaves one whole object or the other, never an empty one.
     pub(crate) fn put(&self, kind: Kind, id: &ChunkId, blob: &[u8]) -> Result<bool, RepoError> {
         let dest = self.path(kind, id);
+        let mut replace = false;
         if let Ok(m) = fs::metadata(&dest) {
             if m.is_file() && m.len() == blob.len() as u64 {
                 return Ok(false);
             }
             tracing::warn!(path = %dest.display(), len = m.len(), want = blob.len(),
-                "object of the wrong length (left by a crash?): writing it again");
+                "object of another length (left short by a crash?): replacing it durably");
+            replace = true;
         }
         let tmp = self.tmp_path("obj");
         let res = (|| -> io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(blob)?;
-            if kind == Kind::Chunk {
+            if replace {
+                f.sync_all()?;
+            } else if kind == Kind::Chunk {
                 // Start writing the chunk back now (without waiting), so the commit's `syncfs`
                 // finds most of a checkpoint's data on disk already instead of flushing it all
                 // at once; the clean pages are dropped (a chunk is rarely read back soon).
