@@ -222,6 +222,11 @@ fn stop_mirror(disk: &Disk, size: u64, setup_path: &Path) -> Result<(Qmp, Mirror
                 ));
             }
         }
+        // The attempt asked for the resync before it ended the mirror; ask again all the same
+        // (a setup saved by an older version, or by hand, comes without one).
+        if let Err(e) = disk.request_resync() {
+            return Err(Stop::Unknown(anyhow!("asking for a resync: {e}")));
+        }
         tracing::warn!(disk = %disk.name, "the growth an interrupted attempt began goes on");
         return Ok((qmp, setup));
     }
