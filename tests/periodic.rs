@@ -233,38 +233,7 @@ fn seed_then_one_consistent_point_per_interval_while_writing() {
 
 /// Export point `seq` to qcow2 with `ferry export` and compare it with the host's disk.
 fn assert_point_equals_host(lab: &Lab, dir: &Path, seq: u64, host: &Host) {
-    let out = dir.join(format!("point-{seq}.qcow2"));
-    let o = lab
-        .ferry(&[
-            "export",
-            "--disk",
-            DISK,
-            "--point",
-            &seq.to_string(),
-            "--format",
-            "qcow2",
-            "--output",
-            out.to_str().unwrap(),
-        ])
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "export: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let cmp = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "qcow2"])
-        .arg(host.guest_uri())
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        cmp.status.success(),
-        "point {seq} differs from the host's disk: {}{}",
-        String::from_utf8_lossy(&cmp.stdout),
-        String::from_utf8_lossy(&cmp.stderr)
-    );
-    std::fs::remove_file(&out).unwrap();
+    assert_point_equals(lab, dir, DISK, seq, &host.guest_uri());
 }
 
 /// A disk larger than the window of block status a cut holds at once (1 GiB): the seed and an
@@ -538,25 +507,8 @@ fn a_thin_disk_seeds_only_its_data_with_progress() {
         p.total_bytes, data,
         "progress total is the allocated data, not the disk"
     );
-    // The point equals the disk (exported sparse, compared by qemu-img).
-    let out = dir.path().join("seed.raw");
-    let o = lab
-        .ferry(&[
-            "export",
-            "--disk",
-            DISK,
-            "--point",
-            "1",
-            "--output",
-            out.to_str().unwrap(),
-        ])
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    sh(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(host.guest_uri())
-        .arg(&out))
-    .unwrap();
+    // The point equals the disk (exported, compared by qemu-img).
+    assert_point_equals_host(&lab, dir.path(), 1, &host);
 }
 
 #[test]

@@ -162,40 +162,57 @@ impl Site {
 
     /// Export a point with `ferry export` to qcow2 and compare it with the guest's disk.
     pub fn assert_point_equals_guest(&self, seq: u64) {
-        let out = self.dir.path().join(format!("point-{seq}.qcow2"));
-        let o = self
-            .lab
-            .ferry(&[
-                "export",
-                "--disk",
-                &self.disk,
-                "--point",
-                &seq.to_string(),
-                "--format",
-                "qcow2",
-                "--output",
-                out.to_str().unwrap(),
-            ])
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "export: {}",
-            String::from_utf8_lossy(&o.stderr)
+        assert_point_equals(
+            &self.lab,
+            self.dir.path(),
+            &self.disk,
+            seq,
+            &self.guest_uri(),
         );
-        let cmp = Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "qcow2"])
-            .arg(self.guest_uri())
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            cmp.status.success(),
-            "point {seq} differs from the source: {}{}",
-            String::from_utf8_lossy(&cmp.stdout),
-            String::from_utf8_lossy(&cmp.stderr)
-        );
-        std::fs::remove_file(&out).unwrap();
     }
+}
+
+/// Export point `seq` of `disk` to qcow2 with `ferry export` and compare it with the raw image
+/// at `source_uri` (a file or an NBD URI) under `qemu-img compare`.
+pub fn assert_point_equals(
+    lab: &Lab,
+    dir: &std::path::Path,
+    disk: &str,
+    seq: u64,
+    source_uri: &str,
+) {
+    let out = dir.join(format!("point-{seq}.qcow2"));
+    let o = lab
+        .ferry(&[
+            "export",
+            "--disk",
+            disk,
+            "--point",
+            &seq.to_string(),
+            "--format",
+            "qcow2",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "export: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(source_uri)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "point {seq} differs from the source: {}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+    std::fs::remove_file(&out).unwrap();
 }
 
 impl Drop for Site {
