@@ -31,6 +31,8 @@ const FLAG_ZSTD: u8 = 1;
 /// magic(4) version(1) flags(1) reserved(2) plaintext_len(4) nonce(12)
 pub const BLOB_HEADER_LEN: usize = 24;
 const TAG_LEN: usize = 16;
+/// The shortest blob there can be: a header and a tag around an empty payload.
+pub const MIN_BLOB_LEN: usize = BLOB_HEADER_LEN + TAG_LEN;
 const ZSTD_LEVEL: i32 = 1;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -243,7 +245,7 @@ struct Header {
 }
 
 fn parse_header(blob: &[u8]) -> Result<Header, ChunkError> {
-    if blob.len() < BLOB_HEADER_LEN + TAG_LEN {
+    if blob.len() < MIN_BLOB_LEN {
         return Err(ChunkError::Truncated(blob.len()));
     }
     if blob[0..4] != BLOB_MAGIC || blob[4] != BLOB_VERSION || blob[5] & !FLAG_ZSTD != 0 {

@@ -36,9 +36,6 @@ impl Kind {
     }
 }
 
-/// The shortest possible blob: a header and a tag around an empty payload.
-const MIN_BLOB_LEN: u64 = ferry_chunk::BLOB_HEADER_LEN as u64 + 16;
-
 pub(crate) struct Store {
     root: PathBuf,
     tmp_seq: AtomicU64,
@@ -86,7 +83,8 @@ impl Store {
     /// counts here (the expected length is not known without the blob); `ferry verify` finds
     /// it, and `put` replaces it when the blob arrives again.
     pub(crate) fn exists(&self, kind: Kind, id: &ChunkId) -> bool {
-        fs::metadata(self.path(kind, id)).is_ok_and(|m| m.is_file() && m.len() >= MIN_BLOB_LEN)
+        fs::metadata(self.path(kind, id))
+            .is_ok_and(|m| m.is_file() && m.len() >= ferry_chunk::MIN_BLOB_LEN as u64)
     }
 
     /// A fresh temp path in `tmp/` (same filesystem as every destination, so rename is atomic).

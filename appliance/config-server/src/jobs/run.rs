@@ -260,12 +260,7 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
                 .test_nbd_port
                 .ok_or("the test's instant-access server has no port")?;
             let repo = site.repository().map_err(|e| e.to_string())?;
-            let mine: Vec<DiskOutcome> = job
-                .disks
-                .iter()
-                .filter(|d| d.machine == m)
-                .cloned()
-                .collect();
+            let mine = machine_disks(job, &m);
             job.steps[i].total = mine.len() as u64;
             for d in &mine {
                 let seq = d.point_seq.ok_or("a scratch disk without a point")?;
@@ -286,12 +281,7 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
             Ok(format!("{} copy-on-write overlays", mine.len()))
         }
         ("live", Some(m)) => {
-            let mine: Vec<DiskOutcome> = job
-                .disks
-                .iter()
-                .filter(|d| d.machine == m)
-                .cloned()
-                .collect();
+            let mine = machine_disks(job, &m);
             job.steps[i].total = mine.len() as u64;
             for d in &mine {
                 let seq = d.point_seq.ok_or("a live disk without a point")?;
@@ -457,6 +447,15 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
         }
         _ => Err(format!("unknown step {name}")),
     }
+}
+
+/// The job's disks of machine `m`.
+fn machine_disks(job: &Job, m: &str) -> Vec<DiskOutcome> {
+    job.disks
+        .iter()
+        .filter(|d| d.machine == m)
+        .cloned()
+        .collect()
 }
 
 fn hook_env(job: &Job, machine: Option<&str>) -> Vec<(String, String)> {
