@@ -304,6 +304,12 @@ fn main() {
             | Cmd::Console(_)
             | Cmd::Update(_)
     );
+    if matches!(
+        cli.cmd,
+        Cmd::ProcessServer(_) | Cmd::MasterTarget { .. } | Cmd::Serve { .. } | Cmd::Demo(_)
+    ) {
+        ferry_process_server::memory::keep_freed_memory();
+    }
     if !daemon {
         // A command piped into `head` or `grep -q` ends quietly when the reader goes away, as
         // Unix tools do, instead of panicking on the broken pipe (Rust ignores SIGPIPE). The

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod export;
 pub mod first_copy;
 pub mod grow;
+pub mod memory;
 pub mod periodic;
 pub mod resync;
 pub mod shipper;

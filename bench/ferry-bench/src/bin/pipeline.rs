@@ -6,7 +6,10 @@
 //! measures each stage of what the process server does per block, plus the whole pipeline
 //! (`checkpoint::Builder::finish`: zero check -> keyed name -> zstd-if-smaller + AES-256-GCM).
 //!
-//! Environment: FERRY_BENCH_IMAGE_MIB (default 256), FERRY_BENCH_MIN_SECS (per stage, default 1).
+//! Environment: FERRY_BENCH_IMAGE_MIB (default 256), FERRY_BENCH_MIN_SECS (per stage and round,
+//! default 1), FERRY_BENCH_ROUNDS (default 5; each stage's figure is its median round),
+//! FERRY_BENCH_GLIBC_DEFAULTS=1 (leave the allocator as glibc sets it, unlike the roles),
+//! FERRY_BENCH_ONLY (comma-separated: run only the stages whose names contain one of these).
 //! Run: `cargo run --release -p ferry-bench --bin pipeline`
 
 use ferry_bench::{env_num, mbps, verdict, walk, Rng};
@@ -163,6 +166,11 @@ fn measure(min: Duration, mut pass: impl FnMut() -> u64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the roles do (`ferry process-server` and `master-target`): without it the checkpoint
+    // rows measure the kernel faulting freed heap back in (FERRY_BENCH_GLIBC_DEFAULTS=1 shows it).
+    if std::env::var("FERRY_BENCH_GLIBC_DEFAULTS").as_deref() != Ok("1") {
+        ferry_process_server::memory::keep_freed_memory();
+    }
     let size = (env_num("FERRY_BENCH_IMAGE_MIB", 256) as usize).max(4) << 20;
     let min = Duration::from_secs_f64(env_num("FERRY_BENCH_MIN_SECS", 1) as f64);
     let t = Instant::now();
@@ -198,49 +206,12 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    let mut rows: Vec<(&str, f64, Option<f64>)> = Vec::new();
-    rows.push((
-        "zero check (mixed image)",
-        measure(min, || {
-            blocks.iter().filter(|b| is_zero(black_box(b))).count();
-            total
-        }),
-        None,
-    ));
     let zero_blocks: Vec<&[u8]> = blocks
         .iter()
         .zip(&img.kinds)
         .filter(|(_, &k)| k == 2)
         .map(|(b, _)| *b)
         .collect();
-    rows.push((
-        "zero check (zero blocks only)",
-        measure(min, || {
-            black_box(zero_blocks.iter().filter(|b| is_zero(black_box(b))).count());
-            (zero_blocks.len() * BS) as u64
-        }),
-        None,
-    ));
-    rows.push((
-        "keyed BLAKE3 chunk_id",
-        measure(min, || {
-            for b in &blocks {
-                black_box(key.chunk_id(b));
-            }
-            total
-        }),
-        None,
-    ));
-    rows.push((
-        "zstd level 1 compress",
-        measure(min, || {
-            for b in &blocks {
-                black_box(zstd::bulk::compress(b, ZSTD_LEVEL).expect("zstd").len());
-            }
-            total
-        }),
-        None,
-    ));
     let random: Vec<&[u8]> = blocks
         .iter()
         .zip(&img.kinds)
@@ -250,9 +221,73 @@ fn main() -> anyhow::Result<()> {
     let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7; 32]).expect("key"));
     let mut buf = vec![0u8; BS];
     let mut n = 0u64;
-    rows.push((
-        "AES-256-GCM (ring, random data)",
-        measure(min, || {
+    // The whole pipeline over one kind of content at a time (rows named "by content: KIND").
+    let sels: Vec<Vec<&[u8]>> = (0..KINDS.len())
+        .map(|k| {
+            blocks
+                .iter()
+                .zip(&img.kinds)
+                .filter(|(_, &x)| x == k)
+                .map(|(b, _)| *b)
+                .collect()
+        })
+        .collect();
+    // The real code path: journal records of 1 MiB writes through checkpoint::Builder
+    // (coalescing copy + finish), in checkpoints of 64 MiB like the shipper cuts them.
+    let records: Vec<Record> = img
+        .data
+        .chunks(EXTENT)
+        .enumerate()
+        .map(|(i, d)| Record {
+            seq: i as u64 + 1,
+            op: OwnedOp::Write {
+                offset: (i * EXTENT) as u64,
+                data: d.to_vec(),
+            },
+        })
+        .collect();
+    let known = HashSet::new();
+    type Pass<'a> = Box<dyn FnMut() -> u64 + 'a>;
+    let mut stages: Vec<(String, Pass, Option<f64>)> = Vec::new();
+    stages.push((
+        "zero check (mixed image)".to_string(),
+        Box::new(|| {
+            blocks.iter().filter(|b| is_zero(black_box(b))).count();
+            total
+        }),
+        None,
+    ));
+    stages.push((
+        "zero check (zero blocks only)".to_string(),
+        Box::new(|| {
+            black_box(zero_blocks.iter().filter(|b| is_zero(black_box(b))).count());
+            (zero_blocks.len() * BS) as u64
+        }),
+        None,
+    ));
+    stages.push((
+        "keyed BLAKE3 chunk_id".to_string(),
+        Box::new(|| {
+            for b in &blocks {
+                black_box(key.chunk_id(b));
+            }
+            total
+        }),
+        None,
+    ));
+    stages.push((
+        "zstd level 1 compress".to_string(),
+        Box::new(|| {
+            for b in &blocks {
+                black_box(zstd::bulk::compress(b, ZSTD_LEVEL).expect("zstd").len());
+            }
+            total
+        }),
+        None,
+    ));
+    stages.push((
+        "AES-256-GCM (ring, random data)".to_string(),
+        Box::new(|| {
             for b in &random {
                 buf[..b.len()].copy_from_slice(b);
                 n += 1;
@@ -271,9 +306,9 @@ fn main() -> anyhow::Result<()> {
         }),
         Some(2000.0),
     ));
-    rows.push((
-        "seal_chunk (zstd-if-smaller + AES)",
-        measure(min, || {
+    stages.push((
+        "seal_chunk (zstd-if-smaller + AES)".to_string(),
+        Box::new(|| {
             for b in blocks.iter().filter(|b| !is_zero(b)) {
                 black_box(key.seal_chunk(&ferry_chunk::ChunkId::ZERO, b).len());
             }
@@ -281,9 +316,9 @@ fn main() -> anyhow::Result<()> {
         }),
         None,
     ));
-    rows.push((
-        "whole pipeline (finish per block)",
-        measure(min, || {
+    stages.push((
+        "whole pipeline (finish per block)".to_string(),
+        Box::new(|| {
             for b in &blocks {
                 if !is_zero(b) {
                     let id = key.chunk_id(b);
@@ -294,43 +329,25 @@ fn main() -> anyhow::Result<()> {
         }),
         Some(500.0),
     ));
-    let mut by_kind = Vec::new();
-    for (k, kind) in KINDS.iter().enumerate() {
-        let sel: Vec<&[u8]> = blocks
-            .iter()
-            .zip(&img.kinds)
-            .filter(|(_, &x)| x == k)
-            .map(|(b, _)| *b)
-            .collect();
-        let v = measure(min / 2, || {
-            for b in &sel {
-                if !is_zero(b) {
-                    let id = key.chunk_id(b);
-                    black_box(key.seal_chunk(&id, b).len());
+    for (sel, kind) in sels.iter().zip(KINDS) {
+        let key = &key;
+        stages.push((
+            format!("by content: {kind}"),
+            Box::new(move || {
+                for b in sel {
+                    if !is_zero(b) {
+                        let id = key.chunk_id(b);
+                        black_box(key.seal_chunk(&id, b).len());
+                    }
                 }
-            }
-            (sel.len() * BS) as u64
-        });
-        by_kind.push((*kind, v));
+                (sel.len() * BS) as u64
+            }),
+            None,
+        ));
     }
-    // The real code path: journal records of 1 MiB writes through checkpoint::Builder
-    // (coalescing copy + finish), in checkpoints of 64 MiB like the shipper cuts them.
-    let records: Vec<Record> = img
-        .data
-        .chunks(EXTENT)
-        .enumerate()
-        .map(|(i, d)| Record {
-            seq: i as u64 + 1,
-            op: OwnedOp::Write {
-                offset: (i * EXTENT) as u64,
-                data: d.to_vec(),
-            },
-        })
-        .collect();
-    let known = HashSet::new();
-    rows.push((
-        "checkpoint::Builder apply+finish",
-        measure(min, || {
+    stages.push((
+        "checkpoint::Builder apply+finish".to_string(),
+        Box::new(|| {
             for cp in records.chunks(64) {
                 let mut b = Builder::new(total, DEFAULT_BLOCK_SIZE);
                 cp.iter().for_each(|r| b.apply(r));
@@ -341,18 +358,50 @@ fn main() -> anyhow::Result<()> {
         None,
     ));
 
+    // Rounds interleave the stages, and each stage's figure is its median round: this host's
+    // speed drifts by tens of percent from minute to minute (other tenants of the machine), and
+    // a stage measured in one stretch would carry whatever the host did during that stretch.
+    let rounds = env_num("FERRY_BENCH_ROUNDS", 5).max(1) as usize;
+    if let Ok(only) = std::env::var("FERRY_BENCH_ONLY") {
+        stages.retain(|(name, _, _)| only.split(',').any(|o| name.contains(o)));
+    }
+    let mut figures = vec![Vec::with_capacity(rounds); stages.len()];
+    for _ in 0..rounds {
+        for (i, (_, pass, _)) in stages.iter_mut().enumerate() {
+            figures[i].push(measure(min, pass));
+        }
+    }
+    let mut rows = Vec::new();
+    let mut by_kind = Vec::new();
+    for ((name, _, target), mut f) in stages.into_iter().zip(figures) {
+        f.sort_by(f64::total_cmp);
+        let (lo, median, hi) = (f[0], f[f.len() / 2], f[f.len() - 1]);
+        match name.strip_prefix("by content: ") {
+            Some(kind) => by_kind.push((kind.to_string(), median)),
+            None => rows.push((name, median, lo, hi, target)),
+        }
+    }
+
     println!();
     println!(
-        "| {:<36} | {:>10} | {:>10} | {:>6} |",
-        "stage (64 KiB blocks)", "MB/s", "target", "result"
+        "median of {rounds} interleaved rounds of {:.1} CPU s per stage (lowest..highest round):",
+        min.as_secs_f64()
     );
-    println!("|{:-<38}|{:->12}|{:->12}|{:->8}|", "", "", "", "");
-    for (name, v, target) in &rows {
+    println!(
+        "| {:<36} | {:>10} | {:>13} | {:>10} | {:>6} |",
+        "stage (64 KiB blocks)", "MB/s", "range", "target", "result"
+    );
+    println!(
+        "|{:-<38}|{:->12}|{:->15}|{:->12}|{:->8}|",
+        "", "", "", "", ""
+    );
+    for (name, v, lo, hi, target) in &rows {
         let (t, r) = match target {
             Some(t) => (format!(">= {t:.0}"), verdict(v >= t)),
             None => (String::new(), ""),
         };
-        println!("| {name:<36} | {v:>10.0} | {t:>10} | {r:>6} |");
+        let range = format!("{lo:.0}..{hi:.0}");
+        println!("| {name:<36} | {v:>10.0} | {range:>13} | {t:>10} | {r:>6} |");
     }
     let per: Vec<String> = by_kind.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
     println!("whole pipeline by content (MB/s): {}", per.join(", "));
