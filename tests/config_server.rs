@@ -510,6 +510,8 @@ fn example_body(method: &Method, path: &str) -> Value {
                                  "ca_sha256": "00".repeat(32)}),
         "maintenance" => json!({"action": "reboot"}),
         "update-slot" => json!({"slot": "a"}),
+        // Asked by a person (the test's caller): refused, 403, as documented.
+        "config" => json!({"address": "127.0.0.1:7443"}),
         // Without a recovery site the server refuses jobs (409), as documented.
         "jobs" => json!({"kind": "test-failover"}),
         other => panic!("no example body for {other} ({path})"),

@@ -82,6 +82,10 @@ pub struct Appliance {
     pub enrolled_unix: u64,
     /// SHA-256 of the appliance's client certificate (DER), hex.
     pub cert_sha256: String,
+    /// Where a master target takes replication connections (`HOST:PORT`), as it last reported
+    /// when it asked for its configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 /// A protected virtual machine: a consistency group of disks that share one write order, so
@@ -96,6 +100,10 @@ pub struct Machine {
     pub policy: String,
     #[serde(default)]
     pub description: String,
+    /// The process server (an enrolled appliance of the tenant) that protects the machine's
+    /// disks; none: the tenant's only process server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_server: Option<String>,
 }
 
 impl Object for Machine {
@@ -107,6 +115,9 @@ impl Object for Machine {
         validate::name("name", &self.name)?;
         validate::name("site", &self.site)?;
         validate::name("policy", &self.policy)?;
+        if let Some(ps) = &self.process_server {
+            validate::name("process_server", ps)?;
+        }
         validate::text("description", &self.description)
     }
 }

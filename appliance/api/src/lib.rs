@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod plan;
 pub mod policy;
 pub mod records;
+pub mod roles;
 pub mod security;
 pub mod system;
 pub mod validate;
@@ -24,6 +25,7 @@ pub use jobs::*;
 pub use plan::*;
 pub use policy::*;
 pub use records::*;
+pub use roles::*;
 pub use security::*;
 pub use system::{
     ActionDone, AddressMode, CacheUse, Check, Cidr, Dashboard, Diagnostics, DiskStatus, LoggedIn,

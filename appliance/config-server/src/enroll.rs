@@ -165,6 +165,7 @@ pub async fn enroll(
             tenant: principal.tenant.clone(),
             enrolled_unix: now,
             cert_sha256: issued.sha256.clone(),
+            address: None,
         };
         app.store.put(trees::APPLIANCES, &principal.name, &a)?;
     }

@@ -25,6 +25,7 @@ pub mod objects;
 pub mod openapi;
 pub mod report;
 pub mod reports;
+pub mod roles;
 pub mod routes;
 pub mod serve;
 pub mod store;

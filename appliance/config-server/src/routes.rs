@@ -12,11 +12,11 @@ use axum::http::{Method, StatusCode};
 use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use ferry_api::{
-    ActionDone, Appliance, ApplianceReport, AuditEntry, CreateToken, Dashboard, Diagnostics, Disk,
-    DiskReport, EnrollRequest, Enrolled, Event, Health, LoggedIn, Login, Logs, Machine,
-    Maintenance, NetworkConfig, NetworkState, PendingNetwork, Plan, Policy, Principal, Registered,
-    Registration, SetPassword, Settings, SetupStatus, Site, SupportBundle, Tenant, TokenCreated,
-    UpdateSlot,
+    ActionDone, Appliance, ApplianceReport, AuditEntry, ConfigRequest, CreateToken, Dashboard,
+    Diagnostics, Disk, DiskReport, EnrollRequest, Enrolled, Event, Health, LoggedIn, Login, Logs,
+    Machine, Maintenance, NetworkConfig, NetworkState, PendingNetwork, Plan, Policy, Principal,
+    Registered, Registration, RoleConfig, SetPassword, Settings, SetupStatus, Site, SupportBundle,
+    Tenant, TokenCreated, UpdateSlot,
 };
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
@@ -448,6 +448,18 @@ pub fn router(app: Shared) -> Router {
         .who("appliances of the tenant, provider-admin")
         .errors(&[403, 404]),
         report::disk,
+    );
+    api = api.add(
+        Op::new(
+            Method::POST,
+            "/v1/self/config",
+            "A process server's or master target's configuration (a master target reports its address)",
+        )
+        .body::<ConfigRequest>()
+        .answers::<RoleConfig>()
+        .who("the appliance itself (enrolled for a tenant)")
+        .errors(&[403, 409]),
+        crate::roles::config,
     );
     api = system_routes(api);
 

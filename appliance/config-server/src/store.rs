@@ -51,6 +51,10 @@ pub mod trees {
     pub const ALERTS: &str = "alerts";
     /// When each appliance last reported, and what: name → seen.
     pub const APPLIANCE_SEEN: &str = "appliance-seen";
+    /// Each tenant's data key, hex (secret): tenant → key.
+    pub const TENANT_KEYS: &str = "tenant-keys";
+    /// Certificates issued from the data CA: `{appliance}/{kind}` → names, certificate, key.
+    pub const DATA_CERTS: &str = "data-certs";
 }
 
 /// Entries kept per log (audit, events): about 60 MB of audit at ~300 bytes an entry.

@@ -286,6 +286,48 @@ pub fn ctl(a: CtlArgs) -> anyhow::Result<()> {
     rt.block_on(ctl_async(a))
 }
 
+/// Trade a one-time token for a certificate in `cert_dir` (the key is made here and never
+/// leaves): the server's CA is checked against `ca_sha256` (or is `ca_cert`) before the token
+/// is sent.
+pub(crate) async fn enroll(
+    server: &str,
+    token: &str,
+    ca_sha256: Option<&str>,
+    ca_cert: Option<&std::path::Path>,
+    cert_dir: &std::path::Path,
+) -> anyhow::Result<Principal> {
+    let (c, pinned_ca) = match (ca_sha256, ca_cert) {
+        (Some(h), _) => (Client::pinned(server, h)?, None),
+        (None, Some(f)) => {
+            let ca =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            (Client::anonymous(server, &ca)?, Some(ca))
+        }
+        (None, None) => bail!("give --ca-sha256 or --ca-cert"),
+    };
+    let (key, csr) = ferry_config_server::ca::key_and_csr("enrolling")?;
+    let req = EnrollRequest {
+        token: token.to_string(),
+        csr_pem: Some(csr),
+    };
+    let e: Enrolled = c.call(Method::POST, "/v1/enroll", Some(&req)).await?;
+    // The CA to trust from now on: the one given, or the pinned one the server sent.
+    let ca = match (pinned_ca, ca_sha256) {
+        (Some(ca), _) => ca,
+        (None, Some(h)) => {
+            let got = ferry_config_server::ca::pem_fingerprint(&e.ca_cert_pem);
+            if got.as_deref() != Some(h.trim().to_ascii_lowercase().as_str()) {
+                bail!("the server answered with another CA than the one pinned ({h})");
+            }
+            e.ca_cert_pem.clone()
+        }
+        (None, None) => unreachable!("checked above"),
+    };
+    ferry_config_server::serve::write_identity(cert_dir, &ca, &e.certificate_pem, &key)
+        .with_context(|| format!("writing {}", cert_dir.display()))?;
+    Ok(e.principal)
+}
+
 async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
     let json = a.json;
     if let CtlCmd::Enroll {
@@ -294,36 +336,15 @@ async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
         ca_cert,
     } = &a.cmd
     {
-        let (c, pinned_ca) = match (ca_sha256, ca_cert) {
-            (Some(h), _) => (Client::pinned(&a.server, h)?, None),
-            (None, Some(f)) => {
-                let ca = std::fs::read_to_string(f)
-                    .with_context(|| format!("reading {}", f.display()))?;
-                (Client::anonymous(&a.server, &ca)?, Some(ca))
-            }
-            (None, None) => bail!("give --ca-sha256 or --ca-cert"),
-        };
-        let (key, csr) = ferry_config_server::ca::key_and_csr("enrolling")?;
-        let req = EnrollRequest {
-            token: token.clone(),
-            csr_pem: Some(csr),
-        };
-        let e: Enrolled = c.call(Method::POST, "/v1/enroll", Some(&req)).await?;
-        // The CA to trust from now on: the one given, or the pinned one the server sent.
-        let ca = match (pinned_ca, ca_sha256) {
-            (Some(ca), _) => ca,
-            (None, Some(h)) => {
-                let got = ferry_config_server::ca::pem_fingerprint(&e.ca_cert_pem);
-                if got.as_deref() != Some(h.trim().to_ascii_lowercase().as_str()) {
-                    bail!("the server answered with another CA than the one pinned ({h})");
-                }
-                e.ca_cert_pem.clone()
-            }
-            (None, None) => unreachable!("checked above"),
-        };
-        ferry_config_server::serve::write_identity(&a.cert_dir, &ca, &e.certificate_pem, &key)
-            .with_context(|| format!("writing {}", a.cert_dir.display()))?;
-        return show(json, &e.principal, |p| {
+        let principal = enroll(
+            &a.server,
+            token,
+            ca_sha256.as_deref(),
+            ca_cert.as_deref(),
+            &a.cert_dir,
+        )
+        .await?;
+        return show(json, &principal, |p| {
             println!(
                 "enrolled {} as {} (tenant {}); identity in {}",
                 p.name,
@@ -353,6 +374,8 @@ async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
             appliance,
             ttl_secs,
         } => {
+            let appliance_role = appliance.clone();
+            let server = a.server.clone();
             let req = CreateToken {
                 name,
                 role: parse_name("role", &role)?,
@@ -370,6 +393,12 @@ async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
                     when(t.expires_unix)
                 );
                 println!("CA certificate SHA-256: {}", t.ca_sha256);
+                if let Some(role) = &appliance_role {
+                    println!(
+                        "start the appliance with: ferry {role} --config-server {server} --token {} --ca-sha256 {}",
+                        t.token, t.ca_sha256
+                    );
+                }
             })
         }
         CtlCmd::Tenants => {

@@ -2,6 +2,7 @@
 //! arguments, sets up logging, and reports errors with context.
 
 mod app_point;
+mod bootstrap;
 mod console;
 mod control;
 mod demo;
@@ -103,6 +104,12 @@ enum Cmd {
         /// How often retention and chunk collection run (0: never).
         #[arg(long, default_value_t = 300)]
         retention_interval_secs: u64,
+        #[command(flatten)]
+        bootstrap: bootstrap::BootstrapArgs,
+        /// With --config-server: the address process servers dial, HOST:PORT (default: --listen;
+        /// its certificate is issued for this host).
+        #[arg(long, requires = "config_server")]
+        advertise: Option<String>,
     },
     /// List protected disks and their recovery points.
     Points {
@@ -245,7 +252,7 @@ struct ProcessServerArgs {
     /// disk's journal was written for is refused, a larger one is taken as a growth). With `,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET`
     /// the process server can read the disk on its host and resynchronizes it by checksums when
     /// its journal overflowed or was lost, or on `ferry resync`. Repeatable.
-    #[arg(long = "disk", required_unless_present = "periodic")]
+    #[arg(long = "disk", required_unless_present_any = ["periodic", "config_server"])]
     disks: Vec<String>,
     /// A periodically protected disk, read from its host's dirty bitmaps:
     /// NAME=SIZE,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET,fleece=HOST_FILE[,interval-ms=N].
@@ -253,8 +260,10 @@ struct ProcessServerArgs {
     #[arg(long = "periodic")]
     periodic: Vec<String>,
     /// The master target, HOST:PORT.
-    #[arg(long)]
-    master: String,
+    #[arg(long, required_unless_present = "config_server")]
+    master: Option<String>,
+    #[command(flatten)]
+    bootstrap: bootstrap::BootstrapArgs,
     #[arg(long, default_value = "/etc/ferry/pki")]
     pki: PathBuf,
     #[arg(long, default_value = "/etc/ferry/tenant.key")]
@@ -364,13 +373,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::ProcessServer(a) => process_server(a),
         Cmd::MasterTarget {
-            repo,
+            mut repo,
             listen,
-            pki,
+            mut pki,
             retention,
             retention_interval_secs,
+            bootstrap,
+            advertise,
         } => {
             let policy = retention.policy()?;
+            let mut configured = None;
+            let address = advertise.unwrap_or_else(|| listen.to_string());
+            if bootstrap.config_server.is_some()
+                && listen.ip().is_unspecified()
+                && address == listen.to_string()
+            {
+                bail!("--listen {listen} is every address: give --advertise HOST:PORT, the address process servers dial (its certificate is issued for that host)");
+            }
+            if bootstrap.config_server.is_some() {
+                let cfg = bootstrap.fetch(Some(address.clone()))?;
+                if !matches!(cfg, ferry_api::RoleConfig::MasterTarget(_)) {
+                    bail!("this identity is not a master target's (the configuration server sent another role's configuration)");
+                }
+                let l = bootstrap.layout();
+                pki = l.pki;
+                repo.key = l.key;
+                tracing::info!(%address, "configured by the configuration server");
+                configured = Some(cfg);
+            }
             std::fs::create_dir_all(&repo.repo)
                 .with_context(|| format!("creating {}", repo.repo.display()))?;
             let r = Repository::open(&repo.repo, load_key(&repo.key)?)
@@ -383,6 +413,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 retention: (retention_interval_secs > 0)
                     .then(|| (policy, Duration::from_secs(retention_interval_secs))),
             };
+            if let Some(c) = configured {
+                bootstrap.watch(c, Some(address), None);
+            }
             runtime()?.block_on(ferry_master_target::run(cfg))
         }
         Cmd::Points { repo, disk, json } => {
@@ -693,24 +726,52 @@ fn cache_direct_io(mode: CacheIo, cache: &std::path::Path) -> bool {
     }
 }
 
-fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
+fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
+    let mut configured = None;
+    if a.bootstrap.config_server.is_some() {
+        if !a.disks.is_empty() || !a.periodic.is_empty() || a.master.is_some() {
+            bail!("with --config-server, the disks and the master target come from the configuration server: leave out --disk, --periodic and --master");
+        }
+        let cfg = a.bootstrap.fetch(None)?;
+        let ferry_api::RoleConfig::ProcessServer(c) = &cfg else {
+            bail!("this identity is not a process server's (the configuration server sent another role's configuration)");
+        };
+        for d in &c.disks {
+            let mut spec = format!("{}={}", d.name, d.size_bytes);
+            if !d.source.is_empty() {
+                spec = format!("{spec},{}", d.source);
+            }
+            if d.periodic {
+                let ms = u64::from(d.interval_secs) * 1000;
+                a.periodic.push(format!("{spec},interval-ms={ms}"));
+            } else {
+                a.disks.push(spec);
+            }
+        }
+        let l = a.bootstrap.layout();
+        a.master = Some(c.master.clone());
+        a.pki = l.pki;
+        a.key = l.key;
+        tracing::info!(disks = c.disks.len(), master = %c.master, "configured by the configuration server");
+        configured = Some(cfg);
+    }
     let mut disks = Vec::new();
     for d in &a.disks {
-        disks.push(parse_disk(d)?);
+        disks.push(parse_disk(d).with_context(|| format!("disk {d:?}"))?);
     }
     let periodic = a
         .periodic
         .iter()
-        .map(|p| parse_periodic(p, a.interval_ms))
+        .map(|p| parse_periodic(p, a.interval_ms).with_context(|| format!("disk {p:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     if !a.block_size.is_power_of_two() || !(4096..=1 << 20).contains(&a.block_size) {
         bail!("--block-size must be a power of two from 4096 to 1048576");
     }
-    let host = a
-        .master
+    let master = a.master.clone().context("--master is required")?;
+    let host = master
         .rsplit_once(':')
         .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']'))
-        .with_context(|| format!("--master {:?} must be HOST:PORT", a.master))?;
+        .with_context(|| format!("--master {master:?} must be HOST:PORT"))?;
     let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
         .with_context(|| format!("{host:?} is not a valid host name"))?;
     let journal_direct_io = cache_direct_io(a.cache_io, &a.cache);
@@ -728,7 +789,7 @@ fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
         journal_capacity: parse_size(&a.journal_capacity)?,
         journal_direct_io,
         link: ferry_process_server::Link {
-            addr: a.master.clone(),
+            addr: master.clone(),
             server_name,
             tls: ferry_pki::client_config(&a.pki)?,
         },
@@ -747,6 +808,9 @@ fn process_server(a: ProcessServerArgs) -> anyhow::Result<()> {
                     .then(|| Duration::from_secs(a.app_consistent_every)),
             }),
     };
+    if let Some(c) = configured {
+        a.bootstrap.watch(c, None, Some(cfg.cache_dir.clone()));
+    }
     runtime()?.block_on(ferry_process_server::run(cfg))
 }
 

@@ -87,6 +87,58 @@ pub fn init(dir: &Path, server_names: &[String]) -> Result<(), PkiError> {
     Ok(())
 }
 
+/// Issue a certificate from the CA kept in `dir` (its `ca-cert.pem` and `ca-key.pem`): with
+/// `server`, a server certificate valid for `names` and the local names; otherwise a client
+/// certificate named `names[0]`. Returns the certificate and its new key, PEM.
+pub fn issue(dir: &Path, names: &[String], server: bool) -> Result<(String, String), PkiError> {
+    let read = |f: &str| {
+        let p = dir.join(f);
+        fs::read_to_string(&p).map_err(|e| io(&p, e))
+    };
+    let ca_key = KeyPair::from_pem(&read("ca-key.pem")?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read("ca-cert.pem")?, ca_key)?;
+    let key = KeyPair::generate()?;
+    let cert = if server {
+        let mut all: Vec<String> = LOCAL_NAMES.iter().map(|s| s.to_string()).collect();
+        all.extend(
+            names
+                .iter()
+                .filter(|n| !LOCAL_NAMES.contains(&n.as_str()))
+                .cloned(),
+        );
+        let mut params = CertificateParams::new(all)?;
+        params.distinguished_name = name("Ferry server");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.signed_by(&key, &issuer)?
+    } else {
+        let cn = names.first().map(String::as_str).unwrap_or("ferry-client");
+        let mut params = CertificateParams::new(vec![cn.to_string()])?;
+        params.distinguished_name = name(cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.signed_by(&key, &issuer)?
+    };
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Write a PKI directory in the layout above from PEM texts (a role configured by the
+/// configuration server): `files` are (file name, text) pairs; key files are written 0600 and
+/// `ca-cert.pem`, which marks the directory complete, last.
+pub fn write_files(dir: &Path, files: &[(&str, &str)]) -> Result<(), PkiError> {
+    fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let mut ca = None;
+    for (file, text) in files {
+        if *file == "ca-cert.pem" {
+            ca = Some(*text);
+            continue;
+        }
+        write(dir, file, text, file.ends_with("-key.pem"))?;
+    }
+    if let Some(ca) = ca {
+        write(dir, "ca-cert.pem", ca, false)?;
+    }
+    Ok(())
+}
+
 fn name(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);

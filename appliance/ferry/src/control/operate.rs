@@ -311,6 +311,7 @@ pub async fn run(c: &Client, json: bool, cmd: OperateCmd) -> anyhow::Result<()> 
                 site,
                 policy,
                 description: String::new(),
+                process_server: None,
             };
             let mpath = format!("/v1/tenants/{tenant}/machines/{machine}");
             match c.call::<_, Machine>(Method::PUT, &mpath, Some(&m)).await {

@@ -1,0 +1,88 @@
+//! What a process server or a master target is told by the configuration server: everything it
+//! needs to run, so that bootstrapping one takes only the server's address and an enrollment
+//! token (`docs/api.md`, "Role configuration").
+//!
+//! A role asks with its enrolled certificate (`POST /v1/self/config`), at start and then every
+//! poll interval; a changed answer makes it restart its data path with the new configuration.
+
+use crate::validate::{self, Invalid};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Sent by the role when it asks for its configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigRequest {
+    /// Where the role takes replication connections, `HOST:PORT` as process servers should dial
+    /// it (a master target's address; a process server sends none).
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+impl ConfigRequest {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if let Some(a) = &self.address {
+            validate::text("address", a)?;
+            let ok = a
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(Invalid::new("address", "must be HOST:PORT"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Certificates for the replication link (and the NBD link from the hypervisor), issued by the
+/// site's data CA; the key is made by the configuration server and sent once per request over
+/// the mutual-TLS API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DataPki {
+    pub ca_cert_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// One disk a process server protects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AssignedDisk {
+    pub machine: String,
+    pub name: String,
+    pub size_bytes: u64,
+    /// The disk's `source` as configured: empty for a disk the hypervisor mirrors to the
+    /// process server, or `qmp=PATH,node=NODE,nbd=PATH[,fleece=PATH]` for one the process
+    /// server can read on its host (resync; periodic protection needs `fleece=`).
+    pub source: String,
+    pub periodic: bool,
+    /// The machine's policy: checkpoint (continuous) or cycle (periodic) interval.
+    pub interval_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ProcessServerConfig {
+    pub tenant: String,
+    /// The master target to ship to, `HOST:PORT`.
+    pub master: String,
+    /// The tenant's data key, hex (the key chunks are named and sealed with).
+    pub tenant_key_hex: String,
+    /// Client certificate for the replication link; also the NBD server's certificate.
+    pub client: DataPki,
+    pub server: DataPki,
+    pub disks: Vec<AssignedDisk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MasterTargetConfig {
+    pub tenant: String,
+    pub tenant_key_hex: String,
+    /// Server certificate for the replication link (valid for the address it reported).
+    pub server: DataPki,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", tag = "role")]
+pub enum RoleConfig {
+    ProcessServer(ProcessServerConfig),
+    MasterTarget(MasterTargetConfig),
+}

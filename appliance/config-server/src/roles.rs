@@ -1,0 +1,246 @@
+//! Role configuration: what a process server or a master target needs to run, answered to its
+//! enrolled certificate (`POST /v1/self/config`, `ferry_api::roles`).
+//!
+//! The server keeps, besides the inventory: the site's data CA (`<state>/data-pki`, created on
+//! first use, in the layout `ferry pki-init` makes), the certificates it issued from it per
+//! appliance (reissued only when the names they must hold change, so that a role polling its
+//! configuration sees the same answer until something really changed), and one data key per
+//! tenant (made on first use; the key chunks are named and sealed with). Both trees are secrets
+//! at rest; only the configuration server's own user reads its state directory.
+
+use crate::app::{Caller, Shared};
+use crate::error::{ApiError, Body};
+use crate::store::trees;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use ferry_api::{
+    Appliance, ApplianceRole, AssignedDisk, ConfigRequest, DataPki, Disk, Machine,
+    MasterTargetConfig, Policy, ProcessServerConfig, ReplicationMode, RoleConfig,
+};
+use ring::rand::SecureRandom;
+use serde::{Deserialize, Serialize};
+
+/// A certificate issued from the data CA, and the names it was issued for.
+#[derive(Serialize, Deserialize)]
+struct IssuedCert {
+    names: Vec<String>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn refuse(code: &'static str, msg: String) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, code, msg)
+}
+
+pub async fn config(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+    Body(req): Body<ConfigRequest>,
+) -> Result<Json<RoleConfig>, ApiError> {
+    let _w = app.write.lock().await;
+    let Some(role) = p.appliance else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "{} is a person, not an appliance: only an enrolled process server or master target asks for a role configuration",
+                p.name
+            ),
+        ));
+    };
+    req.validate()?;
+    let Some(tenant) = p.tenant.clone() else {
+        return Err(refuse(
+            "no-tenant",
+            format!(
+                "appliance {} was enrolled without a tenant; a process server or master target serves one tenant: enroll it with a token made with --tenant",
+                p.name
+            ),
+        ));
+    };
+    let mut me: Appliance = app
+        .store
+        .get(trees::APPLIANCES, &p.name)?
+        .ok_or_else(|| ApiError::not_found(format!("no appliance {}", p.name)))?;
+    if role == ApplianceRole::MasterTarget && req.address.is_some() && me.address != req.address {
+        me.address = req.address.clone();
+        app.store.put(trees::APPLIANCES, &p.name, &me)?;
+    }
+    let key = tenant_key(&app, &tenant)?;
+    let cfg = match role {
+        ApplianceRole::MasterTarget => {
+            let Some(addr) = me.address.clone() else {
+                return Err(refuse(
+                    "no-address",
+                    "a master target reports the address process servers dial (HOST:PORT) when it asks for its configuration".into(),
+                ));
+            };
+            let host = host_of(&addr);
+            RoleConfig::MasterTarget(MasterTargetConfig {
+                tenant,
+                tenant_key_hex: key,
+                server: data_cert(&app, &p.name, "replication-server", &[host], true)?,
+            })
+        }
+        ApplianceRole::ProcessServer => process_server(&app, &p.name, tenant, key)?,
+        ApplianceRole::ConfigurationServer => {
+            return Err(refuse(
+                "no-role-config",
+                "a configuration server has no role configuration".into(),
+            ))
+        }
+    };
+    app.store.flush().await?;
+    Ok(Json(cfg))
+}
+
+fn process_server(
+    app: &Shared,
+    me: &str,
+    tenant: String,
+    key: String,
+) -> Result<RoleConfig, ApiError> {
+    let appliances: Vec<Appliance> = app.store.list(trees::APPLIANCES, "")?;
+    let t = tenant.as_str();
+    let of_tenant = |r: ApplianceRole| {
+        appliances
+            .iter()
+            .filter(move |a| a.role == r && a.tenant.as_deref() == Some(t))
+    };
+    let masters: Vec<&Appliance> = of_tenant(ApplianceRole::MasterTarget).collect();
+    let master = match masters.as_slice() {
+        [] => {
+            return Err(refuse(
+                "no-master-target",
+                format!("tenant {tenant} has no master target enrolled yet"),
+            ))
+        }
+        [m] => m
+            .address
+            .clone()
+            .ok_or_else(|| {
+                refuse(
+                    "no-master-target",
+                    format!(
+                        "master target {} of tenant {tenant} has not reported its address yet (it does when it starts with --config-server)",
+                        m.name
+                    ),
+                )
+            })?,
+        _ => {
+            return Err(refuse(
+                "several-master-targets",
+                format!(
+                    "tenant {tenant} has {} master targets; a process server ships to one (not supported yet)",
+                    masters.len()
+                ),
+            ))
+        }
+    };
+    let only_one = of_tenant(ApplianceRole::ProcessServer).count() == 1;
+    let mut disks = Vec::new();
+    let machines: Vec<Machine> = app.store.list(trees::MACHINES, &format!("{tenant}/"))?;
+    for m in machines {
+        let mine = match &m.process_server {
+            Some(ps) => ps == me,
+            None => only_one,
+        };
+        if !mine {
+            continue;
+        }
+        let policy: Policy = app
+            .store
+            .get(trees::POLICIES, &format!("{tenant}/{}", m.policy))?
+            .ok_or_else(|| {
+                refuse(
+                    "no-policy",
+                    format!(
+                        "machine {} names policy {}, which does not exist",
+                        m.name, m.policy
+                    ),
+                )
+            })?;
+        let ds: Vec<Disk> = app
+            .store
+            .list(trees::DISKS, &format!("{tenant}/{}/", m.name))?;
+        for d in ds {
+            disks.push(AssignedDisk {
+                machine: m.name.clone(),
+                name: d.name,
+                size_bytes: d.size_bytes,
+                source: d.source,
+                periodic: policy.mode == ReplicationMode::Periodic,
+                interval_secs: policy.checkpoint_interval_secs,
+            });
+        }
+    }
+    Ok(RoleConfig::ProcessServer(ProcessServerConfig {
+        tenant,
+        master,
+        tenant_key_hex: key,
+        client: data_cert(app, me, "replication-client", &[me.to_string()], false)?,
+        server: data_cert(app, me, "nbd-server", &[me.to_string()], true)?,
+        disks,
+    }))
+}
+
+/// `HOST` of `HOST:PORT` (brackets of an IPv6 literal removed).
+fn host_of(addr: &str) -> String {
+    addr.rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(addr)
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string()
+}
+
+/// The tenant's data key, hex; made on first use.
+fn tenant_key(app: &Shared, tenant: &str) -> Result<String, ApiError> {
+    if let Some(k) = app.store.get::<String>(trees::TENANT_KEYS, tenant)? {
+        return Ok(k);
+    }
+    let mut b = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| ApiError::internal("no randomness from the system"))?;
+    let k = hex::encode(b);
+    app.store.put(trees::TENANT_KEYS, tenant, &k)?;
+    Ok(k)
+}
+
+/// The appliance's certificate of `kind` from the data CA, issued again only when `names`
+/// changed.
+fn data_cert(
+    app: &Shared,
+    appliance: &str,
+    kind: &str,
+    names: &[String],
+    server: bool,
+) -> Result<DataPki, ApiError> {
+    let dir = app.state_dir.join("data-pki");
+    if !dir.join("ca-cert.pem").exists() {
+        ferry_pki::init(&dir, &[]).map_err(ApiError::internal)?;
+    }
+    let ca_cert_pem =
+        std::fs::read_to_string(dir.join("ca-cert.pem")).map_err(ApiError::internal)?;
+    let k = format!("{appliance}/{kind}");
+    let c = match app.store.get::<IssuedCert>(trees::DATA_CERTS, &k)? {
+        Some(c) if c.names == names => c,
+        _ => {
+            let (cert_pem, key_pem) =
+                ferry_pki::issue(&dir, names, server).map_err(ApiError::internal)?;
+            let c = IssuedCert {
+                names: names.to_vec(),
+                cert_pem,
+                key_pem,
+            };
+            app.store.put(trees::DATA_CERTS, &k, &c)?;
+            c
+        }
+    };
+    Ok(DataPki {
+        ca_cert_pem,
+        cert_pem: c.cert_pem,
+        key_pem: c.key_pem,
+    })
+}

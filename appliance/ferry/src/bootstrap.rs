@@ -1,0 +1,257 @@
+//! A role configured by the configuration server: `ferry process-server --config-server URL
+//! --token T --ca-sha256 H` (and the same for `master-target`) enrolls once with the token,
+//! then asks for its configuration (`POST /v1/self/config`): disks, master target, the tenant's
+//! data key and certificates. It keeps the answer in its state directory, so that it also starts
+//! while the configuration server is unreachable, and asks again every poll interval: a changed
+//! answer restarts the role in place (the journal and repository are crash-safe; QEMU's NBD
+//! client reconnects). A process server also reports each disk's state and RPO on every poll.
+
+use anyhow::{bail, Context};
+use clap::Args;
+use ferry_api::{ConfigRequest, DiskReport, DiskState, RoleConfig};
+use ferry_config_server::client::{Client, Method};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Args, Clone, Debug)]
+pub struct BootstrapArgs {
+    /// The configuration server, https://HOST:PORT. With it, the role takes its configuration
+    /// (disks, master target, data key, certificates) from there, not from the options.
+    #[arg(long)]
+    pub config_server: Option<String>,
+    /// The one-time enrollment token (`ferry ctl token --appliance ...`), needed on the first
+    /// start only.
+    #[arg(long, requires = "config_server")]
+    pub token: Option<String>,
+    /// The SHA-256 of the configuration server's CA, printed with the token (first start only).
+    #[arg(long, requires = "config_server")]
+    pub ca_sha256: Option<String>,
+    /// Where the role keeps its identity and the configuration it was given.
+    #[arg(long, default_value = "/var/lib/ferry/role")]
+    pub state: PathBuf,
+    /// How often to ask for changes (and, on a process server, report the disks).
+    #[arg(long, default_value_t = 15)]
+    pub config_poll_secs: u64,
+}
+
+/// Where a configured role keeps its files, below `--state`.
+pub struct Layout {
+    pub identity: PathBuf,
+    pub pki: PathBuf,
+    pub key: PathBuf,
+    pub config: PathBuf,
+}
+
+impl BootstrapArgs {
+    pub fn layout(&self) -> Layout {
+        Layout {
+            identity: self.state.join("identity"),
+            pki: self.state.join("pki"),
+            key: self.state.join("tenant.key"),
+            config: self.state.join("config.json"),
+        }
+    }
+
+    fn server(&self) -> &str {
+        self.config_server.as_deref().unwrap_or_default()
+    }
+
+    fn client(&self) -> anyhow::Result<Client> {
+        let l = self.layout();
+        Client::from_cert_dir(self.server(), &l.identity)
+            .with_context(|| format!("loading this role's identity in {}", l.identity.display()))
+    }
+
+    /// Enroll when there is no identity yet, then ask for the configuration (reporting
+    /// `address`) and write what it holds to the state directory. When the server cannot be
+    /// reached, the configuration kept from the last answer is used.
+    pub fn fetch(&self, address: Option<String>) -> anyhow::Result<RoleConfig> {
+        let l = self.layout();
+        std::fs::create_dir_all(&self.state)
+            .with_context(|| format!("creating {}", self.state.display()))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        if !l.identity.join("client-cert.pem").exists() {
+            let (Some(token), Some(pin)) = (&self.token, &self.ca_sha256) else {
+                bail!(
+                    "{} holds no identity yet: the first start needs --token and --ca-sha256 (from `ferry ctl token --appliance ...`)",
+                    l.identity.display()
+                );
+            };
+            let p = rt.block_on(crate::control::enroll(
+                self.server(),
+                token,
+                Some(pin),
+                None,
+                &l.identity,
+            ))?;
+            tracing::info!(name = %p.name, tenant = ?p.tenant, "enrolled with the configuration server");
+        }
+        let asked = rt.block_on(ask(&self.client()?, address));
+        let cfg = match asked {
+            Ok(c) => c,
+            Err(e) if l.config.exists() && !e.refused => {
+                tracing::warn!(error = %e.error, "configuration server unreachable; using the configuration kept from its last answer");
+                let text = std::fs::read_to_string(&l.config)?;
+                serde_json::from_str(&text).with_context(|| {
+                    format!("{} is not a role configuration", l.config.display())
+                })?
+            }
+            Err(e) => return Err(e.error),
+        };
+        self.write(&cfg)?;
+        Ok(cfg)
+    }
+
+    fn write(&self, cfg: &RoleConfig) -> anyhow::Result<()> {
+        let l = self.layout();
+        let (key, client, server) = match cfg {
+            RoleConfig::ProcessServer(c) => (&c.tenant_key_hex, Some(&c.client), &c.server),
+            RoleConfig::MasterTarget(c) => (&c.tenant_key_hex, None, &c.server),
+        };
+        let mut files = vec![
+            ("server-cert.pem", server.cert_pem.as_str()),
+            ("server-key.pem", server.key_pem.as_str()),
+            ("ca-cert.pem", server.ca_cert_pem.as_str()),
+        ];
+        if let Some(c) = client {
+            files.push(("client-cert.pem", c.cert_pem.as_str()));
+            files.push(("client-key.pem", c.key_pem.as_str()));
+        }
+        ferry_pki::write_files(&l.pki, &files)?;
+        write_secret(&l.key, &format!("{key}\n"))?;
+        write_secret(&l.config, &serde_json::to_string_pretty(cfg)?)
+    }
+
+    /// Ask again every poll interval, on a thread of its own; when the answer differs from
+    /// `current`, restart this process in place with the same arguments. `cache`: a process
+    /// server's cache directory, whose disks are reported each time.
+    pub fn watch(&self, current: RoleConfig, address: Option<String>, cache: Option<PathBuf>) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "no runtime for the configuration watch");
+                    return;
+                }
+            };
+            loop {
+                std::thread::sleep(Duration::from_secs(me.config_poll_secs.max(1)));
+                let client = match me.client() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "configuration watch");
+                        continue;
+                    }
+                };
+                if let (Some(cache), RoleConfig::ProcessServer(c)) = (&cache, &current) {
+                    rt.block_on(report_disks(&client, &c.tenant, &c.disks, cache));
+                }
+                match rt.block_on(ask(&client, address.clone())) {
+                    Ok(new) if new != current => {
+                        tracing::info!("the configuration server changed this role's configuration: restarting to apply it");
+                        if let Err(e) = me.write(&new) {
+                            tracing::error!(error = %e, "cannot keep the new configuration; not restarting");
+                            continue;
+                        }
+                        restart();
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e.error, "asking the configuration server for changes")
+                    }
+                }
+            }
+        });
+    }
+}
+
+struct AskError {
+    error: anyhow::Error,
+    /// The server answered and said no (as opposed to: could not be reached).
+    refused: bool,
+}
+
+async fn ask(c: &Client, address: Option<String>) -> Result<RoleConfig, AskError> {
+    c.call(
+        Method::POST,
+        "/v1/self/config",
+        Some(&ConfigRequest { address }),
+    )
+    .await
+    .map_err(|e| AskError {
+        refused: matches!(e, ferry_config_server::client::ClientError::Api { .. }),
+        error: anyhow::Error::new(e)
+            .context("asking the configuration server for this role's configuration"),
+    })
+}
+
+/// Each configured disk's state and RPO, from its status file, to the configuration server.
+async fn report_disks(c: &Client, tenant: &str, disks: &[ferry_api::AssignedDisk], cache: &Path) {
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    for d in disks {
+        let Ok(s) = ferry_process_server::status::read(&cache.join(&d.name).join("status.json"))
+        else {
+            continue;
+        };
+        use ferry_process_server::status::State;
+        let state = match s.state {
+            State::ResyncRequired => DiskState::ResyncRequired,
+            State::Resyncing => DiskState::Seeding,
+            _ if s.acked_seq == 0 => DiskState::Seeding,
+            _ => DiskState::Protected,
+        };
+        let rpo_seconds = (s.acked_point_created_unix_ns > 0)
+            .then(|| now_ns.saturating_sub(s.acked_point_created_unix_ns) as f64 / 1e9);
+        let r = DiskReport {
+            state,
+            rpo_seconds,
+            throughput_bytes_per_sec: None,
+        };
+        let path = format!(
+            "/v1/tenants/{tenant}/machines/{}/disks/{}/report",
+            d.machine, d.name
+        );
+        if let Err(e) = c
+            .call::<_, ferry_api::Disk>(Method::PUT, &path, Some(&r))
+            .await
+        {
+            tracing::warn!(disk = %d.name, error = %e, "reporting the disk to the configuration server");
+        }
+    }
+}
+
+/// Replace this process by a fresh run of the same command line.
+fn restart() -> ! {
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new("/proc/self/exe")
+        .args(std::env::args_os().skip(1))
+        .exec();
+    tracing::error!(error = %err, "cannot restart; exiting so that the service manager does");
+    std::process::exit(75);
+}
+
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

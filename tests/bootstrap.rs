@@ -1,0 +1,298 @@
+//! Roles configured by the configuration server (issue 4, item 4): a master target and a process
+//! server are started with nothing but the server's address, a one-time token and the CA's
+//! hash. They enroll, take their configuration (disks from the inventory, the master target's
+//! address, the tenant's data key, data-link certificates) and replicate; the process server
+//! reports its disks' state and RPO back; a disk added to the machine in the inventory is
+//! picked up without anyone touching the process server; a used token, a person asking for a
+//! role configuration, and a process server given both the server and local disks are refused.
+
+#[path = "support/config_server.rs"]
+mod harness;
+mod support;
+
+use ferry::lab::{free_port, sh, wait_port, Lab};
+use ferry_api::{Disk, DiskState, TokenCreated};
+use ferry_config_server::client::Method;
+use ferry_qemu::{StorageDaemon, MIRROR_FILTER};
+use serde_json::json;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 32 * MIB;
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(dir: &Path, name: &str, args: &[String]) -> Kill {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .unwrap();
+    Kill(
+        Command::new(support::exe())
+            .args(args)
+            .env("FERRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn appliance_token(
+    admin: &ferry_config_server::client::Client,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    role: &str,
+) -> TokenCreated {
+    let body = json!({"name": name, "role": "operator", "tenant": "acme", "appliance": role, "ttl_secs": 600});
+    serde_json::from_value(rt.block_on(harness::ok(admin, Method::POST, "/v1/tokens", Some(body))))
+        .unwrap()
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn roles_take_their_configuration_from_the_configuration_server() {
+    let began = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-bootstrap-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = harness::Server::start(&d.join("cs"));
+    let admin = server.admin();
+    let ok = |m: Method, path: &str, body: serde_json::Value| {
+        rt.block_on(harness::ok(&admin, m, path, Some(body)))
+    };
+    ok(Method::POST, "/v1/tenants", json!({"name": "acme"}));
+    ok(
+        Method::POST,
+        "/v1/tenants/acme/sites",
+        json!({"name": "hq", "kind": "protected"}),
+    );
+    ok(
+        Method::POST,
+        "/v1/tenants/acme/policies",
+        harness::policy(30),
+    );
+    ok(
+        Method::POST,
+        "/v1/tenants/acme/machines",
+        json!({"name": "app", "site": "hq", "policy": "gold"}),
+    );
+    ok(
+        Method::POST,
+        "/v1/tenants/acme/machines/app/disks",
+        json!({"name": "boot", "size_bytes": SIZE}),
+    );
+
+    // A person is not a role: refused, with the reason.
+    let e = rt
+        .block_on(admin.call::<_, serde_json::Value>(
+            Method::POST,
+            "/v1/self/config",
+            Some(&json!({})),
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("403") && e.contains("not an appliance"), "{e}");
+
+    // The lab gives ports and paths only: its own key and certificates are not used.
+    let lab = Lab::new(&support::exe(), d, &[]).unwrap();
+    let mt_token = appliance_token(&admin, &rt, "mt1", "master-target");
+    let ps_token = appliance_token(&admin, &rt, "ps1", "process-server");
+    let s = |v: &str| v.to_string();
+    let _mt = spawn(
+        d,
+        "master-target",
+        &[
+            s("master-target"),
+            s("--repo"),
+            lab.repo.display().to_string(),
+            s("--listen"),
+            format!("127.0.0.1:{}", lab.master_port),
+            s("--config-server"),
+            server.url.clone(),
+            s("--token"),
+            mt_token.token.clone(),
+            s("--ca-sha256"),
+            mt_token.ca_sha256.clone(),
+            s("--state"),
+            d.join("mt-state").display().to_string(),
+        ],
+    );
+    wait_port(lab.master_port, Duration::from_secs(20)).unwrap();
+
+    let ps_args = |extra: &[String]| {
+        let mut v = vec![
+            s("process-server"),
+            s("--cache"),
+            lab.cache.display().to_string(),
+            s("--nbd-listen"),
+            format!("127.0.0.1:{}", lab.nbd_port),
+            s("--interval-ms"),
+            s("200"),
+            s("--config-server"),
+            server.url.clone(),
+            s("--token"),
+            ps_token.token.clone(),
+            s("--ca-sha256"),
+            ps_token.ca_sha256.clone(),
+            s("--state"),
+            d.join("ps-state").display().to_string(),
+            s("--config-poll-secs"),
+            s("1"),
+        ];
+        v.extend_from_slice(extra);
+        v
+    };
+    // Local disks beside the configuration server: refused before anything starts.
+    let o = Command::new(support::exe())
+        .args(ps_args(&[s("--disk"), s("x=1M")]))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("leave out --disk"), "{err}");
+    assert!(
+        !d.join("ps-state/identity").exists(),
+        "refused, yet enrolled"
+    );
+
+    let _ps = spawn(d, "process-server", &ps_args(&[]));
+    wait_port(lab.nbd_port, Duration::from_secs(30)).unwrap();
+
+    // The hypervisor mirrors the disk to the export the configuration named.
+    let host = d.join("host");
+    std::fs::create_dir_all(&host).unwrap();
+    let image = host.join("boot.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(SIZE.to_string()))
+    .unwrap();
+    let mut q = StorageDaemon::start(&image, "qcow2", &host).unwrap();
+    q.mirror_to_nbd(
+        "127.0.0.1",
+        lab.nbd_port,
+        "boot",
+        None,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let sock = host.join("guest.sock");
+    q.export(MIRROR_FILTER, "guest", &sock).unwrap();
+    let guest = format!("nbd+unix:///guest?socket={}", sock.display());
+    sh(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &guest,
+        "-c",
+        "write -P 0x5c 1M 3M",
+        "-c",
+        "write -P 0x7d 17M 64k",
+        "-c",
+        "flush",
+    ]))
+    .unwrap();
+
+    // Written to the state directory: the data key and certificates it was given.
+    let mut lab = lab;
+    lab.key = d.join("mt-state/tenant.key");
+    assert_eq!(
+        std::fs::read_to_string(&lab.key).unwrap(),
+        std::fs::read_to_string(d.join("ps-state/tenant.key")).unwrap(),
+        "both roles hold the tenant's one data key"
+    );
+    let st = lab.wait_caught_up("boot", Duration::from_secs(60)).unwrap();
+    support::assert_point_equals(&lab, d, "boot", st.acked_seq, &guest);
+
+    // The process server reports the disk: state and RPO reach the inventory.
+    let disk = wait_for("the disk's report", Duration::from_secs(30), || {
+        let v: Disk = rt
+            .block_on(admin.get("/v1/tenants/acme/machines/app/disks/boot"))
+            .unwrap();
+        (v.state == DiskState::Protected && v.rpo_seconds.is_some()).then_some(v)
+    });
+    assert!(disk.rpo_seconds.unwrap() < 30.0, "{disk:?}");
+
+    // A disk added in the inventory: the process server restarts itself with it and serves
+    // its export, and the first disk keeps replicating.
+    let before = std::fs::read_to_string(d.join("ps-state/config.json")).unwrap();
+    ok(
+        Method::POST,
+        "/v1/tenants/acme/machines/app/disks",
+        json!({"name": "data", "size_bytes": SIZE}),
+    );
+    wait_for("the new disk's journal", Duration::from_secs(30), || {
+        lab.cache.join("data/status.json").exists().then_some(())
+    });
+    let now = std::fs::read_to_string(d.join("ps-state/config.json")).unwrap();
+    assert_ne!(before, now);
+    assert!(now.contains("\"data\""));
+    sh(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &guest,
+        "-c",
+        "write -P 0x3e 9M 1M",
+        "-c",
+        "flush",
+    ]))
+    .unwrap();
+    let st2 = wait_for("a point after the restart", Duration::from_secs(90), || {
+        lab.wait_caught_up("boot", Duration::from_secs(5))
+            .ok()
+            .filter(|s| s.acked_seq > st.acked_seq)
+    });
+    support::assert_point_equals(&lab, d, "boot", st2.acked_seq, &guest);
+
+    // The token worked once: a second appliance with it is refused, and says so.
+    let o = Command::new(support::exe())
+        .args([
+            "process-server",
+            "--cache",
+            &d.join("cache2").display().to_string(),
+            "--nbd-listen",
+            &format!("127.0.0.1:{}", free_port().unwrap()),
+            "--config-server",
+            &server.url,
+            "--token",
+            &ps_token.token,
+            "--ca-sha256",
+            &ps_token.ca_sha256,
+            "--state",
+            &d.join("ps2-state").display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("token"), "{err}");
+    q.stop();
+    assert!(began.elapsed() < Duration::from_secs(240));
+}
