@@ -11,7 +11,7 @@ mod harness;
 mod support;
 
 use ferry::lab::{free_port, sh, wait_port, Lab};
-use ferry_api::{Disk, DiskState, TokenCreated};
+use ferry_api::{AuditEntry, Disk, DiskState, TokenCreated};
 use ferry_config_server::client::Method;
 use ferry_qemu::{StorageDaemon, MIRROR_FILTER};
 use serde_json::json;
@@ -239,6 +239,16 @@ fn roles_take_their_configuration_from_the_configuration_server() {
         (v.state == DiskState::Protected && v.rpo_seconds.is_some()).then_some(v)
     });
     assert!(disk.rpo_seconds.unwrap() < 30.0, "{disk:?}");
+    // Polls and reports are observations: only the person's refused request is audited.
+    let audit: Vec<AuditEntry> = rt.block_on(admin.get("/v1/audit?limit=1000")).unwrap();
+    let polls: Vec<&AuditEntry> = audit
+        .iter()
+        .filter(|e| e.what.contains("/v1/self/config") || e.what.ends_with("/report"))
+        .collect();
+    assert!(
+        polls.len() == 1 && polls[0].status == 403 && polls[0].who == "admin",
+        "{polls:#?}"
+    );
 
     // A disk added in the inventory: the process server restarts itself with it and serves
     // its export, and the first disk keeps replicating.

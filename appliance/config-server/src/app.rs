@@ -60,6 +60,8 @@ pub struct AuditWho(pub Principal);
 
 /// The only route a client without a certificate may call.
 pub const ENROLL_PATH: &str = "/v1/enroll";
+/// Where a process server or master target asks for its configuration (`crate::roles`).
+pub const SELF_CONFIG_PATH: &str = "/v1/self/config";
 
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
@@ -107,7 +109,12 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
     };
     let status = resp.status();
     let reads = method == Method::GET || method == Method::HEAD;
-    if !reads || !status.is_success() {
+    // What a role sends by itself every poll interval (its configuration request, its disks'
+    // state and RPO) is an observation, not a change someone made: audited only when refused,
+    // or every role would push the operators' changes out of the audit log within days.
+    let role_poll = principal.as_ref().is_some_and(|p| p.appliance.is_some())
+        && (path == SELF_CONFIG_PATH || path.ends_with("/report"));
+    if (!reads && !role_poll) || !status.is_success() {
         let who = resp
             .extensions()
             .get::<AuditWho>()

@@ -64,6 +64,7 @@ pub async fn config(
         .get(trees::APPLIANCES, &p.name)?
         .ok_or_else(|| ApiError::not_found(format!("no appliance {}", p.name)))?;
     if role == ApplianceRole::MasterTarget && req.address.is_some() && me.address != req.address {
+        tracing::info!(appliance = %p.name, address = ?req.address, "master target reported its address");
         me.address = req.address.clone();
         app.store.put(trees::APPLIANCES, &p.name, &me)?;
     }

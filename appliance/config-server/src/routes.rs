@@ -452,7 +452,7 @@ pub fn router(app: Shared) -> Router {
     api = api.add(
         Op::new(
             Method::POST,
-            "/v1/self/config",
+            crate::app::SELF_CONFIG_PATH,
             "A process server's or master target's configuration (a master target reports its address)",
         )
         .body::<ConfigRequest>()
