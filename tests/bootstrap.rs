@@ -83,12 +83,24 @@ fn roles_take_their_configuration_from_the_configuration_server() {
         .enable_all()
         .build()
         .unwrap();
-    let server = harness::Server::start(&d.join("cs"));
+    // Appliances silent for 6 s are "unreachable": the roles' polls must keep them off that list.
+    let server =
+        harness::Server::start_with(&d.join("cs"), &["--unreachable-secs".into(), "6".into()]);
     let admin = server.admin();
     let ok = |m: Method, path: &str, body: serde_json::Value| {
         rt.block_on(harness::ok(&admin, m, path, Some(body)))
     };
     ok(Method::POST, "/v1/tenants", json!({"name": "acme"}));
+    ok(Method::POST, "/v1/tenants", json!({"name": "globex"}));
+    // An appliance that never reports (of another tenant, so acme's assignment is unchanged).
+    let idle = rt.block_on(harness::token(
+        &admin,
+        "idle",
+        "operator",
+        Some("globex"),
+        600,
+    ));
+    rt.block_on(harness::enroll(&server, &idle.token, &d.join("idle")));
     ok(
         Method::POST,
         "/v1/tenants/acme/sites",
@@ -143,6 +155,8 @@ fn roles_take_their_configuration_from_the_configuration_server() {
             mt_token.ca_sha256.clone(),
             s("--state"),
             d.join("mt-state").display().to_string(),
+            s("--config-poll-secs"),
+            s("1"),
         ],
     );
     wait_port(lab.master_port, Duration::from_secs(20)).unwrap();
@@ -280,6 +294,23 @@ fn roles_take_their_configuration_from_the_configuration_server() {
             .filter(|s| s.acked_seq > st.acked_seq)
     });
     support::assert_point_equals(&lab, d, "boot", st2.acked_seq, &guest);
+
+    // The roles report by themselves: the idle appliance is unreachable, they are not.
+    let alerts = wait_for(
+        "the idle appliance's alert",
+        Duration::from_secs(30),
+        || {
+            let v: Vec<ferry_api::Event> = rt.block_on(admin.get("/v1/alerts")).unwrap();
+            v.iter()
+                .any(|e| e.subject.contains("idle") && e.message.contains("has not reported"))
+                .then_some(v)
+        },
+    );
+    let silent: Vec<_> = alerts
+        .iter()
+        .filter(|e| e.message.contains("has not reported") && !e.subject.contains("idle"))
+        .collect();
+    assert!(silent.is_empty(), "{silent:#?}");
 
     // The token worked once: a second appliance with it is refused, and says so.
     let o = Command::new(support::exe())

@@ -4,7 +4,8 @@
 //! data key and certificates. It keeps the answer in its state directory, so that it also starts
 //! while the configuration server is unreachable, and asks again every poll interval: a changed
 //! answer restarts the role in place (the journal and repository are crash-safe; QEMU's NBD
-//! client reconnects). A process server also reports each disk's state and RPO on every poll.
+//! client reconnects). A process server also reports each disk's state and RPO, its cache use and its upload
+//! backlog on every poll.
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -140,8 +141,14 @@ impl BootstrapArgs {
                     return;
                 }
             };
+            // The first report goes out at once: the server counts an appliance that has not
+            // reported since its enrollment as unreachable.
+            let mut first = true;
             loop {
-                std::thread::sleep(Duration::from_secs(me.config_poll_secs.max(1)));
+                if !first {
+                    std::thread::sleep(Duration::from_secs(me.config_poll_secs.max(1)));
+                }
+                first = false;
                 let client = match me.client() {
                     Ok(c) => c,
                     Err(e) => {
@@ -149,9 +156,13 @@ impl BootstrapArgs {
                         continue;
                     }
                 };
-                if let (Some(cache), RoleConfig::ProcessServer(c)) = (&cache, &current) {
-                    rt.block_on(report_disks(&client, &c.tenant, &c.disks, cache));
-                }
+                let disks = match (&cache, &current) {
+                    (Some(cache), RoleConfig::ProcessServer(c)) => {
+                        Some((c.tenant.as_str(), c.disks.as_slice(), cache.as_path()))
+                    }
+                    _ => None,
+                };
+                rt.block_on(report(&client, disks));
                 match rt.block_on(ask(&client, address.clone())) {
                     Ok(new) if new != current => {
                         tracing::info!("the configuration server changed this role's configuration: restarting to apply it");
@@ -191,18 +202,28 @@ async fn ask(c: &Client, address: Option<String>) -> Result<RoleConfig, AskError
     })
 }
 
-/// Each configured disk's state and RPO, from its status file, to the configuration server.
-async fn report_disks(c: &Client, tenant: &str, disks: &[ferry_api::AssignedDisk], cache: &Path) {
+/// A process server's disks (each one's state and RPO, from its status file), its cache use and
+/// upload backlog, to the configuration server, which raises and clears the alerts; a master
+/// target reports only that it is there (no report for a while is the "unreachable" alert).
+async fn report(c: &Client, process: Option<(&str, &[ferry_api::AssignedDisk], &Path)>) {
+    use ferry_process_server::status::State;
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or_default();
+    // The oldest write not yet at the recovery site is at most as old as the newest point of a
+    // disk that has not caught up (an upper bound: the status does not time journal records).
+    let mut backlog: f64 = 0.0;
+    let (tenant, disks, cache) = match process {
+        Some((t, d, c)) => (t, d, Some(c)),
+        None => ("", &[][..], None),
+    };
     for d in disks {
-        let Ok(s) = ferry_process_server::status::read(&cache.join(&d.name).join("status.json"))
+        let Some(Ok(s)) =
+            cache.map(|c| ferry_process_server::status::read(&c.join(&d.name).join("status.json")))
         else {
             continue;
         };
-        use ferry_process_server::status::State;
         let state = match s.state {
             State::ResyncRequired => DiskState::ResyncRequired,
             State::Resyncing => DiskState::Seeding,
@@ -211,6 +232,9 @@ async fn report_disks(c: &Client, tenant: &str, disks: &[ferry_api::AssignedDisk
         };
         let rpo_seconds = (s.acked_point_created_unix_ns > 0)
             .then(|| now_ns.saturating_sub(s.acked_point_created_unix_ns) as f64 / 1e9);
+        if !s.caught_up() {
+            backlog = backlog.max(rpo_seconds.unwrap_or_default());
+        }
         let r = DiskReport {
             state,
             rpo_seconds,
@@ -226,6 +250,23 @@ async fn report_disks(c: &Client, tenant: &str, disks: &[ferry_api::AssignedDisk
         {
             tracing::warn!(disk = %d.name, error = %e, "reporting the disk to the configuration server");
         }
+    }
+    let cache_free_ratio = cache
+        .and_then(|c| rustix::fs::statvfs(c).ok())
+        .filter(|s| s.f_blocks > 0)
+        .map(|s| s.f_bavail as f64 / s.f_blocks as f64);
+    let me: Result<ferry_api::Principal, _> = c.get("/v1/whoami").await;
+    let Ok(me) = me else { return };
+    let r = ferry_api::ApplianceReport {
+        cache_free_ratio,
+        upload_backlog_secs: cache.map(|_| backlog),
+    };
+    let path = format!("/v1/appliances/{}/report", me.name);
+    if let Err(e) = c
+        .call::<_, ferry_api::ApplianceReport>(Method::PUT, &path, Some(&r))
+        .await
+    {
+        tracing::warn!(error = %e, "reporting the appliance to the configuration server");
     }
 }
 

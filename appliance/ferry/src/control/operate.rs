@@ -29,9 +29,15 @@ pub enum OperateCmd {
         site: String,
         #[arg(long)]
         policy: String,
-        /// NAME=SIZE (bytes, K/M/G/T suffixes), with `,source=IMAGE` for reprotect. Repeatable.
+        /// NAME=SIZE (bytes, K/M/G/T suffixes), with `,source=...` (everything after it: an
+        /// image for reprotect, or `qmp=..,node=..,nbd=..[,fleece=..]`, the disk on its host, for
+        /// a process server configured by this server). Repeatable.
         #[arg(long = "disk", required = true)]
         disks: Vec<String>,
+        /// The process server (an enrolled appliance of the tenant) that protects the machine;
+        /// by default the tenant's only one.
+        #[arg(long)]
+        process_server: Option<String>,
     },
     /// Stop protecting a machine: delete its disks and the machine (refused while a plan
     /// names it).
@@ -286,6 +292,7 @@ pub async fn run(c: &Client, json: bool, cmd: OperateCmd) -> anyhow::Result<()> 
             site,
             policy,
             disks,
+            process_server,
         } => {
             // Every disk is checked before anything is created.
             let mut ds = Vec::new();
@@ -311,7 +318,7 @@ pub async fn run(c: &Client, json: bool, cmd: OperateCmd) -> anyhow::Result<()> 
                 site,
                 policy,
                 description: String::new(),
-                process_server: None,
+                process_server,
             };
             let mpath = format!("/v1/tenants/{tenant}/machines/{machine}");
             match c.call::<_, Machine>(Method::PUT, &mpath, Some(&m)).await {
