@@ -4,7 +4,9 @@
 //! address, the tenant's data key, data-link certificates) and replicate; the process server
 //! reports its disks' state and RPO back; a disk added to the machine in the inventory is
 //! picked up without anyone touching the process server; a used token, a person asking for a
-//! role configuration, and a process server given both the server and local disks are refused.
+//! role configuration, and a process server given both the server and local disks are refused;
+//! another tenant's process server pointed at the master target never gets a link (a data CA
+//! per tenant).
 
 #[path = "support/config_server.rs"]
 mod harness;
@@ -68,6 +70,32 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
         }
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether acme's master target keeps a replication link open for a client presenting the
+/// certificate in `client_pki` (and trusting `ca`).
+fn link_accepted(port: u16, ca: &Path, client_pki: &Path, scratch: &Path) -> bool {
+    use std::io::Read;
+    let owner = client_pki.parent().unwrap().file_name().unwrap();
+    let dir = scratch.join("link").join(owner);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(ca, dir.join("ca-cert.pem")).unwrap();
+    for f in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(client_pki.join(f), dir.join(f)).unwrap();
+    }
+    let cfg = ferry_pki::client_config(&dir).unwrap();
+    let mut conn = rustls::ClientConnection::new(cfg, "127.0.0.1".try_into().unwrap()).unwrap();
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    let mut b = [0u8; 1];
+    match tls.read(&mut b) {
+        Ok(n) => n > 0,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
     }
 }
 
@@ -311,6 +339,104 @@ fn roles_take_their_configuration_from_the_configuration_server() {
         .filter(|e| e.message.contains("has not reported") && !e.subject.contains("idle"))
         .collect();
     assert!(silent.is_empty(), "{silent:#?}");
+
+    // Another tenant's process server, told (by a master target of its own tenant that
+    // reports acme's address) to ship to acme's master target, never gets a link: each tenant
+    // has its own data CA, and acme's master target trusts only acme's.
+    ok(
+        Method::POST,
+        "/v1/tenants/globex/sites",
+        json!({"name": "hq", "kind": "protected"}),
+    );
+    ok(
+        Method::POST,
+        "/v1/tenants/globex/policies",
+        harness::policy(30),
+    );
+    ok(
+        Method::POST,
+        "/v1/tenants/globex/machines",
+        json!({"name": "crm", "site": "hq", "policy": "gold", "process_server": "psg"}),
+    );
+    ok(
+        Method::POST,
+        "/v1/tenants/globex/machines/crm/disks",
+        json!({"name": "db", "size_bytes": SIZE}),
+    );
+    let body = json!({"name": "mtg", "role": "operator", "tenant": "globex", "appliance": "master-target", "ttl_secs": 600});
+    let mtg: TokenCreated = serde_json::from_value(rt.block_on(harness::ok(
+        &admin,
+        Method::POST,
+        "/v1/tokens",
+        Some(body),
+    )))
+    .unwrap();
+    let mtg = rt.block_on(harness::enroll(&server, &mtg.token, &d.join("mtg")));
+    let _: serde_json::Value = rt
+        .block_on(mtg.call(
+            Method::POST,
+            "/v1/self/config",
+            Some(&json!({"address": format!("127.0.0.1:{}", lab.master_port)})),
+        ))
+        .unwrap();
+    let body = json!({"name": "psg", "role": "operator", "tenant": "globex", "appliance": "process-server", "ttl_secs": 600});
+    let psg: TokenCreated = serde_json::from_value(rt.block_on(harness::ok(
+        &admin,
+        Method::POST,
+        "/v1/tokens",
+        Some(body),
+    )))
+    .unwrap();
+    let psg_nbd = free_port().unwrap();
+    let _psg = spawn(
+        d,
+        "process-server-globex",
+        &[
+            s("process-server"),
+            s("--cache"),
+            d.join("cache-g").display().to_string(),
+            s("--nbd-listen"),
+            format!("127.0.0.1:{psg_nbd}"),
+            s("--config-server"),
+            server.url.clone(),
+            s("--token"),
+            psg.token.clone(),
+            s("--ca-sha256"),
+            psg.ca_sha256.clone(),
+            s("--state"),
+            d.join("psg-state").display().to_string(),
+        ],
+    );
+    wait_port(psg_nbd, Duration::from_secs(30)).unwrap();
+    let gs = wait_for("globex's link attempt", Duration::from_secs(30), || {
+        ferry_process_server::status::read(&d.join("cache-g/db/status.json"))
+            .ok()
+            .filter(|s| s.last_error.is_some())
+    });
+    assert!(!gs.connected, "{gs:?}");
+    // The master target's own check, apart from the client's: globex's client certificate,
+    // presented by a client that trusts acme's CA, is refused; acme's is let in.
+    let acme_ca = d.join("mt-state/pki/ca-cert.pem");
+    assert!(!link_accepted(
+        lab.master_port,
+        &acme_ca,
+        &d.join("psg-state/pki"),
+        d
+    ));
+    assert!(link_accepted(
+        lab.master_port,
+        &acme_ca,
+        &d.join("ps-state/pki"),
+        d
+    ));
+    let names: Vec<String> = lab
+        .repository()
+        .unwrap()
+        .disks()
+        .into_iter()
+        .map(|x| x.name)
+        .collect();
+    assert!(!names.iter().any(|n| n == "db"), "{names:?}");
 
     // The token worked once: a second appliance with it is refused, and says so.
     let o = Command::new(support::exe())

@@ -1,8 +1,9 @@
 //! Role configuration: what a process server or a master target needs to run, answered to its
 //! enrolled certificate (`POST /v1/self/config`, `ferry_api::roles`).
 //!
-//! The server keeps, besides the inventory: the site's data CA (`<state>/data-pki`, created on
-//! first use, in the layout `ferry pki-init` makes), the certificates it issued from it per
+//! The server keeps, besides the inventory: a data CA per tenant (`<state>/data-pki/<tenant>`,
+//! created on first use, in the layout `ferry pki-init` makes; a master target trusts only its
+//! tenant's CA, so another tenant's process server cannot open its replication link), the certificates it issued from it per
 //! appliance (reissued only when the names they must hold change, so that a role polling its
 //! configuration sees the same answer until something really changed), and one data key per
 //! tenant (made on first use; the key chunks are named and sealed with). Both trees are secrets
@@ -79,9 +80,9 @@ pub async fn config(
             };
             let host = host_of(&addr);
             RoleConfig::MasterTarget(MasterTargetConfig {
+                server: data_cert(&app, &tenant, &p.name, "replication-server", &[host], true)?,
                 tenant,
                 tenant_key_hex: key,
-                server: data_cert(&app, &p.name, "replication-server", &[host], true)?,
             })
         }
         ApplianceRole::ProcessServer => process_server(&app, &p.name, tenant, key)?,
@@ -177,11 +178,18 @@ fn process_server(
         }
     }
     Ok(RoleConfig::ProcessServer(ProcessServerConfig {
+        client: data_cert(
+            app,
+            &tenant,
+            me,
+            "replication-client",
+            &[me.to_string()],
+            false,
+        )?,
+        server: data_cert(app, &tenant, me, "nbd-server", &[me.to_string()], true)?,
         tenant,
         master,
         tenant_key_hex: key,
-        client: data_cert(app, me, "replication-client", &[me.to_string()], false)?,
-        server: data_cert(app, me, "nbd-server", &[me.to_string()], true)?,
         disks,
     }))
 }
@@ -209,16 +217,19 @@ fn tenant_key(app: &Shared, tenant: &str) -> Result<String, ApiError> {
     Ok(k)
 }
 
-/// The appliance's certificate of `kind` from the data CA, issued again only when `names`
-/// changed.
+/// The appliance's certificate of `kind` from its tenant's data CA, issued again only when
+/// `names` changed.
 fn data_cert(
     app: &Shared,
+    tenant: &str,
     appliance: &str,
     kind: &str,
     names: &[String],
     server: bool,
 ) -> Result<DataPki, ApiError> {
-    let dir = app.state_dir.join("data-pki");
+    // One CA per tenant: a tenant's master target trusts only its own tenant's process servers,
+    // so another tenant's certificate fails the replication link's handshake.
+    let dir = app.state_dir.join("data-pki").join(tenant);
     if !dir.join("ca-cert.pem").exists() {
         ferry_pki::init(&dir, &[]).map_err(ApiError::internal)?;
     }
