@@ -505,7 +505,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let now = ferry_process_server::status::now_unix_ns();
             for d in r.disks() {
                 let gone = r.apply_retention(&d.name, &policy, now)?;
-                println!("{}: removed {} points", d.name, gone.len());
+                println!("{}: removed {} points", d.name, gone.deleted.len());
             }
             let gc = r.gc()?;
             println!(
