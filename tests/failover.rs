@@ -858,11 +858,16 @@ fn retention_keeps_the_points_a_test_failover_uses_until_cleanup() {
     // only the newest of the last second: a point a second old is removed and its chunks
     // collected within seconds, unless it is held.
     let mut dr = Dr::start_with(|lab| {
-        lab.master_args = ["--retention-interval-secs", "1", "--keep-all-secs", "0"]
-            .into_iter()
-            .chain(["--tier", "1:1"])
-            .map(String::from)
-            .collect();
+        lab.master_args = [
+            "--retention-interval-secs",
+            "1",
+            "--keep-all-secs",
+            "0",
+            "--tier",
+            "1:1",
+        ]
+        .map(String::from)
+        .to_vec();
     });
     let op = dr.person("olivia", "operator");
     dr.caught_up();
