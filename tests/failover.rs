@@ -10,6 +10,8 @@
 //!   changed, and failback leaves the original disks equal to the recovery site's.
 //! - The configuration server killed in the middle of a job: a step that may run again
 //!   resumes; one that may not ends the job failed, saying which step and what was done.
+//! - Retention at the master target never takes a point a test failover serves (nor its
+//!   chunks): the point is held until cleanup, then retention removes it.
 
 #[path = "support/config_server.rs"]
 mod harness;
@@ -19,6 +21,7 @@ use ferry::lab::{sh, Lab};
 use ferry_api::{AuditResult, Job, JobState, PlanPhase, PlanStatus, StepState, TokenCreated};
 use ferry_config_server::client::{Client, Method};
 use ferry_qemu::{StorageDaemon, MIRROR_FILTER};
+use ferry_repository::HeldPoint;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,6 +50,11 @@ struct Dr {
 
 impl Dr {
     fn start() -> Dr {
+        Dr::start_with(|_| {})
+    }
+
+    /// As [`Dr::start`], with the lab changed (e.g. the master target's flags) before it starts.
+    fn start_with(tune: impl FnOnce(&mut Lab)) -> Dr {
         let began = Instant::now();
         let dir = tempfile::Builder::new()
             .prefix("ferry-failover-")
@@ -54,6 +62,7 @@ impl Dr {
             .unwrap();
         let mut lab = Lab::new(&support::exe(), dir.path(), &[("d0", SIZE), ("d1", SIZE)]).unwrap();
         lab.interval_ms = 200;
+        tune(&mut lab);
         lab.start_master().unwrap();
         lab.start_process().unwrap();
         let (mut hosts, mut images, mut socks) = (Vec::new(), Vec::new(), Vec::new());
@@ -744,12 +753,43 @@ fn config_server_killed_mid_job_resumes_or_fails_clearly() {
     assert!(e.contains("cleanup"), "{e}");
     let st = dr.status();
     assert_eq!(st.phase, PlanPhase::TestRunning);
-    // The scratch layers made before the crash are served again and cleanup discards them.
+    // The scratch layers made before the crash are served again, their points still held,
+    // and cleanup discards them and releases the points.
     let overlay = st.disks[0].path.clone();
     qemu_io("qcow2", &overlay, &["read 0 64k"]);
+    assert_eq!(holders(&dr), [format!("job.acme.{}", j.id)]);
+    // A hold whose job this configuration server does not know (another server's, or its
+    // store lost) is reported at start-up and left for the operator.
+    let stray = "job.acme.999";
+    let seq = st.disks[0].point_seq.unwrap();
+    dr.lab
+        .repository()
+        .unwrap()
+        .hold(
+            stray,
+            "lost",
+            &[HeldPoint {
+                disk: "d0".into(),
+                seq,
+            }],
+        )
+        .unwrap();
+    dr.restart_server();
+    let events = dr
+        .ok(&dr.admin(), Method::GET, "/v1/events", None)
+        .to_string();
+    assert!(
+        events.contains("ferry release-hold --holder job.acme.999"),
+        "{events}"
+    );
+    assert_eq!(holders(&dr), [format!("job.acme.{}", j.id), stray.into()]);
+    let op = dr.again("olivia");
     std::fs::remove_file(dr.path("slow")).unwrap();
     dr.run_job(&op, json!({"kind": "cleanup"}));
     assert!(!Path::new(&overlay).exists());
+    assert_eq!(holders(&dr), [stray]);
+    assert!(ferry_ok(&dr, &["release-hold", "--holder", stray]).contains("released"));
+    assert!(holders(&dr).is_empty());
 
     // A step that may run again resumes: the drain of a planned failover waits for a process
     // server that is down; the configuration server dies meanwhile; after both are back, the
@@ -768,9 +808,152 @@ fn config_server_killed_mid_job_resumes_or_fails_clearly() {
     assert_eq!(j.state, JobState::Succeeded, "{j:#?}");
     assert_eq!(j.resumed, 1);
     assert_eq!(dr.status().phase, PlanPhase::FailedOver);
+    assert!(
+        holders(&dr).is_empty(),
+        "the failover's points are still held"
+    );
     // The pre-hooks ran once for each job, never twice.
     assert_eq!(
         read_log(&dr.path("hooks.log")),
         "pre test-failover\npre planned-failover\npost planned-failover\n"
     );
+}
+
+/// `ferry ARGS` on the lab's repository; stdout, or a panic with stderr.
+fn ferry_ok(dr: &Dr, args: &[&str]) -> String {
+    let o = dr.lab.ferry(args).unwrap();
+    assert!(
+        o.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The holders of points in the lab's repository.
+fn holders(dr: &Dr) -> Vec<String> {
+    let repo = dr.lab.repository().unwrap();
+    repo.holds()
+        .unwrap()
+        .into_iter()
+        .map(|h| h.holder)
+        .collect()
+}
+
+/// Wait until retention at the master target has removed `seq` of `disk`.
+fn wait_removed(dr: &Dr, disk: &str, seq: u64) {
+    loop {
+        let repo = dr.lab.repository().unwrap();
+        if repo.points(disk).unwrap().iter().all(|p| p.meta.seq != seq) {
+            return;
+        }
+        dr.left();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn retention_keeps_the_points_a_test_failover_uses_until_cleanup() {
+    // The master target's retention runs every second and keeps, besides the latest point,
+    // only the newest of the last second: a point a second old is removed and its chunks
+    // collected within seconds, unless it is held.
+    let mut dr = Dr::start_with(|lab| {
+        lab.master_args = [
+            "--retention-interval-secs",
+            "1",
+            "--keep-all-secs",
+            "0",
+            "--tier",
+            "1:1",
+        ]
+        .map(String::from)
+        .to_vec();
+    });
+    let op = dr.person("olivia", "operator");
+    dr.caught_up();
+    // The guest is idle: its disks now are what the test's points hold.
+    let expected: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let p = dr.path(&format!("expected-{i}.raw"));
+            std::fs::write(&p, dr.guest_image(i)).unwrap();
+            p
+        })
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let job = dr.run_job(&op, json!({"kind": "test-failover", "point_unix": now}));
+    let holder = format!("job.acme.{}", job.id);
+    let st = dr.status();
+    let held: Vec<u64> = st.disks.iter().map(|d| d.point_seq.unwrap()).collect();
+    assert!(job.steps[1].detail.contains("held"), "{job:#?}");
+
+    // The guest writes all over its disks: newer points, and the held point's blocks named by
+    // none of them. Retention removes points newer than the held one — twice, so a whole pass
+    // (retention, then gc) ran after the first removal — and keeps the held one.
+    let writers = dr.writers();
+    let n1 = dr.newer_than(&held);
+    for (d, s) in DISKS.iter().zip(&n1) {
+        wait_removed(&dr, d, *s);
+    }
+    let n2 = dr.newer_than(&n1);
+    for (d, s) in DISKS.iter().zip(&n2) {
+        wait_removed(&dr, d, *s);
+    }
+    let points = ferry_ok(&dr, &["points"]);
+    for (d, s) in DISKS.iter().zip(&held) {
+        let line = points
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq([*d, &s.to_string()]))
+            .unwrap_or_else(|| panic!("{d}@{s} is gone:\n{points}"));
+        assert!(
+            line.ends_with(&holder),
+            "not shown held by {holder}: {line}"
+        );
+    }
+    let holds = ferry_ok(&dr, &["holds"]);
+    assert!(
+        holds.contains(&holder) && holds.contains(&format!("test-failover job {}", job.id)),
+        "{holds}"
+    );
+
+    // The test machine's disks read the points' exact bytes through the scratch layers, and
+    // the points export whole.
+    for (i, d) in st.disks.iter().enumerate() {
+        let e = expected[i].display().to_string();
+        assert!(
+            same(&d.path, "qcow2", &e, "raw"),
+            "the test machine's {} no longer reads its point",
+            d.disk
+        );
+        support::assert_point_equals(&dr.lab, dr.dir.path(), &d.disk, held[i], &e);
+    }
+
+    // `ferry retention` (the master target stopped) says what it kept for the test.
+    dr.lab.kill_master();
+    let out = ferry_ok(&dr, &["retention", "--keep-all-secs", "0", "--tier", "1:1"]);
+    for (d, s) in DISKS.iter().zip(&held) {
+        assert!(
+            out.contains(&format!("{d}: kept point {s} held by {holder}")),
+            "{out}"
+        );
+    }
+    dr.lab.start_master().unwrap();
+
+    // Cleanup releases the points; retention then removes them.
+    let c = dr.run_job(&op, json!({"kind": "cleanup"}));
+    assert_eq!(
+        c.steps[2].detail,
+        format!("released the points held by {holder}"),
+        "{c:#?}"
+    );
+    assert!(ferry_ok(&dr, &["holds"]).contains("(no holds)"));
+    for (d, s) in DISKS.iter().zip(&held) {
+        wait_removed(&dr, d, *s);
+    }
+    for w in writers {
+        w.finish(&dr.rt);
+    }
+    dr.caught_up();
 }

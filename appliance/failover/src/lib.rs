@@ -2,7 +2,7 @@
 //! jobs decide the order and keep the state; this crate does the work on disks.
 //!
 //! - [`points`]: which recovery point of a disk a failover uses (latest, or the newest at or
-//!   before a time).
+//!   before a time), held against retention while it is used.
 //! - [`scratch`]: a test failover's copy-on-write layer: the point is served read-only over NBD
 //!   (instant access, [`ferry_master_target::instant`]) and a qcow2 overlay on top takes the
 //!   test machine's writes, so they can never reach the replica; cleanup deletes the overlays.

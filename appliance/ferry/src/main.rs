@@ -121,6 +121,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// List the holds on recovery points: who keeps which points from retention, and why
+    /// (test failovers until their cleanup, failovers while they read their points).
+    Holds {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a hold whose holder is gone (e.g. a job the configuration server no longer
+    /// knows): retention may then remove its points. Its job's test or failover must not be
+    /// using them any more.
+    ReleaseHold {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// The holder, as `ferry holds` lists it (e.g. `job.acme.17`).
+        #[arg(long)]
+        holder: String,
+    },
     /// Write a recovery point to a raw or qcow2 file.
     Export {
         #[command(flatten)]
@@ -424,34 +442,88 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(d) => vec![d],
                 None => r.disks().into_iter().map(|d| d.name).collect(),
             };
+            #[derive(serde::Serialize)]
+            struct Listed {
+                #[serde(flatten)]
+                point: ferry_repository::RecoveryPoint,
+                /// Holders that keep this point from retention.
+                held_by: Vec<String>,
+            }
             let mut all = Vec::new();
             for d in &disks {
-                all.extend(r.points(d)?);
+                let held = r.holders(d)?;
+                all.extend(r.points(d)?.into_iter().map(|p| Listed {
+                    held_by: held.get(&p.meta.seq).cloned().unwrap_or_default(),
+                    point: p,
+                }));
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
                 return Ok(());
             }
             println!(
-                "{:<16} {:>8} {:<24} {:>12} {:>12} {:<11} {:>10}",
+                "{:<16} {:>8} {:<24} {:>12} {:>12} {:<11} {:>10}  HELD BY",
                 "DISK", "POINT", "TIME (UTC)", "JOURNAL", "SIZE", "CONSISTENCY", "CHANGED"
             );
-            for p in &all {
+            for l in &all {
+                let p = &l.point;
                 println!(
-                    "{:<16} {:>8} {:<24} {:>12} {:>12} {:<11} {:>10}",
+                    "{:<16} {:>8} {:<24} {:>12} {:>12} {:<11} {:>10}  {}",
                     p.disk,
                     p.meta.seq,
                     format_time(p.meta.created_unix_ns),
                     p.meta.journal_end,
                     human(p.meta.disk_size),
                     format!("{:?}", p.meta.consistency).to_lowercase(),
-                    p.changed_blocks
+                    p.changed_blocks,
+                    if l.held_by.is_empty() {
+                        "-".to_string()
+                    } else {
+                        l.held_by.join(",")
+                    }
                 );
             }
             if all.is_empty() {
                 println!("(no recovery points)");
             }
             Ok(())
+        }
+        Cmd::Holds { repo, json } => {
+            let holds = repo.open()?.holds()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&holds)?);
+                return Ok(());
+            }
+            println!(
+                "{:<28} {:<24} {:<32} REASON",
+                "HOLDER", "SINCE (UTC)", "POINTS"
+            );
+            for h in &holds {
+                let pts: Vec<String> = h
+                    .points
+                    .iter()
+                    .map(|p| format!("{}@{}", p.disk, p.seq))
+                    .collect();
+                println!(
+                    "{:<28} {:<24} {:<32} {}",
+                    h.holder,
+                    format_time(h.created_unix_ns),
+                    pts.join(","),
+                    h.reason
+                );
+            }
+            if holds.is_empty() {
+                println!("(no holds)");
+            }
+            Ok(())
+        }
+        Cmd::ReleaseHold { repo, holder } => {
+            if repo.open()?.release(&holder)? {
+                println!("released the points held by {holder}");
+                Ok(())
+            } else {
+                bail!("{holder} holds nothing (ferry holds lists the holds)")
+            }
         }
         Cmd::Export {
             repo,
@@ -537,8 +609,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let policy = retention.policy()?;
             let now = ferry_process_server::status::now_unix_ns();
             for d in r.disks() {
-                let gone = r.apply_retention(&d.name, &policy, now)?;
-                println!("{}: removed {} points", d.name, gone.len());
+                let rep = r.apply_retention(&d.name, &policy, now)?;
+                println!("{}: removed {} points", d.name, rep.deleted.len());
+                for h in &rep.held {
+                    println!(
+                        "{}: kept point {} held by {}",
+                        d.name,
+                        h.seq,
+                        h.holders.join(", ")
+                    );
+                }
             }
             let gc = r.gc()?;
             println!(

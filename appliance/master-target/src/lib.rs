@@ -88,13 +88,16 @@ pub fn retention_pass(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mut removed = 0;
+    let (mut removed, mut held) = (0, 0);
     for d in repo.disks() {
-        removed += repo.apply_retention(&d.name, policy, now)?.len();
+        let r = repo.apply_retention(&d.name, policy, now)?;
+        removed += r.deleted.len();
+        held += r.held.len();
     }
     let gc = repo.gc()?;
     tracing::info!(
         points_removed = removed,
+        points_held = held,
         chunks_removed = gc.chunks_removed,
         bytes_freed = gc.bytes_freed,
         "retention pass"

@@ -9,12 +9,14 @@
 //! - a point becomes visible only when its MAC'd root file appears, after everything it names
 //!   is durable ([`root`], [`writer`]);
 //! - readers ([`PointReader`]) serve a point read-only with bounded caches;
+//! - holds keep the points a failover uses, across processes and restarts ([`holds`]);
 //! - retention thins old points, gc removes what no point names, verify audits everything
 //!   ([`retention`], [`verify`]); export writes a point as a raw or qcow2 image ([`export`]).
 //!
 //! The on-disk layout is described byte by byte in `docs/formats.md`.
 
 mod export;
+mod holds;
 mod map;
 mod reader;
 mod retention;
@@ -25,8 +27,9 @@ mod writer;
 
 pub use export::ExportFormat;
 pub use ferry_chunk::{ChunkId, TenantKey};
+pub use holds::{HeldPoint, Hold};
 pub use reader::PointReader;
-pub use retention::{RetentionPolicy, RetentionTier};
+pub use retention::{HeldBack, RetentionPolicy, RetentionReport, RetentionTier};
 pub use verify::{BadObject, GcReport, VerifyReport};
 pub use writer::CheckpointWriter;
 

@@ -14,8 +14,12 @@
 //! newest one of the fine bucket that holds it.
 //! Points older than every tier are deleted. The latest point is never deleted.
 //!
+//! A point that someone holds (a test failover serving it, a failover materializing it; see
+//! [`crate::holds`]) is kept whatever its age, until released.
+//!
 //! Deleting a point removes only its root; `gc` later frees what no point names.
 
+use crate::holds;
 use crate::root::root_path;
 use crate::store::sync_dir;
 use crate::{RepoError, Repository};
@@ -109,15 +113,35 @@ impl RetentionPolicy {
     }
 }
 
+/// What a retention pass did to one disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RetentionReport {
+    /// Points deleted (their space is reclaimed by [`Repository::gc`]).
+    pub deleted: Vec<u64>,
+    /// Points the tiers would delete that a hold keeps, with their holders.
+    pub held: Vec<HeldBack>,
+    /// Points the tiers would delete that a live reader of this process is serving.
+    pub reading: Vec<u64>,
+}
+
+/// A point kept because it is held.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HeldBack {
+    pub seq: u64,
+    pub holders: Vec<String>,
+}
+
 impl Repository {
-    /// Delete the points of `disk` that `policy` no longer keeps at `now_unix_ns`; returns their
-    /// seqs. Never deletes the latest point, nor a point with a live [`crate::PointReader`]. Space is reclaimed by [`Repository::gc`].
+    /// Delete the points of `disk` that `policy` no longer keeps at `now_unix_ns`. Never
+    /// deletes the latest point, a held point ([`Repository::hold`]) nor a point with a live
+    /// [`crate::PointReader`]; the report says which points were kept for those reasons.
+    /// Space is reclaimed by [`Repository::gc`].
     pub fn apply_retention(
         &self,
         disk: &str,
         policy: &RetentionPolicy,
         now_unix_ns: u64,
-    ) -> Result<Vec<u64>, RepoError> {
+    ) -> Result<RetentionReport, RepoError> {
         self.writable()?;
         let points: Vec<(u64, u64, bool)> = self
             .points(disk)?
@@ -128,30 +152,50 @@ impl Repository {
             })
             .collect();
         let doomed = policy.select_deletions(&points, now_unix_ns);
+        let mut report = RetentionReport::default();
+        if doomed.is_empty() {
+            return Ok(report);
+        }
         let root = self.inner().store.root().to_path_buf();
-        let mut deleted = Vec::new();
+        // Under the holds lock until the deletions are durable: a hold written after we read
+        // the holds finds its point already gone (and is refused), never deleted under it.
+        let _holds = holds::lock(&root)?;
+        let held = holds::held_on(&holds::read_all(&self.inner().key, &root)?, disk);
         for &seq in &doomed {
+            if let Some(holders) = held.get(&seq) {
+                tracing::info!(disk, seq, ?holders, "retention keeps a held point");
+                report.held.push(HeldBack {
+                    seq,
+                    holders: holders.clone(),
+                });
+                continue;
+            }
             // A point being served (a live PointReader) is kept. Forget before deleting the
             // file: from here on no new reader is handed this point.
             {
                 let pins = self.inner().pins.lock().expect("pins");
                 if pins.contains_key(&(disk.to_string(), seq)) {
                     tracing::info!(disk, seq, "retention keeps a point that is being read");
+                    report.reading.push(seq);
                     continue;
                 }
                 self.forget(disk, seq);
             }
             match std::fs::remove_file(root_path(&root, disk, seq)) {
-                Ok(()) => deleted.push(seq),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => deleted.push(seq),
+                Ok(()) => report.deleted.push(seq),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.deleted.push(seq),
                 Err(e) => return Err(e.into()),
             }
         }
-        if !deleted.is_empty() {
+        if !report.deleted.is_empty() {
             sync_dir(&crate::root::points_dir(&root, disk))?;
-            tracing::info!(disk, deleted = deleted.len(), "retention deleted points");
+            tracing::info!(
+                disk,
+                deleted = report.deleted.len(),
+                "retention deleted points"
+            );
         }
-        Ok(deleted)
+        Ok(report)
     }
 }
 

@@ -196,7 +196,10 @@ fn retention_keeps_the_expected_points_and_gc_keeps_them_readable() {
             for_secs: 1000,
         }],
     };
-    let deleted = repo.apply_retention("d", &policy, 2000 * s).unwrap();
+    let deleted = repo
+        .apply_retention("d", &policy, 2000 * s)
+        .unwrap()
+        .deleted;
     let kept: Vec<u64> = repo
         .points("d")
         .unwrap()
@@ -215,12 +218,13 @@ fn retention_keeps_the_expected_points_and_gc_keeps_them_readable() {
     // A point being served (live reader) is kept until the reader is dropped.
     let served = repo.reader("d", 10).unwrap();
     let del = repo.apply_retention("d", &none, 1_000_000 * s).unwrap();
-    assert_eq!(del.len(), 3);
+    assert_eq!(del.deleted.len(), 3);
+    assert_eq!(del.reading, [10]);
     assert_eq!(repo.points("d").unwrap().len(), 2);
     check_point(&repo, "d", 10, &models[9]);
     drop(served);
     let del = repo.apply_retention("d", &none, 1_000_000 * s).unwrap();
-    assert_eq!(del, [10]);
+    assert_eq!(del.deleted, [10]);
     assert_eq!(repo.points("d").unwrap().len(), 1);
     let chunks_before = files_under(dir.path(), "chunks").len();
     let g = repo.gc().unwrap();

@@ -19,7 +19,8 @@ use crate::error::ApiError;
 use crate::store::{trees, Store, StoreError};
 use axum::http::StatusCode;
 use ferry_api::{
-    Disk, Job, JobKind, JobState, Machine, Plan, PlanPhase, PlanStatus, StartJob, Step, StepState,
+    Disk, Event, Job, JobKind, JobState, Machine, Plan, PlanPhase, PlanStatus, Severity, StartJob,
+    Step, StepState,
 };
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -61,6 +62,21 @@ pub fn job_key(tenant: &str, id: u64) -> String {
 
 pub fn plan_key(tenant: &str, plan: &str) -> String {
     format!("{tenant}/{plan}")
+}
+
+/// Who holds a job's recovery points in the repository: `job.<tenant>.<id>` (a tenant name has
+/// no dot, so it parses back; see [`holder_job`]).
+pub fn holder(tenant: &str, id: u64) -> String {
+    format!("job.{tenant}.{id}")
+}
+
+/// The (tenant, job id) of a holder made by [`holder`]; none for other holders.
+pub fn holder_job(holder: &str) -> Option<(&str, u64)> {
+    let (tenant, id) = holder.strip_prefix("job.")?.split_once('.')?;
+    if tenant.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((tenant, id.parse().ok()?))
 }
 
 pub fn plan_status(store: &Store, tenant: &str, plan: &str) -> Result<PlanStatus, StoreError> {
@@ -109,6 +125,7 @@ pub fn steps(kind: JobKind, plan: &Plan) -> Vec<Step> {
         JobKind::Cleanup => {
             v.push("stop-exports".into());
             v.push("discard-scratch".into());
+            v.push("release-points".into());
         }
         JobKind::PlannedFailover | JobKind::UnplannedFailover => {
             v.push("pre-hooks".into());
@@ -287,6 +304,9 @@ pub fn metrics(
 /// At start-up: serve the scratch layers of running tests again, and resume running jobs
 /// (or end them failed when the interrupted step may not run again).
 pub async fn resume(app: &Shared) -> Result<(), StoreError> {
+    if let Err(e) = reconcile_holds(app).await {
+        tracing::error!(error = %e, "cannot check the recovery points held by jobs");
+    }
     let statuses: Vec<(String, PlanStatus)> = app.store.list_keyed(trees::PLAN_STATUS, "")?;
     for (key, st) in statuses {
         let testing = st.phase == PlanPhase::TestRunning
@@ -332,6 +352,74 @@ pub async fn resume(app: &Shared) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// Whether the points a job held are still in use: while the job runs, and for a test failover
+/// while its plan's test runs (its scratch layers exist until cleanup).
+fn still_holds(store: &Store, job: &Job) -> Result<bool, StoreError> {
+    Ok(job.state == JobState::Running
+        || (job.kind == JobKind::TestFailover
+            && plan_status(store, &job.tenant, &job.plan)?.phase == PlanPhase::TestRunning))
+}
+
+/// At start-up, before jobs resume: release the holds of jobs that no longer use their points
+/// (the server stopped between ending a job and releasing them), and report holds that name a
+/// job this server does not know (an operator lists them with `ferry holds` and releases them
+/// with `ferry release-hold`). Other holders are not ours and are left alone.
+pub async fn reconcile_holds(app: &Shared) -> Result<(), String> {
+    let Some(site) = app.jobs.site.clone() else {
+        return Ok(());
+    };
+    let s = site.clone();
+    let holds = match tokio::task::spawn_blocking(move || ferry_failover::points::holds(&s)).await {
+        Ok(r) => r.map_err(|e| e.to_string())?,
+        Err(e) => return Err(e.to_string()),
+    };
+    for h in holds {
+        let Some((tenant, id)) = holder_job(&h.holder) else {
+            continue;
+        };
+        let job: Option<Job> = app
+            .store
+            .get(trees::JOBS, &job_key(tenant, id))
+            .map_err(|e| e.to_string())?;
+        match job {
+            None => {
+                let message = format!(
+                    "recovery points are held by job {id} of tenant {tenant}, which this                      configuration server does not know ({}); release them with                      `ferry release-hold --holder {}` when nothing uses them",
+                    h.reason, h.holder
+                );
+                tracing::warn!(holder = %h.holder, "{message}");
+                app.store
+                    .append(trees::EVENTS, |seq| Event {
+                        seq,
+                        at_unix: now_unix(),
+                        severity: Severity::Warning,
+                        tenant: Some(tenant.to_string()),
+                        subject: format!("holds/{}", h.holder),
+                        message,
+                        active: false,
+                    })
+                    .map_err(|e| e.to_string())?;
+            }
+            Some(j) if still_holds(&app.store, &j).map_err(|e| e.to_string())? => {}
+            Some(j) => {
+                let (s, holder) = (site.clone(), h.holder.clone());
+                match tokio::task::spawn_blocking(move || {
+                    ferry_failover::points::release(&s, &holder)
+                })
+                .await
+                {
+                    Ok(Ok(_)) => tracing::info!(
+                        holder = %h.holder, job = j.id, "released the points of an ended job"
+                    ),
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+    }
+    app.store.flush().await.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -402,5 +490,26 @@ mod tests {
         // What starts or stops things outside Ferry never runs twice.
         assert!(!retry_safe("start db") && !retry_safe("pre-hooks") && !retry_safe("post-hooks"));
         assert!(retry_safe("drain db") && retry_safe("resync db") && retry_safe("scratch db"));
+        assert!(retry_safe("release-points"));
+        assert_eq!(
+            names(JobKind::Cleanup),
+            ["stop-exports", "discard-scratch", "release-points"]
+        );
+    }
+
+    #[test]
+    fn holders_name_their_job() {
+        let h = holder("acme-2", 17);
+        assert_eq!(h, "job.acme-2.17");
+        assert_eq!(holder_job(&h), Some(("acme-2", 17)));
+        for other in [
+            "job.acme",
+            "job..1",
+            "job.acme.x1",
+            "test.acme.1",
+            "job.acme.1.2",
+        ] {
+            assert_eq!(holder_job(other), None, "{other}");
+        }
     }
 }

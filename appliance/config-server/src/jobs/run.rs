@@ -1,6 +1,6 @@
 //! Executing a job's steps, one at a time, recording each before and after it runs.
 
-use super::{plan_disks, plan_key, plan_status, Runtime};
+use super::{holder, holder_job, job_key, plan_disks, plan_key, plan_status, Runtime};
 use crate::app::{now_unix, Shared};
 use crate::store::{trees, StoreError};
 use ferry_api::{DiskOutcome, Event, Job, JobKind, JobState, Plan, PlanPhase, Severity, StepState};
@@ -129,7 +129,51 @@ pub async fn finish(
     })?;
     app.store.flush().await?;
     tracing::info!(job = job.id, state = ?job.state, error = ?job.error, "job ended");
+    // A failover has read its points by now (or failed and may be run again, choosing again).
+    // A test failover's points stay held while its scratch layers exist: cleanup releases them.
+    // Should this fail, the next start-up releases them (see `super::reconcile_holds`).
+    if job.kind != JobKind::TestFailover {
+        if let Some(site) = app.jobs.site.clone() {
+            let h = holder(&job.tenant, job.id);
+            match blocking(move || points::release(&site, &h)).await {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(job = job.id, error = %e, "cannot release the job's points")
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// Release the points held by the test failovers of a plan; the holders released.
+pub async fn release_test_holds(
+    app: &Shared,
+    site: &Site,
+    tenant: &str,
+    plan: &str,
+) -> Result<Vec<String>, String> {
+    let s = site.clone();
+    let all = blocking(move || points::holds(&s)).await?;
+    let mut out = Vec::new();
+    for h in all {
+        let Some((t, id)) = holder_job(&h.holder) else {
+            continue;
+        };
+        if t != tenant {
+            continue;
+        }
+        let job: Option<Job> = app
+            .store
+            .get(trees::JOBS, &job_key(t, id))
+            .map_err(|e| e.to_string())?;
+        if job.is_some_and(|j| j.plan == plan && j.kind == JobKind::TestFailover) {
+            let (s, holder) = (site.clone(), h.holder.clone());
+            blocking(move || points::release(&s, &holder)).await?;
+            out.push(h.holder);
+        }
+    }
+    Ok(out)
 }
 
 fn site(rt: &Runtime) -> Result<Site, String> {
@@ -211,13 +255,32 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
         }
         ("points", _) => {
             let machines = plan_disks(&app.store, &job.tenant, &plan).map_err(|e| e.message)?;
-            let repo = site.repository().map_err(|e| e.to_string())?;
+            let names: Vec<String> = machines
+                .iter()
+                .flat_map(|(_, ds)| ds.iter().map(|d| d.name.clone()))
+                .collect();
+            // Held from before anything serves or reads them until the job (a test: its
+            // cleanup) releases them, so retention at the master target cannot take them.
+            let (s, holder, reason, at) = (
+                site.clone(),
+                holder(&job.tenant, job.id),
+                format!(
+                    "{} job {} of plan {} (tenant {})",
+                    job.kind.as_str(),
+                    job.id,
+                    job.plan,
+                    job.tenant
+                ),
+                job.point_unix,
+            );
+            let held =
+                blocking(move || points::choose_and_hold(&s, &holder, &reason, &names, at)).await?;
             job.disks.clear();
             let mut chosen = Vec::new();
+            let mut held = held.into_iter();
             for (m, disks) in &machines {
                 for d in disks {
-                    let p = points::choose(&repo, &d.name, job.point_unix)
-                        .map_err(|e| e.to_string())?;
+                    let p = held.next().ok_or("a disk without a chosen point")?;
                     let path = if job.kind == JobKind::TestFailover {
                         site.scratch_path(&job.tenant, &job.plan, &m.name, &d.name)
                     } else {
@@ -248,11 +311,11 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
                     .put(trees::PLAN_STATUS, &pkey, &st)
                     .map_err(|e| e.to_string())?;
                 return Ok(format!(
-                    "{}; served read-only at nbd://127.0.0.1:{port}",
+                    "{}, held; served read-only at nbd://127.0.0.1:{port}",
                     chosen.join(", ")
                 ));
             }
-            Ok(chosen.join(", "))
+            Ok(format!("{}, held", chosen.join(", ")))
         }
         ("scratch", Some(m)) => {
             let port = plan_status(&app.store, &job.tenant, &job.plan)
@@ -444,6 +507,15 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
             let dir = site.plan_dir(&job.tenant, &job.plan).join("test");
             let n = blocking(move || scratch::discard(&dir)).await?;
             Ok(format!("removed {n} scratch files"))
+        }
+        ("release-points", _) => {
+            // Nothing serves or names the test's points any more: retention may take them.
+            let released = release_test_holds(app, &site, &job.tenant, &job.plan).await?;
+            Ok(if released.is_empty() {
+                "no points were held".into()
+            } else {
+                format!("released the points held by {}", released.join(", "))
+            })
         }
         _ => Err(format!("unknown step {name}")),
     }
