@@ -54,10 +54,11 @@ fn spawn(dir: &Path, name: &str, args: &[String]) -> Kill {
 fn appliance_token(
     admin: &ferry_config_server::client::Client,
     rt: &tokio::runtime::Runtime,
+    tenant: &str,
     name: &str,
     role: &str,
 ) -> TokenCreated {
-    let body = json!({"name": name, "role": "operator", "tenant": "acme", "appliance": role, "ttl_secs": 600});
+    let body = json!({"name": name, "role": "operator", "tenant": tenant, "appliance": role, "ttl_secs": 600});
     serde_json::from_value(rt.block_on(harness::ok(admin, Method::POST, "/v1/tokens", Some(body))))
         .unwrap()
 }
@@ -163,8 +164,8 @@ fn roles_take_their_configuration_from_the_configuration_server() {
 
     // The lab gives ports and paths only: its own key and certificates are not used.
     let lab = Lab::new(&support::exe(), d, &[]).unwrap();
-    let mt_token = appliance_token(&admin, &rt, "mt1", "master-target");
-    let ps_token = appliance_token(&admin, &rt, "ps1", "process-server");
+    let mt_token = appliance_token(&admin, &rt, "acme", "mt1", "master-target");
+    let ps_token = appliance_token(&admin, &rt, "acme", "ps1", "process-server");
     let s = |v: &str| v.to_string();
     let _mt = spawn(
         d,
@@ -363,14 +364,7 @@ fn roles_take_their_configuration_from_the_configuration_server() {
         "/v1/tenants/globex/machines/crm/disks",
         json!({"name": "db", "size_bytes": SIZE}),
     );
-    let body = json!({"name": "mtg", "role": "operator", "tenant": "globex", "appliance": "master-target", "ttl_secs": 600});
-    let mtg: TokenCreated = serde_json::from_value(rt.block_on(harness::ok(
-        &admin,
-        Method::POST,
-        "/v1/tokens",
-        Some(body),
-    )))
-    .unwrap();
+    let mtg = appliance_token(&admin, &rt, "globex", "mtg", "master-target");
     let mtg = rt.block_on(harness::enroll(&server, &mtg.token, &d.join("mtg")));
     let _: serde_json::Value = rt
         .block_on(mtg.call(
@@ -379,14 +373,7 @@ fn roles_take_their_configuration_from_the_configuration_server() {
             Some(&json!({"address": format!("127.0.0.1:{}", lab.master_port)})),
         ))
         .unwrap();
-    let body = json!({"name": "psg", "role": "operator", "tenant": "globex", "appliance": "process-server", "ttl_secs": 600});
-    let psg: TokenCreated = serde_json::from_value(rt.block_on(harness::ok(
-        &admin,
-        Method::POST,
-        "/v1/tokens",
-        Some(body),
-    )))
-    .unwrap();
+    let psg = appliance_token(&admin, &rt, "globex", "psg", "process-server");
     let psg_nbd = free_port().unwrap();
     let _psg = spawn(
         d,
