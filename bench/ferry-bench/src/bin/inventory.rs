@@ -19,7 +19,7 @@
 //! 10,000), in plans of 50 machines. Each tenant's process server then reports every disk as
 //! it would (mostly protected with an RPO of seconds; some seeding, paused, needing a resync,
 //! or over the policy's RPO threshold, which raises an alert; a few never reported) and its
-//! cache and backlog (one tenant's cache is short of space). FERRY_BENCH_LANES (default 8)
+//! cache and backlog (the first tenant's cache is short of space). FERRY_BENCH_LANES (default 8)
 //! requests are in flight during the setup. `ferry ctl status` is measured for the first
 //! tenant; FERRY_BENCH_TENANTS=1 puts the whole inventory in it.
 //!
@@ -192,7 +192,8 @@ impl Shape {
 fn report_of(i: u64, gold: bool) -> Option<Value> {
     let (normal, over) = if gold { (3.0, 45.0) } else { (400.0, 2400.0) };
     let jitter = (i % 7) as f64 * 0.5;
-    Some(match (i * 37) % 100 {
+    // A multiplicative hash spreads the cases over machines and tenants alike.
+    Some(match (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) % 100 {
         0 => return None, // configured, never reported
         1 => json!({"state": "paused", "rpo_seconds": over * 4.0}),
         2 | 3 => json!({"state": "resync-required", "rpo_seconds": over * 2.0}),
@@ -355,7 +356,7 @@ async fn report(reporters: &[Client], shape: &Shape) -> anyhow::Result<()> {
     }
     in_lanes(shape.lanes, jobs).await?;
     for (t, c) in reporters.iter().enumerate() {
-        let free = if t == 1 { 0.25 } else { 0.6 };
+        let free = if t == 0 { 0.25 } else { 0.6 };
         send(
             c,
             Method::PUT,
