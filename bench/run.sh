@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ferry benchmarks: run all three in sequence and print their figures (they are not tests: they
+# Ferry benchmarks: run them in sequence and print their figures (they are not tests: they
 # report targets as pass/MISS but never fail on a miss).
 #
 #   bash bench/run.sh            # from anywhere; about 3-4 minutes on 2 cores
@@ -16,7 +16,7 @@
 #              checkpoint interval 1000 ms; recovery point lag sampled every 100 ms from
 #              <cache>/<disk>/status.json: p50/p99/max. Target p99 <= 2 s.
 #
-# Each can run alone: cargo run --release -p ferry-bench --bin pipeline|ingest|rpo
+# Each can run alone: cargo run --release -p ferry-bench --bin pipeline|ingest|rpo|inventory
 # Knobs (environment): FERRY_BENCH_IMAGE_MIB, FERRY_BENCH_MIN_SECS (pipeline);
 # FERRY_BENCH_CACHE_IO=auto|direct|buffered (the journal's writes, ingest and rpo);
 # FERRY_BENCH_SECS, FERRY_BENCH_SEQ_MIB (ingest); FERRY_BENCH_RPO_SECS, FERRY_BENCH_RPO_MBPS,
@@ -29,6 +29,12 @@
 #              4 MiB chunker) into local repositories: wall, CPU, bytes stored. Targets: seed
 #              >= 1.5x, incremental >= 20x faster than the faster peer. Adds ~15 min and needs
 #              ~30 GB in /tmp; installs restic and borgbackup when missing.
+#
+# 5. inventory (only with FERRY_BENCH_INVENTORY=1, run last; about 1-2 min) a real `ferry
+#              config-server` with 10 tenants, 2,500 machines, 10,000 disks (FERRY_BENCH_DISKS,
+#              FERRY_BENCH_TENANTS) created and reported through the API: the status endpoints over
+#              mutual TLS and `ferry ctl status` (table, --json) as whole processes, p50/p99/max;
+#              the server's VmRSS/VmHWM and sled size. Target: p99 < 200 ms.
 #
 # Installs only qemu-utils (for qemu-nbd) when it is missing, as scripts/install-deps.sh does.
 # Traffic goes only to 127.0.0.1; every process the benchmarks start is stopped and every
@@ -64,4 +70,9 @@ echo
 echo "== 3/3 rpo =="
 timeout 300 "$bin/rpo" || status=$?
 [[ "${FERRY_BENCH_PERIODIC_GIB:-8}" == 0 ]] || { echo; echo "== 4/4 periodic vs restic, borg =="; bash bench/periodic.sh || status=$?; }
+if [[ "${FERRY_BENCH_INVENTORY:-0}" == 1 ]]; then
+  echo
+  echo "== 5/5 inventory: 10,000 disks at the configuration server =="
+  timeout 900 "$bin/inventory" || status=$?
+fi
 exit "$status"

@@ -221,3 +221,23 @@ impl DiskReport {
         Ok(())
     }
 }
+
+/// A disk with the machine it belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MachineDisk {
+    pub machine: String,
+    pub disk: Disk,
+}
+
+/// `GET /v1/tenants/{tenant}/status`: a tenant at a glance in one answer (what `ferry ctl
+/// status` shows), however many machines it has.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TenantStatus {
+    pub machines: Vec<Machine>,
+    /// Every disk of the tenant, machine by machine in the order of `machines`.
+    pub disks: Vec<MachineDisk>,
+    /// Where each plan stands, in name order.
+    pub plans: Vec<crate::PlanStatus>,
+    /// The tenant's active alerts (its disks and its appliances).
+    pub alerts: Vec<crate::Event>,
+}

@@ -62,9 +62,15 @@ pub fn set(
 
 /// The active alerts a principal may see.
 pub fn active(store: &Store, p: &Principal) -> Result<Vec<Event>, StoreError> {
-    let mut v: Vec<Event> = store.list(trees::ALERTS, "")?;
-    v.retain(|e| p.tenant.is_none() || e.tenant == p.tenant);
-    Ok(v)
+    match &p.tenant {
+        Some(t) => of_tenant(store, t),
+        None => store.list(trees::ALERTS, ""),
+    }
+}
+
+/// The active alerts of one tenant (a prefix of the tree's keys).
+pub fn of_tenant(store: &Store, tenant: &str) -> Result<Vec<Event>, StoreError> {
+    store.list(trees::ALERTS, &format!("{tenant}/"))
 }
 
 pub async fn list(

@@ -1,5 +1,6 @@
-//! A small client for the API, used by `ferry ctl` and the tests: one TLS connection per
-//! request (the CLI makes a handful), a deadline on every request, typed bodies in and out.
+//! A small client for the API, used by `ferry ctl` and the tests: a deadline on every request,
+//! typed bodies in and out. The connection an answer came on is kept for the next request
+//! (HTTP/1.1 keep-alive), so a command that makes many requests does one TLS handshake.
 
 use ferry_api::ErrorBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -49,14 +50,34 @@ pub enum ClientError {
 
 /// Per request: connect, handshake, send, read the whole answer.
 const DEADLINE: Duration = Duration::from_secs(30);
-/// Larger answers are refused: the biggest listing (1000 audit entries) is far below this.
+/// Larger answers are refused: the biggest (a tenant's status with 10,000 disks, about 3 MB)
+/// is far below this.
 const ANSWER_LIMIT: usize = 16 << 20;
+/// A kept connection idle for longer is not used again: the server closes a connection that
+/// sends no request header for 10 s (`serve::HEADER_TIMEOUT`), and a request sent just as it
+/// closes would fail.
+const IDLE_REUSE: Duration = Duration::from_secs(2);
 
+/// An open HTTP/1.1 connection; its task ends when it is dropped.
+struct Conn {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    task: tokio::task::JoinHandle<()>,
+    idle_since: std::time::Instant,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Clones share the kept connection; requests that overlap open their own.
 #[derive(Clone)]
 pub struct Client {
     addr: String,
     server_name: ServerName<'static>,
     tls: tokio_rustls::TlsConnector,
+    kept: Arc<std::sync::Mutex<Option<Conn>>>,
 }
 
 impl Client {
@@ -74,6 +95,7 @@ impl Client {
             addr: hostport.to_string(),
             server_name,
             tls: tokio_rustls::TlsConnector::from(tls),
+            kept: Default::default(),
         })
     }
 
@@ -130,12 +152,7 @@ impl Client {
             .map_err(|_| ClientError::Timeout(DEADLINE))?
     }
 
-    async fn raw_inner(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<(&str, Vec<u8>)>,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    async fn connect(&self) -> Result<Conn, ClientError> {
         let connect = |source| ClientError::Connect {
             addr: self.addr.clone(),
             source,
@@ -148,10 +165,44 @@ impl Client {
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(connect)?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let conn = tokio::spawn(conn);
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn {
+            send,
+            task,
+            idle_since: std::time::Instant::now(),
+        })
+    }
+
+    async fn send_new(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(Conn, hyper::Response<hyper::body::Incoming>), ClientError> {
+        let mut c = self.connect().await?;
+        let resp = c
+            .send
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        Ok((c, resp))
+    }
+
+    /// The kept connection if it is still usable, else none (and it is closed).
+    fn take_kept(&self) -> Option<Conn> {
+        let c = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        (!c.send.is_closed() && c.idle_since.elapsed() < IDLE_REUSE).then_some(c)
+    }
+
+    async fn raw_inner(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -166,17 +217,31 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let kept = match self.take_kept() {
+            Some(mut c) => c.send.ready().await.is_ok().then_some(c),
+            None => None,
+        };
+        let (mut conn, resp) = match kept {
+            Some(mut c) => match c.send.try_send_request(req).await {
+                Ok(resp) => (c, resp),
+                // The server closed the kept connection before the request went out: it is
+                // sent on a new one. A request that went out is not sent again (it may have
+                // changed something).
+                Err(mut e) => match e.take_message() {
+                    Some(req) => self.send_new(req).await?,
+                    None => return Err(ClientError::Http(e.into_error().to_string())),
+                },
+            },
+            None => self.send_new(req).await?,
+        };
         let status = resp.status();
         let body = Limited::new(resp.into_body(), ANSWER_LIMIT)
             .collect()
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?
             .to_bytes();
-        conn.abort();
+        conn.idle_since = std::time::Instant::now();
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
         Ok((status, body))
     }
 

@@ -155,9 +155,14 @@ impl Stored for Disk {
     /// the roles key by that name alone: two disks of one name, in two machines or two tenants,
     /// would share points, and a failover or a points listing of one would show the other's.
     /// So a disk name is unique on the appliance. The refusal does not say where the other is.
+    /// A disk's key ends in its name (`{tenant}/{machine}/{disk}`), so the keys tell without
+    /// decoding every disk (which made creating the 10,000th disk take 10,000 decodes).
     fn check_unique(&self, store: &Store) -> Result<(), ApiError> {
-        let all: Vec<Disk> = store.list(trees::DISKS, "")?;
-        if all.iter().any(|d| d.name == self.name) {
+        let name = self.name.as_bytes();
+        let taken = store.any_key(trees::DISKS, "", |k| {
+            k.rsplit(|b| *b == b'/').next() == Some(name)
+        })?;
+        if taken {
             return Err(ApiError::conflict(format!(
                 "a disk named {} exists already on this appliance (a disk's name names it at the \
                  process server and in the recovery repository, so it must be unique)",

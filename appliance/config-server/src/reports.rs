@@ -1,7 +1,9 @@
-//! Read-only endpoints: who am I, appliances, audit, events, health and metrics.
+//! Read-only endpoints: who am I, appliances, audit, events, a tenant's status, health and
+//! metrics.
 
 use crate::app::{Caller, Shared};
 use crate::error::ApiError;
+use crate::objects::Segs;
 use crate::store::trees;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -9,7 +11,10 @@ use axum::http::header;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use ferry_api::{Action, Appliance, AuditEntry, Disk, DiskState, Event, Health, Principal};
+use ferry_api::{
+    Action, Appliance, AuditEntry, Disk, DiskState, Event, Health, Machine, MachineDisk, Plan,
+    Principal, TenantStatus,
+};
 use serde::Deserialize;
 use std::fmt::Write;
 
@@ -79,6 +84,54 @@ pub async fn events(
     let skip = v.len().saturating_sub(limit);
     v.drain(..skip);
     Ok(Json(v))
+}
+
+/// A tenant at a glance. One answer instead of a request per machine and per plan: with
+/// thousands of disks, `ferry ctl status` spent its time in TLS handshakes. Each part is one
+/// prefix scan of its tree.
+pub async fn tenant_status(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+    Segs(s): Segs,
+) -> Result<Json<TenantStatus>, ApiError> {
+    let [tenant] = s.as_slice() else {
+        return Err(ApiError::not_found("a status names a tenant"));
+    };
+    p.may(Action::Read, Some(tenant))?;
+    if !app.store.contains(trees::TENANTS, tenant)? {
+        return Err(ApiError::not_found(format!("no tenant {tenant}")));
+    }
+    let prefix = format!("{tenant}/");
+    let machines: Vec<Machine> = app.store.list(trees::MACHINES, &prefix)?;
+    let mut disks: Vec<MachineDisk> = app
+        .store
+        .list_keyed::<Disk>(trees::DISKS, &prefix)?
+        .into_iter()
+        .map(|(key, disk)| MachineDisk {
+            // `{tenant}/{machine}/{disk}`
+            machine: key[prefix.len()..]
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            disk,
+        })
+        .collect();
+    // Keys sort `web-2/...` before `web/...`; machines come in name order (`web` first). A
+    // stable sort keeps each machine's disks in their own order.
+    disks.sort_by(|a, b| a.machine.cmp(&b.machine));
+    let plans = app
+        .store
+        .list::<Plan>(trees::PLANS, &prefix)?
+        .iter()
+        .map(|plan| crate::jobs::plan_status(&app.store, tenant, &plan.name))
+        .collect::<Result<_, _>>()?;
+    Ok(Json(TenantStatus {
+        machines,
+        disks,
+        plans,
+        alerts: crate::alerts::of_tenant(&app.store, tenant)?,
+    }))
 }
 
 /// Prometheus text format. Label values are object names, which hold only `a-z0-9-`, so they

@@ -16,7 +16,7 @@ use ferry_api::{
     Diagnostics, Disk, DiskReport, EnrollRequest, Enrolled, Event, Health, LoggedIn, Login, Logs,
     Machine, Maintenance, NetworkConfig, NetworkState, PendingNetwork, Plan, Policy, Principal,
     Registered, Registration, RoleConfig, SetPassword, Settings, SetupStatus, Site, SupportBundle,
-    Tenant, TokenCreated, UpdateSlot,
+    Tenant, TenantStatus, TokenCreated, UpdateSlot,
 };
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
@@ -414,6 +414,16 @@ pub fn router(app: Shared) -> Router {
             reports::events,
         );
     api = crud::<Tenant>(api, "/v1/tenants");
+    api = api.add(
+        Op::new(
+            Method::GET,
+            "/v1/tenants/{tenant}/status",
+            "A tenant at a glance: machines, disks (state, RPO), plans (phase), active alerts",
+        )
+        .answers::<TenantStatus>()
+        .errors(&[403, 404]),
+        reports::tenant_status,
+    );
     api = crud::<Site>(api, "/v1/tenants/{tenant}/sites");
     api = crud::<Policy>(api, "/v1/tenants/{tenant}/policies");
     api = crud::<Machine>(api, "/v1/tenants/{tenant}/machines");

@@ -143,6 +143,21 @@ impl Store {
             .collect()
     }
 
+    /// Whether a key under `prefix` satisfies `f`; no value is decoded.
+    pub fn any_key(
+        &self,
+        tree: &'static str,
+        prefix: &str,
+        f: impl Fn(&[u8]) -> bool,
+    ) -> Result<bool, StoreError> {
+        for kv in self.tree(tree)?.scan_prefix(prefix) {
+            if f(&kv?.0) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub fn any_with_prefix(&self, tree: &'static str, prefix: &str) -> Result<bool, StoreError> {
         Ok(self
             .tree(tree)?
@@ -287,6 +302,12 @@ mod tests {
         assert_eq!(t.len(), 6);
         assert!(s.remove(trees::SITES, "acme/a").unwrap());
         assert!(!s.any_with_prefix(trees::SITES, "zzz/").unwrap());
+        assert!(s
+            .any_key(trees::SITES, "acme", |k| k.ends_with(b"/c"))
+            .unwrap());
+        assert!(!s
+            .any_key(trees::SITES, "acme/", |k| k.ends_with(b"/c"))
+            .unwrap());
         s.put(trees::SITES, "bad", &"not a number").unwrap();
         assert!(matches!(
             s.get::<u32>(trees::SITES, "bad"),

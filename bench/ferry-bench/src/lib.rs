@@ -3,6 +3,8 @@
 //! - `pipeline`: per-stage throughput of the reduction pipeline on one core over a mixed image.
 //! - `ingest`: NBD write throughput and latency of the process server versus plain `qemu-nbd`.
 //! - `rpo`: recovery point lag under a steady paced write load.
+//! - `inventory`: the configuration server with 10,000 disks: status endpoints, `ferry ctl
+//!   status`, memory.
 //!
 //! Every benchmark bounds its own time, talks only to 127.0.0.1, and removes what it created.
 #![forbid(unsafe_code)]

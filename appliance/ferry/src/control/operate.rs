@@ -5,11 +5,10 @@ use super::{opt, read_json, show, table, when};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ferry_api::{
-    ApplianceReport, Disk, DiskOutcome, Event, Job, JobKind, JobState, Machine, Plan, PlanStatus,
-    PointInfo, StartJob, StepState,
+    ApplianceReport, Disk, DiskOutcome, DiskState, Event, Job, JobKind, JobState, Machine,
+    MachineDisk, Plan, PlanStatus, PointInfo, StartJob, StepState, TenantStatus,
 };
 use ferry_config_server::client::{Client, ClientError, Method};
-use serde_json::Value;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
@@ -220,70 +219,106 @@ async fn start_job(
     Ok(())
 }
 
+/// A tenant's status in one request; from a server older than that route, in a request per
+/// machine and per plan.
+async fn tenant_status(c: &Client, tenant: &str) -> anyhow::Result<TenantStatus> {
+    match c.get(&format!("/v1/tenants/{tenant}/status")).await {
+        Err(ClientError::Api { status: 404, .. }) => {}
+        r => return Ok(r?),
+    }
+    // A missing tenant is refused again here, in the older server's words.
+    let machines: Vec<Machine> = c.get(&format!("/v1/tenants/{tenant}/machines")).await?;
+    let mut disks = Vec::new();
+    for m in &machines {
+        let ds: Vec<Disk> = c
+            .get(&format!("/v1/tenants/{tenant}/machines/{}/disks", m.name))
+            .await?;
+        disks.extend(ds.into_iter().map(|disk| MachineDisk {
+            machine: m.name.clone(),
+            disk,
+        }));
+    }
+    let mut plans = Vec::new();
+    for p in c
+        .get::<Vec<Plan>>(&format!("/v1/tenants/{tenant}/plans"))
+        .await?
+    {
+        plans.push(
+            c.get(&format!("/v1/tenants/{tenant}/plans/{}/status", p.name))
+                .await?,
+        );
+    }
+    let mut alerts: Vec<Event> = c.get("/v1/alerts").await?;
+    alerts.retain(|e| e.tenant.as_deref() == Some(tenant));
+    Ok(TenantStatus {
+        machines,
+        disks,
+        plans,
+        alerts,
+    })
+}
+
+fn status_table(st: &TenantStatus) {
+    table(
+        &["machine", "disk", "size", "state", "rpo"],
+        st.disks
+            .iter()
+            .map(|MachineDisk { machine, disk: d }| {
+                vec![
+                    machine.clone(),
+                    d.name.clone(),
+                    ferry_process_server::status::human_bytes(d.size_bytes),
+                    d.state.as_str().into(),
+                    d.rpo_seconds.map_or("-".into(), |r| format!("{r:.1}s")),
+                ]
+            })
+            .collect(),
+    );
+    // With thousands of disks the table scrolls away: the counts by state close it.
+    let counts: Vec<String> = DiskState::ALL
+        .iter()
+        .filter_map(|s| {
+            let n = st.disks.iter().filter(|d| d.disk.state == *s).count();
+            (n > 0).then(|| format!("{n} {}", s.as_str()))
+        })
+        .collect();
+    println!(
+        "{} disks on {} machines: {}",
+        st.disks.len(),
+        st.machines.len(),
+        if counts.is_empty() {
+            "-".to_string()
+        } else {
+            counts.join(", ")
+        }
+    );
+    println!();
+    table(
+        &["plan", "phase", "running job", "last job"],
+        st.plans
+            .iter()
+            .map(|s| {
+                vec![
+                    s.plan.clone(),
+                    s.phase.as_str().into(),
+                    s.running_job.map_or("-".into(), |j| j.to_string()),
+                    s.last_job.map_or("-".into(), |j| j.to_string()),
+                ]
+            })
+            .collect(),
+    );
+    println!("\n{} active alerts (ferry ctl alerts)", st.alerts.len());
+}
+
 pub async fn run(c: &Client, json: bool, cmd: OperateCmd) -> anyhow::Result<()> {
     match cmd {
         OperateCmd::Status { tenant } => {
-            let machines: Vec<Machine> = c.get(&format!("/v1/tenants/{tenant}/machines")).await?;
-            let mut disks = Vec::new();
-            for m in &machines {
-                let ds: Vec<Disk> = c
-                    .get(&format!("/v1/tenants/{tenant}/machines/{}/disks", m.name))
-                    .await?;
-                disks.extend(ds.into_iter().map(|d| (m.name.clone(), d)));
-            }
-            let plans: Vec<Plan> = c.get(&format!("/v1/tenants/{tenant}/plans")).await?;
-            let mut phases = Vec::new();
-            for p in &plans {
-                let st: PlanStatus = c
-                    .get(&format!("/v1/tenants/{tenant}/plans/{}/status", p.name))
-                    .await?;
-                phases.push(st);
-            }
-            let alerts: Vec<Event> = c.get("/v1/alerts").await?;
+            let st = tenant_status(c, &tenant).await?;
             if json {
-                let disks: Vec<Value> = disks
-                    .iter()
-                    .map(|(m, d)| serde_json::json!({"machine": m, "disk": d}))
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
-                        "machines": machines, "disks": disks, "plans": phases, "alerts": alerts
-                    }))?
-                );
+                println!("{}", serde_json::to_string_pretty(&st)?);
                 return Ok(());
             }
-            table(
-                &["machine", "disk", "size", "state", "rpo"],
-                disks
-                    .iter()
-                    .map(|(m, d)| {
-                        vec![
-                            m.clone(),
-                            d.name.clone(),
-                            ferry_process_server::status::human_bytes(d.size_bytes),
-                            d.state.as_str().into(),
-                            d.rpo_seconds.map_or("-".into(), |r| format!("{r:.1}s")),
-                        ]
-                    })
-                    .collect(),
-            );
-            println!();
-            table(
-                &["plan", "phase", "running job", "last job"],
-                phases
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            s.plan.clone(),
-                            s.phase.as_str().into(),
-                            s.running_job.map_or("-".into(), |j| j.to_string()),
-                            s.last_job.map_or("-".into(), |j| j.to_string()),
-                        ]
-                    })
-                    .collect(),
-            );
-            println!("\n{} active alerts (ferry ctl alerts)", alerts.len());
+            status_table(&st);
             Ok(())
         }
         OperateCmd::Protect {
