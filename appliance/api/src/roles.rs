@@ -23,10 +23,7 @@ impl ConfigRequest {
     pub fn validate(&self) -> Result<(), Invalid> {
         if let Some(a) = &self.address {
             validate::text("address", a)?;
-            let ok = a
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-            if !ok {
+            if validate::host_port(a).is_none() {
                 return Err(Invalid::new("address", "must be HOST:PORT"));
             }
         }

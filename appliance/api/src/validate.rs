@@ -119,3 +119,28 @@ mod tests {
         );
     }
 }
+
+/// `HOST:PORT` split into its host (an IPv6 literal without its brackets) and a port above 0;
+/// none when it is not of that form. The one parse of a dialled address (a master target's,
+/// a role's reported one).
+pub fn host_port(addr: &str) -> Option<(&str, u16)> {
+    let (h, p) = addr.rsplit_once(':')?;
+    let host = h.trim_start_matches('[').trim_end_matches(']');
+    let port = p.parse::<u16>().ok().filter(|&p| p > 0)?;
+    (!host.is_empty()).then_some((host, port))
+}
+
+#[cfg(test)]
+mod host_port_tests {
+    use super::host_port;
+
+    #[test]
+    fn splits_names_addresses_and_ipv6_literals() {
+        assert_eq!(host_port("mt.example:7443"), Some(("mt.example", 7443)));
+        assert_eq!(host_port("127.0.0.1:1"), Some(("127.0.0.1", 1)));
+        assert_eq!(host_port("[::1]:7443"), Some(("::1", 7443)));
+        for bad in ["mt", ":7443", "mt:0", "mt:x", "mt:70000", ""] {
+            assert_eq!(host_port(bad), None, "{bad}");
+        }
+    }
+}

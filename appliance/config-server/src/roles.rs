@@ -78,7 +78,9 @@ pub async fn config(
                     "a master target reports the address process servers dial (HOST:PORT) when it asks for its configuration".into(),
                 ));
             };
-            let host = host_of(&addr);
+            // Validated when it was reported.
+            let host =
+                ferry_api::validate::host_port(&addr).map_or(addr.clone(), |(h, _)| h.to_string());
             RoleConfig::MasterTarget(MasterTargetConfig {
                 server: data_cert(&app, &tenant, &p.name, "replication-server", &[host], true)?,
                 tenant,
@@ -192,15 +194,6 @@ fn process_server(
         tenant_key_hex: key,
         disks,
     }))
-}
-
-/// `HOST` of `HOST:PORT` (brackets of an IPv6 literal removed).
-fn host_of(addr: &str) -> String {
-    addr.rsplit_once(':')
-        .map(|(h, _)| h)
-        .unwrap_or(addr)
-        .trim_matches(|c| c == '[' || c == ']')
-        .to_string()
 }
 
 /// The tenant's data key, hex; made on first use.

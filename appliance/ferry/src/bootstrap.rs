@@ -144,6 +144,8 @@ impl BootstrapArgs {
             // The first report goes out at once: the server counts an appliance that has not
             // reported since its enrollment as unreachable.
             let mut first = true;
+            // This identity's name (for the appliance report's path), asked once.
+            let mut name: Option<String> = None;
             loop {
                 if !first {
                     std::thread::sleep(Duration::from_secs(me.config_poll_secs.max(1)));
@@ -162,7 +164,15 @@ impl BootstrapArgs {
                     }
                     _ => None,
                 };
-                rt.block_on(report(&client, disks));
+                if name.is_none() {
+                    name = rt
+                        .block_on(client.get::<ferry_api::Principal>("/v1/whoami"))
+                        .map(|p| p.name)
+                        .ok();
+                }
+                if let Some(name) = &name {
+                    rt.block_on(report(&client, name, disks));
+                }
                 match rt.block_on(ask(&client, address.clone())) {
                     Ok(new) if new != current => {
                         tracing::info!("the configuration server changed this role's configuration: restarting to apply it");
@@ -205,7 +215,7 @@ async fn ask(c: &Client, address: Option<String>) -> Result<RoleConfig, AskError
 /// A process server's disks (each one's state and RPO, from its status file), its cache use and
 /// upload backlog, to the configuration server, which raises and clears the alerts; a master
 /// target reports only that it is there (no report for a while is the "unreachable" alert).
-async fn report(c: &Client, process: Option<(&str, &[ferry_api::AssignedDisk], &Path)>) {
+async fn report(c: &Client, me: &str, process: Option<(&str, &[ferry_api::AssignedDisk], &Path)>) {
     use ferry_process_server::status::State;
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -255,13 +265,11 @@ async fn report(c: &Client, process: Option<(&str, &[ferry_api::AssignedDisk], &
         .and_then(|c| rustix::fs::statvfs(c).ok())
         .filter(|s| s.f_blocks > 0)
         .map(|s| s.f_bavail as f64 / s.f_blocks as f64);
-    let me: Result<ferry_api::Principal, _> = c.get("/v1/whoami").await;
-    let Ok(me) = me else { return };
     let r = ferry_api::ApplianceReport {
         cache_free_ratio,
         upload_backlog_secs: cache.map(|_| backlog),
     };
-    let path = format!("/v1/appliances/{}/report", me.name);
+    let path = format!("/v1/appliances/{me}/report");
     if let Err(e) = c
         .call::<_, ferry_api::ApplianceReport>(Method::PUT, &path, Some(&r))
         .await

@@ -848,9 +848,7 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
         bail!("--block-size must be a power of two from 4096 to 1048576");
     }
     let master = a.master.clone().context("--master is required")?;
-    let host = master
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']'))
+    let (host, _) = ferry_api::validate::host_port(&master)
         .with_context(|| format!("--master {master:?} must be HOST:PORT"))?;
     let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
         .with_context(|| format!("{host:?} is not a valid host name"))?;
