@@ -273,6 +273,9 @@ fn roles_take_their_configuration_from_the_configuration_server() {
     );
     let st = lab.wait_caught_up("boot", Duration::from_secs(60)).unwrap();
     support::assert_point_equals(&lab, d, "boot", st.acked_seq, &guest);
+    // A configured disk is cut with the other disks of its machine.
+    assert_eq!(st.group.as_deref(), Some("app"));
+    assert!(st.group_cut_unix_ns > 0, "no cut of machine app committed");
 
     // The process server reports the disk: state and RPO reach the inventory.
     let disk = wait_for("the disk's report", Duration::from_secs(30), || {

@@ -12,6 +12,9 @@
 //!   resumes; one that may not ends the job failed, saying which step and what was done.
 //! - Retention at the master target never takes a point a test failover serves (nor its
 //!   chunks): the point is held until cleanup, then retention removes it.
+//! - The machine's two disks are one consistency group: one guest writes to both, each write
+//!   issued after the one before was acknowledged, and at every cut the two disks' points
+//!   together hold exactly the first N writes for one N; a failover uses such a cut.
 
 #[path = "support/config_server.rs"]
 mod harness;
@@ -62,6 +65,8 @@ impl Dr {
             .unwrap();
         let mut lab = Lab::new(&support::exe(), dir.path(), &[("d0", SIZE), ("d1", SIZE)]).unwrap();
         lab.interval_ms = 200;
+        // Both disks belong to machine "web": cut together.
+        lab.disk_group = Some("web".into());
         tune(&mut lab);
         lab.start_master().unwrap();
         lab.start_process().unwrap();
@@ -517,6 +522,11 @@ fn test_failover_scratch_never_reaches_the_replica_and_cleanup_leaves_nothing() 
         "{m}"
     );
     assert_eq!(st.disks.len(), 2);
+    // The machine's disks are one consistency group: both points are of one cut.
+    assert_eq!(
+        st.disks[0].point_created_unix_ns, st.disks[1].point_created_unix_ns,
+        "the test failover uses one cut of the machine"
+    );
     let port = st.test_nbd_port.unwrap();
     let starts = read_log(&dr.path("starts.log"));
     let overlays: Vec<&str> = st.disks.iter().map(|d| d.path.as_str()).collect();
@@ -956,4 +966,108 @@ fn retention_keeps_the_points_a_test_failover_uses_until_cleanup() {
         w.finish(&dr.rt);
     }
     dr.caught_up();
+}
+
+/// One guest writing random tagged extents to both disks in turn (a random disk each time),
+/// each write issued only after the one before was acknowledged, for `time`; flushes at the
+/// end. The log names each write's disk; sequence numbers run across both disks.
+fn write_across(dr: &Dr, seed: u64, time: Duration) -> Vec<(usize, u64, usize)> {
+    dr.rt.block_on(async {
+        let mut guests = Vec::new();
+        for s in &dr.socks {
+            guests.push(
+                ferry_nbd::client::Client::connect_unix(s, "guest")
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut rng = support::Rng(seed);
+        let mut log = Vec::new();
+        let end = Instant::now() + time;
+        while Instant::now() < end {
+            let d = rng.below(guests.len() as u64) as usize;
+            let (off, len) = support::random_extent(&mut rng, SIZE);
+            log.push((d, off, len));
+            let data = support::tagged(log.len() as u64, off, len);
+            guests[d].write(off, &data, false).await.unwrap();
+        }
+        for g in &mut guests {
+            g.flush().await.unwrap();
+        }
+        log
+    })
+}
+
+#[test]
+fn a_machines_disks_are_cut_together_as_one_crash_consistent_state() {
+    let dr = Dr::start();
+    let base_seqs = dr.caught_up();
+    let bases: Vec<Vec<u8>> = (0..DISKS.len()).map(|i| dr.guest_image(i)).collect();
+    let log = write_across(&dr, 23, Duration::from_secs(6));
+    let last = dr.caught_up();
+    assert!(log.len() > 200, "the guest wrote {} times", log.len());
+
+    // The cuts both disks have points at, newer than the base.
+    let repo = dr.lab.repository().unwrap();
+    let cuts = |disk: &str, after: u64| -> std::collections::BTreeMap<u64, u64> {
+        repo.points(disk)
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.meta.seq > after)
+            .filter_map(|p| p.meta.group_cut.map(|c| (c, p.meta.seq)))
+            .collect()
+    };
+    let (c0, c1) = (cuts("d0", base_seqs[0]), cuts("d1", base_seqs[1]));
+    let common: Vec<(u64, u64, u64)> = c0
+        .iter()
+        .filter_map(|(c, s0)| c1.get(c).map(|s1| (*c, *s0, *s1)))
+        .collect();
+    assert!(
+        common.len() >= 5,
+        "only {} cuts of the machine in 6 s of writes at a 200 ms interval (d0 {c0:?}, d1 {c1:?})",
+        common.len()
+    );
+    // Every cut the process server made got a point on both disks (no disk skipped one).
+    assert_eq!(c0.len(), common.len(), "d0 cuts {c0:?} vs d1 {c1:?}");
+    assert_eq!(c1.len(), common.len(), "d1 cuts {c1:?} vs d0 {c0:?}");
+    // Each cut (up to 8 of them, spread, always the last) is one prefix of the guest's writes
+    // across both disks, and later cuts hold more.
+    let idx: Vec<u64> = (0..common.len() as u64).collect();
+    let mut prev = 0;
+    let mut mid_stream = 0;
+    for i in support::spread(&idx, 8) {
+        let (cut, s0, s1) = common[i as usize];
+        let (a, b) = (dr.point_image("d0", s0), dr.point_image("d1", s1));
+        let n = support::check_machine_prefix(&[&a, &b], &[&bases[0], &bases[1]], &log)
+            .unwrap_or_else(|e| panic!("cut {cut} (d0@{s0}, d1@{s1}): {e}"));
+        assert!(
+            n >= prev,
+            "cut {cut} holds {n} writes, an earlier one {prev}"
+        );
+        if n > 0 && (n as usize) < log.len() {
+            mid_stream += 1;
+        }
+        prev = n;
+    }
+    assert!(
+        mid_stream >= 2,
+        "too few cuts fell while the guest wrote ({mid_stream}): the check proved little"
+    );
+    // The newest cut holds every write, and is each disk's newest point.
+    assert_eq!(prev as usize, log.len(), "the last cut lacks writes");
+    let newest = common.last().unwrap();
+    assert_eq!((newest.1, newest.2), (last[0], last[1]));
+    // A failover of the machine picks that cut, said to be consistent.
+    let m =
+        ferry_failover::points::choose_machine(&repo, &["d0".to_string(), "d1".to_string()], None)
+            .unwrap();
+    assert!(m.consistent);
+    assert_eq!(
+        m.points.iter().map(|p| p.meta.seq).collect::<Vec<_>>(),
+        [newest.1, newest.2]
+    );
+    // The points say so: "crash (machine)".
+    let listed = dr.lab.ferry(&["points", "--disk", "d0"]).unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains("crash (machine)"), "{text}");
 }

@@ -267,10 +267,26 @@ pub fn random_extent(rng: &mut Rng, size: u64) -> (u64, usize) {
 /// Prove `image == base + the first N writes of log` for some N, and return N. N is the largest
 /// sequence number any sector carries: the last write of a prefix always shows in its sectors.
 pub fn check_prefix(image: &[u8], base: &[u8], log: &Log) -> Result<u64, String> {
+    let log: Vec<(usize, u64, usize)> = log.iter().map(|&(o, l)| (0, o, l)).collect();
+    check_machine_prefix(&[image], &[base], &log)
+}
+
+/// The same over several disks of one machine written by one guest, whose log names the disk of
+/// each write (`(disk index, offset, len)`, sequence numbers shared by all disks): prove that
+/// for one N, every `images[d] == bases[d] + the writes of the first N that went to disk d`.
+/// Points of the disks cut at different moments fail this: one disk holds a write that the
+/// other disk's point lacks an earlier write for.
+pub fn check_machine_prefix(
+    images: &[&[u8]],
+    bases: &[&[u8]],
+    log: &[(usize, u64, usize)],
+) -> Result<u64, String> {
     let mut n = 0u64;
-    for s in image.chunks(SECTOR) {
-        if s.len() >= 16 && &s[..8] == MAGIC {
-            n = n.max(u64::from_le_bytes(s[8..16].try_into().unwrap()));
+    for image in images {
+        for s in image.chunks(SECTOR) {
+            if s.len() >= 16 && &s[..8] == MAGIC {
+                n = n.max(u64::from_le_bytes(s[8..16].try_into().unwrap()));
+            }
         }
     }
     if n as usize > log.len() {
@@ -279,14 +295,27 @@ pub fn check_prefix(image: &[u8], base: &[u8], log: &Log) -> Result<u64, String>
             log.len()
         ));
     }
-    let mut model = base.to_vec();
-    for (i, &(off, len)) in log[..n as usize].iter().enumerate() {
-        model[off as usize..off as usize + len].copy_from_slice(&tagged(i as u64 + 1, off, len));
-    }
-    if let Some(at) = model.iter().zip(image).position(|(a, b)| a != b) {
-        return Err(format!(
-            "image is not base + first {n} writes: first difference at byte {at}"
-        ));
+    for (d, (image, base)) in images.iter().zip(bases).enumerate() {
+        let mut model = base.to_vec();
+        for (i, &(disk, off, len)) in log[..n as usize].iter().enumerate() {
+            if disk == d {
+                model[off as usize..off as usize + len].copy_from_slice(&tagged(
+                    i as u64 + 1,
+                    off,
+                    len,
+                ));
+            }
+        }
+        if let Some(at) = model.iter().zip(image.iter()).position(|(a, b)| a != b) {
+            let what = if images.len() > 1 {
+                format!("disk {d}")
+            } else {
+                "image".to_string()
+            };
+            return Err(format!(
+                "{what} is not base + its writes among the first {n}: first difference at byte {at}"
+            ));
+        }
     }
     Ok(n)
 }

@@ -34,6 +34,8 @@ pub struct Lab {
     /// this lab's directory, node `disk0`, whose NBD server already listens on `guest.sock`),
     /// so it can resync them by checksums.
     pub host_access: bool,
+    /// Every disk is in this consistency group (`--disk ...,group=NAME`).
+    pub disk_group: Option<String>,
     master: Option<Child>,
     process: Option<Child>,
 }
@@ -69,6 +71,7 @@ impl Lab {
             periodic: Vec::new(),
             process_args: Vec::new(),
             host_access: false,
+            disk_group: None,
             master: None,
             process: None,
         })
@@ -141,6 +144,9 @@ impl Lab {
                     self.dir.join(ferry_qemu::MGMT_QMP_SOCKET).display(),
                     self.dir.join("guest.sock").display()
                 );
+            }
+            if let Some(g) = &self.disk_group {
+                spec += &format!(",group={g}");
             }
             args.push(spec);
         }

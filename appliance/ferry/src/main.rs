@@ -269,7 +269,9 @@ struct ProcessServerArgs {
     /// equal the source disk's size (after `ferry grow`, the new size: a size smaller than the
     /// disk's journal was written for is refused, a larger one is taken as a growth). With `,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET`
     /// the process server can read the disk on its host and resynchronizes it by checksums when
-    /// its journal overflowed or was lost, or on `ferry resync`. Repeatable.
+    /// its journal overflowed or was lost, or on `ferry resync`. With `,group=MACHINE` the
+    /// disk is cut together with the other disks of that group (one protected machine), so
+    /// their points at each cut are one crash-consistent state of the machine. Repeatable.
     #[arg(long = "disk", required_unless_present_any = ["periodic", "config_server"])]
     disks: Vec<String>,
     /// A periodically protected disk, read from its host's dirty bitmaps:
@@ -462,19 +464,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<16} {:>8} {:<24} {:>12} {:>12} {:<11} {:>10}  HELD BY",
+                "{:<16} {:>8} {:<24} {:>12} {:>12} {:<21} {:>10}  HELD BY",
                 "DISK", "POINT", "TIME (UTC)", "JOURNAL", "SIZE", "CONSISTENCY", "CHANGED"
             );
             for l in &all {
                 let p = &l.point;
                 println!(
-                    "{:<16} {:>8} {:<24} {:>12} {:>12} {:<11} {:>10}  {}",
+                    "{:<16} {:>8} {:<24} {:>12} {:>12} {:<21} {:>10}  {}",
                     p.disk,
                     p.meta.seq,
                     format_time(p.meta.created_unix_ns),
                     p.meta.journal_end,
                     human(p.meta.disk_size),
-                    format!("{:?}", p.meta.consistency).to_lowercase(),
+                    // "(machine)": at a cut of the disk's consistency group, which the
+                    // machine's other disks have points at too.
+                    format!(
+                        "{}{}",
+                        format!("{:?}", p.meta.consistency).to_lowercase(),
+                        if p.meta.group_cut.is_some() {
+                            " (machine)"
+                        } else {
+                            ""
+                        }
+                    ),
                     p.changed_blocks,
                     if l.held_by.is_empty() {
                         "-".to_string()
@@ -825,7 +837,8 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
                 let ms = u64::from(d.interval_secs) * 1000;
                 a.periodic.push(format!("{spec},interval-ms={ms}"));
             } else {
-                a.disks.push(spec);
+                // A machine's continuous disks are one consistency group.
+                a.disks.push(format!("{spec},group={}", d.machine));
             }
         }
         let l = a.bootstrap.layout();
@@ -920,9 +933,15 @@ fn parse_spec<'a>(
     Ok((name, parse_size(size)?, kv))
 }
 
-/// `NAME=SIZE[,qmp=PATH,node=NODE,nbd=PATH]`
+/// `NAME=SIZE[,qmp=PATH,node=NODE,nbd=PATH][,group=MACHINE]`
 fn parse_disk(text: &str) -> anyhow::Result<ferry_process_server::DiskSpec> {
-    let (name, size, kv) = parse_spec("--disk", text, &["qmp", "node", "nbd"])?;
+    let (name, size, kv) = parse_spec("--disk", text, &["qmp", "node", "nbd", "group"])?;
+    let group = match kv.get("group") {
+        Some(g) if !ferry_wire::valid_disk_name(g) => {
+            bail!("--disk {name}: group {g:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")
+        }
+        g => g.map(|g| g.to_string()),
+    };
     let host = match (kv.get("qmp"), kv.get("node"), kv.get("nbd")) {
         (None, None, None) => None,
         (Some(q), Some(n), Some(s)) => Some(ferry_process_server::resync::HostDisk {
@@ -936,6 +955,7 @@ fn parse_disk(text: &str) -> anyhow::Result<ferry_process_server::DiskSpec> {
         name: name.to_string(),
         size,
         host,
+        group,
     })
 }
 

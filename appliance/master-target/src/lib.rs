@@ -400,6 +400,7 @@ fn apply(
             ferry_wire::Consistency::Crash => Consistency::Crash,
             ferry_wire::Consistency::Application => Consistency::Application,
         },
+        group_cut: c.group_cut,
     };
     let mut w = repo.begin(disk, meta).map_err(refusal)?;
     while let Some(item) = rx.blocking_recv() {

@@ -13,13 +13,19 @@ use std::sync::Arc;
 pub struct JournalExport {
     pub disk: String,
     pub journal: Arc<Journal>,
+    /// The disk's consistency group: appends hold its gate, so a cut of the group sees each
+    /// write wholly before or wholly after it ([`crate::group`]).
+    pub group: Option<Arc<crate::group::Group>>,
 }
 
 impl JournalExport {
     /// Journal one operation; with FUA, answer only once it is durable.
     async fn append(&self, offset: u64, len: u64, op: Op<'_>, fua: bool) -> NbdResult<()> {
         self.in_range(offset, len)?;
-        if let Err(e) = self.journal.append(op) {
+        let gate = self.group.as_ref().map(|g| g.gate());
+        let appended = self.journal.append(op);
+        drop(gate);
+        if let Err(e) = appended {
             tracing::error!(disk = %self.disk, error = %e, "journal append failed");
             return Err(Errno::Io);
         }

@@ -12,6 +12,7 @@ pub mod bulk;
 pub mod checkpoint;
 pub mod export;
 pub mod first_copy;
+pub mod group;
 pub mod grow;
 pub mod memory;
 pub mod periodic;
@@ -49,6 +50,8 @@ pub struct Disk {
     /// The journal position of an application-consistent moment not yet committed as a point
     /// ([`app_consistent`]); the shipper holds this lock while it reads the journal.
     app_mark: Mutex<Option<u64>>,
+    /// The consistency group (the protected machine) the disk is cut with, if any.
+    pub group: Option<Arc<group::Group>>,
 }
 
 impl Disk {
@@ -168,6 +171,9 @@ pub struct DiskSpec {
     pub size: u64,
     /// Where it lives on its host (optional): needed to resync it by checksums.
     pub host: Option<resync::HostDisk>,
+    /// The consistency group (the protected machine): disks of one group are cut at one
+    /// instant, so their points together are one crash-consistent state of the machine.
+    pub group: Option<String>,
 }
 
 pub struct Config {
@@ -215,6 +221,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             Arc::new(export::JournalExport {
                 disk: d.name.clone(),
                 journal: d.journal.clone(),
+                group: d.group.clone(),
             }),
         );
         first_copy::spawn(d.clone());
@@ -271,6 +278,7 @@ fn open_disks(
     nbd_tls: bool,
 ) -> anyhow::Result<Vec<Arc<Disk>>> {
     let mut out = Vec::new();
+    let mut groups: HashMap<String, Arc<group::Group>> = HashMap::new();
     for spec in specs {
         anyhow::ensure!(
             ferry_wire::valid_disk_name(&spec.name),
@@ -294,12 +302,22 @@ fn open_disks(
         let journal = Journal::open(jc)
             .with_context(|| format!("opening the journal of disk {}", spec.name))?;
         let status_path = dir.join("status.json");
+        let journal = Arc::new(journal);
+        let group = spec.group.as_ref().map(|g| {
+            let g = groups
+                .entry(g.clone())
+                .or_insert_with(|| group::Group::new(g))
+                .clone();
+            g.join(&spec.name, journal.clone());
+            g
+        });
         let disk = Arc::new(Disk {
             name: spec.name.clone(),
             block_size,
-            journal: Arc::new(journal),
+            journal,
             status: Mutex::new(DiskStatus {
                 disk: spec.name.clone(),
+                group: spec.group.clone(),
                 app_hooks,
                 host_access: spec.host.is_some(),
                 ..Default::default()
@@ -311,6 +329,7 @@ fn open_disks(
             grow_path: dir.join(grow::REQUEST),
             unreconciled_path,
             app_mark: Mutex::new(None),
+            group,
         });
         disk.refresh_journal_stats();
         out.push(disk);

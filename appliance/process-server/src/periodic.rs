@@ -456,6 +456,7 @@ async fn transfer(
         disk_size: spec.size,
         block_size,
         consistency: Consistency::Crash,
+        group_cut: None,
     });
     wr.write_all(&begin.encode()).await?;
     let resync = plan.mode == Mode::Resync;

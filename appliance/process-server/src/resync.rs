@@ -134,6 +134,7 @@ impl Resync<'_> {
                 disk_size: size,
                 block_size: disk.block_size,
                 consistency: Consistency::Crash,
+                group_cut: None,
             })
             .encode(),
         )

@@ -66,6 +66,8 @@ struct InFlight {
     app: bool,
     created_unix_ns: u64,
     chunks: Vec<ChunkId>,
+    /// Ends at this consistency-group cut.
+    group_cut: Option<u64>,
 }
 
 struct Cut {
@@ -75,6 +77,15 @@ struct Cut {
     chunks: Vec<ChunkId>,
     more: bool,
     created_unix_ns: u64,
+    group_cut: Option<u64>,
+}
+
+/// The cut state a session keeps between checkpoints: the application-consistent mark and the
+/// group cut that checkpoints in flight already end at (not to be cut again).
+#[derive(Default)]
+struct Sent {
+    mark: Option<u64>,
+    group_cut: Option<u64>,
 }
 
 /// Replicate one disk forever, reconnecting after any failure.
@@ -167,6 +178,10 @@ async fn session(
         last_seq += 1;
         disk.clear_resync_request();
         disk.reconciled();
+        if let Some(g) = &disk.group {
+            // Its journal was re-based: its position in the cut under way means nothing now.
+            g.leave_cut(&disk.name);
+        }
         disk.update(|s| s.state = State::Replicating);
     }
     trim(disk, journal_end).await?;
@@ -199,8 +214,7 @@ async fn session(
     let mut tick = tokio::time::interval(tuning.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut more = false;
-    // The application-consistent mark a cut in flight already ends at (not to be cut again).
-    let mut mark_sent: Option<u64> = None;
+    let mut sent = Sent::default();
     loop {
         let can_send = inflight.len() < tuning.window;
         tokio::select! {
@@ -223,10 +237,16 @@ async fn session(
                         if f.app {
                             disk.clear_app_mark(journal_end);
                         }
+                        if let (Some(g), Some(id)) = (&disk.group, f.group_cut) {
+                            g.done(&disk.name, id);
+                        }
                         disk.update(|s| {
                             s.acked_seq = seq;
                             s.acked_journal_seq = journal_end;
                             s.acked_point_created_unix_ns = f.created_unix_ns;
+                            if let Some(id) = f.group_cut {
+                                s.group_cut_unix_ns = id;
+                            }
                             if f.app {
                                 s.app_points += 1;
                                 s.last_app_point_seq = seq;
@@ -250,10 +270,10 @@ async fn session(
                 if disk.host.is_some() && (disk.resync_requested() || matches!(disk.journal.state(), ferry_journal::JournalState::ResyncRequired { .. })) {
                     bail!("a checksum resync is due; starting it on a fresh connection");
                 }
-                (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, (pos, next_seq), &mut mark_sent).await?;
+                (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, (pos, next_seq), &mut sent).await?;
             }
             _ = std::future::ready(()), if can_send && more => {
-                (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, (pos, next_seq), &mut mark_sent).await?;
+                (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, (pos, next_seq), &mut sent).await?;
             }
         }
     }
@@ -331,22 +351,26 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
     wr: &mut W,
     inflight: &mut VecDeque<InFlight>,
     (pos, seq): (u64, u64),
-    mark_sent: &mut Option<u64>,
+    sent: &mut Sent,
 ) -> anyhow::Result<(u64, u64, bool)> {
-    let (d, t, sh, skip) = (disk.clone(), tuning.clone(), shared.clone(), *mark_sent);
+    let (d, t, sh) = (disk.clone(), tuning.clone(), shared.clone());
+    let skip = (sent.mark, sent.group_cut);
     let cut = tokio::task::spawn_blocking(move || build(&d, &t, &sh, pos, seq, skip)).await??;
     disk.refresh_journal_stats();
     let Some(cut) = cut else {
         return Ok((pos, seq, false));
     };
-    let mut sent = 0u64;
+    let mut bytes = 0u64;
     for f in &cut.frames {
         wr.write_all(f).await?;
-        sent += f.len() as u64;
+        bytes += f.len() as u64;
     }
     wr.flush().await?;
     if cut.app {
-        *mark_sent = Some(cut.journal_end);
+        sent.mark = Some(cut.journal_end);
+    }
+    if cut.group_cut.is_some() {
+        sent.group_cut = cut.group_cut;
     }
     inflight.push_back(InFlight {
         seq,
@@ -354,10 +378,11 @@ async fn ship<W: tokio::io::AsyncWrite + Unpin>(
         app: cut.app,
         created_unix_ns: cut.created_unix_ns,
         chunks: cut.chunks,
+        group_cut: cut.group_cut,
     });
     disk.update(|s| {
         s.checkpoints_sent += 1;
-        s.bytes_sent += sent;
+        s.bytes_sent += bytes;
     });
     Ok((cut.journal_end, seq + 1, cut.more))
 }
@@ -368,8 +393,23 @@ fn build(
     shared: &Shared,
     pos: u64,
     seq: u64,
-    mark_sent: Option<u64>,
+    (mark_sent, cut_sent): (Option<u64>, Option<u64>),
 ) -> anyhow::Result<Option<Cut>> {
+    // A disk of a consistency group sends only checkpoints that end at (or, for a large one,
+    // lead up to) the group's cut, asked for before the journal is read: the cut's position
+    // is then at or before everything read below.
+    let group_cut = match &disk.group {
+        None => None,
+        Some(g) => match g.cut_for(&disk.name, cut_sent) {
+            None => return Ok(None),
+            Some(c) if c.end < pos => {
+                // Behind what the recovery site already holds (its journal was re-based).
+                g.done(&disk.name, c.id);
+                return Ok(None);
+            }
+            Some(c) => Some(c),
+        },
+    };
     // Read the journal under the mark's lock: a mark set later lies past everything read here.
     let (records, mark) = {
         let mark = disk.app_mark.lock().expect("mark lock");
@@ -389,12 +429,18 @@ fn build(
         }
         m => m,
     };
-    // Nothing was written since the last point, which already ends at the mark: an empty
-    // checkpoint records that this moment is application-consistent.
-    if records.is_empty() && mark != Some(pos) {
+    // Nothing was written since the last point, which already ends at the mark (or the
+    // group's cut): an empty checkpoint records that this moment is application-consistent
+    // (or this disk's part of the machine's cut).
+    let at_cut = |end: u64| group_cut.is_some_and(|c| c.end == end);
+    if records.is_empty() && mark != Some(pos) && !at_cut(pos) {
         return Ok(None);
     }
-    let created_unix_ns = now_unix_ns();
+    // A mark or a cut ends the checkpoint; whichever comes first.
+    let limit = match (mark, group_cut.map(|c| c.end)) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    };
     // Read after the records: a record past an older size can only follow the growth that
     // allowed it. (A growth runs between sessions, so this is the session's size; were it not,
     // the master target would refuse the checkpoint rather than lose a write to a clamp.)
@@ -403,7 +449,7 @@ fn build(
     let mut end = pos;
     let mut bytes = 0usize;
     for r in &records {
-        if mark.is_some_and(|m| r.seq > m) {
+        if limit.is_some_and(|l| r.seq > l) {
             break;
         }
         builder.apply(r);
@@ -418,6 +464,11 @@ fn build(
     let more =
         end < records.last().map(|r| r.seq).unwrap_or(end) || bytes >= tuning.max_checkpoint_bytes;
     let app = mark == Some(end);
+    let cut_id = group_cut.filter(|c| c.end == end).map(|c| c.id);
+    if end == pos && !app && cut_id.is_none() {
+        return Ok(None);
+    }
+    let created_unix_ns = cut_id.unwrap_or_else(now_unix_ns);
     let blocks = {
         let known = shared.known.lock().expect("known lock");
         builder.finish(&shared.key, &disk.name, seq, &known)
@@ -436,6 +487,7 @@ fn build(
             } else {
                 Consistency::Crash
             },
+            group_cut: cut_id,
         })
         .encode(),
     );
@@ -461,5 +513,6 @@ fn build(
         chunks,
         more,
         created_unix_ns,
+        group_cut: cut_id,
     }))
 }

@@ -21,6 +21,10 @@ pub enum State {
 #[serde(default)]
 pub struct DiskStatus {
     pub disk: String,
+    /// The consistency group (protected machine) the disk is cut with, and the newest cut of
+    /// it committed for this disk (its id, a Unix time in ns).
+    pub group: Option<String>,
+    pub group_cut_unix_ns: u64,
     pub state: State,
     pub connected: bool,
     /// Newest recovery point the master target acknowledged as durable.

@@ -60,6 +60,11 @@ pub struct CheckpointMeta {
     pub disk_size: u64,
     pub block_size: u32,
     pub consistency: Consistency,
+    /// The consistency-group cut this point ends at (see `ferry_wire::Checkpoint::group_cut`):
+    /// the machine's other disks have points with the same value, and together they are one
+    /// crash-consistent state of the machine. Absent from roots written without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_cut: Option<u64>,
 }
 
 /// A committed, authenticated recovery point.

@@ -12,6 +12,10 @@
 //! point when it has one. The rule stays stable and nested: a bucket's points are all known once
 //! it is in the past, and the newest application-consistent point of a coarse bucket is also the
 //! newest one of the fine bucket that holds it.
+//! A point at a consistency-group cut is worth more still: the disks of one machine have points
+//! at the same cuts (same `created_unix_ns`), and a disk's other points (a large checkpoint sent
+//! in pieces, an application-consistent mark of one disk) would otherwise win a bucket on one
+//! disk and not on the next, leaving no cut that every disk of the machine kept.
 //! Points older than every tier are deleted. The latest point is never deleted.
 //!
 //! A point that someone holds (a test failover serving it, a failover materializing it; see
@@ -62,15 +66,15 @@ impl Default for RetentionPolicy {
 const NS: u64 = 1_000_000_000;
 
 impl RetentionPolicy {
-    /// Which of `points` (seq, created_unix_ns, application-consistent) to delete at
-    /// `now_unix_ns`. The point with the highest seq is always kept.
-    pub fn select_deletions(&self, points: &[(u64, u64, bool)], now_unix_ns: u64) -> Vec<u64> {
+    /// Which of `points` (seq, created_unix_ns, worth: [`worth`]) to delete at `now_unix_ns`.
+    /// The point with the highest seq is always kept.
+    pub fn select_deletions(&self, points: &[(u64, u64, u8)], now_unix_ns: u64) -> Vec<u64> {
         let Some(latest) = points.iter().map(|p| p.0).max() else {
             return Vec::new();
         };
         // The survivor per (tier, bucket) over ALL points, so younger ones count: the greatest
-        // (application-consistent, created, seq).
-        let mut best: HashMap<(usize, u64), (bool, u64, u64)> = HashMap::new();
+        // (worth, created, seq).
+        let mut best: HashMap<(usize, u64), (u8, u64, u64)> = HashMap::new();
         for &(seq, created, app) in points {
             for (t, tier) in self.tiers.iter().enumerate() {
                 if tier.every_secs == 0 {
@@ -113,6 +117,13 @@ impl RetentionPolicy {
     }
 }
 
+/// How much a point is worth keeping in its bucket: at a consistency-group cut (2) over
+/// application-consistent (1) over neither (0); both: 3.
+pub fn worth(meta: &crate::CheckpointMeta) -> u8 {
+    (u8::from(meta.group_cut.is_some()) << 1)
+        | u8::from(meta.consistency == crate::Consistency::Application)
+}
+
 /// What a retention pass did to one disk.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RetentionReport {
@@ -143,13 +154,10 @@ impl Repository {
         now_unix_ns: u64,
     ) -> Result<RetentionReport, RepoError> {
         self.writable()?;
-        let points: Vec<(u64, u64, bool)> = self
+        let points: Vec<(u64, u64, u8)> = self
             .points(disk)?
             .iter()
-            .map(|p| {
-                let app = p.meta.consistency == crate::Consistency::Application;
-                (p.meta.seq, p.meta.created_unix_ns, app)
-            })
+            .map(|p| (p.meta.seq, p.meta.created_unix_ns, worth(&p.meta)))
             .collect();
         let doomed = policy.select_deletions(&points, now_unix_ns);
         let mut report = RetentionReport::default();
@@ -204,7 +212,7 @@ mod tests {
     use super::*;
 
     /// The creation seconds of the points `del` leaves.
-    fn kept_secs(pts: &[(u64, u64, bool)], del: &[u64]) -> Vec<u64> {
+    fn kept_secs(pts: &[(u64, u64, u8)], del: &[u64]) -> Vec<u64> {
         pts.iter()
             .filter(|x| !del.contains(&x.0))
             .map(|x| x.1 / NS)
@@ -232,7 +240,7 @@ mod tests {
     fn tiers_keep_newest_per_bucket() {
         let p = policy();
         // One point per second from t=0 to t=2000 s; now = 2000 s.
-        let pts: Vec<(u64, u64, bool)> = (0..=2000).map(|s| (s + 1, s * NS, false)).collect();
+        let pts: Vec<(u64, u64, u8)> = (0..=2000).map(|s| (s + 1, s * NS, 0)).collect();
         let del = p.select_deletions(&pts, 2000 * NS);
         let kept = kept_secs(&pts, &del);
         // Keep-all: ages 0..=10 → t 1990..=2000.
@@ -250,7 +258,7 @@ mod tests {
         // Older than every tier: gone.
         assert!(kept.iter().all(|&t| t >= 890));
         // Stable: applying again later to the survivors never deletes a tier-2 survivor early.
-        let pts2: Vec<(u64, u64, bool)> = pts
+        let pts2: Vec<(u64, u64, u8)> = pts
             .iter()
             .copied()
             .filter(|x| !del.contains(&x.0))
@@ -258,7 +266,7 @@ mod tests {
         let del2 = p.select_deletions(&pts2, 2000 * NS);
         assert!(del2.is_empty());
         // The latest point is kept even when ancient.
-        assert!(p.select_deletions(&[(7, 0, false)], u64::MAX).is_empty());
+        assert!(p.select_deletions(&[(7, 0, 0)], u64::MAX).is_empty());
     }
 
     #[test]
@@ -267,7 +275,9 @@ mod tests {
         // One point per second; application-consistent at t = 1234 and 1503 (and t % 10 == 3
         // in 1900..2000, inside tier 1).
         let app = |t: u64| t == 1234 || t == 1503 || ((1900..2000).contains(&t) && t % 10 == 3);
-        let pts: Vec<(u64, u64, bool)> = (0..=2000).map(|s| (s + 1, s * NS, app(s))).collect();
+        let pts: Vec<(u64, u64, u8)> = (0..=2000)
+            .map(|s| (s + 1, s * NS, u8::from(app(s))))
+            .collect();
         let del = p.select_deletions(&pts, 2000 * NS);
         let kept = kept_secs(&pts, &del);
         for t in 1900..1990 {
@@ -282,11 +292,47 @@ mod tests {
             assert_eq!(kept.contains(&t), survivor, "tier 2, t {t}");
         }
         // Stable: the survivors of today are the survivors of a later pass.
-        let pts2: Vec<(u64, u64, bool)> = pts
+        let pts2: Vec<(u64, u64, u8)> = pts
             .iter()
             .copied()
             .filter(|x| !del.contains(&x.0))
             .collect();
         assert!(p.select_deletions(&pts2, 2000 * NS).is_empty());
+    }
+    #[test]
+    fn two_disks_of_a_machine_keep_the_same_group_cuts() {
+        let p = policy();
+        // Group cuts every 7 s on both disks (same times). Disk a also has points of its own
+        // in between (a big checkpoint sent in pieces), some application-consistent; disk b
+        // has none. Each disk's survivors among the cuts must be the same cuts.
+        let cuts: Vec<u64> = (0..=2000).filter(|t| t % 7 == 0).collect();
+        let mut a: Vec<(u64, u64, u8)> = Vec::new();
+        let mut b: Vec<(u64, u64, u8)> = Vec::new();
+        for t in 0..=2000u64 {
+            if t % 7 == 0 {
+                a.push((a.len() as u64 + 1, t * NS, 2));
+                b.push((b.len() as u64 + 1, t * NS, 2));
+            } else if t % 3 == 0 {
+                a.push((a.len() as u64 + 1, t * NS, u8::from(t % 2 == 0)));
+            }
+        }
+        let kept_cuts = |pts: &[(u64, u64, u8)]| {
+            let del = p.select_deletions(pts, 2000 * NS);
+            let mut k: Vec<u64> = kept_secs(pts, &del)
+                .into_iter()
+                .filter(|t| cuts.contains(t))
+                .collect();
+            k.sort_unstable();
+            k
+        };
+        let (ka, kb) = (kept_cuts(&a), kept_cuts(&b));
+        assert_eq!(ka, kb, "both disks keep the same cuts");
+        // Every tier-2 bucket (100 s) in the past still has a cut both disks kept.
+        for bucket in 9..18u64 {
+            assert!(
+                ka.iter().any(|t| t / 100 == bucket),
+                "no common cut kept in bucket {bucket}"
+            );
+        }
     }
 }

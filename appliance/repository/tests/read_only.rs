@@ -23,6 +23,7 @@ fn read_only_handle_beside_the_writer() {
         disk_size: 65536 * 3,
         block_size: 65536,
         consistency: Consistency::Crash,
+        group_cut: None,
     };
     let mut cw = w.begin("d", meta.clone()).unwrap();
     cw.put_patch(1, &[(10, b"hello".to_vec())]).unwrap();

@@ -55,6 +55,10 @@ pub struct Checkpoint {
     pub disk_size: u64,
     pub block_size: u32,
     pub consistency: Consistency,
+    /// The checkpoint ends exactly at a consistency-group cut: every disk of the machine gets a
+    /// point at this cut (its id, the cut's time in Unix ns, also the point's `created_unix_ns`),
+    /// and those points together are one crash-consistent state of the machine.
+    pub group_cut: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -332,7 +336,11 @@ impl Msg {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
                 out.extend_from_slice(&c.block_size.to_le_bytes());
-                out.push(c.consistency as u8);
+                // Bit 1: a group cut follows.
+                out.push(c.consistency as u8 | if c.group_cut.is_some() { 2 } else { 0 });
+                if let Some(cut) = c.group_cut {
+                    out.extend_from_slice(&cut.to_le_bytes());
+                }
             }
             Msg::Block { index, body } => {
                 out.push(T_BLOCK);
@@ -455,19 +463,26 @@ impl Msg {
             }
             T_BEGIN => {
                 let mut r = Reader::new(payload, "begin");
-                let c = Checkpoint {
+                let mut c = Checkpoint {
                     seq: r.u64()?,
                     created_unix_ns: r.u64()?,
                     journal_start: r.u64()?,
                     journal_end: r.u64()?,
                     disk_size: r.u64()?,
                     block_size: r.u32()?,
-                    consistency: match r.u8()? {
-                        0 => Consistency::Crash,
-                        1 => Consistency::Application,
-                        _ => return Err(WireError::Malformed("begin")),
-                    },
+                    consistency: Consistency::Crash,
+                    group_cut: None,
                 };
+                let flags = r.u8()?;
+                c.consistency = match flags & 1 {
+                    0 => Consistency::Crash,
+                    _ => Consistency::Application,
+                };
+                match flags & !1 {
+                    0 => {}
+                    2 => c.group_cut = Some(r.u64()?),
+                    _ => return Err(WireError::Malformed("begin")),
+                }
                 r.finish()?;
                 Msg::Begin(c)
             }
@@ -651,6 +666,17 @@ mod tests {
                 disk_size: 1 << 30,
                 block_size: 65536,
                 consistency: Consistency::Application,
+                group_cut: None,
+            }),
+            Msg::Begin(Checkpoint {
+                seq: 9,
+                created_unix_ns: 456,
+                journal_start: 120,
+                journal_end: 130,
+                disk_size: 1 << 30,
+                block_size: 65536,
+                consistency: Consistency::Crash,
+                group_cut: Some(456),
             }),
             Msg::Block {
                 index: 3,

@@ -255,9 +255,10 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
         }
         ("points", _) => {
             let machines = plan_disks(&app.store, &job.tenant, &plan).map_err(|e| e.message)?;
-            let names: Vec<String> = machines
+            // Each machine's disks are one consistency group: they get points of one cut.
+            let names: Vec<Vec<String>> = machines
                 .iter()
-                .flat_map(|(_, ds)| ds.iter().map(|d| d.name.clone()))
+                .map(|(_, ds)| ds.iter().map(|d| d.name.clone()).collect())
                 .collect();
             // Held from before anything serves or reads them until the job (a test: its
             // cleanup) releases them, so retention at the master target cannot take them.
@@ -277,10 +278,15 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
                 blocking(move || points::choose_and_hold(&s, &holder, &reason, &names, at)).await?;
             job.disks.clear();
             let mut chosen = Vec::new();
-            let mut held = held.into_iter();
-            for (m, disks) in &machines {
+            let mut torn = Vec::new();
+            for ((m, disks), mp) in machines.iter().zip(held) {
+                if !mp.consistent {
+                    tracing::warn!(machine = %m.name, "the machine's disks have no cut in common: each disk's newest point, not crash-consistent across its disks");
+                    torn.push(m.name.clone());
+                }
+                let mut mpoints = mp.points.into_iter();
                 for d in disks {
-                    let p = held.next().ok_or("a disk without a chosen point")?;
+                    let p = mpoints.next().ok_or("a disk without a chosen point")?;
                     let path = if job.kind == JobKind::TestFailover {
                         site.scratch_path(&job.tenant, &job.plan, &m.name, &d.name)
                     } else {
@@ -299,6 +305,12 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
             }
             job.steps[i].total = job.disks.len() as u64;
             job.steps[i].done = job.disks.len() as u64;
+            if !torn.is_empty() {
+                chosen.push(format!(
+                    "NOT crash-consistent across the disks of {} (no cut they all have: each disk's newest point)",
+                    torn.join(", ")
+                ));
+            }
             if job.kind == JobKind::TestFailover {
                 let _w = app.write.lock().await;
                 let mut st =

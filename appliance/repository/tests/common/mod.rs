@@ -24,6 +24,7 @@ pub fn meta(seq: u64, disk_size: u64, block_size: u32) -> CheckpointMeta {
         disk_size,
         block_size,
         consistency: Consistency::Crash,
+        group_cut: None,
     }
 }
 
