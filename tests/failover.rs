@@ -460,6 +460,19 @@ fn test_failover_scratch_never_reaches_the_replica_and_cleanup_leaves_nothing() 
     ));
     assert_eq!(st, 404);
     dr.ctl("admin", &protect).unwrap();
+    // Protecting another disk of it keeps what the command does not name: the machine's
+    // description and process server.
+    let db = "/v1/tenants/acme/machines/db";
+    let mut m = dr.ok(&admin, Method::GET, db, None);
+    m["description"] = json!("billing database");
+    m["process_server"] = json!("ps-east");
+    dr.ok(&admin, Method::PUT, db, Some(m.clone()));
+    let mut more = protect;
+    more[10] = "x1=1M";
+    dr.ctl("admin", &more).unwrap();
+    assert_eq!(dr.ok(&admin, Method::GET, db, None), m);
+    let disks = dr.ok(&admin, Method::GET, &format!("{db}/disks"), None);
+    assert_eq!(disks.as_array().map(Vec::len), Some(2), "{disks}");
     dr.ctl(
         "admin",
         &["unprotect", "--tenant", "acme", "--machine", "db"],

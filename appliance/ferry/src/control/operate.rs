@@ -348,26 +348,34 @@ pub async fn run(c: &Client, json: bool, cmd: OperateCmd) -> anyhow::Result<()> 
                     throughput_bytes_per_sec: None,
                 });
             }
+            let mpath = format!("/v1/tenants/{tenant}/machines/{machine}");
+            // Protecting more disks of a machine keeps what it has and the command does not
+            // say: its description and its process server (unless --process-server is given).
+            let existing = match c.get::<Machine>(&mpath).await {
+                Ok(m) => Some(m),
+                Err(ClientError::Api { status: 404, .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
             let m = Machine {
                 name: machine.clone(),
                 site,
                 policy,
-                description: String::new(),
-                process_server,
+                description: existing
+                    .as_ref()
+                    .map(|e| e.description.clone())
+                    .unwrap_or_default(),
+                process_server: process_server
+                    .or_else(|| existing.as_ref().and_then(|e| e.process_server.clone())),
             };
-            let mpath = format!("/v1/tenants/{tenant}/machines/{machine}");
-            match c.call::<_, Machine>(Method::PUT, &mpath, Some(&m)).await {
-                Err(ClientError::Api { status: 404, .. }) => {
-                    c.call::<_, Machine>(
-                        Method::POST,
-                        &format!("/v1/tenants/{tenant}/machines"),
-                        Some(&m),
-                    )
-                    .await?;
-                }
-                r => {
-                    r?;
-                }
+            if existing.is_some() {
+                c.call::<_, Machine>(Method::PUT, &mpath, Some(&m)).await?;
+            } else {
+                c.call::<_, Machine>(
+                    Method::POST,
+                    &format!("/v1/tenants/{tenant}/machines"),
+                    Some(&m),
+                )
+                .await?;
             }
             let mut made = Vec::new();
             for d in &ds {
