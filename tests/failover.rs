@@ -20,7 +20,7 @@
 mod harness;
 mod support;
 
-use ferry::lab::{sh, Lab};
+use ferry::lab::{sh, wait_port, Lab};
 use ferry_api::{AuditResult, Job, JobState, PlanPhase, PlanStatus, StepState, TokenCreated};
 use ferry_config_server::client::{Client, Method};
 use ferry_qemu::{StorageDaemon, MIRROR_FILTER};
@@ -40,6 +40,9 @@ const DEADLINE: Duration = Duration::from_secs(300);
 /// A protected machine with two disks, its replication, and a configuration server that
 /// drives the recovery site.
 struct Dr {
+    /// Roles enrolled with tokens and configured by the configuration server (`start_enrolled`),
+    /// stopped when the test ends; empty when the lab started them with local configuration.
+    roles: Vec<Kill>,
     hosts: Vec<Option<StorageDaemon>>,
     images: Vec<PathBuf>,
     socks: Vec<PathBuf>,
@@ -72,30 +75,7 @@ impl Dr {
         lab.start_process().unwrap();
         let (mut hosts, mut images, mut socks) = (Vec::new(), Vec::new(), Vec::new());
         for (i, d) in DISKS.iter().enumerate() {
-            let h = dir.path().join(format!("host-{d}"));
-            std::fs::create_dir_all(&h).unwrap();
-            let image = h.join(format!("{d}.qcow2"));
-            sh(Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(&image)
-                .arg(SIZE.to_string()))
-            .unwrap();
-            sh(Command::new("qemu-io")
-                .args(["-f", "qcow2"])
-                .arg(&image)
-                .args(["-c", &format!("write -P {} 0 8M", 0x10 + i)]))
-            .unwrap();
-            let mut q = StorageDaemon::start(&image, "qcow2", &h).unwrap();
-            q.mirror_to_nbd(
-                "127.0.0.1",
-                lab.nbd_port,
-                d,
-                Some(&lab.pki),
-                Duration::from_secs(120),
-            )
-            .unwrap();
-            let sock = h.join("guest.sock");
-            q.export(MIRROR_FILTER, "guest", &sock).unwrap();
+            let (q, image, sock) = host_disk(dir.path(), d, i, lab.nbd_port, Some(&lab.pki));
             hosts.push(Some(q));
             images.push(image);
             socks.push(sock);
@@ -116,6 +96,7 @@ impl Dr {
             .build()
             .unwrap();
         let dr = Dr {
+            roles: Vec::new(),
             hosts,
             images,
             socks,
@@ -126,7 +107,108 @@ impl Dr {
             began,
             dir,
         };
-        dr.inventory();
+        dr.inventory(true);
+        dr
+    }
+
+    /// The same machine, but its master target and process server are appliances enrolled
+    /// with one-time tokens: started with only the configuration server's address, a token and
+    /// the CA's hash, they take their disks, keys and certificates from it.
+    fn start_enrolled() -> Dr {
+        let began = Instant::now();
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-failover-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path().to_path_buf();
+        // The lab only names ports and paths here.
+        let mut lab = Lab::new(&support::exe(), &d, &[]).unwrap();
+        lab.key = d.join("mt-state/tenant.key");
+        let server_args: Vec<String> = [
+            ("--recovery-repo", &lab.repo),
+            ("--recovery-key", &lab.key),
+            ("--recovery-work", &d.join("work")),
+            ("--process-cache", &lab.cache),
+        ]
+        .iter()
+        .flat_map(|(k, v)| [k.to_string(), v.display().to_string()])
+        .collect();
+        let server = harness::Server::start_with(&d.join("cs"), &server_args);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut dr = Dr {
+            roles: Vec::new(),
+            hosts: Vec::new(),
+            images: Vec::new(),
+            socks: Vec::new(),
+            lab,
+            server: Some(server),
+            server_args,
+            rt,
+            began,
+            dir,
+        };
+        dr.inventory(false);
+        let s = |v: &str| v.to_string();
+        let token = |name: &str, role: &str| -> TokenCreated {
+            serde_json::from_value(dr.ok(
+                &dr.admin(),
+                Method::POST,
+                "/v1/tokens",
+                Some(json!({"name": name, "role": "operator", "tenant": "acme",
+                            "appliance": role, "ttl_secs": 600})),
+            ))
+            .unwrap()
+        };
+        let role = |t: &TokenCreated, state: &str| {
+            vec![
+                s("--config-server"),
+                dr.server().url.clone(),
+                s("--token"),
+                t.token.clone(),
+                s("--ca-sha256"),
+                t.ca_sha256.clone(),
+                s("--state"),
+                d.join(state).display().to_string(),
+                s("--config-poll-secs"),
+                s("1"),
+            ]
+        };
+        let (mt, ps) = (
+            token("mt1", "master-target"),
+            token("ps1", "process-server"),
+        );
+        let mut mt_args = vec![
+            s("master-target"),
+            s("--repo"),
+            dr.lab.repo.display().to_string(),
+            s("--listen"),
+            format!("127.0.0.1:{}", dr.lab.master_port),
+        ];
+        mt_args.extend(role(&mt, "mt-state"));
+        let mut ps_args = vec![
+            s("process-server"),
+            s("--cache"),
+            dr.lab.cache.display().to_string(),
+            s("--nbd-listen"),
+            format!("127.0.0.1:{}", dr.lab.nbd_port),
+            s("--interval-ms"),
+            s("200"),
+        ];
+        ps_args.extend(role(&ps, "ps-state"));
+        dr.roles.push(Kill::spawn(&d, "master-target", &mt_args));
+        wait_port(dr.lab.master_port, Duration::from_secs(30)).unwrap();
+        dr.roles.push(Kill::spawn(&d, "process-server", &ps_args));
+        wait_port(dr.lab.nbd_port, Duration::from_secs(30)).unwrap();
+        for (i, disk) in DISKS.iter().enumerate() {
+            let (q, image, sock) = host_disk(&d, disk, i, dr.lab.nbd_port, None);
+            dr.hosts.push(Some(q));
+            dr.images.push(image);
+            dr.socks.push(sock);
+        }
         dr
     }
 
@@ -146,7 +228,9 @@ impl Dr {
         self.rt.block_on(harness::ok(c, m, path, body))
     }
 
-    fn inventory(&self) {
+    /// Tenant acme's protected machine `web` (disks d0 and d1, with their images as sources
+    /// for a reprotect when `sources`) and its plan `dr`.
+    fn inventory(&self, sources: bool) {
         let a = self.admin();
         let post = |path: &str, body: Value| self.ok(&a, Method::POST, path, Some(body));
         post("/v1/tenants", json!({"name": "acme"}));
@@ -159,10 +243,14 @@ impl Dr {
             "/v1/tenants/acme/machines",
             json!({"name": "web", "site": "hq", "policy": "gold"}),
         );
-        for (d, image) in DISKS.iter().zip(&self.images) {
+        for (i, d) in DISKS.iter().enumerate() {
+            let source = match sources {
+                true => self.images[i].display().to_string(),
+                false => String::new(),
+            };
             post(
                 "/v1/tenants/acme/machines/web/disks",
-                json!({"name": d, "size_bytes": SIZE, "source": image.display().to_string()}),
+                json!({"name": d, "size_bytes": SIZE, "source": source}),
             );
         }
         let log = |name: &str| self.path(name).display().to_string();
@@ -358,6 +446,67 @@ impl Dr {
     }
 }
 
+/// A role process, killed when the test ends.
+struct Kill(std::process::Child);
+
+impl Kill {
+    fn spawn(dir: &Path, name: &str, args: &[String]) -> Kill {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{name}.log")))
+            .unwrap();
+        Kill(
+            Command::new(support::exe())
+                .args(args)
+                .env("FERRY_LOG", "info")
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Guest disk `i` of the machine on its host: a qcow2 image (its first 8 MiB written), a
+/// qemu-storage-daemon mirroring it to the process server's export `disk` (over TLS with
+/// `pki`), and the guest's NBD socket. Returns (daemon, image, socket).
+fn host_disk(
+    dir: &Path,
+    disk: &str,
+    i: usize,
+    nbd_port: u16,
+    pki: Option<&Path>,
+) -> (StorageDaemon, PathBuf, PathBuf) {
+    let h = dir.join(format!("host-{disk}"));
+    std::fs::create_dir_all(&h).unwrap();
+    let image = h.join(format!("{disk}.qcow2"));
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(SIZE.to_string()))
+    .unwrap();
+    sh(Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&image)
+        .args(["-c", &format!("write -P {} 0 8M", 0x10 + i)]))
+    .unwrap();
+    let mut q = StorageDaemon::start(&image, "qcow2", &h).unwrap();
+    q.mirror_to_nbd("127.0.0.1", nbd_port, disk, pki, Duration::from_secs(120))
+        .unwrap();
+    let sock = h.join("guest.sock");
+    q.export(MIRROR_FILTER, "guest", &sock).unwrap();
+    (q, image, sock)
+}
+
 fn read_log(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
@@ -382,7 +531,8 @@ fn same(a: &str, fa: &str, b: &str, fb: &str) -> bool {
 
 #[test]
 fn test_failover_scratch_never_reaches_the_replica_and_cleanup_leaves_nothing() {
-    let dr = Dr::start();
+    // The roles are appliances enrolled with tokens, configured by the configuration server.
+    let dr = Dr::start_enrolled();
     let admin = dr.admin();
     let op = dr.person("olivia", "operator");
     let viewer = dr.person("victor", "viewer");
@@ -1014,23 +1164,24 @@ fn write_across(dr: &Dr, seed: u64, time: Duration) -> Vec<(usize, u64, usize)> 
 #[test]
 fn a_machines_disks_are_cut_together_as_one_crash_consistent_state() {
     let dr = Dr::start();
-    let base_seqs = dr.caught_up();
+    dr.caught_up();
     let bases: Vec<Vec<u8>> = (0..DISKS.len()).map(|i| dr.guest_image(i)).collect();
+    let began = ferry_process_server::status::now_unix_ns();
     let log = write_across(&dr, 23, Duration::from_secs(6));
     let last = dr.caught_up();
     assert!(log.len() > 200, "the guest wrote {} times", log.len());
 
-    // The cuts both disks have points at, newer than the base.
+    // The cuts made since the guest began writing, and each disk's point at them.
     let repo = dr.lab.repository().unwrap();
-    let cuts = |disk: &str, after: u64| -> std::collections::BTreeMap<u64, u64> {
+    let cuts = |disk: &str| -> std::collections::BTreeMap<u64, u64> {
         repo.points(disk)
             .unwrap()
             .into_iter()
-            .filter(|p| p.meta.seq > after)
             .filter_map(|p| p.meta.group_cut.map(|c| (c, p.meta.seq)))
+            .filter(|&(c, _)| c > began)
             .collect()
     };
-    let (c0, c1) = (cuts("d0", base_seqs[0]), cuts("d1", base_seqs[1]));
+    let (c0, c1) = (cuts("d0"), cuts("d1"));
     let common: Vec<(u64, u64, u64)> = c0
         .iter()
         .filter_map(|(c, s0)| c1.get(c).map(|s1| (*c, *s0, *s1)))

@@ -139,6 +139,28 @@ impl Group {
         }
     }
 
+    /// Whether `disk` still has a point at a cut to commit: the cut under way awaits it, or a
+    /// disk of the group was written since the last cut (the next cut needs a point of every
+    /// disk, an empty one for a disk that was not written). While so, the disk is not caught
+    /// up: its newest point and the other disks' may not be of one cut that holds every write.
+    pub fn pending(&self, disk: &str) -> bool {
+        let st = self.state.lock().expect("group state");
+        if st
+            .current
+            .as_ref()
+            .is_some_and(|c| c.pending.contains(disk))
+        {
+            return true;
+        }
+        let members = self.members.lock().expect("members");
+        match &st.last_ends {
+            None => true,
+            Some(ends) => members
+                .iter()
+                .any(|(n, j)| ends.get(n) != Some(&j.stats().last_seq)),
+        }
+    }
+
     /// `disk` leaves the cut under way whatever it is (its journal was re-based).
     pub fn leave_cut(&self, disk: &str) {
         let mut st = self.state.lock().expect("group state");
@@ -192,11 +214,19 @@ mod tests {
         assert!(next.id > ca.id);
         assert_eq!(next.end, 2);
         assert_eq!(g.cut_for("b", None).unwrap().end, 1);
+        assert!(g.pending("a") && g.pending("b"));
         g.done("a", next.id);
+        assert!(
+            !g.pending("a") && g.pending("b"),
+            "b's point at the cut is due"
+        );
         g.done("b", next.id);
+        assert!(!g.pending("a") && !g.pending("b"));
         // Nothing written since: no new cut.
         assert_eq!(g.cut_for("a", None), None);
         write(&b);
+        // b was written: a too must get a point at the next cut (an empty one).
+        assert!(g.pending("a"));
         assert_eq!(g.cut_for("a", None).unwrap().end, 2);
     }
 

@@ -152,6 +152,7 @@ impl Disk {
         s.journal_capacity_bytes = st.capacity_bytes;
         s.journal_direct_io = st.direct_io;
         s.disk_size = self.journal.disk_size();
+        s.group_cut_pending = self.group.as_ref().is_some_and(|g| g.pending(&self.name));
         match st.state {
             JournalState::ResyncRequired { dirty_bytes } => {
                 if s.state != State::Resyncing {

@@ -25,6 +25,9 @@ pub struct DiskStatus {
     /// it committed for this disk (its id, a Unix time in ns).
     pub group: Option<String>,
     pub group_cut_unix_ns: u64,
+    /// A point of this disk at a cut of its group is still to come (see
+    /// `group::Group::pending`); the disk is not caught up meanwhile.
+    pub group_cut_pending: bool,
     pub state: State,
     pub connected: bool,
     /// Newest recovery point the master target acknowledged as durable.
@@ -78,8 +81,11 @@ impl DiskStatus {
     /// The recovery site holds, as a recovery point, every write journaled when this status
     /// was written. Not while the journal overflowed or a resync runs: the journal may then be
     /// "drained" while the recovery site still lacks the writes a dirty bitmap tracked.
+    /// For a disk of a consistency group, also its point at the group's newest cut: the
+    /// machine's newest cut then holds every write of every disk.
     pub fn caught_up(&self) -> bool {
         self.connected
+            && !self.group_cut_pending
             && self.state == State::Replicating
             && self.journal_last_seq == self.journal_durable_seq
             && self.acked_journal_seq == self.journal_durable_seq
