@@ -277,6 +277,28 @@ fn roles_take_their_configuration_from_the_configuration_server() {
     assert_eq!(st.group.as_deref(), Some("app"));
     assert!(st.group_cut_unix_ns > 0, "no cut of machine app committed");
 
+    // The data-link keys are the roles' own: made on the role, certified by the server from a
+    // signing request, never sent by it, and the server's state holds none of them.
+    for role in ["ps-state", "mt-state"] {
+        let own = std::fs::read_to_string(d.join(role).join("data-key.pem")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.join(role).join("pki/server-key.pem")).unwrap(),
+            own,
+            "{role} serves with its own key"
+        );
+        let kept = std::fs::read_to_string(d.join(role).join("config.json")).unwrap();
+        assert!(
+            !kept.contains("PRIVATE KEY"),
+            "{role} was sent a private key"
+        );
+        let body = own.lines().nth(1).unwrap().as_bytes().to_vec();
+        support::assert_no_plaintext(&d.join("cs"), &body);
+    }
+    assert_eq!(
+        std::fs::read_to_string(d.join("ps-state/pki/client-key.pem")).unwrap(),
+        std::fs::read_to_string(d.join("ps-state/data-key.pem")).unwrap()
+    );
+
     // The process server reports the disk: state and RPO reach the inventory.
     let disk = wait_for("the disk's report", Duration::from_secs(30), || {
         let v: Disk = rt
@@ -294,6 +316,30 @@ fn roles_take_their_configuration_from_the_configuration_server() {
     assert!(
         polls.len() == 1 && polls[0].status == 403 && polls[0].who == "admin",
         "{polls:#?}"
+    );
+    // A signing request that is not one: a clear refusal (audited, as refusals are).
+    let ps = ferry_config_server::client::Client::from_cert_dir(
+        &server.url,
+        &d.join("ps-state/identity"),
+    )
+    .unwrap();
+    let junk = json!({"data_csr_pem": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"});
+    let (code, _, msg) = rt.block_on(harness::refused(
+        &ps,
+        Method::POST,
+        "/v1/self/config",
+        Some(junk),
+    ));
+    assert!(
+        code == 422 && msg.contains("certificate signing request"),
+        "{code} {msg}"
+    );
+    let audit: Vec<AuditEntry> = rt.block_on(admin.get("/v1/audit?limit=1000")).unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.what.contains("/v1/self/config") && e.status == 422 && e.who == "ps1"),
+        "{audit:#?}"
     );
 
     // A disk added in the inventory: the process server restarts itself with it and serves

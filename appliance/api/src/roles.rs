@@ -17,6 +17,11 @@ pub struct ConfigRequest {
     /// it (a master target's address; a process server sends none).
     #[serde(default)]
     pub address: Option<String>,
+    /// A certificate signing request (PEM) for the role's own data-link key: its certificates
+    /// are issued for that key, and the answer carries no private key. Without one (a role of
+    /// an older version), the server makes the key and sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_csr_pem: Option<String>,
 }
 
 impl ConfigRequest {
@@ -25,6 +30,14 @@ impl ConfigRequest {
             validate::text("address", a)?;
             if validate::host_port(a).is_none() {
                 return Err(Invalid::new("address", "must be HOST:PORT"));
+            }
+        }
+        if let Some(csr) = &self.data_csr_pem {
+            if csr.len() > CSR_MAX || !csr.trim_start().starts_with(CSR_HEADER) {
+                return Err(Invalid::new(
+                    "data_csr_pem",
+                    format!("must be a PEM certificate signing request of at most {CSR_MAX} bytes"),
+                ));
             }
         }
         Ok(())
@@ -38,8 +51,13 @@ impl ConfigRequest {
 pub struct DataPki {
     pub ca_cert_pem: String,
     pub cert_pem: String,
+    /// Empty when the certificate is for the role's own key (it sent a signing request).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key_pem: String,
 }
+
+const CSR_MAX: usize = 8192;
+const CSR_HEADER: &str = "-----BEGIN CERTIFICATE REQUEST-----";
 
 /// One disk a process server protects.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

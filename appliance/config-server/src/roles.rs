@@ -27,7 +27,11 @@ use serde::{Deserialize, Serialize};
 struct IssuedCert {
     names: Vec<String>,
     cert_pem: String,
+    /// Empty when issued for the role's own key ([`ConfigRequest::data_csr_pem`]).
     key_pem: String,
+    /// SHA-256 of the role's public key it was issued for (empty: a key made here).
+    #[serde(default)]
+    public_key_sha256: String,
 }
 
 fn refuse(code: &'static str, msg: String) -> ApiError {
@@ -82,12 +86,22 @@ pub async fn config(
             let host =
                 ferry_api::validate::host_port(&addr).map_or(addr.clone(), |(h, _)| h.to_string());
             RoleConfig::MasterTarget(MasterTargetConfig {
-                server: data_cert(&app, &tenant, &p.name, "replication-server", &[host], true)?,
+                server: data_cert(
+                    &app,
+                    &tenant,
+                    &p.name,
+                    "replication-server",
+                    &[host],
+                    true,
+                    req.data_csr_pem.as_deref(),
+                )?,
                 tenant,
                 tenant_key_hex: key,
             })
         }
-        ApplianceRole::ProcessServer => process_server(&app, &p.name, tenant, key)?,
+        ApplianceRole::ProcessServer => {
+            process_server(&app, &p.name, tenant, key, req.data_csr_pem.as_deref())?
+        }
         ApplianceRole::ConfigurationServer => {
             return Err(refuse(
                 "no-role-config",
@@ -104,6 +118,7 @@ fn process_server(
     me: &str,
     tenant: String,
     key: String,
+    csr: Option<&str>,
 ) -> Result<RoleConfig, ApiError> {
     let appliances: Vec<Appliance> = app.store.list(trees::APPLIANCES, "")?;
     let t = tenant.as_str();
@@ -187,8 +202,9 @@ fn process_server(
             "replication-client",
             &[me.to_string()],
             false,
+            csr,
         )?,
-        server: data_cert(app, &tenant, me, "nbd-server", &[me.to_string()], true)?,
+        server: data_cert(app, &tenant, me, "nbd-server", &[me.to_string()], true, csr)?,
         tenant,
         master,
         tenant_key_hex: key,
@@ -210,8 +226,8 @@ fn tenant_key(app: &Shared, tenant: &str) -> Result<String, ApiError> {
     Ok(k)
 }
 
-/// The appliance's certificate of `kind` from its tenant's data CA, issued again only when
-/// `names` changed.
+/// The appliance's certificate of `kind` from its tenant's data CA, for the key of its signing
+/// request `csr` (else for a key made here), issued again only when `names` or that key changed.
 fn data_cert(
     app: &Shared,
     tenant: &str,
@@ -219,6 +235,7 @@ fn data_cert(
     kind: &str,
     names: &[String],
     server: bool,
+    csr: Option<&str>,
 ) -> Result<DataPki, ApiError> {
     // One CA per tenant: a tenant's master target trusts only its own tenant's process servers,
     // so another tenant's certificate fails the replication link's handshake.
@@ -229,15 +246,37 @@ fn data_cert(
     let ca_cert_pem =
         std::fs::read_to_string(dir.join("ca-cert.pem")).map_err(ApiError::internal)?;
     let k = format!("{appliance}/{kind}");
+    let bad_csr = |e: ferry_pki::PkiError| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("data_csr_pem: not a usable certificate signing request: {e}"),
+        )
+    };
+    let want_key = match csr {
+        Some(csr) => ferry_pki::public_key_sha256(csr).map_err(bad_csr)?,
+        None => String::new(),
+    };
     let c = match app.store.get::<IssuedCert>(trees::DATA_CERTS, &k)? {
-        Some(c) if c.names == names => c,
+        Some(c) if c.names == names && c.public_key_sha256 == want_key => c,
         _ => {
-            let (cert_pem, key_pem) =
-                ferry_pki::issue(&dir, names, server).map_err(ApiError::internal)?;
+            let (cert_pem, key_pem, public_key_sha256) = match csr {
+                Some(csr) => {
+                    let (cert, fp) =
+                        ferry_pki::issue_for_request(&dir, names, server, csr).map_err(bad_csr)?;
+                    (cert, String::new(), fp)
+                }
+                None => {
+                    let (cert, key) =
+                        ferry_pki::issue(&dir, names, server).map_err(ApiError::internal)?;
+                    (cert, key, String::new())
+                }
+            };
             let c = IssuedCert {
                 names: names.to_vec(),
                 cert_pem,
                 key_pem,
+                public_key_sha256,
             };
             app.store.put(trees::DATA_CERTS, &k, &c)?;
             c

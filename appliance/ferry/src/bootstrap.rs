@@ -39,6 +39,8 @@ pub struct BootstrapArgs {
 pub struct Layout {
     pub identity: PathBuf,
     pub pki: PathBuf,
+    /// The role's own data-link key (made here on first use; the server certifies it).
+    pub data_key: PathBuf,
     pub key: PathBuf,
     pub config: PathBuf,
 }
@@ -48,6 +50,7 @@ impl BootstrapArgs {
         Layout {
             identity: self.state.join("identity"),
             pki: self.state.join("pki"),
+            data_key: self.state.join("data-key.pem"),
             key: self.state.join("tenant.key"),
             config: self.state.join("config.json"),
         }
@@ -89,7 +92,7 @@ impl BootstrapArgs {
             ))?;
             tracing::info!(name = %p.name, tenant = ?p.tenant, "enrolled with the configuration server");
         }
-        let asked = rt.block_on(ask(&self.client()?, address));
+        let asked = rt.block_on(ask(&self.client()?, self.request(address)?));
         let cfg = match asked {
             Ok(c) => c,
             Err(e) if l.config.exists() && !e.refused => {
@@ -105,20 +108,42 @@ impl BootstrapArgs {
         Ok(cfg)
     }
 
+    /// What the role says when it asks: its address and a signing request for its own
+    /// data-link key (its private key never leaves this machine).
+    fn request(&self, address: Option<String>) -> anyhow::Result<ConfigRequest> {
+        let l = self.layout();
+        let (_, csr) = ferry_pki::own_key_request(&l.data_key)
+            .with_context(|| format!("this role's data-link key {}", l.data_key.display()))?;
+        Ok(ConfigRequest {
+            address,
+            data_csr_pem: Some(csr),
+        })
+    }
+
     fn write(&self, cfg: &RoleConfig) -> anyhow::Result<()> {
         let l = self.layout();
         let (key, client, server) = match cfg {
             RoleConfig::ProcessServer(c) => (&c.tenant_key_hex, Some(&c.client), &c.server),
             RoleConfig::MasterTarget(c) => (&c.tenant_key_hex, None, &c.server),
         };
+        // A certificate issued for this role's own key comes without a key.
+        let own = std::fs::read_to_string(&l.data_key).unwrap_or_default();
+        let key_of = |p: &'_ ferry_api::DataPki| -> String {
+            if p.key_pem.is_empty() {
+                own.clone()
+            } else {
+                p.key_pem.clone()
+            }
+        };
+        let (server_key, client_key) = (key_of(server), client.map(key_of));
         let mut files = vec![
             ("server-cert.pem", server.cert_pem.as_str()),
-            ("server-key.pem", server.key_pem.as_str()),
+            ("server-key.pem", server_key.as_str()),
             ("ca-cert.pem", server.ca_cert_pem.as_str()),
         ];
-        if let Some(c) = client {
+        if let (Some(c), Some(k)) = (client, &client_key) {
             files.push(("client-cert.pem", c.cert_pem.as_str()));
-            files.push(("client-key.pem", c.key_pem.as_str()));
+            files.push(("client-key.pem", k.as_str()));
         }
         ferry_pki::write_files(&l.pki, &files)?;
         write_secret(&l.key, &format!("{key}\n"))?;
@@ -173,7 +198,14 @@ impl BootstrapArgs {
                 if let Some(name) = &name {
                     rt.block_on(report(&client, name, disks));
                 }
-                match rt.block_on(ask(&client, address.clone())) {
+                let req = match me.request(address.clone()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "configuration watch");
+                        continue;
+                    }
+                };
+                match rt.block_on(ask(&client, req)) {
                     Ok(new) if new != current => {
                         tracing::info!("the configuration server changed this role's configuration: restarting to apply it");
                         if let Err(e) = me.write(&new) {
@@ -198,18 +230,14 @@ struct AskError {
     refused: bool,
 }
 
-async fn ask(c: &Client, address: Option<String>) -> Result<RoleConfig, AskError> {
-    c.call(
-        Method::POST,
-        "/v1/self/config",
-        Some(&ConfigRequest { address }),
-    )
-    .await
-    .map_err(|e| AskError {
-        refused: matches!(e, ferry_config_server::client::ClientError::Api { .. }),
-        error: anyhow::Error::new(e)
-            .context("asking the configuration server for this role's configuration"),
-    })
+async fn ask(c: &Client, req: ConfigRequest) -> Result<RoleConfig, AskError> {
+    c.call(Method::POST, "/v1/self/config", Some(&req))
+        .await
+        .map_err(|e| AskError {
+            refused: matches!(e, ferry_config_server::client::ClientError::Api { .. }),
+            error: anyhow::Error::new(e)
+                .context("asking the configuration server for this role's configuration"),
+        })
 }
 
 /// A process server's disks (each one's state and RPO, from its status file), its cache use and

@@ -91,14 +91,65 @@ pub fn init(dir: &Path, server_names: &[String]) -> Result<(), PkiError> {
 /// `server`, a server certificate valid for `names` and the local names; otherwise a client
 /// certificate named `names[0]`. Returns the certificate and its new key, PEM.
 pub fn issue(dir: &Path, names: &[String], server: bool) -> Result<(String, String), PkiError> {
-    let read = |f: &str| {
-        let p = dir.join(f);
-        fs::read_to_string(&p).map_err(|e| io(&p, e))
-    };
-    let ca_key = KeyPair::from_pem(&read("ca-key.pem")?)?;
-    let issuer = Issuer::from_ca_cert_pem(&read("ca-cert.pem")?, ca_key)?;
     let key = KeyPair::generate()?;
-    let cert = if server {
+    let cert = data_params(names, server)?.signed_by(&key, &ca_issuer(dir)?)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Like [`issue`], for the key of a certificate signing request: the role made its key and
+/// keeps it, so the issuer never holds it. The request's signature is checked (it proves the
+/// requester holds the key); its names and usages are ignored, ours are used. Returns the
+/// certificate and the SHA-256 (hex) of the public key it certifies.
+pub fn issue_for_request(
+    dir: &Path,
+    names: &[String],
+    server: bool,
+    csr_pem: &str,
+) -> Result<(String, String), PkiError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+    let cert = data_params(names, server)?.signed_by(&csr.public_key, &ca_issuer(dir)?)?;
+    Ok((cert.pem(), public_key_sha256(csr_pem)?))
+}
+
+/// SHA-256 (hex) of the public key a certificate signing request is for.
+pub fn public_key_sha256(csr_pem: &str) -> Result<String, PkiError> {
+    use rcgen::PublicKeyData;
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, csr.public_key.der_bytes());
+    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A role's own data-link key at `path` (made on first use, readable by its owner only) and a
+/// certificate signing request for it, PEM.
+pub fn own_key_request(path: &Path) -> Result<(KeyPair, String), PkiError> {
+    let key = match fs::read_to_string(path) {
+        Ok(pem) => KeyPair::from_pem(&pem).map_err(|_| PkiError::Pem {
+            path: path.to_path_buf(),
+            what: "private key",
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = KeyPair::generate()?;
+            let dir = path.parent().unwrap_or(Path::new("."));
+            fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+            let file = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .unwrap_or("data-key.pem");
+            write(dir, file, &key.serialize_pem(), true)?;
+            key
+        }
+        Err(e) => return Err(io(path, e)),
+    };
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = name("ferry data link");
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((key, csr))
+}
+
+/// Names and usages of a data-link certificate: a server's (the local names and `names`) or
+/// a client's (`names[0]` as its name).
+fn data_params(names: &[String], server: bool) -> Result<CertificateParams, PkiError> {
+    if server {
         let mut all: Vec<String> = LOCAL_NAMES.iter().map(|s| s.to_string()).collect();
         all.extend(
             names
@@ -109,15 +160,14 @@ pub fn issue(dir: &Path, names: &[String], server: bool) -> Result<(String, Stri
         let mut params = CertificateParams::new(all)?;
         params.distinguished_name = name("Ferry server");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.signed_by(&key, &issuer)?
+        Ok(params)
     } else {
         let cn = names.first().map(String::as_str).unwrap_or("ferry-client");
         let mut params = CertificateParams::new(vec![cn.to_string()])?;
         params.distinguished_name = name(cn);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.signed_by(&key, &issuer)?
-    };
-    Ok((cert.pem(), key.serialize_pem()))
+        Ok(params)
+    }
 }
 
 /// Write a PKI directory in the layout above from PEM texts (a role configured by the
