@@ -314,6 +314,45 @@ fn refusals_are_clear_audited_and_change_nothing() {
             out.status.success() && text.contains("NAME") && text.contains("web"),
             "{text}"
         );
+        // `ctl status` lists the disks that need attention first, not every disk: d0 is over
+        // its RPO threshold, d1 is protected and quiet.
+        ok(
+            &admin,
+            Method::POST,
+            "/v1/tenants/acme/machines/web/disks",
+            Some(json!({"name": "d1", "size_bytes": 4096})),
+        )
+        .await;
+        ok(
+            &ps,
+            Method::PUT,
+            "/v1/tenants/acme/machines/web/disks/d1/report",
+            r(1.0),
+        )
+        .await;
+        let status = |extra: &[&str]| {
+            let out = Command::new(exe())
+                .args(["ctl", "--server", &s.url, "--cert-dir"])
+                .arg(&viewer_dir)
+                .args(["status", "--tenant", "acme"])
+                .args(extra)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let text = status(&[]);
+        let listed =
+            |text: &str, d: &str| text.lines().any(|l| l.split_whitespace().nth(1) == Some(d));
+        assert!(listed(&text, "d0") && !listed(&text, "d1"), "{text}");
+        assert!(text.contains("over the threshold of 30"), "{text}");
+        assert!(
+            text.contains("2 disks on 1 machines: 2 protected"),
+            "{text}"
+        );
+        assert!(text.contains("1 need attention"), "{text}");
+        let text = status(&["--all"]);
+        assert!(listed(&text, "d0") && listed(&text, "d1"), "{text}");
     });
 }
 

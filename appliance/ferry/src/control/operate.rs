@@ -17,6 +17,10 @@ pub enum OperateCmd {
     Status {
         #[arg(long)]
         tenant: String,
+        /// List every disk; by default only those that need attention (not protected, or
+        /// with an active alert) are listed, after the counts.
+        #[arg(long)]
+        all: bool,
     },
     /// Protect a machine: create it (if new) and its disks, NAME=SIZE[,source=IMAGE].
     Protect {
@@ -258,23 +262,38 @@ async fn tenant_status(c: &Client, tenant: &str) -> anyhow::Result<TenantStatus>
     })
 }
 
-fn status_table(st: &TenantStatus) {
-    table(
-        &["machine", "disk", "size", "state", "rpo"],
-        st.disks
+fn status_table(st: &TenantStatus, all: bool) {
+    // Problems first: with thousands of disks, a table of every one hides the few that matter.
+    let alert_of = |m: &str, d: &str| {
+        let subject = format!("disks/{m}/{d}");
+        st.alerts
             .iter()
-            .map(|MachineDisk { machine, disk: d }| {
+            .find(|e| e.active && e.subject == subject)
+            .map(|e| e.message.clone())
+    };
+    let mut attention = 0;
+    let rows: Vec<Vec<String>> = st
+        .disks
+        .iter()
+        .filter_map(|MachineDisk { machine, disk: d }| {
+            let alert = alert_of(machine, &d.name);
+            let needs = d.state != DiskState::Protected || alert.is_some();
+            attention += usize::from(needs);
+            (all || needs).then(|| {
                 vec![
                     machine.clone(),
                     d.name.clone(),
                     ferry_process_server::status::human_bytes(d.size_bytes),
                     d.state.as_str().into(),
                     d.rpo_seconds.map_or("-".into(), |r| format!("{r:.1}s")),
+                    alert.unwrap_or_else(|| "-".into()),
                 ]
             })
-            .collect(),
-    );
-    // With thousands of disks the table scrolls away: the counts by state close it.
+        })
+        .collect();
+    if !rows.is_empty() {
+        table(&["machine", "disk", "size", "state", "rpo", "alert"], rows);
+    }
     let counts: Vec<String> = DiskState::ALL
         .iter()
         .filter_map(|s| {
@@ -292,6 +311,11 @@ fn status_table(st: &TenantStatus) {
             counts.join(", ")
         }
     );
+    match (attention, all) {
+        (0, _) => println!("every disk is protected, none has an alert"),
+        (n, false) => println!("{n} need attention (listed above; --all lists every disk)"),
+        (n, true) => println!("{n} need attention"),
+    }
     println!();
     table(
         &["plan", "phase", "running job", "last job"],
@@ -312,13 +336,13 @@ fn status_table(st: &TenantStatus) {
 
 pub async fn run(c: &Client, json: bool, cmd: OperateCmd) -> anyhow::Result<()> {
     match cmd {
-        OperateCmd::Status { tenant } => {
+        OperateCmd::Status { tenant, all } => {
             let st = tenant_status(c, &tenant).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
                 return Ok(());
             }
-            status_table(&st);
+            status_table(&st, all);
             Ok(())
         }
         OperateCmd::Protect {
