@@ -1253,4 +1253,16 @@ fn a_machines_disks_are_cut_together_as_one_crash_consistent_state() {
     let listed = dr.lab.ferry(&["points", "--disk", "d0"]).unwrap();
     let text = String::from_utf8_lossy(&listed.stdout);
     assert!(text.contains("crash (machine)"), "{text}");
+    // The process server's status names each disk's machine and its newest cut.
+    let out = Command::new(support::exe())
+        .args(["status", "--cache"])
+        .arg(&dr.lab.cache)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("machine web: newest cut 20").count(),
+        2,
+        "{text}"
+    );
 }

@@ -738,6 +738,22 @@ fn print_status(st: &[ferry_process_server::DiskStatus], redraw: bool) -> anyhow
         if let Some(p) = &s.progress {
             println!("  {}", p.bar(30));
         }
+        if let Some(g) = &s.group {
+            // The group's RPO is its slowest disk's: say which disk a cut waits for.
+            println!(
+                "  machine {g}: newest cut {}{}",
+                if s.group_cut_unix_ns == 0 {
+                    "none yet".to_string()
+                } else {
+                    format_time(s.group_cut_unix_ns)
+                },
+                if s.group_cut_pending {
+                    ", this disk's point at the next cut is due"
+                } else {
+                    ""
+                }
+            );
+        }
         if let Some(e) = s
             .grow_error
             .as_ref()
