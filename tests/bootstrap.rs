@@ -18,38 +18,11 @@ use ferry_config_server::client::Method;
 use ferry_qemu::{StorageDaemon, MIRROR_FILTER};
 use serde_json::json;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(dir: &Path, name: &str, args: &[String]) -> Kill {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{name}.log")))
-        .unwrap();
-    Kill(
-        Command::new(support::exe())
-            .args(args)
-            .env("FERRY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
 
 fn appliance_token(
     admin: &ferry_config_server::client::Client,
@@ -167,7 +140,7 @@ fn roles_take_their_configuration_from_the_configuration_server() {
     let mt_token = appliance_token(&admin, &rt, "acme", "mt1", "master-target");
     let ps_token = appliance_token(&admin, &rt, "acme", "ps1", "process-server");
     let s = |v: &str| v.to_string();
-    let _mt = spawn(
+    let _mt = support::Kill::spawn(
         d,
         "master-target",
         &[
@@ -226,7 +199,7 @@ fn roles_take_their_configuration_from_the_configuration_server() {
         "refused, yet enrolled"
     );
 
-    let _ps = spawn(d, "process-server", &ps_args(&[]));
+    let _ps = support::Kill::spawn(d, "process-server", &ps_args(&[]));
     wait_port(lab.nbd_port, Duration::from_secs(30)).unwrap();
 
     // The hypervisor mirrors the disk to the export the configuration named.
@@ -424,7 +397,7 @@ fn roles_take_their_configuration_from_the_configuration_server() {
         .unwrap();
     let psg = appliance_token(&admin, &rt, "globex", "psg", "process-server");
     let psg_nbd = free_port().unwrap();
-    let _psg = spawn(
+    let _psg = support::Kill::spawn(
         d,
         "process-server-globex",
         &[

@@ -42,7 +42,7 @@ const DEADLINE: Duration = Duration::from_secs(300);
 struct Dr {
     /// Roles enrolled with tokens and configured by the configuration server (`start_enrolled`),
     /// stopped when the test ends; empty when the lab started them with local configuration.
-    roles: Vec<Kill>,
+    roles: Vec<support::Kill>,
     hosts: Vec<Option<StorageDaemon>>,
     images: Vec<PathBuf>,
     socks: Vec<PathBuf>,
@@ -73,13 +73,15 @@ impl Dr {
         tune(&mut lab);
         lab.start_master().unwrap();
         lab.start_process().unwrap();
-        let (mut hosts, mut images, mut socks) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, d) in DISKS.iter().enumerate() {
-            let (q, image, sock) = host_disk(dir.path(), d, i, lab.nbd_port, Some(&lab.pki));
-            hosts.push(Some(q));
-            images.push(image);
-            socks.push(sock);
-        }
+        let mut dr = Dr::around(began, dir, lab);
+        dr.attach_hosts(true);
+        dr.inventory(true);
+        dr
+    }
+
+    /// A configuration server driving the recovery site of `lab` (its master target's
+    /// repository and key, its process server's cache), with no guest disks yet.
+    fn around(began: Instant, dir: tempfile::TempDir, lab: Lab) -> Dr {
         let server_args: Vec<String> = [
             ("--recovery-repo", &lab.repo),
             ("--recovery-key", &lab.key),
@@ -95,20 +97,18 @@ impl Dr {
             .enable_all()
             .build()
             .unwrap();
-        let dr = Dr {
+        Dr {
             roles: Vec::new(),
-            hosts,
-            images,
-            socks,
+            hosts: Vec::new(),
+            images: Vec::new(),
+            socks: Vec::new(),
             lab,
             server: Some(server),
             server_args,
             rt,
             began,
             dir,
-        };
-        dr.inventory(true);
-        dr
+        }
     }
 
     /// The same machine, but its master target and process server are appliances enrolled
@@ -124,33 +124,7 @@ impl Dr {
         // The lab only names ports and paths here.
         let mut lab = Lab::new(&support::exe(), &d, &[]).unwrap();
         lab.key = d.join("mt-state/tenant.key");
-        let server_args: Vec<String> = [
-            ("--recovery-repo", &lab.repo),
-            ("--recovery-key", &lab.key),
-            ("--recovery-work", &d.join("work")),
-            ("--process-cache", &lab.cache),
-        ]
-        .iter()
-        .flat_map(|(k, v)| [k.to_string(), v.display().to_string()])
-        .collect();
-        let server = harness::Server::start_with(&d.join("cs"), &server_args);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut dr = Dr {
-            roles: Vec::new(),
-            hosts: Vec::new(),
-            images: Vec::new(),
-            socks: Vec::new(),
-            lab,
-            server: Some(server),
-            server_args,
-            rt,
-            began,
-            dir,
-        };
+        let mut dr = Dr::around(began, dir, lab);
         dr.inventory(false);
         let s = |v: &str| v.to_string();
         let token = |name: &str, role: &str| -> TokenCreated {
@@ -199,17 +173,26 @@ impl Dr {
             s("200"),
         ];
         ps_args.extend(role(&ps, "ps-state"));
-        dr.roles.push(Kill::spawn(&d, "master-target", &mt_args));
+        dr.roles
+            .push(support::Kill::spawn(&d, "master-target", &mt_args));
         wait_port(dr.lab.master_port, Duration::from_secs(30)).unwrap();
-        dr.roles.push(Kill::spawn(&d, "process-server", &ps_args));
+        dr.roles
+            .push(support::Kill::spawn(&d, "process-server", &ps_args));
         wait_port(dr.lab.nbd_port, Duration::from_secs(30)).unwrap();
-        for (i, disk) in DISKS.iter().enumerate() {
-            let (q, image, sock) = host_disk(&d, disk, i, dr.lab.nbd_port, None);
-            dr.hosts.push(Some(q));
-            dr.images.push(image);
-            dr.socks.push(sock);
-        }
+        dr.attach_hosts(false);
         dr
+    }
+
+    /// The machine's disks on their host, mirrored to the process server (over TLS with the
+    /// lab's certificates when `tls`).
+    fn attach_hosts(&mut self, tls: bool) {
+        for (i, disk) in DISKS.iter().enumerate() {
+            let pki = tls.then_some(self.lab.pki.as_path());
+            let (q, image, sock) = host_disk(self.dir.path(), disk, i, self.lab.nbd_port, pki);
+            self.hosts.push(Some(q));
+            self.images.push(image);
+            self.socks.push(sock);
+        }
     }
 
     fn server(&self) -> &harness::Server {
@@ -459,36 +442,6 @@ impl Dr {
             &self.path("cs"),
             &self.server_args,
         ));
-    }
-}
-
-/// A role process, killed when the test ends.
-struct Kill(std::process::Child);
-
-impl Kill {
-    fn spawn(dir: &Path, name: &str, args: &[String]) -> Kill {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{name}.log")))
-            .unwrap();
-        Kill(
-            Command::new(support::exe())
-                .args(args)
-                .env("FERRY_LOG", "info")
-                .stdin(std::process::Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        )
-    }
-}
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

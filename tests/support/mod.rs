@@ -223,6 +223,37 @@ impl Drop for Site {
     }
 }
 
+/// A `ferry` process (a role), its output appended to `<dir>/<name>.log`, killed when the test
+/// ends.
+pub struct Kill(pub std::process::Child);
+
+impl Kill {
+    pub fn spawn(dir: &std::path::Path, name: &str, args: &[String]) -> Kill {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{name}.log")))
+            .unwrap();
+        Kill(
+            Command::new(exe())
+                .args(args)
+                .env("FERRY_LOG", "info")
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A small deterministic PRNG (xorshift), so a failing run can be replayed from its seed.
 pub struct Rng(pub u64);
 
