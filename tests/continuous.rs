@@ -86,8 +86,22 @@ fn each_phase_becomes_a_matching_recovery_point() {
         .arg(&recorded)
         .output()
         .unwrap();
-    let _ = serve.kill();
-    let _ = serve.wait();
+    // While served, the point is held (the master target's retention keeps it); stopped, the
+    // server releases it.
+    let holds = |site: &Site| -> serde_json::Value {
+        let o = site.lab.ferry(&["holds", "--json"]).unwrap();
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let h = holds(&site);
+    assert_eq!(h[0]["holder"], format!("serve.{}", serve.id()), "{h}");
+    assert_eq!(h[0]["points"][0]["seq"], phases[1].0, "{h}");
+    Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    let stopped = serve.wait().unwrap();
+    assert!(stopped.success(), "{stopped:?}");
+    assert_eq!(holds(&site), serde_json::json!([]));
     assert!(
         cmp.status.success(),
         "{}",

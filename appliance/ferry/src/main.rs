@@ -374,6 +374,44 @@ fn point_seq(repo: &Repository, disk: &str, point: &str) -> anyhow::Result<u64> 
         .with_context(|| format!("--point must be a sequence number or `latest`, not {point:?}"))
 }
 
+/// A point held for this process while it reads it (`ferry serve`, `ferry export`), released
+/// when dropped. A process killed outright leaves its hold: `ferry holds` lists it (the holder
+/// names the command and the process id) and `ferry release-hold` drops it.
+struct PointHold<'a> {
+    repo: &'a Repository,
+    holder: String,
+}
+
+impl<'a> PointHold<'a> {
+    fn take(
+        repo: &'a Repository,
+        what: &str,
+        disk: &str,
+        seq: u64,
+        target: &str,
+    ) -> anyhow::Result<PointHold<'a>> {
+        let holder = format!("{what}.{}", std::process::id());
+        repo.hold(
+            &holder,
+            &format!("ferry {what} of {disk} point {seq} to {target}"),
+            &[ferry_repository::HeldPoint {
+                disk: disk.to_string(),
+                seq,
+            }],
+        )
+        .with_context(|| format!("holding {disk} point {seq} while it is read"))?;
+        Ok(PointHold { repo, holder })
+    }
+}
+
+impl Drop for PointHold<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.repo.release(&self.holder) {
+            eprintln!("ferry: releasing hold {}: {e}", self.holder);
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::ConfigServer(a) => control::server(a),
@@ -551,6 +589,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 ExportFormat::Raw
             };
+            let _held = PointHold::take(&r, "export", &disk, seq, &output.display().to_string())?;
             r.export(&disk, seq, &output, fmt)?;
             println!(
                 "exported {disk} point {seq} to {} ({format})",
@@ -566,6 +605,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let r = repo.open()?;
             let seq = point_seq(&r, &disk, &point)?;
+            // Held while served: the master target's retention (another process) keeps the
+            // point and its chunks until this server stops.
+            let held = PointHold::take(&r, "serve", &disk, seq, &format!("nbd://{listen}"))?;
             let reader = Arc::new(r.reader(&disk, seq)?);
             let mut exports: std::collections::HashMap<String, Arc<dyn ferry_nbd::Export>> =
                 Default::default();
@@ -583,8 +625,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
                 eprintln!("serving {disk} point {seq} read-only at nbd://{listen}/{disk}");
-                ferry_nbd::serve_tcp(l, cfg).await.context("NBD server")
-            })
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    r = ferry_nbd::serve_tcp(l, cfg) => r.context("NBD server"),
+                    _ = tokio::signal::ctrl_c() => Ok(()),
+                    _ = term.recv() => Ok(()),
+                }
+            })?;
+            drop(held);
+            eprintln!("stopped serving point {seq}");
+            Ok(())
         }
         Cmd::Verify { repo, json } => {
             let r = repo.open()?;
