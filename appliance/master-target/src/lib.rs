@@ -637,7 +637,7 @@ mod tests {
     ) -> Result<(), Refusal> {
         let (tx, rx) = tokio::sync::mpsc::channel(items.len() + 1);
         for it in items {
-            tx.try_send(it).ok().expect("queue has room");
+            assert!(tx.try_send(it).is_ok(), "queue has room");
         }
         drop(tx);
         apply(repo, key, &Mutex::new(()), "d", c, rx)
