@@ -58,7 +58,9 @@ pub struct Options {
 ///
 /// The next read run is read from the host while the current one is named, sealed and sent
 /// (at most two runs in memory), and naming and sealing are spread over the cores
-/// ([`parallel_blocks`]).
+/// ([`parallel_blocks`]). While most chunks asked about turn out to be new (a seed), they are
+/// sealed during the question's round trip, and the seals of those the master target holds
+/// after all are dropped.
 #[allow(clippy::too_many_arguments)]
 pub async fn send_runs<S>(
     nbd: &mut Client<S>,
@@ -77,6 +79,8 @@ where
     let mut chunks = Vec::new();
     let mut done = 0u64;
     let mut shown = Instant::now();
+    // Seal blocks while the master target is asked whether it holds them (see `send_run`).
+    let mut speculate = true;
     // Every read request, in order: (first block, blocks, byte offset, bytes).
     let mut reads = runs.iter().flat_map(|&(first, end)| {
         (first..end).step_by(READ_RUN as usize).map(move |b| {
@@ -108,6 +112,7 @@ where
             wr,
             &mut report,
             &mut chunks,
+            &mut speculate,
         );
         let (read, sent) = tokio::join!(read_next, send);
         sent?;
@@ -135,6 +140,7 @@ async fn send_run(
     wr: &mut SessionWriter,
     report: &mut Report,
     chunks: &mut Vec<ChunkId>,
+    speculate: &mut bool,
 ) -> anyhow::Result<()> {
     let bs = opts.block_size as usize;
     let data = Arc::new(data);
@@ -171,25 +177,57 @@ async fn send_run(
         }
         picked.push((b + i as u64, i, id));
     }
+    let picked = Arc::new(picked);
+    let seal = {
+        let (picked, sh, data) = (picked.clone(), shared.clone(), data.clone());
+        move |k: usize| {
+            let (_, i, id) = picked[k];
+            let block = &data[i * bs..((i + 1) * bs).min(data.len())];
+            sh.key.seal_chunk(&id.expect("a named block"), block)
+        }
+    };
+    let seal = Arc::new(seal);
+    // Blocks sealed ahead of knowing whether they go by reference (None: not sealed yet).
+    let mut blobs: Vec<Option<Vec<u8>>> = Vec::new();
     let mut have: HashSet<ChunkId> = HashSet::new();
     if opts.dedupe {
-        let ask: Vec<ChunkId> = {
+        let (ask, unknown): (Vec<ChunkId>, Vec<bool>) = {
             let known = shared.known.lock().expect("known lock");
-            picked
+            let unknown: Vec<bool> = picked
                 .iter()
-                .filter_map(|p| p.2)
-                .filter(|id| !known.contains(id))
-                .collect()
+                .map(|p| p.2.is_some_and(|id| !known.contains(&id)))
+                .collect();
+            let ask = picked
+                .iter()
+                .zip(&unknown)
+                .filter(|(_, u)| **u)
+                .filter_map(|(p, _)| p.2)
+                .collect();
+            (ask, unknown)
         };
         if !ask.is_empty() {
-            have = remote_have(rd, wr, ask).await?;
+            let asked = ask.len();
+            if *speculate {
+                // While the master target is asked, seal what it is asked about: when it holds
+                // a block after all, the block goes by reference and its seal is dropped.
+                let seal = seal.clone();
+                let ahead = parallel_blocks(picked.len(), move |k| unknown[k].then(|| seal(k)));
+                let (h, ahead) = tokio::join!(remote_have(rd, wr, ask), ahead);
+                (have, blobs) = (h?, ahead?);
+            } else {
+                have = remote_have(rd, wr, ask).await?;
+            }
+            // Seal ahead again while most of what is asked about is new (a seed), not while
+            // most is already there (a seed or resync resumed after an interruption).
+            *speculate = have.len() * 2 < asked;
         }
     }
+    blobs.resize_with(picked.len(), || None);
     // Which chunks go by reference, decided in block order as they are sent.
     let mut by_ref = Vec::with_capacity(picked.len());
     {
         let known = shared.known.lock().expect("known lock");
-        for &(_, _, id) in &picked {
+        for &(_, _, id) in picked.iter() {
             by_ref.push(id.is_some_and(|id| have.contains(&id) || known.contains(&id)));
             if let Some(id) = id {
                 if chunks.len() < KNOWN_LIMIT {
@@ -198,27 +236,31 @@ async fn send_run(
             }
         }
     }
-    // Seal and frame the picked blocks on every core; the run's bytes are freed there.
-    let picked = Arc::new(picked);
-    let frames = {
-        let (picked, sh) = (picked.clone(), shared.clone());
-        parallel_blocks(picked.len(), move |k| {
-            let (index, i, id) = picked[k];
-            let body = match id {
-                None => BlockBody::Zero,
-                Some(id) => BlockBody::Chunk {
-                    id,
-                    blob: (!by_ref[k]).then(|| {
-                        let block = &data[i * bs..((i + 1) * bs).min(data.len())];
-                        sh.key.seal_chunk(&id, block)
-                    }),
-                },
-            };
-            Msg::Block { index, body }.encode()
-        })
-        .await?
-    };
-    for frame in frames {
+    // Seal, on every core, what is sent with its data and was not sealed ahead.
+    let late: Vec<usize> = (0..picked.len())
+        .filter(|&k| picked[k].2.is_some() && !by_ref[k] && blobs[k].is_none())
+        .collect();
+    if !late.is_empty() {
+        let late = Arc::new(late);
+        let sealed = {
+            let (late, seal) = (late.clone(), seal.clone());
+            parallel_blocks(late.len(), move |j| seal(late[j])).await?
+        };
+        for (&k, blob) in late.iter().zip(sealed) {
+            blobs[k] = Some(blob);
+        }
+    }
+    drop((seal, data));
+    for (k, blob) in blobs.into_iter().enumerate() {
+        let (index, _, id) = picked[k];
+        let body = match id {
+            None => BlockBody::Zero,
+            Some(id) => BlockBody::Chunk {
+                id,
+                blob: if by_ref[k] { None } else { blob },
+            },
+        };
+        let frame = Msg::Block { index, body }.encode();
         wr.write_all(&frame).await?;
         report.blocks += 1;
         report.bytes += frame.len() as u64;
