@@ -95,7 +95,6 @@ pub struct TenantKey {
     hash_key: [u8; 32],
     map_key: [u8; 32],
     aead: LessSafeKey,
-    rng: SystemRandom,
 }
 
 impl TenantKey {
@@ -110,7 +109,6 @@ impl TenantKey {
             hash_key,
             map_key,
             aead: LessSafeKey::new(unbound),
-            rng: SystemRandom::new(),
         }
     }
 
@@ -182,8 +180,7 @@ impl TenantKey {
             plaintext.len() <= MAX_PLAINTEXT,
             "plaintext over MAX_PLAINTEXT"
         );
-        let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).expect("system random source");
+        let nonce = next_nonce();
         let bound = zstd::zstd_safe::compress_bound(plaintext.len());
         let mut out = Vec::with_capacity(BLOB_HEADER_LEN + bound.max(plaintext.len()) + TAG_LEN);
         out.extend_from_slice(&BLOB_MAGIC);
@@ -258,6 +255,48 @@ fn parse_header(blob: &[u8]) -> Result<Header, ChunkError> {
     Ok(Header {
         flags: blob[5],
         plaintext_len,
+    })
+}
+
+/// Bytes of system randomness read at a time for nonces: 341 nonces per `getrandom` call.
+const NONCE_POOL: usize = 341 * NONCE_LEN;
+
+/// A thread's buffered supply of random nonce bytes.
+struct NoncePool {
+    buf: [u8; NONCE_POOL],
+    /// Bytes of `buf` already handed out (or never filled): `NONCE_POOL` means empty.
+    used: usize,
+}
+
+thread_local! {
+    /// This thread's nonce supply: filled from the system random source (ring's
+    /// `SystemRandom`, i.e. `getrandom`) a few KiB at a time instead of one system call per
+    /// blob. Each byte is handed out once and zeroed as it is taken, so no nonce is ever reused
+    /// and none stays in memory after use. Fork safety: a forked child would inherit the
+    /// unused bytes and could hand out the parent's next nonces; Ferry never forks without
+    /// exec (child processes are started with `Command`, i.e. fork+exec or posix_spawn), so
+    /// every process begins with empty pools.
+    static NONCES: RefCell<NoncePool> = const {
+        RefCell::new(NoncePool { buf: [0; NONCE_POOL], used: NONCE_POOL })
+    };
+}
+
+/// A fresh random 96-bit nonce from this thread's pool.
+fn next_nonce() -> [u8; NONCE_LEN] {
+    NONCES.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.used + NONCE_LEN > NONCE_POOL {
+            SystemRandom::new()
+                .fill(&mut p.buf)
+                .expect("system random source");
+            p.used = 0;
+        }
+        let at = p.used;
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&p.buf[at..at + NONCE_LEN]);
+        p.buf[at..at + NONCE_LEN].fill(0);
+        p.used = at + NONCE_LEN;
+        nonce
     })
 }
 
@@ -384,6 +423,35 @@ mod tests {
             a.map_page_id("d1", 0, 1, b"p"),
             a.map_page_id("d2", 0, 1, b"p")
         );
+    }
+
+    #[test]
+    fn nonces_are_fresh_across_pool_refills() {
+        let k = key();
+        let plain = b"same plaintext every time".repeat(50);
+        let id = k.chunk_id(&plain);
+        let mut seen = std::collections::HashSet::new();
+        // Several refills of the pool, on two threads (each has its own pool).
+        let other: Vec<[u8; NONCE_LEN]> = std::thread::spawn(|| {
+            (0..2 * NONCE_POOL / NONCE_LEN)
+                .map(|_| next_nonce())
+                .collect()
+        })
+        .join()
+        .unwrap();
+        for n in other {
+            assert!(seen.insert(n), "nonce repeated");
+        }
+        let mut last = None;
+        for _ in 0..3 * NONCE_POOL / NONCE_LEN + 7 {
+            let blob = k.seal_chunk(&id, &plain);
+            let nonce: [u8; NONCE_LEN] = blob[12..24].try_into().unwrap();
+            assert_ne!(Some(nonce), last, "consecutive nonces are equal");
+            assert!(seen.insert(nonce), "nonce repeated");
+            assert_ne!(nonce, [0; NONCE_LEN]);
+            last = Some(nonce);
+            assert_eq!(k.open_chunk(&id, &blob).unwrap(), plain);
+        }
     }
 
     #[test]

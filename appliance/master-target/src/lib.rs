@@ -3,7 +3,9 @@
 //! Each TLS connection (client certificate from the site CA required) carries one disk. A
 //! checkpoint's blocks are applied as they stream in (authenticating every chunk, merging
 //! patches) by a blocking thread that holds the disk's lock, fed through a bounded queue
-//! ([`APPLY_QUEUE`]), so memory stays bounded for a seed or resync of any size. The point is
+//! ([`APPLY_QUEUE`]), so memory stays bounded for a seed or resync of any size. What has
+//! queued up is taken as a batch ([`APPLY_BATCH`]) whose chunks are authenticated and stored on
+//! a few threads at once, and then put into the map in arrival order. The point is
 //! committed durably and becomes visible only when its `End` arrived; a connection that dies
 //! half-way drops the writer and leaves nothing visible (the chunks it stored are collected).
 //! [`instant`] serves any recovery point read-only over NBD without copying it.
@@ -12,17 +14,21 @@ pub mod instant;
 
 use anyhow::{bail, Context};
 use ferry_chunk::{ChunkId, TenantKey};
-use ferry_repository::{CheckpointMeta, Consistency, RepoError, Repository};
+use ferry_repository::{
+    CheckpointMeta, CheckpointWriter, Consistency, RepoError, Repository, VerifiedChunk,
+};
 use ferry_wire::{
     patch_context, read_msg, BlockBody, Checkpoint, Msg, Patch, RejectReason, WireError, VERSION,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
-/// Blocks received but not yet applied (each at most one frame): the memory bound per session.
+/// Blocks received and queued for the applier (each at most one frame); with the batch it is
+/// applying ([`APPLY_BATCH`]), the memory bound per session.
 pub const APPLY_QUEUE: usize = 64;
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -403,46 +409,192 @@ fn apply(
         group_cut: c.group_cut,
     };
     let mut w = repo.begin(disk, meta).map_err(refusal)?;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(APPLY_THREADS);
+    let mut batch: Vec<(u64, BlockBody)> = Vec::with_capacity(APPLY_BATCH);
+    // The connection ending inside the checkpoint ends the loop: the writer is dropped and
+    // nothing is visible.
     while let Some(item) = rx.blocking_recv() {
-        let (index, body) = match item {
-            Item::End(at) => {
-                if let Some(at) = at {
-                    w.rebase_journal_end(at);
-                }
-                w.commit().map_err(refusal)?;
-                return Ok(());
-            }
-            Item::Block(index, body) => (index, body),
-        };
-        match body {
-            BlockBody::Zero => w.put_zero(index).map_err(refusal)?,
-            BlockBody::Chunk { id, blob } => {
-                w.put_chunk(index, id, blob.as_deref()).map_err(refusal)?
-            }
-            BlockBody::Patch { sealed } => {
-                let bad = |e: String| {
-                    (
-                        RejectReason::BadData,
-                        None,
-                        format!("patch of block {index}: {e}"),
-                    )
-                };
-                let plain = key
-                    .open(&sealed, &patch_context(disk, c.seq, index))
-                    .map_err(|e| bad(e.to_string()))?;
-                let start = index * u64::from(c.block_size);
-                let block_len = u64::from(c.block_size).min(c.disk_size - start) as u32;
-                let patch = Patch::decode(&plain, block_len).map_err(|e| bad(e.to_string()))?;
-                w.put_patch(index, &patch.extents).map_err(refusal)?;
+        // Whatever else has arrived (up to a batch) is verified and stored in parallel, then
+        // applied in arrival order.
+        let mut end = None;
+        match item {
+            Item::End(at) => end = Some(at),
+            Item::Block(index, body) => batch.push((index, body)),
+        }
+        while end.is_none() && batch.len() < APPLY_BATCH {
+            match rx.try_recv() {
+                Ok(Item::Block(index, body)) => batch.push((index, body)),
+                Ok(Item::End(at)) => end = Some(at),
+                Err(_) => break,
             }
         }
+        apply_batch(&mut w, key, disk, &c, &mut batch, threads)?;
+        if let Some(at) = end {
+            if let Some(at) = at {
+                w.rebase_journal_end(at);
+            }
+            w.commit().map_err(refusal)?;
+            return Ok(());
+        }
     }
-    // The connection ended inside the checkpoint: the writer is dropped, nothing is visible.
     Err((
         RejectReason::Protocol,
         None,
         format!("checkpoint {} ended before its End", c.seq),
     ))
+}
+
+/// Blocks the applier takes from its queue at once (beside the [`APPLY_QUEUE`] still queued):
+/// with the queue, at most `APPLY_QUEUE + APPLY_BATCH` frames of a session are in memory.
+pub const APPLY_BATCH: usize = 64;
+/// Threads that verify and store one session's chunks (at most; no more than the cores).
+pub const APPLY_THREADS: usize = 4;
+
+/// A block's work that does not depend on the blocks before it, done in parallel.
+enum Ready {
+    Chunk(Result<VerifiedChunk, RepoError>),
+    Patch(Result<Patch, String>),
+}
+
+/// Apply a batch of blocks, in arrival order, as if one by one: first the work of each block
+/// that does not change the map (authenticating and storing chunks, opening patches) is done
+/// on up to `threads` threads, then the map is changed in arrival order, and the first block
+/// that fails in that order is the refusal. Blocks naming the same chunk are verified by one
+/// thread in arrival order, so each sees the stores of those before it exactly as in a
+/// one-by-one application (a chunk sent by reference before its data arrived is still missing).
+/// Later blocks of a refused batch may have stored their chunks: authenticated, unreferenced
+/// objects, as a dropped checkpoint leaves, which gc collects. `batch` is left empty.
+fn apply_batch(
+    w: &mut CheckpointWriter<'_>,
+    key: &TenantKey,
+    disk: &str,
+    c: &Checkpoint,
+    batch: &mut Vec<(u64, BlockBody)>,
+    threads: usize,
+) -> Result<(), Refusal> {
+    // Work units: the blocks of each chunk (by first arrival), and each patch.
+    let mut units: Vec<Vec<usize>> = Vec::new();
+    let mut by_id: HashMap<ChunkId, usize> = HashMap::new();
+    for (pos, (_, body)) in batch.iter().enumerate() {
+        match body {
+            BlockBody::Chunk { id, .. } if !id.is_zero() => {
+                let u = *by_id.entry(*id).or_insert_with(|| {
+                    units.push(Vec::new());
+                    units.len() - 1
+                });
+                units[u].push(pos);
+            }
+            BlockBody::Patch { .. } => units.push(vec![pos]),
+            _ => {}
+        }
+    }
+    let mut ready: Vec<Option<Ready>> = (0..batch.len()).map(|_| None).collect();
+    {
+        let (w, items): (&CheckpointWriter<'_>, &[(u64, BlockBody)]) = (w, batch);
+        let work = |unit: &[usize], out: &mut Vec<(usize, Ready)>| {
+            for &pos in unit {
+                let (index, body) = &items[pos];
+                let r = match body {
+                    BlockBody::Chunk { id, blob } => {
+                        Ready::Chunk(w.verify_chunk(*index, *id, blob.as_deref()))
+                    }
+                    BlockBody::Patch { sealed } => {
+                        Ready::Patch(open_patch(key, disk, c, *index, sealed))
+                    }
+                    BlockBody::Zero => continue,
+                };
+                let failed = matches!(r, Ready::Chunk(Err(_)));
+                out.push((pos, r));
+                if failed {
+                    // The rest of this chunk's blocks come after the refusal.
+                    break;
+                }
+            }
+        };
+        let threads = threads.min(units.len()).max(1);
+        let next = AtomicUsize::new(0);
+        let run = || {
+            let mut out = Vec::new();
+            loop {
+                let u = next.fetch_add(1, Ordering::Relaxed);
+                let Some(unit) = units.get(u) else {
+                    return out;
+                };
+                work(unit, &mut out);
+            }
+        };
+        let done: Vec<Vec<(usize, Ready)>> = if threads == 1 {
+            vec![run()]
+        } else {
+            std::thread::scope(|s| {
+                let helpers: Vec<_> = (1..threads).map(|_| s.spawn(run)).collect();
+                let mut all = vec![run()];
+                all.extend(
+                    helpers
+                        .into_iter()
+                        .map(|h| h.join().expect("chunk verification thread")),
+                );
+                all
+            })
+        };
+        for (pos, r) in done.into_iter().flatten() {
+            ready[pos] = Some(r);
+        }
+    }
+    for (pos, (index, body)) in batch.drain(..).enumerate() {
+        match body {
+            BlockBody::Zero => w.put_zero(index).map_err(refusal)?,
+            BlockBody::Chunk { id, blob } if id.is_zero() => {
+                w.put_chunk(index, id, blob.as_deref()).map_err(refusal)?
+            }
+            BlockBody::Chunk { .. } => match ready[pos].take() {
+                Some(Ready::Chunk(v)) => w.put_verified(v.map_err(refusal)?).map_err(refusal)?,
+                _ => return Err(not_ready(index)),
+            },
+            BlockBody::Patch { .. } => match ready[pos].take() {
+                Some(Ready::Patch(p)) => {
+                    let patch = p.map_err(|e| {
+                        (
+                            RejectReason::BadData,
+                            None,
+                            format!("patch of block {index}: {e}"),
+                        )
+                    })?;
+                    w.put_patch(index, &patch.extents).map_err(refusal)?;
+                }
+                _ => return Err(not_ready(index)),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// A block left without its parallel result (cannot happen: every block before the first
+/// failure in arrival order has one); refused rather than trusted.
+fn not_ready(index: u64) -> Refusal {
+    (
+        RejectReason::Storage,
+        None,
+        format!("block {index} was not verified"),
+    )
+}
+
+/// Decrypt and decode a patch of block `index` (sealed with the checkpoint's patch context).
+fn open_patch(
+    key: &TenantKey,
+    disk: &str,
+    c: &Checkpoint,
+    index: u64,
+    sealed: &[u8],
+) -> Result<Patch, String> {
+    let plain = key
+        .open(sealed, &patch_context(disk, c.seq, index))
+        .map_err(|e| e.to_string())?;
+    let start = index * u64::from(c.block_size);
+    let block_len = u64::from(c.block_size).min(c.disk_size - start) as u32;
+    Patch::decode(&plain, block_len).map_err(|e| e.to_string())
 }
 
 fn refusal(e: RepoError) -> Refusal {
@@ -456,4 +608,179 @@ fn refusal(e: RepoError) -> Refusal {
     };
     tracing::warn!(error = %e, "checkpoint refused");
     (reason, None, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: u32 = 4096;
+    const BLOCKS: u64 = 300;
+
+    fn checkpoint(seq: u64) -> Checkpoint {
+        Checkpoint {
+            seq,
+            created_unix_ns: seq,
+            journal_start: seq - 1,
+            journal_end: seq,
+            disk_size: BLOCKS * u64::from(BS),
+            block_size: BS,
+            consistency: ferry_wire::Consistency::Crash,
+        }
+    }
+
+    /// Apply `items` as one checkpoint, everything queued at once (so batches are full).
+    fn run(
+        repo: &Repository,
+        key: &TenantKey,
+        c: Checkpoint,
+        items: Vec<Item>,
+    ) -> Result<(), Refusal> {
+        let (tx, rx) = tokio::sync::mpsc::channel(items.len() + 1);
+        for it in items {
+            assert!(tx.try_send(it).is_ok(), "queue has room");
+        }
+        drop(tx);
+        apply(repo, key, &Mutex::new(()), "d", c, rx)
+    }
+
+    fn block(n: u64) -> Vec<u8> {
+        let mut b = format!("block {n} ").repeat(600).into_bytes();
+        b.truncate(BS as usize);
+        b
+    }
+
+    fn chunk(key: &TenantKey, data: &[u8], blob: bool) -> BlockBody {
+        let id = key.chunk_id(data);
+        BlockBody::Chunk {
+            id,
+            blob: blob.then(|| key.seal_chunk(&id, data)),
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, Repository, TenantKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(dir.path(), TenantKey::from_secret(&[3; 32])).unwrap();
+        (dir, repo, TenantKey::from_secret(&[3; 32]))
+    }
+
+    #[test]
+    fn parallel_batches_apply_in_arrival_order() {
+        let (_dir, repo, key) = open();
+        let mut want: Vec<Option<Vec<u8>>> = vec![None; BLOCKS as usize];
+        let mut items = Vec::new();
+        let mut unique_bytes = 0u64;
+        let mut seen = std::collections::HashSet::new();
+        for b in 0..BLOCKS {
+            // Every 7th block repeats the content of block 1 (sometimes with its data again,
+            // sometimes by reference once it was sent), every 11th is a hole, block 5 is
+            // written twice.
+            let (data, body) = if b % 11 == 0 {
+                (None, BlockBody::Zero)
+            } else if b % 7 == 0 && b > 1 {
+                let d = block(1);
+                (Some(d.clone()), chunk(&key, &d, b % 2 == 0))
+            } else {
+                let d = block(b);
+                (Some(d.clone()), chunk(&key, &d, true))
+            };
+            if let BlockBody::Chunk {
+                id,
+                blob: Some(blob),
+            } = &body
+            {
+                if seen.insert(*id) {
+                    unique_bytes += blob.len() as u64;
+                }
+            }
+            want[b as usize] = data;
+            items.push(Item::Block(b, body));
+        }
+        // Block 5 again, then a patch over it: the patch applies to the later content.
+        let d = block(1000);
+        unique_bytes += key.seal_chunk(&key.chunk_id(&d), &d).len() as u64;
+        items.push(Item::Block(5, chunk(&key, &d, true)));
+        let mut patched = d.clone();
+        patched[10..14].copy_from_slice(b"XXXX");
+        let patch = Patch {
+            extents: vec![(10, b"XXXX".to_vec())],
+        };
+        items.push(Item::Block(
+            5,
+            BlockBody::Patch {
+                sealed: key.seal(&patch.encode(), &patch_context("d", 1, 5)),
+            },
+        ));
+        want[5] = Some(patched);
+        items.push(Item::End(None));
+        run(&repo, &key, checkpoint(1), items).unwrap();
+        let p = repo.latest("d").unwrap();
+        // The patched block is a new chunk too (sealed here, so its length is not known above).
+        assert!(
+            p.stored_bytes > unique_bytes,
+            "{} {unique_bytes}",
+            p.stored_bytes
+        );
+        let r = repo.reader("d", 1).unwrap();
+        for (b, want) in want.iter().enumerate() {
+            let got = r.read_block(b as u64).unwrap();
+            match want {
+                None => assert!(got.is_none_or(|g| ferry_chunk::is_zero(&g)), "block {b}"),
+                Some(w) => assert_eq!(got.unwrap().as_slice(), w.as_slice(), "block {b}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_reference_before_its_data_in_one_batch_is_missing() {
+        let (_dir, repo, key) = open();
+        let d = block(42);
+        let items = vec![
+            Item::Block(0, chunk(&key, &block(0), true)),
+            Item::Block(1, chunk(&key, &d, false)),
+            Item::Block(2, chunk(&key, &d, true)),
+            Item::End(None),
+        ];
+        let (reason, id, _) = run(&repo, &key, checkpoint(1), items).unwrap_err();
+        assert_eq!(reason, RejectReason::MissingChunk);
+        assert_eq!(id, Some(key.chunk_id(&d)));
+        assert!(repo.latest("d").is_none());
+    }
+
+    #[test]
+    fn the_first_bad_block_in_arrival_order_is_the_refusal() {
+        let (_dir, repo, key) = open();
+        let mut items: Vec<Item> = (0..200)
+            .map(|b| Item::Block(b, chunk(&key, &block(b), true)))
+            .collect();
+        let mut bad = |b: usize| {
+            let Item::Block(
+                _,
+                BlockBody::Chunk {
+                    blob: Some(blob), ..
+                },
+            ) = &mut items[b]
+            else {
+                unreachable!()
+            };
+            blob[30] ^= 1;
+        };
+        bad(150);
+        bad(70);
+        items.push(Item::End(None));
+        let (reason, _, message) = run(&repo, &key, checkpoint(1), items).unwrap_err();
+        assert_eq!(reason, RejectReason::BadData);
+        assert!(
+            message.contains(&key.chunk_id(&block(70)).to_hex()),
+            "{message}"
+        );
+        assert!(repo.latest("d").is_none());
+        // A stream cut before its End commits nothing either.
+        let items = (0..100)
+            .map(|b| Item::Block(b, chunk(&key, &block(b), true)))
+            .collect();
+        let (reason, _, _) = run(&repo, &key, checkpoint(1), items).unwrap_err();
+        assert_eq!(reason, RejectReason::Protocol);
+        assert!(repo.latest("d").is_none());
+    }
 }

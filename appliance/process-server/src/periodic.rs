@@ -130,7 +130,7 @@ async fn run(
     spec: &mut PeriodicSpec,
     block_size: u32,
     link: &Link,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     status: &StatusFile,
 ) -> anyhow::Result<()> {
     let (mut rd, mut wr, mut last_seq, mut cuts) =
@@ -389,7 +389,7 @@ fn block_runs(extents: &[Extent], bs: u64, pick: impl Fn(u32) -> bool) -> Vec<(u
 async fn transfer(
     spec: &PeriodicSpec,
     block_size: u32,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     plan: &Plan,
     rd: &mut SessionReader,
     wr: &mut SessionWriter,

@@ -51,7 +51,7 @@ pub struct Resync<'a> {
     pub disk: &'a Arc<Disk>,
     pub host: &'a HostDisk,
     pub tuning: &'a Tuning,
-    pub shared: &'a Shared,
+    pub shared: &'a Arc<Shared>,
     /// The checkpoint's sequence number.
     pub seq: u64,
     /// The master target's journal position (its newest point's end).

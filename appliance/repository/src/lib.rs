@@ -31,7 +31,7 @@ pub use holds::{HeldPoint, Hold};
 pub use reader::PointReader;
 pub use retention::{HeldBack, RetentionPolicy, RetentionReport, RetentionTier};
 pub use verify::{BadObject, GcReport, VerifyReport};
-pub use writer::CheckpointWriter;
+pub use writer::{CheckpointWriter, VerifiedChunk};
 
 use map::{Lru, Page};
 use root::PointRecord;

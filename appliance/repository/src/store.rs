@@ -6,7 +6,10 @@
 //! in `tmp/` and is renamed into place, so a crash leaves either nothing or a whole object, and
 //! an object that already exists is never rewritten.
 //!
-//! How: `chunks/<first byte hex>/<64 hex>` and `maps/<first byte hex>/<64 hex>`. Durability is
+//! How: `chunks/<first byte hex>/<64 hex>` and `maps/<first byte hex>/<64 hex>`. A new object
+//! is written as an unnamed file (`O_TMPFILE`) in its directory and linked to its name when
+//! whole (so a crash leaves no temp file at all); where that is not available, through a temp
+//! file in `tmp/` (removed at the next open after a crash) and a rename. Durability is
 //! not per object: a checkpoint commit calls `syncfs` once on the repository filesystem before
 //! writing its root (see `root.rs`), which covers every object and directory entry written before.
 //! A chunk's writeback is started as soon as it is written (`POSIX_FADV_DONTNEED`: write back
@@ -17,8 +20,9 @@ use crate::RepoError;
 use ferry_chunk::ChunkId;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Which object namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +43,9 @@ impl Kind {
 pub(crate) struct Store {
     root: PathBuf,
     tmp_seq: AtomicU64,
+    /// New objects are written as unnamed files linked into place ([`Store::put_linked`]) until
+    /// the filesystem or the process's view of `/proc` shows it cannot do that.
+    linked: AtomicBool,
 }
 
 impl Store {
@@ -57,6 +64,7 @@ impl Store {
         Ok(Store {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
+            linked: AtomicBool::new(true),
         })
     }
 
@@ -65,6 +73,7 @@ impl Store {
         Store {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
+            linked: AtomicBool::new(true),
         }
     }
 
@@ -115,6 +124,11 @@ impl Store {
                 "object of another length (left short by a crash?): replacing it durably");
             replace = true;
         }
+        if !replace {
+            if let Some(written) = self.put_linked(kind, &dest, blob)? {
+                return Ok(written);
+            }
+        }
         let tmp = self.tmp_path("obj");
         let res = (|| -> io::Result<()> {
             let mut f = File::create(&tmp)?;
@@ -141,6 +155,56 @@ impl Store {
             return Err(e.into());
         }
         Ok(true)
+    }
+
+    /// Store a new object as an unnamed file (`O_TMPFILE`) in its own directory, linked to its
+    /// name once written: a crash before the link leaves nothing (the filesystem frees the
+    /// orphan), and writers storing objects in parallel do not queue on one temp directory and
+    /// on cross-directory renames. Durability is as for a renamed temp file: the commit's
+    /// `syncfs`. `Ok(None)` when the filesystem or `/proc` does not allow it (then, and for the
+    /// rest of this store's life, the caller writes a temp file and renames it).
+    /// `Ok(Some(false))` when the name appeared meanwhile (another session stored the same
+    /// object: content-addressed, so it is the same object).
+    fn put_linked(&self, kind: Kind, dest: &Path, blob: &[u8]) -> Result<Option<bool>, RepoError> {
+        use rustix::fs::{AtFlags, Mode, OFlags, CWD};
+        use rustix::io::Errno;
+        if !self.linked.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let dir = dest.parent().expect("object path has a parent");
+        let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
+        let mode = Mode::from_raw_mode(0o666);
+        let fd = match rustix::fs::open(dir, flags, mode) {
+            Err(Errno::NOENT) => {
+                fs::create_dir_all(dir)?;
+                rustix::fs::open(dir, flags, mode)
+            }
+            r => r,
+        };
+        let fd = match fd {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::info!(error = %e, "unnamed temp files not available: objects are written by rename");
+                self.linked.store(false, Ordering::Relaxed);
+                return Ok(None);
+            }
+        };
+        let mut f = File::from(fd);
+        f.write_all(blob)?;
+        if kind == Kind::Chunk {
+            // As in `put`: start the writeback now, drop the clean pages.
+            let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+        }
+        let proc_path = format!("/proc/self/fd/{}", f.as_raw_fd());
+        match rustix::fs::linkat(CWD, &proc_path, CWD, dest, AtFlags::SYMLINK_FOLLOW) {
+            Ok(()) => Ok(Some(true)),
+            Err(Errno::EXIST) => Ok(Some(false)),
+            Err(e) => {
+                tracing::info!(error = %e, "linking an unnamed temp file failed: objects are written by rename");
+                self.linked.store(false, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
     }
 
     /// Read an object; `Ok(None)` when it does not exist.
@@ -225,5 +289,34 @@ mod tests {
             "the empty object was trusted"
         );
         assert_eq!(store.get(Kind::Chunk, &id).unwrap().unwrap(), blob);
+    }
+
+    #[test]
+    fn new_objects_leave_no_temp_files_and_a_name_taken_meanwhile_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..20u8 {
+            let blob = vec![i; 100 + i as usize];
+            assert!(store.put(Kind::Chunk, &ChunkId([i; 32]), &blob).unwrap());
+            assert!(store.put(Kind::Page, &ChunkId([i; 32]), &blob).unwrap());
+            assert_eq!(
+                store.get(Kind::Chunk, &ChunkId([i; 32])).unwrap().unwrap(),
+                blob
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        assert_eq!(store.list(Kind::Chunk).unwrap().len(), 20);
+        // Another writer stored the object between the check and the link: its copy stays.
+        let id = ChunkId([99; 32]);
+        let dest = store.path(Kind::Chunk, &id);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::write(&dest, vec![1u8; 64]).unwrap();
+        if let Some(written) = store.put_linked(Kind::Chunk, &dest, &[2u8; 64]).unwrap() {
+            assert!(!written);
+        }
+        assert_eq!(std::fs::read(&dest).unwrap(), vec![1u8; 64]);
     }
 }

@@ -26,6 +26,18 @@ use std::collections::{BTreeMap, HashMap};
 /// Changed pages a writer keeps in memory (32 KiB each) before it writes leaves out early.
 pub const MAX_DIRTY_PAGES: usize = 2048;
 
+/// A block's chunk, authenticated and stored by [`CheckpointWriter::verify_chunk`], waiting to
+/// be placed in the map by [`CheckpointWriter::put_verified`] (only the writer makes one).
+#[derive(Debug)]
+pub struct VerifiedChunk {
+    index: u64,
+    id: ChunkId,
+    /// The block becomes a hole (a zero name, or a blob whose plaintext is all zero).
+    zero: bool,
+    /// Bytes this verification added to the store.
+    written: u64,
+}
+
 pub struct CheckpointWriter<'a> {
     repo: &'a Repository,
     disk: String,
@@ -104,15 +116,43 @@ impl<'a> CheckpointWriter<'a> {
     /// Block `index` becomes chunk `id`. With `blob`, the blob is authenticated against `id`
     /// (else `BadChunk`) and stored if new; without, the chunk must already be stored
     /// (else `MissingChunk`). A chunk whose plaintext is all zero becomes a hole.
+    ///
+    /// This is [`CheckpointWriter::verify_chunk`] followed by
+    /// [`CheckpointWriter::put_verified`].
     pub fn put_chunk(
         &mut self,
         index: u64,
         id: ChunkId,
         blob: Option<&[u8]>,
     ) -> Result<(), RepoError> {
+        let v = self.verify_chunk(index, id, blob)?;
+        self.put_verified(v)
+    }
+
+    /// The first half of [`CheckpointWriter::put_chunk`], which changes no map and may run on
+    /// several threads at once (it takes `&self`): check the index, authenticate `blob` against
+    /// `id` and store it if new (or, without a blob, check that the chunk is stored). The map
+    /// changes only when the result is given to [`CheckpointWriter::put_verified`], in the
+    /// order the blocks arrived.
+    ///
+    /// Calls naming the same `id` must not run concurrently (each must see the other's store
+    /// done or not begun, as sequential `put_chunk` calls would): a caller that verifies in
+    /// parallel hands all the blocks of one id to one thread, in arrival order.
+    pub fn verify_chunk(
+        &self,
+        index: u64,
+        id: ChunkId,
+        blob: Option<&[u8]>,
+    ) -> Result<VerifiedChunk, RepoError> {
         self.check_index(index)?;
-        if id.is_zero() {
-            return self.put_zero(index);
+        let mut v = VerifiedChunk {
+            index,
+            id,
+            zero: id.is_zero(),
+            written: 0,
+        };
+        if v.zero {
+            return Ok(v);
         }
         let inner = self.repo.inner();
         match blob {
@@ -135,10 +175,11 @@ impl<'a> CheckpointWriter<'a> {
                     });
                 }
                 if is_zero(&plain) {
-                    return self.put_zero(index);
+                    v.zero = true;
+                    return Ok(v);
                 }
                 if inner.store.put(Kind::Chunk, &id, blob)? {
-                    self.stored_bytes += blob.len() as u64;
+                    v.written = blob.len() as u64;
                 }
             }
             None => {
@@ -147,7 +188,17 @@ impl<'a> CheckpointWriter<'a> {
                 }
             }
         }
-        self.set(index, id)
+        Ok(v)
+    }
+
+    /// The second half of [`CheckpointWriter::put_chunk`]: the block named by a
+    /// [`CheckpointWriter::verify_chunk`] of this writer becomes its chunk (or a hole).
+    pub fn put_verified(&mut self, v: VerifiedChunk) -> Result<(), RepoError> {
+        if v.zero {
+            return self.put_zero(v.index);
+        }
+        self.stored_bytes += v.written;
+        self.set(v.index, v.id)
     }
 
     /// Partial-block write: the block's current content (this checkpoint's earlier put, else the
