@@ -626,6 +626,7 @@ mod tests {
             disk_size: BLOCKS * u64::from(BS),
             block_size: BS,
             consistency: ferry_wire::Consistency::Crash,
+            group_cut: None,
         }
     }
 
