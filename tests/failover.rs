@@ -1202,6 +1202,23 @@ fn a_machines_disks_are_cut_together_as_one_crash_consistent_state() {
         m.points.iter().map(|p| p.meta.seq).collect::<Vec<_>>(),
         [newest.1, newest.2]
     );
+    // The API's machine points name the cut; both points of the newest are the machine's.
+    let pts = dr.ok(
+        &dr.admin(),
+        Method::GET,
+        "/v1/tenants/acme/machines/web/points",
+        None,
+    );
+    let at_newest: Vec<&Value> = pts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["group_cut"] == json!(newest.0))
+        .collect();
+    assert_eq!(at_newest.len(), 2, "{pts}");
+    assert!(at_newest
+        .iter()
+        .all(|p| p["machine_consistent"] == json!(true)));
     // The points say so: "crash (machine)".
     let listed = dr.lab.ferry(&["points", "--disk", "d0"]).unwrap();
     let text = String::from_utf8_lossy(&listed.stdout);

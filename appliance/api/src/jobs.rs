@@ -239,4 +239,11 @@ pub struct PointInfo {
     pub created_unix_ns: u64,
     /// `crash` or `application`.
     pub consistency: String,
+    /// The consistency-group cut the point ends at, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_cut: Option<u64>,
+    /// Every disk of the machine has a point at this point's cut: together they are one
+    /// crash-consistent state of the machine, which a failover at this time uses.
+    #[serde(default)]
+    pub machine_consistent: bool,
 }

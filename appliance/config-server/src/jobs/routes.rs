@@ -170,7 +170,7 @@ async fn points(
     let out = tokio::task::spawn_blocking(move || {
         let repo = site.repository()?;
         let mut out = Vec::new();
-        for d in disks {
+        for d in &disks {
             // A disk that has not replicated yet has no points.
             for pt in repo.points(&d.name).unwrap_or_default() {
                 out.push(PointInfo {
@@ -178,8 +178,23 @@ async fn points(
                     seq: pt.meta.seq,
                     created_unix_ns: pt.meta.created_unix_ns,
                     consistency: format!("{:?}", pt.meta.consistency).to_lowercase(),
+                    group_cut: pt.meta.group_cut,
+                    machine_consistent: false,
                 });
             }
+        }
+        // A cut is the machine's when every one of its disks has a point at it (a single
+        // disk's points are its machine's).
+        let mut per_cut: std::collections::HashMap<u64, usize> = Default::default();
+        for p in &out {
+            if let Some(c) = p.group_cut {
+                *per_cut.entry(c).or_default() += 1;
+            }
+        }
+        for p in &mut out {
+            p.machine_consistent = disks.len() == 1
+                || p.group_cut
+                    .is_some_and(|c| per_cut.get(&c) == Some(&disks.len()));
         }
         Ok::<_, ferry_failover::FailoverError>(out)
     })

@@ -459,7 +459,12 @@ pub async fn run(c: &Client, json: bool, cmd: OperateCmd) -> anyhow::Result<()> 
                                 p.disk.clone(),
                                 p.seq.to_string(),
                                 when(p.created_unix_ns / 1_000_000_000),
-                                p.consistency.clone(),
+                                // "(machine)": one cut of every disk of the machine.
+                                if p.machine_consistent {
+                                    format!("{} (machine)", p.consistency)
+                                } else {
+                                    p.consistency.clone()
+                                },
                             ]
                         })
                         .collect(),
