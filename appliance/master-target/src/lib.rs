@@ -702,9 +702,9 @@ mod tests {
         unique_bytes += key.seal_chunk(&key.chunk_id(&d), &d).len() as u64;
         items.push(Item::Block(5, chunk(&key, &d, true)));
         let mut patched = d.clone();
-        patched[10..14].copy_from_slice(b"XXXX");
+        patched[10..14].copy_from_slice(b"PtCh");
         let patch = Patch {
-            extents: vec![(10, b"XXXX".to_vec())],
+            extents: vec![(10, b"PtCh".to_vec())],
         };
         items.push(Item::Block(
             5,
