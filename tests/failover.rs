@@ -115,6 +115,12 @@ impl Dr {
     /// with one-time tokens: started with only the configuration server's address, a token and
     /// the CA's hash, they take their disks, keys and certificates from it.
     fn start_enrolled() -> Dr {
+        Dr::start_enrolled_with(None, &[])
+    }
+
+    /// [`Dr::start_enrolled`] with machine `web` on `policy` (instead of the harness's) and
+    /// `master_args` added to the master target's command line.
+    fn start_enrolled_with(policy: Option<Value>, master_args: &[&str]) -> Dr {
         let began = Instant::now();
         let dir = tempfile::Builder::new()
             .prefix("ferry-failover-")
@@ -126,6 +132,10 @@ impl Dr {
         lab.key = d.join("mt-state/tenant.key");
         let mut dr = Dr::around(began, dir, lab);
         dr.inventory(false);
+        if let Some(p) = policy {
+            let a = dr.admin();
+            dr.ok(&a, Method::PUT, "/v1/tenants/acme/policies/gold", Some(p));
+        }
         let s = |v: &str| v.to_string();
         let token = |name: &str, role: &str| -> TokenCreated {
             serde_json::from_value(dr.ok(
@@ -162,6 +172,7 @@ impl Dr {
             s("--listen"),
             format!("127.0.0.1:{}", dr.lab.master_port),
         ];
+        mt_args.extend(master_args.iter().map(|a| s(a)));
         mt_args.extend(role(&mt, "mt-state"));
         let mut ps_args = vec![
             s("process-server"),
@@ -1131,6 +1142,94 @@ fn write_across(dr: &Dr, seed: u64, time: Duration) -> Vec<(usize, u64, usize)> 
         }
         log
     })
+}
+
+/// A machine's policy is what its roles do: with compression off, a bandwidth limit in a
+/// weekly window that covers the whole week, and one point per hour kept, the process server
+/// (configured by the configuration server) seals chunks without zstd and sends no faster than
+/// the window's limit, and the master target thins the disks' points to the hourly tier, the
+/// newest still equal to the guest's disk.
+#[test]
+fn a_machines_policy_sets_compression_bandwidth_and_retention_at_its_roles() {
+    let all_week = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let policy = json!({"name": "gold", "mode": "continuous", "checkpoint_interval_secs": 1,
+        "rpo_alert_secs": 60, "compression": false,
+        "retention": [{"every_secs": 3600, "keep_secs": 86_400}],
+        "bandwidth": {"limit_mbit": null, "schedule": [
+            {"days": all_week, "start_minute": 0, "end_minute": 1440, "limit_mbit": 8}]}});
+    let dr = Dr::start_enrolled_with(Some(policy), &["--retention-interval-secs", "1"]);
+    dr.caught_up();
+    for d in DISKS {
+        let s = dr.lab.status(d).unwrap();
+        assert_eq!(s.bandwidth_limit_mbit, Some(8), "{d}: {s:?}");
+        assert!(s.uncompressed, "{d} says its chunks are compressed");
+    }
+
+    // 3 MiB of text (every 64 KiB block different), which zstd would shrink several times:
+    // uncompressed at 8 Mbit/s (1 MB/s) it takes about 3 s to reach the master target.
+    let mut text: Vec<u8> = (0..3 * MIB / 32)
+        .flat_map(|i| format!("line {i:>10} of the policy test\n").into_bytes())
+        .collect();
+    text.truncate(3 * MIB as usize);
+    let began = Instant::now();
+    dr.rt.block_on(async {
+        let mut g = ferry_nbd::client::Client::connect_unix(&dr.socks[0], "guest")
+            .await
+            .unwrap();
+        g.write(16 * MIB, &text, false).await.unwrap();
+        g.flush().await.unwrap();
+    });
+    let last = dr.caught_up();
+    let took = began.elapsed();
+    // One burst of 0.1 s aside, 3 MiB cannot cross an 8 Mbit/s link in under 3.1 s.
+    assert!(
+        took >= Duration::from_millis(2900),
+        "3 MiB of text reached the master target in {took:?}: over 8 Mbit/s (or compressed)"
+    );
+
+    // Every chunk the master target stores is sealed without zstd (blob header, flags byte:
+    // docs/formats.md, "Chunk blob").
+    let blobs = support::walk(&dr.lab.repo.join("chunks"));
+    assert!(blobs.len() >= 48, "{} chunks stored", blobs.len());
+    for b in &blobs {
+        let head = std::fs::read(b).unwrap();
+        assert_eq!(&head[..4], b"FCB1", "{}", b.display());
+        assert_eq!(head[5] & 1, 0, "{} is zstd-compressed", b.display());
+    }
+
+    // Hourly retention: of the points committed (five more, one small write each), the master
+    // target keeps the newest and at most one per hour (two when the test straddles an hour).
+    let mut last = last;
+    for i in 0..5u64 {
+        dr.rt.block_on(async {
+            let mut g = ferry_nbd::client::Client::connect_unix(&dr.socks[0], "guest")
+                .await
+                .unwrap();
+            g.write(24 * MIB + i * 4096, &[0xa5; 4096], false)
+                .await
+                .unwrap();
+            g.flush().await.unwrap();
+        });
+        last = dr.caught_up();
+    }
+    let sent = dr.lab.status("d0").unwrap().checkpoints_sent;
+    assert!(sent >= 7, "d0 committed {sent} checkpoints");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let kept = loop {
+        let kept = dr.lab.repository().unwrap().points("d0").unwrap();
+        if kept.len() <= 3 || Instant::now() > deadline {
+            break kept;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        kept.len() <= 3,
+        "d0 keeps {} points under an hourly tier",
+        kept.len()
+    );
+    assert_eq!(kept.last().unwrap().meta.seq, last[0]);
+    let e = format!("nbd+unix:///guest?socket={}", dr.socks[0].display());
+    support::assert_point_equals(&dr.lab, dr.dir.path(), "d0", last[0], &e);
 }
 
 #[test]

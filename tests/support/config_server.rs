@@ -244,5 +244,5 @@ pub async fn inventory(admin: &Client) {
 pub fn policy(rpo: u32) -> Value {
     json!({"name": "gold", "mode": "continuous", "checkpoint_interval_secs": 1, "rpo_alert_secs": rpo,
            "retention": [{"every_secs": 1, "keep_secs": 3600}],
-           "bandwidth": {"limit_mbit": 100, "schedule": [{"days": ["mon", "fri"], "start_minute": 480, "end_minute": 1080, "limit_mbit": 20}]}})
+           "bandwidth": {"limit_mbit": 10000, "schedule": [{"days": ["mon", "fri"], "start_minute": 480, "end_minute": 1080, "limit_mbit": 5000}]}})
 }

@@ -385,7 +385,8 @@ pub fn assert_no_plaintext(dir: &std::path::Path, needle: &[u8]) {
     }
 }
 
-fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+/// Every file under `dir`, recursively.
+pub fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();

@@ -15,6 +15,10 @@ pub enum ReplicationMode {
 }
 
 /// Keep one recovery point per `every_secs` for `keep_secs` (e.g. every 300 s for a day).
+/// Tiers are consecutive age ranges, finest first: the first covers points up to `keep_secs`
+/// old, the next the `keep_secs` after that, and so on; older points are deleted (the newest
+/// point of a disk never is). A policy without tiers keeps the master target's own
+/// (every point for an hour, one per 5 minutes for a day, one per hour for 14 days).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionTier {
@@ -73,7 +77,7 @@ pub struct Policy {
     pub bandwidth: Bandwidth,
 }
 
-fn yes() -> bool {
+pub(crate) fn yes() -> bool {
     true
 }
 

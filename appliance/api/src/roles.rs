@@ -72,6 +72,12 @@ pub struct AssignedDisk {
     pub periodic: bool,
     /// The machine's policy: checkpoint (continuous) or cycle (periodic) interval.
     pub interval_secs: u32,
+    /// The machine's policy: zstd on the disk's chunks.
+    #[serde(default = "crate::policy::yes")]
+    pub compression: bool,
+    /// The machine's policy: the limit on what its disks send to the master target, together.
+    #[serde(default)]
+    pub bandwidth: crate::policy::Bandwidth,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -93,6 +99,17 @@ pub struct MasterTargetConfig {
     pub tenant_key_hex: String,
     /// Server certificate for the replication link (valid for the address it reported).
     pub server: DataPki,
+    /// The retention tiers of each disk whose machine's policy names some (the others keep
+    /// the master target's own tiers).
+    #[serde(default)]
+    pub retention: Vec<DiskRetention>,
+}
+
+/// The retention tiers a disk's points are thinned by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DiskRetention {
+    pub disk: String,
+    pub tiers: Vec<crate::policy::RetentionTier>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -160,6 +160,13 @@ impl TenantKey {
         self.seal(plaintext, &id.0)
     }
 
+    /// [`TenantKey::seal_chunk`], compressed only when `compress` (a policy may turn zstd off:
+    /// data known not to compress, or a process server short of CPU). Either blob opens the
+    /// same way; a chunk's name does not depend on it.
+    pub fn seal_chunk_as(&self, id: &ChunkId, plaintext: &[u8], compress: bool) -> Vec<u8> {
+        self.seal_with(plaintext, &id.0, compress)
+    }
+
     /// Open a stored chunk and check that its plaintext matches its name.
     pub fn open_chunk(&self, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, ChunkError> {
         let plain = self.open(blob, &id.0)?;
@@ -176,12 +183,19 @@ impl TenantKey {
     /// compressing a small block), then AES-GCM in place. Only a block zstd does not shrink is
     /// copied.
     pub fn seal(&self, plaintext: &[u8], context: &[u8]) -> Vec<u8> {
+        self.seal_with(plaintext, context, true)
+    }
+
+    fn seal_with(&self, plaintext: &[u8], context: &[u8], compress: bool) -> Vec<u8> {
         assert!(
             plaintext.len() <= MAX_PLAINTEXT,
             "plaintext over MAX_PLAINTEXT"
         );
         let nonce = next_nonce();
-        let bound = zstd::zstd_safe::compress_bound(plaintext.len());
+        let bound = match compress {
+            true => zstd::zstd_safe::compress_bound(plaintext.len()),
+            false => 0,
+        };
         let mut out = Vec::with_capacity(BLOB_HEADER_LEN + bound.max(plaintext.len()) + TAG_LEN);
         out.extend_from_slice(&BLOB_MAGIC);
         out.push(BLOB_VERSION);
@@ -189,7 +203,9 @@ impl TenantKey {
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&(plaintext.len() as u32).to_le_bytes());
         out.extend_from_slice(&nonce);
-        let compressed = compress_after(plaintext, &mut out);
+        let compressed = compress
+            .then(|| compress_after(plaintext, &mut out))
+            .flatten();
         if compressed.is_some_and(|n| n < plaintext.len()) {
             out[5] = FLAG_ZSTD;
         } else {
@@ -386,6 +402,18 @@ mod tests {
         // compression kept only when it helps
         assert!(k.seal(&text, b"").len() < text.len() / 10);
         assert!(k.seal(&random, b"").len() <= random.len() + BLOB_HEADER_LEN + TAG_LEN);
+    }
+
+    #[test]
+    fn a_chunk_sealed_without_compression_is_stored_whole_and_opens() {
+        let k = key();
+        let text = b"ferry ".repeat(10_000);
+        let id = k.chunk_id(&text);
+        let blob = k.seal_chunk_as(&id, &text, false);
+        assert_eq!(blob.len(), BLOB_HEADER_LEN + text.len() + TAG_LEN);
+        assert_eq!(blob[5] & FLAG_ZSTD, 0);
+        assert_eq!(k.open_chunk(&id, &blob).unwrap(), text);
+        assert!(k.seal_chunk_as(&id, &text, true).len() < text.len() / 10);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_api::{
-    Appliance, ApplianceRole, AssignedDisk, ConfigRequest, DataPki, Disk, Machine,
+    Appliance, ApplianceRole, AssignedDisk, ConfigRequest, DataPki, Disk, DiskRetention, Machine,
     MasterTargetConfig, Policy, ProcessServerConfig, ReplicationMode, RoleConfig,
 };
 use ring::rand::SecureRandom;
@@ -95,6 +95,7 @@ pub async fn config(
                     true,
                     req.data_csr_pem.as_deref(),
                 )?,
+                retention: retention(&app, &tenant)?,
                 tenant,
                 tenant_key_hex: key,
             })
@@ -111,6 +112,29 @@ pub async fn config(
     };
     app.store.flush().await?;
     Ok(Json(cfg))
+}
+
+/// The retention tiers of every disk of the tenant whose machine's policy names some.
+fn retention(app: &Shared, tenant: &str) -> Result<Vec<DiskRetention>, ApiError> {
+    let mut out = Vec::new();
+    let machines: Vec<Machine> = app.store.list(trees::MACHINES, &format!("{tenant}/"))?;
+    for m in machines {
+        let policy: Option<Policy> = app
+            .store
+            .get(trees::POLICIES, &format!("{tenant}/{}", m.policy))?;
+        let Some(policy) = policy.filter(|p| !p.retention.is_empty()) else {
+            continue;
+        };
+        let ds: Vec<Disk> = app
+            .store
+            .list(trees::DISKS, &format!("{tenant}/{}/", m.name))?;
+        out.extend(ds.into_iter().map(|d| DiskRetention {
+            disk: d.name,
+            tiers: policy.retention.clone(),
+        }));
+    }
+    out.sort_by(|a, b| a.disk.cmp(&b.disk));
+    Ok(out)
 }
 
 fn process_server(
@@ -191,6 +215,8 @@ fn process_server(
                 source: d.source,
                 periodic: policy.mode == ReplicationMode::Periodic,
                 interval_secs: policy.checkpoint_interval_secs,
+                compression: policy.compression,
+                bandwidth: policy.bandwidth.clone(),
             });
         }
     }

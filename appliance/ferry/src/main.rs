@@ -271,11 +271,13 @@ struct ProcessServerArgs {
     /// the process server can read the disk on its host and resynchronizes it by checksums when
     /// its journal overflowed or was lost, or on `ferry resync`. With `,group=MACHINE` the
     /// disk is cut together with the other disks of that group (one protected machine), so
-    /// their points at each cut are one crash-consistent state of the machine. Repeatable.
+    /// their points at each cut are one crash-consistent state of the machine.
+    /// `,interval-ms=N` gives it its own checkpoint interval (else --interval-ms);
+    /// `,compress=no` seals its chunks without zstd. Repeatable.
     #[arg(long = "disk", required_unless_present_any = ["periodic", "config_server"])]
     disks: Vec<String>,
     /// A periodically protected disk, read from its host's dirty bitmaps:
-    /// NAME=SIZE,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET,fleece=HOST_FILE[,interval-ms=N].
+    /// NAME=SIZE,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET,fleece=HOST_FILE[,interval-ms=N][,compress=no].
     /// Repeatable.
     #[arg(long = "periodic")]
     periodic: Vec<String>,
@@ -318,6 +320,11 @@ struct ProcessServerArgs {
     /// Also take an application-consistent point every this many seconds (0: only on request).
     #[arg(long, default_value_t = 0, requires = "freeze_hook")]
     app_consistent_every: u64,
+    /// Limit what this process server sends to the master target, all disks together, in
+    /// megabits per second (with --config-server, each machine's policy sets its own limit
+    /// and weekly schedule instead).
+    #[arg(long, conflicts_with = "config_server")]
+    bandwidth_mbit: Option<u32>,
 }
 
 fn main() {
@@ -439,7 +446,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bootstrap,
             advertise,
         } => {
-            let policy = retention.policy()?;
+            let mut retention = ferry_repository::Retention {
+                default: retention.policy()?,
+                disks: Default::default(),
+            };
             let mut configured = None;
             let address = advertise.unwrap_or_else(|| listen.to_string());
             if bootstrap.config_server.is_some()
@@ -450,8 +460,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if bootstrap.config_server.is_some() {
                 let cfg = bootstrap.fetch(Some(address.clone()))?;
-                if !matches!(cfg, ferry_api::RoleConfig::MasterTarget(_)) {
+                let ferry_api::RoleConfig::MasterTarget(c) = &cfg else {
                     bail!("this identity is not a master target's (the configuration server sent another role's configuration)");
+                };
+                // Each machine's policy: its tiers are consecutive age ranges, finest first.
+                for d in &c.retention {
+                    let tiers = d.tiers.iter().map(|t| RetentionTier {
+                        every_secs: t.every_secs,
+                        for_secs: t.keep_secs,
+                    });
+                    retention.disks.insert(
+                        d.disk.clone(),
+                        RetentionPolicy {
+                            keep_all_secs: 0,
+                            tiers: tiers.collect(),
+                        },
+                    );
                 }
                 let l = bootstrap.layout();
                 pki = l.pki;
@@ -469,7 +493,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 repo: Arc::new(r),
                 key: Arc::new(load_key(&repo.key)?),
                 retention: (retention_interval_secs > 0)
-                    .then(|| (policy, Duration::from_secs(retention_interval_secs))),
+                    .then(|| (retention, Duration::from_secs(retention_interval_secs))),
             };
             if let Some(c) = configured {
                 bootstrap.watch(c, Some(address), None);
@@ -805,6 +829,17 @@ fn print_status(st: &[ferry_process_server::DiskStatus], redraw: bool) -> anyhow
                 }
             );
         }
+        // What the machine's policy does to this disk's shipping, when it does anything.
+        let mut policy = Vec::new();
+        if let Some(m) = s.bandwidth_limit_mbit {
+            policy.push(format!("bandwidth limited to {m} Mbit/s now"));
+        }
+        if s.uncompressed {
+            policy.push("chunks sent without compression".to_string());
+        }
+        if !policy.is_empty() {
+            println!("  policy: {}", policy.join(", "));
+        }
         if let Some(e) = s
             .grow_error
             .as_ref()
@@ -887,6 +922,7 @@ fn cache_direct_io(mode: CacheIo, cache: &std::path::Path) -> bool {
 
 fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
     let mut configured = None;
+    let mut throttles = std::collections::HashMap::new();
     if a.bootstrap.config_server.is_some() {
         if !a.disks.is_empty() || !a.periodic.is_empty() || a.master.is_some() {
             bail!("with --config-server, the disks and the master target come from the configuration server: leave out --disk, --periodic and --master");
@@ -900,14 +936,19 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
             if !d.source.is_empty() {
                 spec = format!("{spec},{}", d.source);
             }
+            if !d.compression {
+                spec = format!("{spec},compress=no");
+            }
+            let ms = u64::from(d.interval_secs) * 1000;
             if d.periodic {
-                let ms = u64::from(d.interval_secs) * 1000;
                 a.periodic.push(format!("{spec},interval-ms={ms}"));
             } else {
                 // A machine's continuous disks are one consistency group.
-                a.disks.push(format!("{spec},group={}", d.machine));
+                a.disks
+                    .push(format!("{spec},group={},interval-ms={ms}", d.machine));
             }
         }
+        throttles = machine_throttles(&c.disks);
         let l = a.bootstrap.layout();
         a.master = Some(c.master.clone());
         a.pki = l.pki;
@@ -926,6 +967,24 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     if !a.block_size.is_power_of_two() || !(4096..=1 << 20).contains(&a.block_size) {
         bail!("--block-size must be a power of two from 4096 to 1048576");
+    }
+    if let Some(mbit) = a.bandwidth_mbit {
+        if !(1..=100_000).contains(&mbit) {
+            bail!("--bandwidth-mbit must be from 1 to 100000");
+        }
+        // One limit for everything this process server sends.
+        let t = ferry_process_server::throttle::Throttle::new(
+            "process-server",
+            ferry_process_server::throttle::Schedule {
+                default_mbit: Some(mbit),
+                windows: Vec::new(),
+            },
+        );
+        let names = disks
+            .iter()
+            .map(|d| &d.name)
+            .chain(periodic.iter().map(|p| &p.name));
+        throttles = names.map(|n| (n.clone(), t.clone())).collect();
     }
     let master = a.master.clone().context("--master is required")?;
     let (host, _) = ferry_api::validate::host_port(&master)
@@ -950,6 +1009,7 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
             addr: master.clone(),
             server_name,
             tls: ferry_pki::client_config(&a.pki)?,
+            throttles,
         },
         tuning: ferry_process_server::Tuning {
             interval: Duration::from_millis(a.interval_ms.max(10)),
@@ -1001,8 +1061,67 @@ fn parse_spec<'a>(
 }
 
 /// `NAME=SIZE[,qmp=PATH,node=NODE,nbd=PATH][,group=MACHINE]`
+/// One throttle per machine whose policy limits its bandwidth, by disk name.
+fn machine_throttles(
+    disks: &[ferry_api::AssignedDisk],
+) -> std::collections::HashMap<String, Arc<ferry_process_server::throttle::Throttle>> {
+    use ferry_process_server::throttle::{Schedule, Throttle, Window};
+    let mut by_machine = std::collections::HashMap::new();
+    let mut out = std::collections::HashMap::new();
+    for d in disks {
+        let schedule = Schedule {
+            default_mbit: d.bandwidth.limit_mbit,
+            windows: d
+                .bandwidth
+                .schedule
+                .iter()
+                .map(|w| {
+                    let mut days = [false; 7];
+                    for &day in &w.days {
+                        days[day as usize] = true;
+                    }
+                    Window {
+                        days,
+                        start_minute: w.start_minute,
+                        end_minute: w.end_minute,
+                        limit_mbit: w.limit_mbit,
+                    }
+                })
+                .collect(),
+        };
+        if schedule.is_unlimited() {
+            continue;
+        }
+        let t = by_machine
+            .entry(d.machine.clone())
+            .or_insert_with(|| Throttle::new(&d.machine, schedule))
+            .clone();
+        out.insert(d.name.clone(), t);
+    }
+    out
+}
+
+/// `compress=yes|no` of a disk spec (default yes).
+fn parse_compress(option: &str, name: &str, v: Option<&&str>) -> anyhow::Result<bool> {
+    match v.copied() {
+        None | Some("yes") => Ok(true),
+        Some("no") => Ok(false),
+        Some(o) => bail!("{option} {name}: compress={o:?}: say yes or no"),
+    }
+}
+
 fn parse_disk(text: &str) -> anyhow::Result<ferry_process_server::DiskSpec> {
-    let (name, size, kv) = parse_spec("--disk", text, &["qmp", "node", "nbd", "group"])?;
+    let (name, size, kv) = parse_spec(
+        "--disk",
+        text,
+        &["qmp", "node", "nbd", "group", "compress", "interval-ms"],
+    )?;
+    let interval = match kv.get("interval-ms") {
+        Some(v) => Some(Duration::from_millis(
+            v.parse::<u64>().context("--disk: interval-ms")?.max(10),
+        )),
+        None => None,
+    };
     let group = match kv.get("group") {
         Some(g) if !ferry_wire::valid_disk_name(g) => {
             bail!("--disk {name}: group {g:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")
@@ -1023,6 +1142,8 @@ fn parse_disk(text: &str) -> anyhow::Result<ferry_process_server::DiskSpec> {
         size,
         host,
         group,
+        compress: parse_compress("--disk", name, kv.get("compress"))?,
+        interval,
     })
 }
 
@@ -1034,7 +1155,7 @@ fn parse_periodic(
     let (name, size, kv) = parse_spec(
         "--periodic",
         text,
-        &["qmp", "node", "nbd", "fleece", "interval-ms"],
+        &["qmp", "node", "nbd", "fleece", "interval-ms", "compress"],
     )?;
     let get = |k: &str| {
         kv.get(k)
@@ -1053,6 +1174,7 @@ fn parse_periodic(
         nbd_socket: get("nbd")?.into(),
         fleece_file: get("fleece")?,
         interval: Duration::from_millis(interval_ms.max(100)),
+        compress: parse_compress("--periodic", name, kv.get("compress"))?,
     })
 }
 

@@ -39,8 +39,9 @@ pub struct Config {
     pub repo: Arc<Repository>,
     /// The tenant key (patches are decrypted and merged here; chunks are authenticated).
     pub key: Arc<TenantKey>,
-    /// Thin out old points by these tiers and collect unreferenced chunks every `interval`.
-    pub retention: Option<(ferry_repository::RetentionPolicy, Duration)>,
+    /// Thin out old points by each disk's tiers and collect unreferenced chunks every
+    /// `interval`.
+    pub retention: Option<(ferry_repository::Retention, Duration)>,
 }
 
 #[derive(Default)]
@@ -85,10 +86,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     serve(listener, cfg).await
 }
 
-/// Apply the retention tiers to every disk, then collect what no kept point references.
+/// Apply each disk's retention tiers, then collect what no kept point references.
 pub fn retention_pass(
     repo: &Repository,
-    policy: &ferry_repository::RetentionPolicy,
+    retention: &ferry_repository::Retention,
 ) -> Result<(), RepoError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -96,7 +97,7 @@ pub fn retention_pass(
         .unwrap_or(0);
     let (mut removed, mut held) = (0, 0);
     for d in repo.disks() {
-        let r = repo.apply_retention(&d.name, policy, now)?;
+        let r = repo.apply_retention(&d.name, retention.for_disk(&d.name), now)?;
         removed += r.deleted.len();
         held += r.held.len();
     }

@@ -50,6 +50,8 @@ pub struct Options {
     pub block_size: u64,
     pub compare: bool,
     pub dedupe: bool,
+    /// zstd on the chunks (the policy's `compression`).
+    pub compress: bool,
 }
 
 /// Read the block ranges `runs` (`[first, end)`) and send them, as `Options` says. Calls
@@ -180,10 +182,12 @@ async fn send_run(
     let picked = Arc::new(picked);
     let seal = {
         let (picked, sh, data) = (picked.clone(), shared.clone(), data.clone());
+        let compress = opts.compress;
         move |k: usize| {
             let (_, i, id) = picked[k];
             let block = &data[i * bs..((i + 1) * bs).min(data.len())];
-            sh.key.seal_chunk(&id.expect("a named block"), block)
+            sh.key
+                .seal_chunk_as(&id.expect("a named block"), block, compress)
         }
     };
     let seal = Arc::new(seal);

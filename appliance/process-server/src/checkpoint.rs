@@ -134,6 +134,7 @@ impl Builder {
         disk: &str,
         seq: u64,
         known: &HashSet<ChunkId>,
+        compress: bool,
     ) -> Vec<BuiltBlock> {
         let mut out = Vec::with_capacity(self.blocks.len());
         for (index, delta) in self.blocks {
@@ -146,7 +147,7 @@ impl Builder {
                 Delta::Partial { buf, ranges }
                     if ranges.len() == 1 && ranges[0] == (0, buf.len() as u32) =>
                 {
-                    let (body, chunk) = whole_block(key, known, &buf);
+                    let (body, chunk) = whole_block(key, known, &buf, compress);
                     BuiltBlock { index, body, chunk }
                 }
                 Delta::Partial { buf, ranges } => {
@@ -176,12 +177,13 @@ pub fn whole_block(
     key: &TenantKey,
     known: &HashSet<ChunkId>,
     data: &[u8],
+    compress: bool,
 ) -> (BlockBody, Option<ChunkId>) {
     if is_zero(data) {
         return (BlockBody::Zero, None);
     }
     let id = key.chunk_id(data);
-    let blob = (!known.contains(&id)).then(|| key.seal_chunk(&id, data));
+    let blob = (!known.contains(&id)).then(|| key.seal_chunk_as(&id, data, compress));
     (BlockBody::Chunk { id, blob }, Some(id))
 }
 
@@ -309,7 +311,7 @@ mod tests {
             }
         }
         let mut image = base;
-        for blk in b.finish(&k, "d", 1, &HashSet::new()) {
+        for blk in b.finish(&k, "d", 1, &HashSet::new(), true) {
             let start = (blk.index * bs as u64) as usize;
             let end = (start + bs as usize).min(size as usize);
             match blk.body {
@@ -344,7 +346,7 @@ mod tests {
         ));
         let id = k.chunk_id(&[7; 4096]);
         let known: HashSet<_> = [id].into_iter().collect();
-        let out = b.finish(&k, "d", 1, &known);
+        let out = b.finish(&k, "d", 1, &known, true);
         assert_eq!(out.len(), 2);
         assert!(out
             .iter()

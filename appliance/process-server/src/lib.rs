@@ -19,6 +19,7 @@ pub mod periodic;
 pub mod resync;
 pub mod shipper;
 pub mod status;
+pub mod throttle;
 
 use anyhow::Context;
 use ferry_journal::{Journal, JournalConfig, JournalState};
@@ -52,6 +53,10 @@ pub struct Disk {
     app_mark: Mutex<Option<u64>>,
     /// The consistency group (the protected machine) the disk is cut with, if any.
     pub group: Option<Arc<group::Group>>,
+    /// Chunks are zstd-compressed (when it helps); the machine's policy may turn it off.
+    pub compress: bool,
+    /// Its checkpoint interval, when its policy sets one (else the process server's).
+    pub interval: Option<std::time::Duration>,
 }
 
 impl Disk {
@@ -175,6 +180,10 @@ pub struct DiskSpec {
     /// The consistency group (the protected machine): disks of one group are cut at one
     /// instant, so their points together are one crash-consistent state of the machine.
     pub group: Option<String>,
+    /// zstd on its chunks (the policy's `compression`).
+    pub compress: bool,
+    /// Its own checkpoint interval (the policy's), instead of the process server's.
+    pub interval: Option<std::time::Duration>,
 }
 
 pub struct Config {
@@ -321,6 +330,7 @@ fn open_disks(
                 group: spec.group.clone(),
                 app_hooks,
                 host_access: spec.host.is_some(),
+                uncompressed: !spec.compress,
                 ..Default::default()
             }),
             status_path,
@@ -331,6 +341,8 @@ fn open_disks(
             unreconciled_path,
             app_mark: Mutex::new(None),
             group,
+            compress: spec.compress,
+            interval: spec.interval,
         });
         disk.refresh_journal_stats();
         out.push(disk);

@@ -44,6 +44,8 @@ pub struct PeriodicSpec {
     /// A file on the host for the view's copied-aside data.
     pub fleece_file: String,
     pub interval: Duration,
+    /// zstd on its chunks (the policy's `compression`).
+    pub compress: bool,
 }
 
 /// A periodic disk's status, kept in memory and written out on every change.
@@ -103,6 +105,7 @@ pub async fn protect(
         status: Mutex::new(DiskStatus {
             disk: spec.name.clone(),
             periodic: true,
+            uncompressed: !spec.compress,
             ..Default::default()
         }),
     };
@@ -202,8 +205,10 @@ async fn run(
         last_seq += 1;
         cuts += 1;
         tracing::info!(disk = %spec.name, mode = label, seq = last_seq, blocks = report.blocks, bytes = report.bytes, "recovery point committed");
+        let limit = link.throttle(&spec.name).and_then(|t| t.limit_mbit());
         status.update(|s| {
             s.acked_seq = last_seq;
+            s.bandwidth_limit_mbit = limit;
             s.acked_journal_seq = cuts;
             s.acked_point_created_unix_ns = started;
             s.checkpoints_sent += 1;
@@ -480,6 +485,7 @@ async fn transfer(
                 block_size: bs,
                 compare: resync,
                 dedupe,
+                compress: spec.compress,
             },
             shared,
             rd,

@@ -156,6 +156,7 @@ impl Resync<'_> {
                 block_size: bs,
                 compare: true,
                 dedupe: true,
+                compress: disk.compress,
             },
             shared,
             rd,
@@ -202,7 +203,7 @@ impl Resync<'_> {
             }
             let blocks = {
                 let known = shared.known.lock().expect("known lock");
-                builder.finish(&shared.key, &disk.name, seq, &known)
+                builder.finish(&shared.key, &disk.name, seq, &known, disk.compress)
             };
             for b in blocks {
                 let frame = Msg::Block {

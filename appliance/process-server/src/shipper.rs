@@ -7,6 +7,7 @@
 
 use crate::checkpoint::Builder;
 use crate::status::{now_unix_ns, State};
+use crate::throttle::{Throttle, Throttled};
 use crate::Disk;
 use anyhow::{anyhow, bail, Context};
 use ferry_chunk::{ChunkId, TenantKey};
@@ -24,6 +25,15 @@ pub struct Link {
     pub addr: String,
     pub server_name: ServerName<'static>,
     pub tls: Arc<rustls::ClientConfig>,
+    /// Bandwidth limits by disk name (the disks of one machine share one throttle).
+    pub throttles: std::collections::HashMap<String, Arc<Throttle>>,
+}
+
+impl Link {
+    /// The throttle `disk`'s connections draw from, if its machine has a limit.
+    pub fn throttle(&self, disk: &str) -> Option<&Arc<Throttle>> {
+        self.throttles.get(disk)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -90,6 +100,10 @@ struct Sent {
 
 /// Replicate one disk forever, reconnecting after any failure.
 pub async fn replicate(disk: Arc<Disk>, link: Arc<Link>, tuning: Tuning, shared: Arc<Shared>) {
+    let tuning = Tuning {
+        interval: disk.interval.unwrap_or(tuning.interval),
+        ..tuning
+    };
     let mut backoff = Duration::from_millis(100);
     loop {
         // `ferry grow` runs between sessions: none cuts a checkpoint while the size changes.
@@ -185,9 +199,11 @@ async fn session(
         disk.update(|s| s.state = State::Replicating);
     }
     trim(disk, journal_end).await?;
+    let limit = link.throttle(&disk.name).and_then(|t| t.limit_mbit());
     disk.update(|s| {
         s.connected = true;
         s.last_error = None;
+        s.bandwidth_limit_mbit = limit;
         s.acked_seq = last_seq;
         s.acked_journal_seq = journal_end;
         if s.state == State::Connecting {
@@ -240,8 +256,10 @@ async fn session(
                         if let (Some(g), Some(id)) = (&disk.group, f.group_cut) {
                             g.done(&disk.name, id);
                         }
+                        let limit = link.throttle(&disk.name).and_then(|t| t.limit_mbit());
                         disk.update(|s| {
                             s.acked_seq = seq;
+                            s.bandwidth_limit_mbit = limit;
                             s.acked_journal_seq = journal_end;
                             s.acked_point_created_unix_ns = f.created_unix_ns;
                             if let Some(id) = f.group_cut {
@@ -280,8 +298,10 @@ async fn session(
 }
 
 /// The two halves of a replication connection.
-pub type SessionReader = tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>;
-pub type SessionWriter = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+pub type SessionReader = tokio::io::ReadHalf<tokio_rustls::client::TlsStream<Wire>>;
+pub type SessionWriter = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<Wire>>;
+/// The TCP connection under a session's TLS, limited by its machine's bandwidth policy.
+pub type Wire = Throttled<TcpStream>;
 
 /// Connect to the master target for one disk: TCP, TLS, Hello; returns the halves and the
 /// master target's `(last_seq, journal_end)`.
@@ -296,6 +316,7 @@ pub async fn open_session(
         .context("connect timed out")?
         .with_context(|| format!("connect to {}", link.addr))?;
     tcp.set_nodelay(true)?;
+    let tcp = Throttled::new(tcp, link.throttle(disk).cloned());
     let connector = tokio_rustls::TlsConnector::from(link.tls.clone());
     let tls = tokio::time::timeout(
         Duration::from_secs(10),
@@ -471,7 +492,7 @@ fn build(
     let created_unix_ns = cut_id.unwrap_or_else(now_unix_ns);
     let blocks = {
         let known = shared.known.lock().expect("known lock");
-        builder.finish(&shared.key, &disk.name, seq, &known)
+        builder.finish(&shared.key, &disk.name, seq, &known, disk.compress)
     };
     let mut frames = Vec::with_capacity(blocks.len() + 2);
     frames.push(

@@ -28,6 +28,10 @@ pub struct DiskStatus {
     /// A point of this disk at a cut of its group is still to come (see
     /// `group::Group::pending`); the disk is not caught up meanwhile.
     pub group_cut_pending: bool,
+    /// The machine's bandwidth limit in force when last looked at (megabits per second; none:
+    /// unlimited), and whether its chunks are sealed without zstd (the policy turned it off).
+    pub bandwidth_limit_mbit: Option<u32>,
+    pub uncompressed: bool,
     pub state: State,
     pub connected: bool,
     /// Newest recovery point the master target acknowledged as durable.

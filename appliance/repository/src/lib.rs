@@ -29,7 +29,7 @@ pub use export::ExportFormat;
 pub use ferry_chunk::{ChunkId, TenantKey};
 pub use holds::{HeldPoint, Hold};
 pub use reader::PointReader;
-pub use retention::{HeldBack, RetentionPolicy, RetentionReport, RetentionTier};
+pub use retention::{HeldBack, Retention, RetentionPolicy, RetentionReport, RetentionTier};
 pub use verify::{BadObject, GcReport, VerifyReport};
 pub use writer::{CheckpointWriter, VerifiedChunk};
 

@@ -65,6 +65,20 @@ impl Default for RetentionPolicy {
 
 const NS: u64 = 1_000_000_000;
 
+/// The tiers of every disk of a repository: each machine's policy may name its own.
+#[derive(Clone, Debug, Default)]
+pub struct Retention {
+    /// For disks `disks` does not name.
+    pub default: RetentionPolicy,
+    pub disks: HashMap<String, RetentionPolicy>,
+}
+
+impl Retention {
+    pub fn for_disk(&self, disk: &str) -> &RetentionPolicy {
+        self.disks.get(disk).unwrap_or(&self.default)
+    }
+}
+
 impl RetentionPolicy {
     /// Which of `points` (seq, created_unix_ns, worth: [`worth`]) to delete at `now_unix_ns`.
     /// The point with the highest seq is always kept.

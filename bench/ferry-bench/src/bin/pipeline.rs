@@ -351,7 +351,7 @@ fn main() -> anyhow::Result<()> {
             for cp in records.chunks(64) {
                 let mut b = Builder::new(total, DEFAULT_BLOCK_SIZE);
                 cp.iter().for_each(|r| b.apply(r));
-                black_box(b.finish(&key, "bench", 1, &known).len());
+                black_box(b.finish(&key, "bench", 1, &known, true).len());
             }
             total
         }),
