@@ -738,3 +738,158 @@ fn changes_made_while_the_process_server_was_down_cost_only_what_changed() {
     let scratch = dir.path().join("now.raw");
     assert!(point(&lab, s) == host.image_now(&scratch));
 }
+
+/// The periodic disks of one machine on one host are cut in ONE transaction: while one guest
+/// writes tagged extents to both disks in turn (each issued after the previous was
+/// acknowledged), every cut both disks have a point at is one prefix of the guest's writes
+/// across both disks (`check_machine_prefix`), and the cut after the guest stopped holds them
+/// all. Points of disks cut one after the other fail this.
+#[test]
+fn a_machines_periodic_disks_are_cut_together() {
+    let size = 16 * MIB;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path();
+    let images: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| {
+            let image = d.join(format!("host{i}.qcow2"));
+            sh(Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&image)
+                .arg(size.to_string()))
+            .unwrap();
+            sh(Command::new("qemu-io")
+                .args(["-f", "qcow2"])
+                .arg(&image)
+                .args(["-c", &format!("write -P {} 0 2M", 0x30 + i)]))
+            .unwrap();
+            image
+        })
+        .collect();
+    let mut qsd =
+        StorageDaemon::start_disks(&[(&images[0], "qcow2"), (&images[1], "qcow2")], d).unwrap();
+    let sock = d.join("host-nbd.sock");
+    for i in 0..2 {
+        qsd.export(&format!("disk{i}"), &format!("guest{i}"), &sock)
+            .unwrap();
+    }
+    let uri = |i: usize| format!("nbd+unix:///guest{i}?socket={}", sock.display());
+    let read = |i: usize| -> Vec<u8> {
+        let out = d.join(format!("now{i}.raw"));
+        sh(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &uri(i)])
+            .arg(&out))
+        .unwrap();
+        std::fs::read(&out).unwrap()
+    };
+    let bases = [read(0), read(1)];
+    let mut lab = Lab::new(&exe(), d, &[]).unwrap();
+    lab.periodic = (0..2)
+        .map(|i| {
+            format!(
+                "m{i}={size},qmp={},node=disk{i},nbd={},fleece={},interval-ms=300,group=vm",
+                d.join(ferry_qemu::MGMT_QMP_SOCKET).display(),
+                sock.display(),
+                d.join(format!("fleece{i}.qcow2")).display()
+            )
+        })
+        .collect();
+    lab.start_master().unwrap();
+    lab.start_process().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = |disk: &str| lab.status(disk).ok();
+    while !["m0", "m1"]
+        .iter()
+        .all(|m| status(m).is_some_and(|s| s.acked_seq >= 1))
+    {
+        assert!(Instant::now() < deadline, "no seed: {:?}", status("m0"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let began = ferry_process_server::status::now_unix_ns();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let log = rt.block_on(async {
+        let mut guests = Vec::new();
+        for i in 0..2 {
+            guests.push(
+                ferry_nbd::client::Client::connect_unix(&sock, &format!("guest{i}"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut rng = Rng(31);
+        let mut log = Vec::new();
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            let disk = rng.below(2) as usize;
+            let (off, len) = random_extent(&mut rng, size);
+            log.push((disk, off, len));
+            let data = tagged(log.len() as u64, off, len);
+            guests[disk].write(off, &data, false).await.unwrap();
+        }
+        for g in &mut guests {
+            g.flush().await.unwrap();
+        }
+        log
+    });
+    let stopped = ferry_process_server::status::now_unix_ns();
+    assert!(log.len() > 100, "the guest wrote {} times", log.len());
+    // A cut made after the guest stopped, on both disks.
+    let last = loop {
+        let cuts: Vec<u64> = ["m0", "m1"]
+            .iter()
+            .map(|m| status(m).map_or(0, |s| s.group_cut_unix_ns))
+            .collect();
+        if cuts[0] > stopped && cuts[0] == cuts[1] {
+            break cuts[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cut after the writes: {cuts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let repo = lab.repository().unwrap();
+    let cuts = |disk: &str| -> std::collections::BTreeMap<u64, u64> {
+        repo.points(disk)
+            .unwrap()
+            .into_iter()
+            .filter_map(|p| p.meta.group_cut.map(|c| (c, p.meta.seq)))
+            .filter(|&(c, _)| c > began)
+            .collect()
+    };
+    let (c0, c1) = (cuts("m0"), cuts("m1"));
+    assert_eq!(
+        c0.keys().collect::<Vec<_>>(),
+        c1.keys().collect::<Vec<_>>(),
+        "the disks' points are not at the same cuts"
+    );
+    assert!(c0.len() >= 4, "{} cuts in 5 s at 300 ms", c0.len());
+    assert!(c0.contains_key(&last));
+    let point = |disk: &str, seq: u64| -> Vec<u8> {
+        let r = repo.reader(disk, seq).unwrap();
+        let mut buf = vec![0u8; r.size() as usize];
+        r.read_at(0, &mut buf).unwrap();
+        buf
+    };
+    let mut mid = 0;
+    for (cut, s0) in &c0 {
+        let (p0, p1) = (point("m0", *s0), point("m1", c1[cut]));
+        let n = check_machine_prefix(&[&p0, &p1], &[&bases[0], &bases[1]], &log)
+            .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+        if n > 0 && (n as usize) < log.len() {
+            mid += 1;
+        }
+        if *cut == last {
+            assert_eq!(n as usize, log.len(), "the last cut lacks writes");
+            assert_eq!(p0, read(0));
+            assert_eq!(p1, read(1));
+        }
+    }
+    assert!(mid >= 2, "only {mid} cuts fell while the guest wrote");
+    drop(lab);
+    qsd.stop();
+}

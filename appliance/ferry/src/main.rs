@@ -277,7 +277,9 @@ struct ProcessServerArgs {
     #[arg(long = "disk", required_unless_present_any = ["periodic", "config_server"])]
     disks: Vec<String>,
     /// A periodically protected disk, read from its host's dirty bitmaps:
-    /// NAME=SIZE,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET,fleece=HOST_FILE[,interval-ms=N][,compress=no].
+    /// NAME=SIZE,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET,fleece=HOST_FILE[,interval-ms=N][,compress=no][,group=MACHINE].
+    /// The disks of one group on one host (the same qmp=) are cut in one QMP transaction, so
+    /// their points at each cut are one crash-consistent state of the machine.
     /// Repeatable.
     #[arg(long = "periodic")]
     periodic: Vec<String>,
@@ -940,10 +942,11 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
                 spec = format!("{spec},compress=no");
             }
             let ms = u64::from(d.interval_secs) * 1000;
+            // A machine's disks are one consistency group.
             if d.periodic {
-                a.periodic.push(format!("{spec},interval-ms={ms}"));
+                a.periodic
+                    .push(format!("{spec},group={},interval-ms={ms}", d.machine));
             } else {
-                // A machine's continuous disks are one consistency group.
                 a.disks
                     .push(format!("{spec},group={},interval-ms={ms}", d.machine));
             }
@@ -1155,7 +1158,15 @@ fn parse_periodic(
     let (name, size, kv) = parse_spec(
         "--periodic",
         text,
-        &["qmp", "node", "nbd", "fleece", "interval-ms", "compress"],
+        &[
+            "qmp",
+            "node",
+            "nbd",
+            "fleece",
+            "interval-ms",
+            "compress",
+            "group",
+        ],
     )?;
     let get = |k: &str| {
         kv.get(k)
@@ -1175,6 +1186,12 @@ fn parse_periodic(
         fleece_file: get("fleece")?,
         interval: Duration::from_millis(interval_ms.max(100)),
         compress: parse_compress("--periodic", name, kv.get("compress"))?,
+        group: match kv.get("group") {
+            Some(g) if !ferry_wire::valid_disk_name(g) => {
+                bail!("--periodic {name}: group {g:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")
+            }
+            g => g.map(|g| g.to_string()),
+        },
     })
 }
 

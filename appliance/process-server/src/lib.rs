@@ -248,6 +248,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tokio::spawn(app_consistent::run(d.clone(), h.clone(), request));
         }
     }
+    // The periodic disks of one machine on one host are cut together; the others alone.
+    let mut groups: Vec<Vec<periodic::PeriodicSpec>> = Vec::new();
     for p in cfg.periodic {
         anyhow::ensure!(
             ferry_wire::valid_disk_name(&p.name),
@@ -256,12 +258,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         );
         let dir = cfg.cache_dir.join(&p.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let together = groups
+            .iter_mut()
+            .find(|g| p.group.is_some() && g[0].group == p.group && g[0].qmp == p.qmp);
+        match together {
+            Some(g) => g.push(p),
+            None => groups.push(vec![p]),
+        }
+    }
+    for g in groups {
+        let paths = g
+            .iter()
+            .map(|p| cfg.cache_dir.join(&p.name).join("status.json"))
+            .collect();
         tokio::spawn(periodic::protect(
-            p,
+            g,
             cfg.block_size,
             link.clone(),
             shared.clone(),
-            dir.join("status.json"),
+            paths,
         ));
     }
     let nbd = Arc::new(ferry_nbd::ServerConfig {

@@ -4,6 +4,9 @@
 //! recording dirty bitmap for a fresh one (see `ferry_qemu::fleece`). The view is read over NBD:
 //! only the blocks the frozen bitmap marks dirty, as they were at the cut, while the guest keeps
 //! writing. They become one checkpoint, so every recovery point is the disk at one instant.
+//! The disks of one machine on one host (a `group`) are frozen in the SAME transaction, so
+//! their points at a cut are the machine at one instant; they are read one after the other
+//! over one QMP connection (a QMP socket serves one client at a time).
 //!
 //! What the bitmaps say decides what a cut sends:
 //! - no recovery point yet: a **seed**: every allocated, non-zero block (`base:allocation`);
@@ -22,7 +25,7 @@ use crate::status::{self, now_unix_ns, DiskStatus, State};
 use anyhow::{anyhow, bail, Context};
 use ferry_nbd::client::{Client, ClientOptions, Extent};
 use ferry_nbd::proto::{STATE_HOLE, STATE_ZERO};
-use ferry_qemu::fleece::{self, Bitmap, Cut, Fleece};
+use ferry_qemu::fleece::{self, Bitmap, Fleece};
 use ferry_qemu::Qmp;
 use ferry_wire::{Checkpoint, Consistency, Msg};
 use std::path::PathBuf;
@@ -46,6 +49,8 @@ pub struct PeriodicSpec {
     pub interval: Duration,
     /// zstd on its chunks (the policy's `compression`).
     pub compress: bool,
+    /// The protected machine: the disks of one machine on one host are cut together.
+    pub group: Option<String>,
 }
 
 /// A periodic disk's status, kept in memory and written out on every change.
@@ -92,136 +97,206 @@ struct Plan {
 /// (`ferry resync` writes it; it is removed once the resync is committed).
 pub const RESYNC_REQUEST: &str = "resync-requested";
 
-/// Protect one disk forever, starting over after any failure.
+/// Protect a group of disks of one host forever, starting over after any failure: one disk,
+/// or the disks of one machine (`group`), whose views are frozen in ONE transaction at every
+/// cut, so their points at a cut are one crash-consistent state of the machine, tagged with the
+/// cut (`group_cut`, the cut's time) like the continuous path's consistency groups.
 pub async fn protect(
-    spec: PeriodicSpec,
+    mut specs: Vec<PeriodicSpec>,
     block_size: u32,
     link: Arc<Link>,
     shared: Arc<Shared>,
-    status_path: PathBuf,
+    status_paths: Vec<PathBuf>,
 ) {
-    let status = StatusFile {
-        path: status_path,
-        status: Mutex::new(DiskStatus {
-            disk: spec.name.clone(),
-            periodic: true,
-            uncompressed: !spec.compress,
-            ..Default::default()
-        }),
-    };
-    let mut spec = spec;
+    let statuses: Vec<StatusFile> = specs
+        .iter()
+        .zip(status_paths)
+        .map(|(spec, path)| StatusFile {
+            path,
+            status: Mutex::new(DiskStatus {
+                disk: spec.name.clone(),
+                group: spec.group.clone(),
+                periodic: true,
+                uncompressed: !spec.compress,
+                ..Default::default()
+            }),
+        })
+        .collect();
     let mut backoff = Duration::from_millis(200);
     loop {
-        let r = run(&mut spec, block_size, &link, &shared, &status).await;
+        let r = run(&mut specs, block_size, &link, &shared, &statuses).await;
         let msg = match r {
             Ok(()) => "stopped".to_string(),
             Err(e) => format!("{e:#}"),
         };
-        tracing::warn!(disk = %spec.name, error = %msg, "periodic protection interrupted; retrying");
-        status.update(|s| {
-            s.connected = false;
-            s.progress = None;
-            s.reconnects += 1;
-            s.last_error = Some(msg.clone());
-        });
+        for (spec, status) in specs.iter().zip(&statuses) {
+            tracing::warn!(disk = %spec.name, error = %msg, "periodic protection interrupted; retrying");
+            status.update(|s| {
+                s.connected = false;
+                s.progress = None;
+                s.reconnects += 1;
+                s.last_error = Some(msg.clone());
+            });
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
+/// A member disk's replication session.
+struct Session {
+    rd: SessionReader,
+    wr: SessionWriter,
+    last_seq: u64,
+    /// Cuts committed (the journal position the master target keeps for a periodic disk).
+    cuts: u64,
+}
+
 async fn run(
-    spec: &mut PeriodicSpec,
+    specs: &mut [PeriodicSpec],
     block_size: u32,
     link: &Link,
     shared: &Arc<Shared>,
-    status: &StatusFile,
+    statuses: &[StatusFile],
 ) -> anyhow::Result<()> {
-    let (mut rd, mut wr, mut last_seq, mut cuts) =
-        open_session(link, &spec.name, spec.size, block_size).await?;
-    let qmp_path = spec.qmp.clone();
+    let mut sessions = Vec::new();
+    for (spec, status) in specs.iter().zip(statuses) {
+        let (rd, wr, last_seq, cuts) =
+            open_session(link, &spec.name, spec.size, block_size).await?;
+        status.update(|s| {
+            s.connected = true;
+            s.acked_seq = last_seq;
+            s.acked_journal_seq = cuts;
+            if s.state == State::Connecting {
+                s.state = State::Replicating;
+            }
+        });
+        sessions.push(Session {
+            rd,
+            wr,
+            last_seq,
+            cuts,
+        });
+    }
+    let qmp_path = specs[0].qmp.clone();
     let mut qmp =
         tokio::task::spawn_blocking(move || Qmp::connect(&qmp_path, Duration::from_secs(10)))
             .await?
             .context("connecting to the host's QMP socket")?;
-    status.update(|s| {
-        s.connected = true;
-        s.acked_seq = last_seq;
-        s.acked_journal_seq = cuts;
-        if s.state == State::Connecting {
-            s.state = State::Replicating;
-        }
-    });
+    let interval = specs.iter().map(|s| s.interval).min().unwrap_or_default();
+    let grouped = specs.iter().any(|s| s.group.is_some());
     loop {
-        let requested = status.path.with_file_name(RESYNC_REQUEST);
-        let force = last_seq > 0 && requested.exists();
-        let (q, p) = tokio::task::spawn_blocking({
-            let spec = spec.clone();
-            move || {
-                let p = plan(&mut qmp, &spec, last_seq, force);
-                (qmp, p)
-            }
+        let requested: Vec<PathBuf> = statuses
+            .iter()
+            .map(|st| st.path.with_file_name(RESYNC_REQUEST))
+            .collect();
+        let asks: Vec<(PeriodicSpec, u64, bool)> = specs
+            .iter()
+            .zip(&sessions)
+            .zip(&requested)
+            .map(|((spec, se), r)| (spec.clone(), se.last_seq, se.last_seq > 0 && r.exists()))
+            .collect();
+        let (q, p) = tokio::task::spawn_blocking(move || {
+            let p = plan(&mut qmp, &asks);
+            (qmp, p)
         })
         .await?;
         qmp = q;
-        let plan = match p {
-            Ok(plan) => plan,
+        let (plans, created) = match p {
+            Ok(p) => p,
             Err(e) => {
-                if let Some(Grown(size)) = e.downcast_ref::<Grown>() {
-                    tracing::info!(disk = %spec.name, from = spec.size, to = size, "the disk grew; the next point has the new size");
-                    spec.size = *size;
+                if let Some(Grown { disk, size }) = e.downcast_ref::<Grown>() {
+                    if let Some(spec) = specs.iter_mut().find(|s| &s.name == disk) {
+                        tracing::info!(disk = %spec.name, from = spec.size, to = size, "the disk grew; the next point has the new size");
+                        spec.size = *size;
+                    }
                 }
                 return Err(e);
             }
         };
-        let label = plan.mode.label();
-        let started = now_unix_ns();
-        let outcome = transfer(
-            spec,
-            block_size,
-            shared,
-            &plan,
-            &mut rd,
-            &mut wr,
-            last_seq + 1,
-            cuts,
-            status,
-        )
-        .await;
-        let ok = outcome.is_ok();
-        let (q, fin) = tokio::task::spawn_blocking({
-            let spec = spec.clone();
+        let group_cut = grouped.then_some(created);
+        // The views are one instant: read them one disk after the other.
+        let mut outcomes = Vec::new();
+        for (((spec, status), se), plan) in
+            specs.iter().zip(statuses).zip(&mut sessions).zip(&plans)
+        {
+            let cut = Cut {
+                seq: se.last_seq + 1,
+                cuts: se.cuts,
+                created,
+                group_cut,
+            };
+            let o = transfer(
+                spec, block_size, shared, plan, &mut se.rd, &mut se.wr, cut, status,
+            )
+            .await;
+            outcomes.push(o);
+        }
+        let oks: Vec<bool> = outcomes.iter().map(|o| o.is_ok()).collect();
+        let (q, fins) = tokio::task::spawn_blocking({
+            let specs = specs.to_vec();
             move || {
-                let r = finish(&mut qmp, &spec, &plan, ok);
-                (qmp, r)
+                let fins: Vec<anyhow::Result<()>> = specs
+                    .iter()
+                    .zip(&plans)
+                    .zip(&oks)
+                    .map(|((spec, plan), &ok)| finish(&mut qmp, spec, plan, ok))
+                    .collect();
+                (qmp, (fins, plans))
             }
         })
         .await?;
         qmp = q;
-        let report = outcome?;
-        fin?;
-        if label == "resync" {
-            let _ = std::fs::remove_file(&requested);
+        let (fins, plans) = fins;
+        let mut failed = None;
+        for (i, (outcome, fin)) in outcomes.into_iter().zip(fins).enumerate() {
+            let (spec, status, se, plan) = (&specs[i], &statuses[i], &mut sessions[i], &plans[i]);
+            let report = match outcome.and_then(|r| fin.map(|()| r)) {
+                Ok(r) => r,
+                Err(e) => {
+                    failed.get_or_insert(e.context(format!("disk {}", spec.name)));
+                    continue;
+                }
+            };
+            let label = plan.mode.label();
+            if label == "resync" {
+                let _ = std::fs::remove_file(&requested[i]);
+            }
+            se.last_seq += 1;
+            se.cuts += 1;
+            tracing::info!(disk = %spec.name, mode = label, seq = se.last_seq, blocks = report.blocks, bytes = report.bytes, "recovery point committed");
+            let limit = link.throttle(&spec.name).and_then(|t| t.limit_mbit());
+            status.update(|s| {
+                s.acked_seq = se.last_seq;
+                s.bandwidth_limit_mbit = limit;
+                s.acked_journal_seq = se.cuts;
+                s.acked_point_created_unix_ns = created;
+                if let Some(c) = group_cut {
+                    s.group_cut_unix_ns = c;
+                }
+                s.checkpoints_sent += 1;
+                s.bytes_sent += report.bytes;
+                s.periodic_mode = Some(label.to_string());
+                s.last_cut_blocks = report.blocks;
+                s.last_cut_bytes = report.bytes;
+                s.last_cut_hash_bytes = report.hash_bytes;
+                s.last_error = None;
+                s.progress = None;
+            });
         }
-        last_seq += 1;
-        cuts += 1;
-        tracing::info!(disk = %spec.name, mode = label, seq = last_seq, blocks = report.blocks, bytes = report.bytes, "recovery point committed");
-        let limit = link.throttle(&spec.name).and_then(|t| t.limit_mbit());
-        status.update(|s| {
-            s.acked_seq = last_seq;
-            s.bandwidth_limit_mbit = limit;
-            s.acked_journal_seq = cuts;
-            s.acked_point_created_unix_ns = started;
-            s.checkpoints_sent += 1;
-            s.bytes_sent += report.bytes;
-            s.periodic_mode = Some(label.to_string());
-            s.last_cut_blocks = report.blocks;
-            s.last_cut_bytes = report.bytes;
-            s.last_cut_hash_bytes = report.hash_bytes;
-            s.last_error = None;
-            s.progress = None;
-        });
-        tokio::time::sleep(spec.interval).await;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        tokio::time::sleep(interval).await;
     }
+}
+
+/// Where a point of a cut goes: its sequence and journal positions, its time, its group cut.
+struct Cut {
+    seq: u64,
+    cuts: u64,
+    created: u64,
+    group_cut: Option<u64>,
 }
 
 fn bitmap_prefix(disk: &str) -> String {
@@ -230,26 +305,80 @@ fn bitmap_prefix(disk: &str) -> String {
 
 /// The host's disk is larger than protected so far: reconnect with the new geometry.
 #[derive(Debug)]
-struct Grown(u64);
+struct Grown {
+    disk: String,
+    size: u64,
+}
 
 impl std::fmt::Display for Grown {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the disk grew to {} bytes", self.0)
+        write!(f, "disk {} grew to {} bytes", self.disk, self.size)
     }
 }
 
 impl std::error::Error for Grown {}
 
-/// Decide what this cut sends, tidy the bitmaps accordingly, and freeze the view.
-fn plan(
+/// What one disk's next cut does, decided before the cut.
+struct Prepared {
+    mode: Mode,
+    new_bitmap: String,
+    export: String,
+}
+
+/// Decide what each disk's cut sends and tidy its bitmaps accordingly (`asks`: the disk, its
+/// newest point, whether a resync was asked for), then freeze every view in one transaction.
+/// Returns the plans and the cut's time.
+fn plan(qmp: &mut Qmp, asks: &[(PeriodicSpec, u64, bool)]) -> anyhow::Result<(Vec<Plan>, u64)> {
+    let mut prepared = Vec::new();
+    for (spec, last_seq, force) in asks {
+        prepared.push(prepare(qmp, spec, *last_seq, *force)?);
+    }
+    let cuts: Vec<fleece::Cut> = asks
+        .iter()
+        .zip(&prepared)
+        .map(|((spec, _, _), p)| {
+            let old = match &p.mode {
+                Mode::Incremental(b) => Some(b.as_str()),
+                _ => None,
+            };
+            fleece::Cut {
+                node: &spec.node,
+                size: spec.size,
+                fleece_file: &spec.fleece_file,
+                add: Some(&p.new_bitmap),
+                disable: old,
+                export_bitmap: old,
+                export: &p.export,
+            }
+        })
+        .collect();
+    let created = now_unix_ns();
+    let views = fleece::cut_many(qmp, &cuts)?;
+    let plans = prepared
+        .into_iter()
+        .zip(views)
+        .map(|(p, view)| Plan {
+            mode: p.mode,
+            new_bitmap: p.new_bitmap,
+            view,
+        })
+        .collect();
+    Ok((plans, created))
+}
+
+fn prepare(
     qmp: &mut Qmp,
     spec: &PeriodicSpec,
     last_seq: u64,
     force_resync: bool,
-) -> anyhow::Result<Plan> {
+) -> anyhow::Result<Prepared> {
     let actual = fleece::node_size(qmp, &spec.node)?;
     if actual > spec.size {
-        return Err(Grown(actual).into());
+        return Err(Grown {
+            disk: spec.name.clone(),
+            size: actual,
+        }
+        .into());
     }
     if actual < spec.size {
         bail!(
@@ -304,27 +433,10 @@ fn plan(
             export: export.clone(),
         },
     );
-    let new_bitmap = format!("{prefix}{next}");
-    let old = match &mode {
-        Mode::Incremental(b) => Some(b.as_str()),
-        _ => None,
-    };
-    let view = fleece::cut(
-        qmp,
-        &Cut {
-            node: &spec.node,
-            size: spec.size,
-            fleece_file: &spec.fleece_file,
-            add: Some(&new_bitmap),
-            disable: old,
-            export_bitmap: old,
-            export: &export,
-        },
-    )?;
-    Ok(Plan {
+    Ok(Prepared {
         mode,
-        new_bitmap,
-        view,
+        new_bitmap: format!("{prefix}{next}"),
+        export,
     })
 }
 
@@ -398,10 +510,15 @@ async fn transfer(
     plan: &Plan,
     rd: &mut SessionReader,
     wr: &mut SessionWriter,
-    seq: u64,
-    cuts: u64,
+    cut: Cut,
     status: &StatusFile,
 ) -> anyhow::Result<Report> {
+    let Cut {
+        seq,
+        cuts,
+        created,
+        group_cut,
+    } = cut;
     let bs = u64::from(block_size);
     let nblocks = spec.size.div_ceil(bs);
     let mut opts = ClientOptions::new(plan.view.export.clone()).meta_context("base:allocation");
@@ -455,13 +572,13 @@ async fn transfer(
     status.update(|s| s.progress = Some(progress.clone()));
     let begin = Msg::Begin(Checkpoint {
         seq,
-        created_unix_ns: now_unix_ns(),
+        created_unix_ns: created,
         journal_start: cuts,
         journal_end: cuts + 1,
         disk_size: spec.size,
         block_size,
         consistency: Consistency::Crash,
-        group_cut: None,
+        group_cut,
     });
     wr.write_all(&begin.encode()).await?;
     let resync = plan.mode == Mode::Resync;

@@ -125,59 +125,98 @@ pub struct Cut<'a> {
 
 /// Freeze a view of the disk and rotate bitmaps in one transaction, then export the view.
 pub fn cut(qmp: &mut Qmp, c: &Cut<'_>) -> Result<Fleece> {
-    let file_node = format!("{}-file", c.export);
-    let node = c.export.to_string();
-    let job = c.export.to_string();
-    run_job(
-        qmp,
-        &format!("{job}-mkfile"),
-        "blockdev-create",
-        json!({"job-id": format!("{job}-mkfile"), "options": {"driver": "file", "filename": c.fleece_file, "size": 0}}),
-    )?;
-    qmp.execute(
-        "blockdev-add",
-        json!({"driver": "file", "node-name": file_node, "filename": c.fleece_file}),
-    )?;
-    run_job(
-        qmp,
-        &format!("{job}-mkqcow2"),
-        "blockdev-create",
-        json!({"job-id": format!("{job}-mkqcow2"), "options": {"driver": "qcow2", "file": file_node, "size": c.size}}),
-    )?;
-    qmp.execute(
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": node, "file": file_node, "backing": c.node}),
-    )?;
-    let mut actions = Vec::new();
-    if let Some(b) = c.add {
-        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {"node": c.node, "name": b, "persistent": true}}));
-    }
-    if let Some(b) = c.disable {
-        actions.push(
-            json!({"type": "block-dirty-bitmap-disable", "data": {"node": c.node, "name": b}}),
-        );
-    }
-    actions.push(json!({"type": "blockdev-backup", "data": {"job-id": job, "device": c.node, "target": node, "sync": "none", "auto-dismiss": true}}));
-    let fleece = Fleece {
-        node: node.clone(),
-        file_node: file_node.clone(),
-        job: job.clone(),
-        export: c.export.to_string(),
+    let mut views = cut_many(qmp, std::slice::from_ref(c))?;
+    Ok(views.remove(0))
+}
+
+/// Freeze views of several disks of one host at one instant: every disk's bitmap rotation and
+/// copy-before-write start are actions of ONE transaction, which QEMU applies with the guest's
+/// requests drained, so the views together are one crash-consistent state of the disks (what a
+/// multi-disk machine needs). Then export each view. On failure nothing is left behind.
+pub fn cut_many(qmp: &mut Qmp, cuts: &[Cut<'_>]) -> Result<Vec<Fleece>> {
+    let mut views: Vec<Fleece> = Vec::new();
+    let undo = |qmp: &mut Qmp, views: &[Fleece]| {
+        for f in views {
+            let _ = qmp.execute("blockdev-del", json!({"node-name": f.node}));
+            let _ = qmp.execute("blockdev-del", json!({"node-name": f.file_node}));
+        }
     };
+    let mut actions = Vec::new();
+    for c in cuts {
+        let f = Fleece {
+            node: c.export.to_string(),
+            file_node: format!("{}-file", c.export),
+            job: c.export.to_string(),
+            export: c.export.to_string(),
+        };
+        if let Err(e) = scratch(qmp, c, &f) {
+            undo(qmp, &views);
+            let _ = qmp.execute("blockdev-del", json!({"node-name": f.file_node}));
+            return Err(e);
+        }
+        views.push(f);
+        if let Some(b) = c.add {
+            actions.push(json!({"type": "block-dirty-bitmap-add", "data": {"node": c.node, "name": b, "persistent": true}}));
+        }
+        if let Some(b) = c.disable {
+            actions.push(
+                json!({"type": "block-dirty-bitmap-disable", "data": {"node": c.node, "name": b}}),
+            );
+        }
+        actions.push(json!({"type": "blockdev-backup", "data": {"job-id": c.export, "device": c.node, "target": c.export, "sync": "none", "auto-dismiss": true}}));
+    }
     if let Err(e) = qmp.execute("transaction", json!({"actions": actions})) {
-        let _ = qmp.execute("blockdev-del", json!({"node-name": node}));
-        let _ = qmp.execute("blockdev-del", json!({"node-name": file_node}));
+        undo(qmp, &views);
         return Err(e);
     }
-    let mut export = json!({"type": "nbd", "id": c.export, "node-name": node, "name": c.export});
-    if let Some(b) = c.export_bitmap {
-        export["bitmaps"] = json!([b]);
+    for (i, c) in cuts.iter().enumerate() {
+        let mut export =
+            json!({"type": "nbd", "id": c.export, "node-name": c.export, "name": c.export});
+        if let Some(b) = c.export_bitmap {
+            export["bitmaps"] = json!([b]);
+        }
+        if let Err(e) = qmp.execute("block-export-add", export) {
+            for (j, f) in views.iter().enumerate() {
+                if j < i {
+                    release(qmp, f);
+                } else {
+                    // Not exported: cancel its job and drop its nodes.
+                    let _ =
+                        qmp.execute("block-job-cancel", json!({"device": f.job, "force": true}));
+                    let _ = qmp.wait_event("BLOCK_JOB_CANCELLED", Duration::from_secs(10));
+                    let _ = qmp.execute("blockdev-del", json!({"node-name": f.node}));
+                    let _ = qmp.execute("blockdev-del", json!({"node-name": f.file_node}));
+                }
+            }
+            return Err(e);
+        }
     }
-    if let Err(e) = qmp.execute("block-export-add", export) {
-        release(qmp, &fleece);
-        return Err(e);
-    }
-    Ok(fleece)
+    Ok(views)
+}
+
+/// The view's scratch image: a qcow2 in `fleece_file` backed by the disk, added as a node.
+fn scratch(qmp: &mut Qmp, c: &Cut<'_>, f: &Fleece) -> Result<()> {
+    run_job(
+        qmp,
+        &format!("{}-mkfile", f.job),
+        "blockdev-create",
+        json!({"job-id": format!("{}-mkfile", f.job), "options": {"driver": "file", "filename": c.fleece_file, "size": 0}}),
+    )?;
+    qmp.execute(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": f.file_node, "filename": c.fleece_file}),
+    )?;
+    run_job(
+        qmp,
+        &format!("{}-mkqcow2", f.job),
+        "blockdev-create",
+        json!({"job-id": format!("{}-mkqcow2", f.job), "options": {"driver": "qcow2", "file": f.file_node, "size": c.size}}),
+    )?;
+    qmp.execute(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": f.node, "file": f.file_node, "backing": c.node}),
+    )?;
+    Ok(())
 }
 
 /// Tear a view down: export, copy-before-write job, nodes. Best effort, each step bounded.

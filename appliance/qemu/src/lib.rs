@@ -149,7 +149,7 @@ impl Qmp {
     }
 }
 
-/// A qemu-storage-daemon that owns one qcow2 or raw image as node `disk0`.
+/// A qemu-storage-daemon that owns a qcow2 or raw image as node `disk0` (or several).
 pub struct StorageDaemon {
     child: Child,
     pub qmp: Qmp,
@@ -165,18 +165,27 @@ pub const MGMT_QMP_SOCKET: &str = "qsd-mgmt.sock";
 impl StorageDaemon {
     /// Start the daemon on `image` with its QMP socket in `dir`.
     pub fn start(image: &Path, format: &str, dir: &Path) -> Result<StorageDaemon> {
+        StorageDaemon::start_disks(&[(image, format)], dir)
+    }
+
+    /// The daemon of a machine with several disks: image `i` is node `disk{i}` (the mirror
+    /// helpers work on `disk0`).
+    pub fn start_disks(images: &[(&Path, &str)], dir: &Path) -> Result<StorageDaemon> {
         let qmp_path = dir.join("qsd-qmp.sock");
         let _ = std::fs::remove_file(&qmp_path);
         let log = std::fs::File::create(dir.join("qsd.log"))
             .map_err(|e| QemuError::Io("qsd.log".into(), e))?;
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={},cache.direct=off",
-                image.display()
-            ))
-            .arg("--blockdev")
-            .arg(format!("driver={format},node-name=disk0,file=file0"))
+        let mut cmd = Command::new("qemu-storage-daemon");
+        for (i, (image, format)) in images.iter().enumerate() {
+            cmd.arg("--blockdev")
+                .arg(format!(
+                    "driver=file,node-name=file{i},filename={},cache.direct=off",
+                    image.display()
+                ))
+                .arg("--blockdev")
+                .arg(format!("driver={format},node-name=disk{i},file=file{i}"));
+        }
+        let child = cmd
             .arg("--chardev")
             .arg(format!(
                 "socket,id=qmp0,path={},server=on,wait=off",
