@@ -312,11 +312,11 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
-/// user+sys clock ticks of a process (all its threads); 0 when it is gone.
-fn cpu_ticks(pid: u32) -> u64 {
+/// [user, sys] clock ticks of a process (all its threads); zeros when it is gone.
+fn user_sys_ticks(pid: u32) -> [u64; 2] {
     stat_fields(pid)
-        .and_then(|f| Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?))
-        .unwrap_or(0)
+        .and_then(|f| Some([f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?]))
+        .unwrap_or([0, 0])
 }
 
 /// A direct child of this process whose command line contains `needle`.
@@ -504,27 +504,28 @@ fn wait_point(
     }
 }
 
-/// Ferry's CPU clock ticks: process server, master target, qemu-storage-daemon.
-fn ferry_ticks(qsd: &Qsd) -> [u64; 3] {
-    let t = |n: &str| child_pid(n).map(cpu_ticks).unwrap_or(0);
+/// Ferry's [user, sys] CPU clock ticks: process server, master target, qemu-storage-daemon.
+fn ferry_ticks(qsd: &Qsd) -> [[u64; 2]; 3] {
+    let t = |n: &str| child_pid(n).map(user_sys_ticks).unwrap_or([0, 0]);
     [
         t("process-server"),
         t("master-target"),
-        cpu_ticks(qsd.pid()),
+        user_sys_ticks(qsd.pid()),
     ]
 }
 
-fn ferry_cpu(before: [u64; 3], after: [u64; 3], tck: f64) -> (f64, String) {
-    let d: Vec<f64> = (0..3)
-        .map(|i| after[i].saturating_sub(before[i]) as f64 / tck)
+/// Total CPU seconds, and per process with the kernel's share (sys: the file system, sockets
+/// and page faults), which says whether a role spends its time computing or in the kernel.
+fn ferry_cpu(before: [[u64; 2]; 3], after: [[u64; 2]; 3], tck: f64) -> (f64, String) {
+    let d = |i: usize, k: usize| after[i][k].saturating_sub(before[i][k]) as f64 / tck;
+    let total: f64 = (0..3).map(|i| d(i, 0) + d(i, 1)).sum();
+    let names = ["process server", "master target", "qemu-storage-daemon"];
+    let parts: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{n} {:.1} s, sys {:.1}", d(i, 0) + d(i, 1), d(i, 1)))
         .collect();
-    (
-        d.iter().sum(),
-        format!(
-            "process server {:.1} s, master target {:.1} s, qemu-storage-daemon {:.1} s",
-            d[0], d[1], d[2]
-        ),
-    )
+    (total, parts.join("; "))
 }
 
 fn main() -> anyhow::Result<()> {
