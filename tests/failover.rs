@@ -469,16 +469,7 @@ fn host_disk(
     let h = dir.join(format!("host-{disk}"));
     std::fs::create_dir_all(&h).unwrap();
     let image = h.join(format!("{disk}.qcow2"));
-    sh(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(SIZE.to_string()))
-    .unwrap();
-    sh(Command::new("qemu-io")
-        .args(["-f", "qcow2"])
-        .arg(&image)
-        .args(["-c", &format!("write -P {} 0 8M", 0x10 + i)]))
-    .unwrap();
+    support::qcow2_image(&image, SIZE, &[&format!("write -P {} 0 8M", 0x10 + i)]);
     let mut q = StorageDaemon::start(&image, "qcow2", &h).unwrap();
     q.mirror_to_nbd("127.0.0.1", nbd_port, disk, pki, Duration::from_secs(120))
         .unwrap();
@@ -1244,14 +1235,7 @@ fn a_machines_disks_are_cut_together_as_one_crash_consistent_state() {
 
     // The cuts made since the guest began writing, and each disk's point at them.
     let repo = dr.lab.repository().unwrap();
-    let cuts = |disk: &str| -> std::collections::BTreeMap<u64, u64> {
-        repo.points(disk)
-            .unwrap()
-            .into_iter()
-            .filter_map(|p| p.meta.group_cut.map(|c| (c, p.meta.seq)))
-            .filter(|&(c, _)| c > began)
-            .collect()
-    };
+    let cuts = |disk: &str| support::cuts_after(&repo, disk, began);
     let (c0, c1) = (cuts("d0"), cuts("d1"));
     let common: Vec<(u64, u64, u64)> = c0
         .iter()

@@ -104,18 +104,7 @@ fn host_disk(size: u64, prefill: &[&str]) -> (tempfile::TempDir, Host) {
         .tempdir()
         .unwrap();
     let image = dir.path().join("host.qcow2");
-    sh(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(size.to_string()))
-    .unwrap();
-    for p in prefill {
-        sh(Command::new("qemu-io")
-            .args(["-f", "qcow2"])
-            .arg(&image)
-            .args(["-c", p]))
-        .unwrap();
-    }
+    qcow2_image(&image, size, prefill);
     let host = Host::start(dir.path(), &image);
     (dir, host)
 }
@@ -755,16 +744,7 @@ fn a_machines_periodic_disks_are_cut_together() {
     let images: Vec<std::path::PathBuf> = (0..2)
         .map(|i| {
             let image = d.join(format!("host{i}.qcow2"));
-            sh(Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(&image)
-                .arg(size.to_string()))
-            .unwrap();
-            sh(Command::new("qemu-io")
-                .args(["-f", "qcow2"])
-                .arg(&image)
-                .args(["-c", &format!("write -P {} 0 2M", 0x30 + i)]))
-            .unwrap();
+            qcow2_image(&image, size, &[&format!("write -P {} 0 2M", 0x30 + i)]);
             image
         })
         .collect();
@@ -853,14 +833,7 @@ fn a_machines_periodic_disks_are_cut_together() {
     };
 
     let repo = lab.repository().unwrap();
-    let cuts = |disk: &str| -> std::collections::BTreeMap<u64, u64> {
-        repo.points(disk)
-            .unwrap()
-            .into_iter()
-            .filter_map(|p| p.meta.group_cut.map(|c| (c, p.meta.seq)))
-            .filter(|&(c, _)| c > began)
-            .collect()
-    };
+    let cuts = |disk: &str| cuts_after(&repo, disk, began);
     let (c0, c1) = (cuts("m0"), cuts("m1"));
     assert_eq!(
         c0.keys().collect::<Vec<_>>(),

@@ -511,3 +511,34 @@ pub fn serve_point(site: &Site, seq: u64) -> (std::process::Child, u16) {
     ferry::lab::wait_port(port, Duration::from_secs(20)).unwrap();
     (child, port)
 }
+
+/// A qcow2 image of `size` bytes at `path`, with the `prefill` qemu-io commands applied (e.g.
+/// `write -P 0x5a 0 8M`).
+pub fn qcow2_image(path: &std::path::Path, size: u64, prefill: &[&str]) {
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string()))
+    .unwrap();
+    for p in prefill {
+        sh(Command::new("qemu-io")
+            .args(["-f", "qcow2"])
+            .arg(path)
+            .args(["-c", p]))
+        .unwrap();
+    }
+}
+
+/// A disk's points at consistency-group cuts made after `after` (ns): cut -> point sequence.
+pub fn cuts_after(
+    repo: &ferry_repository::Repository,
+    disk: &str,
+    after: u64,
+) -> std::collections::BTreeMap<u64, u64> {
+    repo.points(disk)
+        .unwrap()
+        .into_iter()
+        .filter_map(|p| p.meta.group_cut.map(|c| (c, p.meta.seq)))
+        .filter(|&(c, _)| c > after)
+        .collect()
+}
