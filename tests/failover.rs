@@ -1177,6 +1177,24 @@ fn a_machines_policy_sets_compression_bandwidth_and_retention_at_its_roles() {
         took >= Duration::from_millis(2900),
         "3 MiB of text reached the master target in {took:?}: over 8 Mbit/s (or compressed)"
     );
+    // The process server's report says it replicated: a throughput for the disk in the API.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let disk = dr.ok(
+            &dr.admin(),
+            Method::GET,
+            "/v1/tenants/acme/machines/web/disks/d0",
+            None,
+        );
+        if disk["throughput_bytes_per_sec"]
+            .as_f64()
+            .is_some_and(|t| t > 0.0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no throughput reported: {disk}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Every chunk the master target stores is sealed without zstd (blob header, flags byte:
     // docs/formats.md, "Chunk blob").

@@ -171,6 +171,8 @@ impl BootstrapArgs {
             let mut first = true;
             // This identity's name (for the appliance report's path), asked once.
             let mut name: Option<String> = None;
+            // Each disk's bytes sent at the previous report, for its throughput.
+            let mut sent = Sent::new();
             loop {
                 if !first {
                     std::thread::sleep(Duration::from_secs(me.config_poll_secs.max(1)));
@@ -196,7 +198,7 @@ impl BootstrapArgs {
                         .ok();
                 }
                 if let Some(name) = &name {
-                    rt.block_on(report(&client, name, disks));
+                    rt.block_on(report(&client, name, disks, &mut sent));
                 }
                 let req = match me.request(address.clone()) {
                     Ok(r) => r,
@@ -243,7 +245,15 @@ async fn ask(c: &Client, req: ConfigRequest) -> Result<RoleConfig, AskError> {
 /// A process server's disks (each one's state and RPO, from its status file), its cache use and
 /// upload backlog, to the configuration server, which raises and clears the alerts; a master
 /// target reports only that it is there (no report for a while is the "unreachable" alert).
-async fn report(c: &Client, me: &str, process: Option<(&str, &[ferry_api::AssignedDisk], &Path)>) {
+/// A disk's bytes sent to the master target when it was last reported, and when.
+type Sent = std::collections::HashMap<String, (u64, std::time::Instant)>;
+
+async fn report(
+    c: &Client,
+    me: &str,
+    process: Option<(&str, &[ferry_api::AssignedDisk], &Path)>,
+    sent: &mut Sent,
+) {
     use ferry_process_server::status::State;
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -273,10 +283,18 @@ async fn report(c: &Client, me: &str, process: Option<(&str, &[ferry_api::Assign
         if !s.caught_up() {
             backlog = backlog.max(rpo_seconds.unwrap_or_default());
         }
+        // Replicated bytes per second since the previous report (counted at each commit).
+        let now = std::time::Instant::now();
+        let throughput = sent
+            .insert(d.name.clone(), (s.bytes_sent, now))
+            .map(|(bytes, at)| {
+                s.bytes_sent.saturating_sub(bytes) as f64
+                    / now.duration_since(at).as_secs_f64().max(1e-3)
+            });
         let r = DiskReport {
             state,
             rpo_seconds,
-            throughput_bytes_per_sec: None,
+            throughput_bytes_per_sec: throughput,
         };
         let path = format!(
             "/v1/tenants/{tenant}/machines/{}/disks/{}/report",
