@@ -1195,6 +1195,35 @@ fn a_machines_policy_sets_compression_bandwidth_and_retention_at_its_roles() {
         assert!(Instant::now() < deadline, "no throughput reported: {disk}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The metrics carry what the roles report: the disk's bytes sent, journal and backlog, and
+    // each appliance's own CPU and memory.
+    let (_, m) = dr
+        .rt
+        .block_on(dr.admin().raw(Method::GET, "/metrics", None))
+        .unwrap();
+    let m = String::from_utf8_lossy(&m);
+    let value = |name: &str, labels: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{{{labels}}} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}{{{labels}}} in the metrics:\n{m}"))
+    };
+    let d0 = r#"tenant="acme",machine="web",disk="d0""#;
+    assert!(value("ferry_disk_sent_bytes", d0) >= (3 * MIB) as f64);
+    value("ferry_disk_journal_bytes", d0);
+    value("ferry_disk_backlog_records", d0);
+    for role in [
+        r#"appliance="ps1",role="process-server""#,
+        r#"appliance="mt1",role="master-target""#,
+    ] {
+        let labels = format!("{role},tenant=\"acme\"");
+        assert!(value("ferry_appliance_cpu_seconds", &labels) > 0.0);
+        assert!(value("ferry_appliance_memory_bytes", &labels) > 1e6);
+    }
+    value(
+        "ferry_appliance_cache_free_ratio",
+        r#"appliance="ps1",role="process-server",tenant="acme""#,
+    );
 
     // Every chunk the master target stores is sealed without zstd (blob header, flags byte:
     // docs/formats.md, "Chunk blob").

@@ -176,6 +176,13 @@ pub struct Disk {
     /// The last reported replication throughput (bytes per second), if known.
     #[serde(default)]
     pub throughput_bytes_per_sec: Option<f64>,
+    /// The last reported journal use, backlog and bytes sent (see [`DiskReport`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog_records: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
 }
 
 impl Object for Disk {
@@ -206,6 +213,17 @@ pub struct DiskReport {
     /// Bytes per second replicated lately.
     #[serde(default)]
     pub throughput_bytes_per_sec: Option<f64>,
+    /// Bytes the disk's journal holds on the cache (written, not yet acknowledged by the
+    /// recovery site).
+    #[serde(default)]
+    pub journal_bytes: Option<u64>,
+    /// Journal records durable at the process server and not yet at the recovery site.
+    #[serde(default)]
+    pub backlog_records: Option<u64>,
+    /// Bytes sent to the master target since the process server started (on the wire, after
+    /// dedup, compression and encryption).
+    #[serde(default)]
+    pub bytes_sent: Option<u64>,
 }
 
 impl DiskReport {

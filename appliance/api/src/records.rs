@@ -79,7 +79,7 @@ pub struct Health {
 /// raises and clears alerts from it as ASR does: cache free below 30% (warning) and 20%
 /// (critical), upload backlog over 30 minutes; an appliance that stops reporting is
 /// unreachable.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApplianceReport {
     /// Free fraction of the cache device, 0 to 1 (process servers).
@@ -88,6 +88,11 @@ pub struct ApplianceReport {
     /// Age of the oldest write not yet at the recovery site, in seconds (process servers).
     #[serde(default)]
     pub upload_backlog_secs: Option<f64>,
+    /// The role's own CPU time (user and system, seconds) and resident memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
 }
 
 /// Below these free fractions of the cache an alert is raised (warning, then critical).
@@ -106,13 +111,15 @@ impl ApplianceReport {
                 ));
             }
         }
-        match self.upload_backlog_secs {
-            Some(b) if !b.is_finite() || b < 0.0 => Err(crate::Invalid::new(
-                "upload_backlog_secs",
-                "must be a finite number >= 0",
-            )),
-            _ => Ok(()),
+        for (field, v) in [
+            ("upload_backlog_secs", self.upload_backlog_secs),
+            ("cpu_seconds", self.cpu_seconds),
+        ] {
+            if matches!(v, Some(b) if !b.is_finite() || b < 0.0) {
+                return Err(crate::Invalid::new(field, "must be a finite number >= 0"));
+            }
         }
+        Ok(())
     }
 
     /// The cache alert this report calls for, if any.
@@ -146,6 +153,33 @@ impl ApplianceReport {
     }
 }
 
+/// This process's CPU time (user and system, seconds) and resident memory (bytes), from
+/// `/proc/self` (zeros where it cannot be read): what a role reports about itself, and what the
+/// configuration server's own metrics say.
+pub fn own_process_stats() -> (f64, u64) {
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            // Linux reports these in USER_HZ, which is 100 on every architecture it exports.
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0);
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        })
+        .unwrap_or(0);
+    (cpu, rss)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +189,7 @@ mod tests {
         let r = |c: f64, b: f64| ApplianceReport {
             cache_free_ratio: Some(c),
             upload_backlog_secs: Some(b),
+            ..Default::default()
         };
         assert_eq!(r(0.5, 0.0).cache_alert(), None);
         assert_eq!(r(0.25, 0.0).cache_alert().unwrap().0, Severity::Warning);

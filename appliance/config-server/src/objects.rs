@@ -150,6 +150,9 @@ impl Stored for Disk {
         self.state = old.state;
         self.rpo_seconds = old.rpo_seconds;
         self.throughput_bytes_per_sec = old.throughput_bytes_per_sec;
+        self.journal_bytes = old.journal_bytes;
+        self.backlog_records = old.backlog_records;
+        self.bytes_sent = old.bytes_sent;
     }
     /// A disk's name is its name at the process server and in the recovery repository, which
     /// the roles key by that name alone: two disks of one name, in two machines or two tenants,

@@ -41,6 +41,9 @@ pub async fn disk(
     d.state = r.state;
     d.rpo_seconds = r.rpo_seconds;
     d.throughput_bytes_per_sec = r.throughput_bytes_per_sec;
+    d.journal_bytes = r.journal_bytes;
+    d.backlog_records = r.backlog_records;
+    d.bytes_sent = r.bytes_sent;
     app.store.put(trees::DISKS, &key, &d)?;
     let want = match (r.rpo_seconds, threshold) {
         (Some(rpo), Some(t)) if rpo > t => Some((

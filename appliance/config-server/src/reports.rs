@@ -152,6 +152,13 @@ pub async fn metrics(
     let mut rpo = String::new();
     let mut size = String::new();
     let mut states = String::new();
+    // As last reported by the process server: (name, help, lines).
+    let mut reported: Vec<(&str, &str, String)> = vec![
+        ("ferry_disk_journal_bytes", "bytes the disk's journal holds on the cache (not yet at the recovery site)", String::new()),
+        ("ferry_disk_backlog_records", "journal records durable at the process server and not yet at the recovery site", String::new()),
+        ("ferry_disk_sent_bytes", "bytes sent to the master target since the process server started (after dedup, compression, encryption)", String::new()),
+        ("ferry_disk_throughput_bytes_per_second", "bytes replicated per second between the process server's last two reports", String::new()),
+    ];
     for (key, d) in &disks {
         let mut parts = key.splitn(3, '/');
         let (Some(t), Some(m), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
@@ -173,6 +180,17 @@ pub async fn metrics(
             let _ = writeln!(rpo, "ferry_disk_rpo_seconds{{{labels}}} {r}");
         }
         let _ = writeln!(size, "ferry_disk_size_bytes{{{labels}}} {}", d.size_bytes);
+        let values = [
+            d.journal_bytes.map(|v| v as f64),
+            d.backlog_records.map(|v| v as f64),
+            d.bytes_sent.map(|v| v as f64),
+            d.throughput_bytes_per_sec,
+        ];
+        for ((name, _, lines), v) in reported.iter_mut().zip(values) {
+            if let Some(v) = v {
+                let _ = writeln!(lines, "{name}{{{labels}}} {v}");
+            }
+        }
     }
     out.push_str(&states);
     out.push_str("# HELP ferry_disk_rpo_seconds age of the newest recovery point, as last reported\n# TYPE ferry_disk_rpo_seconds gauge\n");
@@ -181,9 +199,14 @@ pub async fn metrics(
         "# HELP ferry_disk_size_bytes configured disk size\n# TYPE ferry_disk_size_bytes gauge\n",
     );
     out.push_str(&size);
+    for (name, help, lines) in &reported {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        out.push_str(lines);
+    }
+    appliance_metrics(&app, &p, &mut out)?;
     crate::alerts::metrics(&app.store, &p, &mut out)?;
     crate::jobs::metrics(&app.store, &p, &mut out)?;
-    let proc = process_stats();
+    let proc = ferry_api::own_process_stats();
     let _ = writeln!(
         out,
         "# HELP process_cpu_seconds_total user and system CPU time of the configuration server\n\
@@ -201,27 +224,67 @@ pub async fn metrics(
     ))
 }
 
-/// (CPU seconds, resident bytes) from /proc; zeros where /proc is not readable.
-fn process_stats() -> (f64, u64) {
-    let cpu = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name, which is in parentheses and may hold spaces.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let utime: f64 = f.get(11)?.parse().ok()?;
-            let stime: f64 = f.get(12)?.parse().ok()?;
-            // Linux reports these in USER_HZ, which is 100 on every architecture it exports.
-            Some((utime + stime) / 100.0)
-        })
-        .unwrap_or(0.0);
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb * 1024)
-        })
-        .unwrap_or(0);
-    (cpu, rss)
+/// Per appliance, as it last reported: cache free, upload backlog, its own CPU and memory.
+fn appliance_metrics(app: &Shared, p: &Principal, out: &mut String) -> Result<(), ApiError> {
+    let seen: Vec<(String, crate::alerts::Seen)> =
+        app.store.list_keyed(trees::APPLIANCE_SEEN, "")?;
+    let appliances: Vec<Appliance> = app.store.list(trees::APPLIANCES, "")?;
+    let mut series: Vec<(&str, &str, String)> = vec![
+        (
+            "ferry_appliance_cache_free_ratio",
+            "free fraction of the process server's cache device",
+            String::new(),
+        ),
+        (
+            "ferry_appliance_upload_backlog_seconds",
+            "age of the oldest write not yet at the recovery site",
+            String::new(),
+        ),
+        (
+            "ferry_appliance_cpu_seconds",
+            "CPU time (user and system) of the role's process",
+            String::new(),
+        ),
+        (
+            "ferry_appliance_memory_bytes",
+            "resident memory of the role's process",
+            String::new(),
+        ),
+    ];
+    for (name, s) in &seen {
+        let Some(a) = appliances.iter().find(|a| &a.name == name) else {
+            continue;
+        };
+        // An appliance of no tenant is the provider's: only people of no tenant see it.
+        let visible = match &a.tenant {
+            Some(t) => p.sees(t),
+            None => p.tenant.is_none(),
+        };
+        if !visible {
+            continue;
+        }
+        let labels = format!(
+            "appliance=\"{}\",role=\"{}\",tenant=\"{}\"",
+            a.name,
+            a.role.as_str(),
+            a.tenant.as_deref().unwrap_or_default()
+        );
+        let r = &s.report;
+        let values = [
+            r.cache_free_ratio,
+            r.upload_backlog_secs,
+            r.cpu_seconds,
+            r.memory_bytes.map(|m| m as f64),
+        ];
+        for ((metric, _, lines), v) in series.iter_mut().zip(values) {
+            if let Some(v) = v {
+                let _ = writeln!(lines, "{metric}{{{labels}}} {v}");
+            }
+        }
+    }
+    for (metric, help, lines) in &series {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+        out.push_str(lines);
+    }
+    Ok(())
 }

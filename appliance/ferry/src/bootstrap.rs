@@ -295,6 +295,9 @@ async fn report(
             state,
             rpo_seconds,
             throughput_bytes_per_sec: throughput,
+            journal_bytes: Some(s.journal_used_bytes),
+            backlog_records: Some(s.journal_durable_seq.saturating_sub(s.acked_journal_seq)),
+            bytes_sent: Some(s.bytes_sent),
         };
         let path = format!(
             "/v1/tenants/{tenant}/machines/{}/disks/{}/report",
@@ -311,9 +314,12 @@ async fn report(
         .and_then(|c| rustix::fs::statvfs(c).ok())
         .filter(|s| s.f_blocks > 0)
         .map(|s| s.f_bavail as f64 / s.f_blocks as f64);
+    let (cpu, memory) = ferry_api::own_process_stats();
     let r = ferry_api::ApplianceReport {
         cache_free_ratio,
         upload_backlog_secs: cache.map(|_| backlog),
+        cpu_seconds: Some(cpu),
+        memory_bytes: Some(memory),
     };
     let path = format!("/v1/appliances/{me}/report");
     if let Err(e) = c

@@ -370,6 +370,9 @@ pub async fn run(c: &Client, json: bool, cmd: OperateCmd) -> anyhow::Result<()> 
                     state: Default::default(),
                     rpo_seconds: None,
                     throughput_bytes_per_sec: None,
+                    journal_bytes: None,
+                    backlog_records: None,
+                    bytes_sent: None,
                 });
             }
             let mpath = format!("/v1/tenants/{tenant}/machines/{machine}");
@@ -624,6 +627,7 @@ pub async fn run(c: &Client, json: bool, cmd: OperateCmd) -> anyhow::Result<()> 
             let r = ApplianceReport {
                 cache_free_ratio: cache_free,
                 upload_backlog_secs: backlog_secs,
+                ..Default::default()
             };
             let r: ApplianceReport = c
                 .call(
