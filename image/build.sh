@@ -47,7 +47,9 @@ root=$work/root
 
 step "building ferry (release)"
 export PATH="$HOME/.cargo/bin:$PATH"
-(cd "$src" && cargo build --release --locked -p ferry)
+# Without SOURCE_DATE_EPOCH: the C parts of ring and zstd-sys rebuild (with everything above
+# them) whenever it changes, i.e. at every commit, and nothing in them uses it.
+(cd "$src" && env -u SOURCE_DATE_EPOCH cargo build --release --locked -p ferry)
 target_dir=$(cd "$src" && cargo metadata --format-version=1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 objcopy --strip-debug "$target_dir/release/ferry" "$work/ferry"
 

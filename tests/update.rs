@@ -31,7 +31,11 @@ impl Appliance {
     fn new() -> Appliance {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        for sub in ["dev/disk/by-partlabel", "dev/disk/by-partuuid", "esp/EFI/Linux"] {
+        for sub in [
+            "dev/disk/by-partlabel",
+            "dev/disk/by-partuuid",
+            "esp/EFI/Linux",
+        ] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
         for (name, len, byte) in [
@@ -60,8 +64,11 @@ impl Appliance {
             d.join(format!("dev/disk/by-partuuid/{data_uuid}")),
         )
         .unwrap();
-        std::fs::write(d.join("cmdline"), format!("root=/dev/mapper/root roothash={RUNNING} ro\n"))
-            .unwrap();
+        std::fs::write(
+            d.join("cmdline"),
+            format!("root=/dev/mapper/root roothash={RUNNING} ro\n"),
+        )
+        .unwrap();
         std::fs::write(d.join("esp/EFI/Linux/ferry_00000-a.efi"), b"slot A's UKI").unwrap();
         Appliance { dir }
     }
@@ -106,7 +113,10 @@ impl Appliance {
 
 /// A key pair and a bundle signed with it: (private, public, bundle).
 fn signed_bundle(dir: &Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let (sk, pk) = (dir.join(format!("{tag}.pk8")), dir.join(format!("{tag}.pub")));
+    let (sk, pk) = (
+        dir.join(format!("{tag}.pk8")),
+        dir.join(format!("{tag}.pub")),
+    );
     let out = ferry(&["update", "keygen", "--private", s(&sk), "--public", s(&pk)]);
     assert!(out.status.success(), "keygen: {out:?}");
     let parts = dir.join(format!("{tag}-parts"));
@@ -156,7 +166,10 @@ fn bad_signatures_are_refused_before_anything_is_written() {
     let tampered = work.path().join("tampered.bundle");
     std::fs::write(&tampered, &bytes).unwrap();
 
-    for (what, b) in [("damaged signature", &tampered), ("another signer", &foreign)] {
+    for (what, b) in [
+        ("damaged signature", &tampered),
+        ("another signer", &foreign),
+    ] {
         let out = appliance.apply(b, &provider_pub);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: accepted: {out:?}");
@@ -185,7 +198,9 @@ fn bad_signatures_are_refused_before_anything_is_written() {
     let root_b = std::fs::read(appliance.path("root-b")).unwrap();
     assert_eq!(
         &root_b[..1 << 20],
-        std::fs::read(work.path().join("provider-parts/root")).unwrap().as_slice(),
+        std::fs::read(work.path().join("provider-parts/root"))
+            .unwrap()
+            .as_slice(),
         "control: a good bundle should have reached slot B"
     );
     assert_eq!(

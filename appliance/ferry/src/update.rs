@@ -190,9 +190,7 @@ fn media_bundle(
         return Ok(MediaOutcome::NotNeeded);
     }
     let started = std::time::Instant::now();
-    println!(
-        "FERRY-UPDATE {label}: version {v}, signed by the provider key; checking every part"
-    );
+    println!("FERRY-UPDATE {label}: version {v}, signed by the provider key; checking every part");
     let verified = match VerifiedBundle::open_source(src, key) {
         Ok(b) => b,
         Err(e) => {
@@ -270,7 +268,10 @@ fn from_media(
         for f in &found {
             if let MediaOutcome::Installed = media_bundle(f, &key, &layout, &record, target)? {
                 if reboot {
-                    println!("FERRY-UPDATE rebooting into slot {}", layout.inactive().letter());
+                    println!(
+                        "FERRY-UPDATE rebooting into slot {}",
+                        layout.inactive().letter()
+                    );
                     let st = std::process::Command::new("systemctl")
                         .args(["--no-block", "reboot"])
                         .status()

@@ -159,7 +159,11 @@ pub fn candidate_devices(sys_block: &Path, except: &[PathBuf]) -> io::Result<Vec
         .filter_map(|e| e.ok())
         .filter(|e| !e.path().join("partition").exists())
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| !["loop", "ram", "dm-", "zram", "md"].iter().any(|p| n.starts_with(p)))
+        .filter(|n| {
+            !["loop", "ram", "dm-", "zram", "md"]
+                .iter()
+                .any(|p| n.starts_with(p))
+        })
         .collect();
     names.sort_by_key(|n| (!n.starts_with("sr"), n.clone()));
     Ok(names

@@ -217,7 +217,10 @@ pub fn install(
     let entries = esp.join("EFI/Linux");
     // Every check before the first write.
     if !entries.is_dir() {
-        return Err(step("finding the boot entries", format!("no {}", entries.display())));
+        return Err(step(
+            "finding the boot entries",
+            format!("no {}", entries.display()),
+        ));
     }
     for (name, dev, label) in [
         ("root", &root_dev, slot.root_label()),
