@@ -123,19 +123,24 @@ fail() { # NAME MESSAGE
 
 secs_since() { python3 -c "import sys,time; print(round(time.time() - float(sys.argv[1])))" "$1"; }
 
+# read_disk DISK OFFSET LENGTH OUT: bytes of a qcow2 disk into the file OUT (qemu-img dd, in 1 MiB
+# blocks when aligned; its count= includes the skipped blocks, and it exits 0 on a bad offset).
 # slot_b_digest DISK: SHA-256 of the primary and backup GPT and of slot B's two partitions, read
-# from the (powered-off) qcow2 disk with qemu-img dd.
+# from the (powered-off) qcow2 disk.
 slot_b_digest() {
   python3 - "$1" "$work/dd" <<'PY'
 import hashlib, json, struct, subprocess, sys
 disk, tmp = sys.argv[1], sys.argv[2]
 size = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", disk]))["virtual-size"]
 def read(offset, length):
-    bs = 512
+    bs = 1 << 20 if offset % (1 << 20) == 0 and length % (1 << 20) == 0 else 512
     subprocess.check_call(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"bs={bs}",
-                           f"skip={offset // bs}", f"count={length // bs}", f"if={disk}", f"of={tmp}"],
-                          stdout=subprocess.DEVNULL)
-    return open(tmp, "rb").read()
+                           f"skip={offset // bs}", f"count={(offset + length) // bs}",
+                           f"if={disk}", f"of={tmp}"], stdout=subprocess.DEVNULL)
+    data = open(tmp, "rb").read()
+    if len(data) != length:
+        sys.exit(f"read {len(data)} bytes at {offset} of {disk}, wanted {length}")
+    return data
 head = read(0, 34 * 512)
 entries_lba, count, esize = struct.unpack_from("<QII", head, 512 + 72)
 out = {"gpt": hashlib.sha256(head[512:]).hexdigest(),
@@ -147,7 +152,7 @@ for i in range(count):
     if name in ("ferry-root-b", "ferry-verity-b"):
         first, last = struct.unpack_from("<QQ", e, 32)
         h = hashlib.sha256()
-        step = 64 << 20
+        step = 256 << 20
         for at in range(first * 512, (last + 1) * 512, step):
             h.update(read(at, min(step, (last + 1) * 512 - at)))
         out[name] = h.hexdigest()
@@ -168,11 +173,12 @@ for i in range(count):
     e = t[i * size:(i + 1) * size]
     if e[56:128].decode("utf-16-le").rstrip("\0") == "ferry-esp":
         first, last = struct.unpack_from("<QQ", e, 32)
-        print(first, last - first + 1)
+        assert first % 2048 == 0 and (last + 1) % 2048 == 0, "ESP not 1 MiB aligned"
+        print(first // 2048, (last + 1) // 2048)
 PY
 )
   set -- "$1" $off
-  qemu-img dd -f qcow2 -O raw bs=512 skip="$2" count="$3" if="$1" of="$work/esp.img" >/dev/null
+  qemu-img dd -f qcow2 -O raw bs=1M skip="$2" count="$3" if="$1" of="$work/esp.img" >/dev/null
   mdir -b -i "$work/esp.img" ::/EFI/Linux | sed 's|.*/||' | sort
   rm -f "$work/esp.img"
 }
