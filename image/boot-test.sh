@@ -59,6 +59,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # CD-ROM; serial to $work/NAME.log. The NVMe cache disk and the firmware variables belong to
 # the machine ($machine, default NAME): they persist across the boots of one machine.
 # REBOOTS=yes lets the guest reboot itself; otherwise QEMU ends when the guest resets.
+# QEMU_LIMIT bounds the whole QEMU run (all its boots), default FERRY_BOOT_TIMEOUT.
 boot() {
   local name=$1 disk=$2 iso=${3:-} m=${machine:-$1}
   [ -e "$work/$m-vars.fd" ] || cp /usr/share/OVMF/OVMF_VARS_4M.fd "$work/$m-vars.fd"
@@ -71,7 +72,7 @@ boot() {
   ps_env=$(printf 'FERRY_PROCESS_SERVER_ARGS=--disk vm1=1G --master 127.0.0.1:7443 --journal-capacity 64M\n' | base64 -w0)
   mt_env=$(printf 'FERRY_MASTER_TARGET_ARGS=--listen 0.0.0.0:7443\n' | base64 -w0)
   : > "$work/$name.log"
-  timeout "$timeout_s" qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp 2 -m 1536 \
+  timeout "${QEMU_LIMIT:-$timeout_s}" qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp 2 -m 1536 \
     -drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
     -drive if=pflash,format=raw,unit=1,file="$work/$m-vars.fd" \
     -drive file="$disk",if=none,id=boot,format=qcow2 -device virtio-blk-pci,drive=boot,bootindex=0 \
@@ -291,7 +292,8 @@ PY
   echo "refused bundles wrote nothing: slot B and both GPTs unchanged"
 
   echo "== 2b. a broken update falls back to slot A by itself"
-  REBOOTS=yes boot broken "$work/healthy.qcow2" "$work/broken.iso"
+  # Four boots in one QEMU run: A (installs), B, B, A.
+  REBOOTS=yes QEMU_LIMIT=$((timeout_s * 3)) boot broken "$work/healthy.qcow2" "$work/broken.iso"
   wait_for broken 'FERRY-UPDATE installed' 900 || fail broken "the broken update was not installed"
   installed_at=$(date +%s.%N)
   grep -a 'FERRY-UPDATE' "$work/broken.log" | tr -d '\r'
@@ -309,7 +311,7 @@ PY
   echo "ESP: $(esp_entries "$work/healthy.qcow2" | tr '\n' ' ')"
 
   echo "== 2c. a good update: slot B boots, is healthy and blessed"
-  REBOOTS=yes boot good "$work/healthy.qcow2" "$work/good.iso"
+  REBOOTS=yes QEMU_LIMIT=$((timeout_s * 2)) boot good "$work/healthy.qcow2" "$work/good.iso"
   boot_at=$boot_start
   wait_for good 'checking every part' 900 || fail good "the good update was not found on the media"
   check_at=$(date +%s.%N)
