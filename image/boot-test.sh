@@ -331,6 +331,11 @@ PY
   echo "ESP: $(echo "$entries" | tr '\n' ' ')"
   echo "$entries" | grep -qx 'ferry_[0-9]*-b\.efi' || { echo "FAIL: slot B's entry still carries a boot counter (not blessed)"; exit 1; }
   echo "$entries" | grep -qx 'ferry_00000-a\.efi' || { echo "FAIL: slot A's entry is gone"; exit 1; }
+  # Two boots in this run (A installs, B runs) and no reboot after B was healthy: a healthy trial
+  # boot is blessed, never rebooted.
+  boots=$(grep -ac 'Linux version' "$work/good.log" || true)
+  [ "$boots" = 2 ] || fail good "expected 2 boots (slot A installing, slot B), saw $boots"
+  grep -aq 'FERRY-UPDATE-FALLBACK' "$work/good.log" && fail good "the healthy slot B was rebooted"
   printf '== good update: verify + install %s s (media found -> installed), installed -> FERRY-HEALTHY on slot B %s s\n' "$apply_s" "$b_healthy_s"
   rm -f "$work"/*.iso
 fi
