@@ -320,10 +320,9 @@ PY
   installed_at=$(date +%s.%N)
   wait_for good 'FERRY-HEALTHY slot=b \|FERRY-UNHEALTHY' 900 || fail good "slot B did not come up"
   b_healthy_s=$(secs_since "$installed_at")
-  wait_for good 'Successfully renamed' 120 || true
-  sleep 5
+  wait_for good "Marked boot as 'good'" 120 || fail good "systemd-bless-boot did not mark slot B good"
   shutdown
-  grep -a 'FERRY-SLOT\|FERRY-HEALTHY\|FERRY-UNHEALTHY\|FERRY-UPDATE\|renamed' "$work/good.log" | tr -d '\r'
+  grep -a "FERRY-SLOT\|FERRY-HEALTHY\|FERRY-UNHEALTHY\|FERRY-UPDATE\|Marked boot as 'good'" "$work/good.log" | tr -d '\r'
   grep -aq "FERRY-HEALTHY slot=b version=$base.2 " "$work/good.log" || fail good "slot B with version $base.2 is not healthy"
   grep -aq "FERRY-SLOT slot=b version=$base.2 roothash=$(cat "$work/good.roothash")" "$work/good.log" \
     || fail good "slot B does not run the update's root hash"
