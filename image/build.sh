@@ -17,6 +17,10 @@
 #   SOURCE_DATE_EPOCH   timestamp for every file, file system and PE header (default: the source
 #                       tree's last git commit, or 1700000000)
 #   FERRY_IMAGE_FORMATS "qcow2 vmdk" by default; "" for the raw image only
+#   FERRY_VERSION       the image version (IMAGE_VERSION in os-release, the update bundle's
+#                       version). systemd-boot boots the entry with the highest version, so an
+#                       update must carry a higher one than the running image. Default:
+#                       SOURCE_DATE_EPOCH as YYYY.MM.DD.HHMMSS (the git commit goes to BUILD_ID)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 src=${FERRY_SRC:-$(cd "$here/.." && pwd)}
@@ -43,7 +47,9 @@ root=$work/root
 
 step "building ferry (release)"
 export PATH="$HOME/.cargo/bin:$PATH"
-(cd "$src" && cargo build --release --locked -p ferry)
+# Without SOURCE_DATE_EPOCH: the C parts of ring and zstd-sys rebuild (with everything above
+# them) whenever it changes, i.e. at every commit, and nothing in them uses it.
+(cd "$src" && env -u SOURCE_DATE_EPOCH cargo build --release --locked -p ferry)
 target_dir=$(cd "$src" && cargo metadata --format-version=1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 objcopy --strip-debug "$target_dir/release/ferry" "$work/ferry"
 
@@ -52,7 +58,7 @@ step "mmdebstrap (Debian 12 minbase + systemd + kernel + nftables)"
 # The kernel's postinst runs dracut with rootfs/etc/dracut.conf.d/ferry.conf (put in place by the
 # setup hook, before any package): that initrd goes into the UKI.
 mmdebstrap --variant=minbase --mode=root --format=directory \
-  --include=systemd,systemd-sysv,systemd-resolved,udev,dbus,linux-image-amd64,dracut,kmod,nftables,e2fsprogs,util-linux,fdisk,mtools,iproute2,ca-certificates \
+  --include=systemd,systemd-sysv,systemd-resolved,systemd-boot,udev,dbus,linux-image-amd64,dracut,kmod,nftables,e2fsprogs,util-linux,fdisk,mtools,iproute2,ca-certificates \
   --setup-hook='mkdir -p "$1/etc/dracut.conf.d"' \
   --setup-hook="cp '$here/rootfs/etc/dracut.conf.d/ferry.conf' \"\$1/etc/dracut.conf.d/\"" \
   --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
@@ -69,6 +75,9 @@ install -m 0644 "$src/systemd/tmpfiles.d/ferry.conf" "$root/usr/lib/tmpfiles.d/f
 install -D -m 0644 "$src/README.md" "$root/usr/share/doc/ferry/README.md"
 # ferry-hw-tune.service's Documentation= points here.
 install -D -m 0644 "$src/hardware/README.md" "$root/usr/share/doc/ferry/hardware/README.md"
+install -D -m 0644 "$here/README.md" "$root/usr/share/doc/ferry/image/README.md"
+# The ESP's mount point (fstab): boot entries of updates, boot counting.
+install -d -m 0755 "$root/efi"
 cp -r --preserve=mode "$here/rootfs/." "$root/"
 chroot "$root" systemd-sysusers
 ln -sfn /var/lib/ferry/etc "$root/etc/ferry"
@@ -90,7 +99,7 @@ fi
 systemctl --root="$root" enable systemd-networkd.service systemd-resolved.service nftables.service \
   ferry-storage.service ferry-provision.service ferry-process-server.service \
   ferry-master-target.service ferry-health.service ferry-hw-tune.service \
-  ferry-console.service ferry-console-serial.service
+  ferry-console.service ferry-console-serial.service ferry-update.service
 # No login prompts: ferry-console.service and ferry-console-serial.service hold tty1 and ttyS0.
 systemctl --root="$root" mask getty@.service serial-getty@.service console-getty.service
 ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
@@ -110,13 +119,15 @@ rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/var/log/* \
   "$root"/var/lib/dpkg/*-old "$root"/etc/*- "$root"/tmp/* "$root"/var/tmp/* \
   "$root"/var/lib/systemd/catalog/database "$root"/etc/ssh
 find "$root" -name '__pycache__' -prune -exec rm -rf {} +
-version=$(cd "$src" && git describe --always --dirty 2>/dev/null || echo 0.1.0)
+build_id=$(cd "$src" && git describe --always --dirty 2>/dev/null || echo unknown)
+version=${FERRY_VERSION:-$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y.%m.%d.%H%M%S)}
 cat > "$root/usr/lib/os-release" <<EOF
 NAME="Ferry"
 ID=ferry
 ID_LIKE=debian
 PRETTY_NAME="Ferry appliance ($version)"
 VERSION_ID=$version
+BUILD_ID=$build_id
 IMAGE_ID=ferry
 IMAGE_VERSION=$version
 HOME_URL="https://github.com/ferry"
@@ -180,12 +191,15 @@ systemd-repart --empty=create --size=auto --dry-run=no --no-pager \
 
 step "writing $out"
 mkdir -p "$out"
-rm -f "$out"/ferry.raw "$out"/ferry.qcow2 "$out"/ferry.vmdk "$out"/ferry-update.bundle "$out"/SHA256SUMS
+rm -f "$out"/ferry.raw "$out"/ferry.qcow2 "$out"/ferry.vmdk "$out"/ferry-update.bundle "$out"/ferry-update.iso "$out"/SHA256SUMS
 mv "$disk" "$out/ferry.raw"
 printf '%s\n' "$roothash" > "$out/roothash"
 printf '%s\n' "$cmdline" > "$out/cmdline"
 cp "$work/ferry.efi" "$out/ferry.efi"
 cp "$work/root.squashfs" "$out/root.squashfs"; cp "$work/root.verity" "$out/root.verity"
+# The UKI's inputs, for bundles made from this build (the boot test's update variants).
+cp "$work/vmlinuz" "$out/vmlinuz"; cp "$work/initrd" "$out/initrd"
+printf '%s\n' "$version" > "$out/version"
 for f in $formats; do
   case $f in
     qcow2) qemu-img convert -f raw -O qcow2 "$out/ferry.raw" "$out/ferry.qcow2" ;;
@@ -211,8 +225,10 @@ if [ $have_update = yes ]; then
   "$work/ferry" update sign --private "$keydir/update-key.pk8" --version "$version" \
     --roothash "$roothash" --root "$work/root.squashfs" --verity "$work/root.verity" \
     --uki "$work/ferry.efi" --out "$out/ferry-update.bundle"
+  # What the provider hands out: update media to attach to the appliance (ISO 9660 CD/DVD).
+  make_update_iso "$out/ferry-update.iso" "$out/ferry-update.bundle"
 fi
-(cd "$out" && sha256sum ferry.* ferry-update.bundle root.* 2>/dev/null > SHA256SUMS)
+(cd "$out" && sha256sum ferry.* ferry-update.* root.* 2>/dev/null > SHA256SUMS)
 step "done in $(( $(date +%s) - start ))s"
 cat "$out/SHA256SUMS"
 ls -la "$out"

@@ -12,6 +12,7 @@ ensure_build_deps() {
   command -v objcopy >/dev/null || need+=(binutils)
   command -v qemu-img >/dev/null || need+=(qemu-utils)
   command -v python3 >/dev/null || need+=(python3)
+  command -v xorriso >/dev/null || need+=(xorriso)
   [ -e /usr/lib/systemd/boot/efi/linuxx64.efi.stub ] || need+=(systemd-boot-efi)
   if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
@@ -104,4 +105,57 @@ if struct.unpack_from("<I", b, csum_at)[0]:
 open(path, "wb").write(bytes(b))
 EOF
   rm -rf "$tmp"
+}
+
+# make_update_iso OUT BUNDLE...: update media, an ISO 9660 image (Rock Ridge + Joliet names) with
+# the bundles in its root directory; the appliance finds them by their magic, not their names.
+# xorriso takes its time stamps from SOURCE_DATE_EPOCH.
+make_update_iso() {
+  local out=$1; shift
+  local args=() b
+  for b in "$@"; do args+=("$(basename "$b")=$b"); done
+  rm -f "$out"
+  xorriso -as mkisofs -quiet -o "$out" -V FERRY_UPDATE -R -J -graft-points "${args[@]}"
+}
+
+# make_variant_bundle IMAGE_DIR WORK NAME VERSION KIND FERRY PRIVATE_KEY: an update bundle made
+# from a built image's root (IMAGE_DIR = build.sh's output), as a provider's next release would
+# be, with IMAGE_VERSION=VERSION, written to WORK/NAME.bundle. KIND "good" changes only the
+# version; "broken" also replaces /usr/bin/ferry by a program whose roles fail at once (its
+# `update` command still works, so the console says which slot runs). Signed with PRIVATE_KEY by
+# the FERRY binary. A fast zstd level: this is for tests, and the slot has room.
+make_variant_bundle() {
+  local dir=$1 work=$2 name=$3 version=$4 kind=$5 ferry=$6 key=$7
+  local r=$work/$name.root
+  rm -rf "$r"
+  unsquashfs -q -n -d "$r" "$dir/root.squashfs" >/dev/null
+  sed -i -e "s/^IMAGE_VERSION=.*/IMAGE_VERSION=$version/" -e "s/^VERSION_ID=.*/VERSION_ID=$version/" \
+    -e "s/^PRETTY_NAME=.*/PRETTY_NAME=\"Ferry appliance ($version, $kind)\"/" "$r/usr/lib/os-release"
+  if [ "$kind" = broken ]; then
+    mv "$r/usr/bin/ferry" "$r/usr/lib/ferry/ferry.real"
+    cat > "$r/usr/bin/ferry" <<'SH'
+#!/bin/sh
+# A deliberately broken update (image/boot-test.sh): every role fails to start.
+case "$1" in update) exec /usr/lib/ferry/ferry.real "$@" ;; esac
+echo "ferry: deliberately broken build for the fallback test" >&2
+exit 1
+SH
+    chmod 0755 "$r/usr/bin/ferry"
+  fi
+  mksquashfs "$r" "$work/$name.squashfs" -comp zstd -Xcompression-level 3 -noappend -no-progress \
+    -quiet -processors 2 >/dev/null
+  rm -rf "$r"
+  local sum; sum=$(sha256sum "$work/$name.squashfs" | cut -c1-64)
+  veritysetup format "$work/$name.squashfs" "$work/$name.verity" --salt="$sum" \
+    --uuid="$(uuid_from_hex "$(printf '%s' "verity:$sum" | sha256sum | cut -c1-32)")" \
+    --root-hash-file="$work/$name.roothash" >/dev/null
+  local roothash; roothash=$(cat "$work/$name.roothash")
+  local old; old=$(cat "$dir/roothash")
+  unsquashfs -q -cat "$work/$name.squashfs" usr/lib/os-release > "$work/$name.os-release"
+  make_uki "$dir/vmlinuz" "$dir/initrd" "$(sed "s/roothash=$old/roothash=$roothash/" "$dir/cmdline")" \
+    "$work/$name.os-release" "$work/$name.efi"
+  "$ferry" update sign --private "$key" --version "$version" --roothash "$roothash" \
+    --root "$work/$name.squashfs" --verity "$work/$name.verity" --uki "$work/$name.efi" \
+    --out "$work/$name.bundle" >/dev/null
+  rm -f "$work/$name.squashfs" "$work/$name.verity" "$work/$name.efi" "$work/$name.os-release"
 }

@@ -112,33 +112,107 @@ pub struct VerifiedBundle {
     offsets: Vec<u64>,
 }
 
-impl VerifiedBundle {
-    /// Read and check a bundle against the provider's Ed25519 public key (32 bytes).
-    pub fn open(path: &Path, public_key: &[u8]) -> Result<VerifiedBundle, BundleError> {
-        let mut f = File::open(path)?;
-        let mut head = [0u8; 12];
-        f.read_exact(&mut head)?;
-        if &head[..8] != MAGIC {
-            return Err(BundleError::Magic);
-        }
-        let len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
-        if len > MAX_MANIFEST {
-            return Err(BundleError::ManifestTooLarge(len));
-        }
-        let mut manifest_bytes = vec![0u8; len as usize];
-        f.read_exact(&mut manifest_bytes)?;
-        let mut sig = [0u8; SIGNATURE_LEN];
-        f.read_exact(&mut sig)?;
-        let mut signed = DOMAIN.to_vec();
-        signed.extend_from_slice(&manifest_bytes);
-        UnparsedPublicKey::new(&ED25519, public_key)
-            .verify(&signed, &sig)
-            .map_err(|_| BundleError::Signature)?;
-        let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
-            .map_err(|e| BundleError::Manifest(e.to_string()))?;
-        manifest.check()?;
+/// Where a bundle's bytes are: a whole file, or a stretch of a device (a file on update media,
+/// found by [`crate::media`]). Bytes after `len` (a device's sector padding) are not the bundle's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BundleSource {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+}
 
-        let mut offset = 12 + u64::from(len) + SIGNATURE_LEN as u64;
+impl BundleSource {
+    /// A whole regular file.
+    pub fn file(path: &Path) -> io::Result<BundleSource> {
+        Ok(BundleSource {
+            path: path.to_path_buf(),
+            offset: 0,
+            len: std::fs::metadata(path)?.len(),
+        })
+    }
+}
+
+impl std::fmt::Display for BundleSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.offset == 0 {
+            write!(f, "{}", self.path.display())
+        } else {
+            write!(f, "{}@{}", self.path.display(), self.offset)
+        }
+    }
+}
+
+/// Read the header of a bundle and check its signature; nothing of the parts is read.
+/// Returns the manifest (checked for form) and the manifest's length.
+fn signed_manifest(
+    f: &mut File,
+    src: &BundleSource,
+    public_key: &[u8],
+) -> Result<(Manifest, u32), BundleError> {
+    f.seek(SeekFrom::Start(src.offset))?;
+    let mut head = [0u8; 12];
+    f.read_exact(&mut head)?;
+    if &head[..8] != MAGIC {
+        return Err(BundleError::Magic);
+    }
+    let len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    if len > MAX_MANIFEST {
+        return Err(BundleError::ManifestTooLarge(len));
+    }
+    let mut manifest_bytes = vec![0u8; len as usize];
+    f.read_exact(&mut manifest_bytes)?;
+    let mut sig = [0u8; SIGNATURE_LEN];
+    f.read_exact(&mut sig)?;
+    let mut signed = DOMAIN.to_vec();
+    signed.extend_from_slice(&manifest_bytes);
+    UnparsedPublicKey::new(&ED25519, public_key)
+        .verify(&signed, &sig)
+        .map_err(|_| BundleError::Signature)?;
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| BundleError::Manifest(e.to_string()))?;
+    manifest.check()?;
+    Ok((manifest, len))
+}
+
+/// The manifest of a bundle whose signature is good, without hashing the parts: enough to decide
+/// that a bundle is not needed (already running, already installed), never enough to install it.
+pub fn read_signed_manifest(
+    src: &BundleSource,
+    public_key: &[u8],
+) -> Result<Manifest, BundleError> {
+    let mut f = File::open(&src.path)?;
+    Ok(signed_manifest(&mut f, src, public_key)?.0)
+}
+
+impl VerifiedBundle {
+    /// Read and check a bundle file against the provider's Ed25519 public key (32 bytes).
+    pub fn open(path: &Path, public_key: &[u8]) -> Result<VerifiedBundle, BundleError> {
+        VerifiedBundle::open_source(&BundleSource::file(path)?, public_key)
+    }
+
+    /// Read and check a bundle anywhere (a file, or a stretch of a device).
+    pub fn open_source(
+        src: &BundleSource,
+        public_key: &[u8],
+    ) -> Result<VerifiedBundle, BundleError> {
+        let mut f = File::open(&src.path)?;
+        let (manifest, len) = signed_manifest(&mut f, src, public_key)?;
+        let header = 12 + u64::from(len) + SIGNATURE_LEN as u64;
+        let total = manifest
+            .parts
+            .iter()
+            .try_fold(header, |acc, p| acc.checked_add(p.size))
+            .ok_or_else(|| BundleError::Manifest("part sizes overflow".into()))?;
+        if total > src.len {
+            return Err(BundleError::Part {
+                name: "bundle".into(),
+                problem: format!("the parts need {total} bytes, the bundle has {}", src.len),
+            });
+        }
+        if total < src.len {
+            return Err(BundleError::Trailing(src.len - total));
+        }
+        let mut offset = src.offset + header;
         let mut offsets = Vec::new();
         let mut buf = vec![0u8; 1 << 20];
         for part in &manifest.parts {
@@ -162,12 +236,8 @@ impl VerifiedBundle {
             }
             offset += part.size;
         }
-        let end = f.seek(SeekFrom::End(0))?;
-        if end != offset {
-            return Err(BundleError::Trailing(end.saturating_sub(offset)));
-        }
         Ok(VerifiedBundle {
-            path: path.to_path_buf(),
+            path: src.path.clone(),
             manifest,
             offsets,
         })

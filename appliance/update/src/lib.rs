@@ -4,13 +4,17 @@
 //!
 //! - [`bundle`]: the bundle format (manifest + Ed25519 signature + parts), signing and
 //!   verification with `ring`. No I/O policy: it reads what it is given.
+//! - [`media`]: update media (an ISO 9660 CD/DVD image or stick), read in user space, and
+//!   the bundles on it.
 //! - [`slots`]: which slot is running (from the kernel command line's `roothash=`), where the
 //!   inactive one lives (GPT partition labels), and the installation steps.
 //!
 //! The bundle format is described byte by byte in [`bundle`]'s module documentation.
 
 pub mod bundle;
+pub mod media;
 pub mod slots;
 
-pub use bundle::{sign_bundle, BundleError, Manifest, Part, VerifiedBundle};
-pub use slots::{InstallError, Slot, SlotLayout};
+pub use bundle::{sign_bundle, BundleError, BundleSource, Manifest, Part, VerifiedBundle};
+pub use media::{MediaError, MediaFile};
+pub use slots::{InstallError, InstalledRecord, Slot, SlotLayout, DEFAULT_TRIES};

@@ -7,16 +7,22 @@
 //! 1. the bundle is verified ([`crate::VerifiedBundle`]) before this module sees it;
 //! 2. the inactive slot's partitions receive the root and verity parts (size-checked first);
 //! 3. their partition UUIDs become the halves of the new root hash (`sfdisk --part-uuid`);
-//! 4. the UKI goes to the ESP as `EFI/Linux/ferry_<generation>-<slot>+3.efi`: a newer
-//!    generation than the running one, so systemd-boot picks it next, with three tries. When
+//! 4. the UKI goes to the ESP (mounted on `/efi`) as `EFI/Linux/ferry_<generation>-<slot>+N.efi`
+//!    (written under a temporary name, synced, then renamed): a newer generation than the
+//!    running one, so systemd-boot picks it next, with N tries ([`DEFAULT_TRIES`]). When
 //!    `boot-complete.target` is reached (ferry-health.service passed), systemd-bless-boot drops
-//!    the counter; when the tries run out, systemd-boot sorts the entry last and boots the old
-//!    slot again. The old slot's entry is never touched.
+//!    the counter; an unhealthy trial boot reboots (ferry-update-fallback.service), and when the
+//!    tries run out systemd-boot sorts the entry last and boots the old slot again. The old
+//!    slot's entry is never touched.
 //!
 //! `/var` and the cache are different partitions and disks: an update cannot reach them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Boots an updated slot gets to come up healthy before systemd-boot goes back to the old slot.
+/// Two: one failed boot may be a power cut, two in a row are the update.
+pub const DEFAULT_TRIES: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
@@ -155,7 +161,7 @@ fn capacity(dev: &Path) -> Result<u64, InstallError> {
 }
 
 /// Partition number and whole-disk device of a partition device, from sysfs.
-fn disk_and_number(part: &Path) -> Result<(PathBuf, u32), InstallError> {
+pub fn disk_and_number(part: &Path) -> Result<(PathBuf, u32), InstallError> {
     let name = part
         .file_name()
         .and_then(|n| n.to_str())
@@ -193,12 +199,13 @@ pub fn newest_generation<'a>(names: impl IntoIterator<Item = &'a str>) -> u32 {
         .unwrap_or(0)
 }
 
-/// Install a verified bundle into the inactive slot. `esp` is the ESP partition device;
-/// the ESP is written with mtools, so nothing is mounted.
+/// Install a verified bundle into the inactive slot. `esp` is the mounted ESP (`/efi`).
+/// Returns the boot entry's path on the ESP.
 pub fn install(
     bundle: &crate::VerifiedBundle,
     layout: &SlotLayout,
     esp: &Path,
+    tries: u32,
 ) -> Result<PathBuf, InstallError> {
     let m = &bundle.manifest;
     if m.roothash == layout.active_roothash {
@@ -207,7 +214,14 @@ pub fn install(
     let slot = layout.inactive();
     let root_dev = layout.device(&slot.root_label())?;
     let verity_dev = layout.device(&slot.verity_label())?;
-    // Every size check before the first write.
+    let entries = esp.join("EFI/Linux");
+    // Every check before the first write.
+    if !entries.is_dir() {
+        return Err(step(
+            "finding the boot entries",
+            format!("no {}", entries.display()),
+        ));
+    }
     for (name, dev, label) in [
         ("root", &root_dev, slot.root_label()),
         ("verity", &verity_dev, slot.verity_label()),
@@ -223,6 +237,20 @@ pub fn install(
             });
         }
     }
+    // First make the slot unbootable: its old entries go before its partitions change.
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(&entries)? {
+        if let Ok(n) = e?.file_name().into_string() {
+            names.push(n);
+        }
+    }
+    for old in names
+        .iter()
+        .filter(|n| n.starts_with("ferry_") && n.contains(&format!("-{}", slot.letter())))
+    {
+        std::fs::remove_file(entries.join(old))
+            .map_err(|e| step(format!("removing the slot's old boot entry {old}"), e))?;
+    }
     for (name, dev) in [("root", &root_dev), ("verity", &verity_dev)] {
         let mut f = std::fs::OpenOptions::new().write(true).open(dev)?;
         bundle.copy_part(name, &mut f)?;
@@ -232,60 +260,67 @@ pub fn install(
         partition_uuids(&m.roothash).ok_or_else(|| step("root hash", &m.roothash))?;
     for (dev, uuid) in [(&root_dev, &data_uuid), (&verity_dev, &hash_uuid)] {
         let (disk, n) = disk_and_number(dev)?;
+        // The running system keeps its partitions; only the UUIDs in the GPT change, which the
+        // next boot reads. The busy boot disk's table cannot be re-read now, and need not be.
         run(
             "setting the slot's partition UUID",
             Command::new("sfdisk")
-                .arg("--part-uuid")
+                .args(["--no-reread", "--no-tell-kernel", "--part-uuid"])
                 .arg(&disk)
                 .arg(n.to_string())
                 .arg(uuid),
         )?;
     }
-    // The UKI: a new generation, three tries.
-    let listing = Command::new("mdir")
-        .args(["-b", "-i"])
-        .arg(esp)
-        .arg("::/EFI/Linux")
-        .output()
-        .map_err(|e| step("listing the ESP", e))?;
-    let listing = String::from_utf8_lossy(&listing.stdout).to_string();
-    let names: Vec<&str> = listing
-        .lines()
-        .filter_map(|l| l.rsplit('/').next())
-        .collect();
-    let generation = newest_generation(names.iter().copied()) + 1;
-    // Drop this slot's old entries (never the running slot's).
-    for old in names
-        .iter()
-        .filter(|n| n.starts_with("ferry_") && n.contains(&format!("-{}", slot.letter())))
-    {
-        run(
-            "removing the slot's old boot entry",
-            Command::new("mdel")
-                .arg("-i")
-                .arg(esp)
-                .arg(format!("::/EFI/Linux/{old}")),
-        )?;
-    }
-    let tmp = std::env::temp_dir().join(format!("ferry-update-{}.efi", std::process::id()));
-    {
+    // The UKI: a new generation, with a boot counter.
+    let generation = newest_generation(names.iter().map(String::as_str)) + 1;
+    let entry = format!("ferry_{generation:05}-{}+{tries}.efi", slot.letter());
+    let tmp = entries.join(format!(".{entry}.new"));
+    let written = (|| -> Result<(), InstallError> {
         let mut f = std::fs::File::create(&tmp)?;
         bundle.copy_part("uki", &mut f)?;
         f.sync_all()?;
+        std::fs::rename(&tmp, entries.join(&entry))?;
+        std::fs::File::open(&entries)?.sync_all()?;
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let entry = format!("ferry_{generation:05}-{}+3.efi", slot.letter());
-    let r = run(
-        "writing the boot entry",
-        Command::new("mcopy")
-            .arg("-o")
-            .arg("-i")
-            .arg(esp)
-            .arg(&tmp)
-            .arg(format!("::/EFI/Linux/{entry}")),
-    );
-    let _ = std::fs::remove_file(&tmp);
-    r?;
+    written?;
     Ok(PathBuf::from(format!("/EFI/Linux/{entry}")))
+}
+
+/// The record of bundles installed on this appliance (`/var/lib/ferry-update/installed`): one
+/// line per install, `<roothash> <version>`. Update media is read at every boot and may stay
+/// attached; a bundle recorded here is never installed again, whether its slot booted or fell
+/// back.
+pub struct InstalledRecord {
+    pub path: PathBuf,
+}
+
+impl InstalledRecord {
+    pub fn contains(&self, roothash: &str) -> Result<bool, std::io::Error> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => Ok(text
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(roothash))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn add(&self, roothash: &str, version: &str) -> Result<(), std::io::Error> {
+        use std::io::Write;
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        writeln!(f, "{roothash} {version}")?;
+        f.sync_all()
+    }
 }
 
 #[cfg(test)]
@@ -328,6 +363,19 @@ mod tests {
             SlotLayout::discover("quiet", dev),
             Err(InstallError::NoRootHash)
         ));
+    }
+
+    #[test]
+    fn the_installed_record_remembers_root_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = InstalledRecord {
+            path: dir.path().join("sub/installed"),
+        };
+        assert!(!r.contains(H).unwrap());
+        r.add(H, "1.0").unwrap();
+        r.add(&H.replace('0', "1"), "1.1").unwrap();
+        assert!(r.contains(H).unwrap());
+        assert!(!r.contains(&H[..60]).unwrap());
     }
 
     #[test]
