@@ -265,7 +265,7 @@ async fn run(
             se.last_seq += 1;
             se.cuts += 1;
             tracing::info!(disk = %spec.name, mode = label, seq = se.last_seq, blocks = report.blocks, bytes = report.bytes, "recovery point committed");
-            let limit = link.throttle(&spec.name).and_then(|t| t.limit_mbit());
+            let limit = link.limit_mbit(&spec.name);
             status.update(|s| {
                 s.acked_seq = se.last_seq;
                 s.bandwidth_limit_mbit = limit;

@@ -34,6 +34,11 @@ impl Link {
     pub fn throttle(&self, disk: &str) -> Option<&Arc<Throttle>> {
         self.throttles.get(disk)
     }
+
+    /// The bandwidth limit in force now for `disk`, megabits per second (None: unlimited).
+    pub fn limit_mbit(&self, disk: &str) -> Option<u32> {
+        self.throttle(disk).and_then(|t| t.limit_mbit())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -199,7 +204,7 @@ async fn session(
         disk.update(|s| s.state = State::Replicating);
     }
     trim(disk, journal_end).await?;
-    let limit = link.throttle(&disk.name).and_then(|t| t.limit_mbit());
+    let limit = link.limit_mbit(&disk.name);
     disk.update(|s| {
         s.connected = true;
         s.last_error = None;
@@ -256,7 +261,7 @@ async fn session(
                         if let (Some(g), Some(id)) = (&disk.group, f.group_cut) {
                             g.done(&disk.name, id);
                         }
-                        let limit = link.throttle(&disk.name).and_then(|t| t.limit_mbit());
+                        let limit = link.limit_mbit(&disk.name);
                         disk.update(|s| {
                             s.acked_seq = seq;
                             s.bandwidth_limit_mbit = limit;

@@ -177,10 +177,6 @@ impl<S> Throttled<S> {
             sleep: None,
         }
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Throttled<S> {
