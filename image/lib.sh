@@ -109,11 +109,15 @@ EOF
 
 # make_update_iso OUT BUNDLE...: update media, an ISO 9660 image (Rock Ridge + Joliet names) with
 # the bundles in its root directory; the appliance finds them by their magic, not their names.
-# xorriso takes its time stamps from SOURCE_DATE_EPOCH.
+# xorriso takes the volume's time stamps from SOURCE_DATE_EPOCH, but a file's from its mtime:
+# the bundles get SOURCE_DATE_EPOCH as mtime first (else two builds give two ISOs).
 make_update_iso() {
   local out=$1; shift
   local args=() b
-  for b in "$@"; do args+=("$(basename "$b")=$b"); done
+  for b in "$@"; do
+    [ -n "${SOURCE_DATE_EPOCH:-}" ] && touch -d "@$SOURCE_DATE_EPOCH" "$b"
+    args+=("$(basename "$b")=$b")
+  done
   rm -f "$out"
   xorriso -as mkisofs -quiet -o "$out" -V FERRY_UPDATE -R -J -graft-points "${args[@]}"
 }
