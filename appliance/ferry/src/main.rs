@@ -1104,6 +1104,16 @@ fn machine_throttles(
     out
 }
 
+/// `group=MACHINE` of a disk spec: the consistency group, named like a disk.
+fn parse_group(option: &str, name: &str, v: Option<&&str>) -> anyhow::Result<Option<String>> {
+    match v.copied() {
+        Some(g) if !ferry_wire::valid_disk_name(g) => {
+            bail!("{option} {name}: group {g:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")
+        }
+        g => Ok(g.map(str::to_string)),
+    }
+}
+
 /// `compress=yes|no` of a disk spec (default yes).
 fn parse_compress(option: &str, name: &str, v: Option<&&str>) -> anyhow::Result<bool> {
     match v.copied() {
@@ -1125,12 +1135,7 @@ fn parse_disk(text: &str) -> anyhow::Result<ferry_process_server::DiskSpec> {
         )),
         None => None,
     };
-    let group = match kv.get("group") {
-        Some(g) if !ferry_wire::valid_disk_name(g) => {
-            bail!("--disk {name}: group {g:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")
-        }
-        g => g.map(|g| g.to_string()),
-    };
+    let group = parse_group("--disk", name, kv.get("group"))?;
     let host = match (kv.get("qmp"), kv.get("node"), kv.get("nbd")) {
         (None, None, None) => None,
         (Some(q), Some(n), Some(s)) => Some(ferry_process_server::resync::HostDisk {
@@ -1186,12 +1191,7 @@ fn parse_periodic(
         fleece_file: get("fleece")?,
         interval: Duration::from_millis(interval_ms.max(100)),
         compress: parse_compress("--periodic", name, kv.get("compress"))?,
-        group: match kv.get("group") {
-            Some(g) if !ferry_wire::valid_disk_name(g) => {
-                bail!("--periodic {name}: group {g:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")
-            }
-            g => g.map(|g| g.to_string()),
-        },
+        group: parse_group("--periodic", name, kv.get("group"))?,
     })
 }
 
