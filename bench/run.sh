@@ -7,7 +7,8 @@
 # 1. pipeline  one core, mixed 256 MiB image in memory (1/4 ELF binaries from /usr, 1/4 text,
 #              1/4 zeros, 1/4 random) in 64 KiB blocks: MB/s of zero check, keyed BLAKE3,
 #              zstd, AES-256-GCM, seal, the whole per-block pipeline and checkpoint::Builder;
-#              compression and dedup ratios. Targets: AES-256-GCM >= 2000 MB/s, pipeline >= 500.
+#              compression and dedup ratios, and Debian's `zstd -b1 -B64K` on the same image as
+#              the peer. Targets: AES-256-GCM >= 2000 MB/s, pipeline >= 500.
 # 2. ingest    sequential 1 MiB and random 4 KiB NBD writes (no FUA, queue depth 1 and 16) into
 #              the real `ferry process-server` (+ master-target, shipping live) versus a plain
 #              `qemu-nbd --cache=writeback` raw file: MB/s, IOPS, p50/p99/max latency per write.
@@ -26,7 +27,8 @@
 # 4. periodic  (bench/periodic.sh, run last; skip with FERRY_BENCH_PERIODIC_GIB=0) one mixed
 #              8 GiB image (FERRY_BENCH_PERIODIC_GIB): seed and 1%-changed incremental by Ferry's
 #              periodic mode (qemu-storage-daemon dirty bitmaps) versus restic and borg (fixed
-#              4 MiB chunker) into local repositories: wall, CPU, bytes stored. Targets: seed
+#              4 MiB chunker; and borg with zstd,1) on a fresh journaled ext4 (loop device):
+#              wall, CPU, bytes stored. Targets: seed
 #              >= 1.5x, incremental >= 20x faster than the faster peer. Adds ~15 min and needs
 #              ~30 GB in /tmp; installs restic and borgbackup when missing.
 #
@@ -36,17 +38,21 @@
 #              mutual TLS and `ferry ctl status` (table, --json) as whole processes, p50/p99/max;
 #              the server's VmRSS/VmHWM and sled size. Target: p99 < 200 ms.
 #
-# Installs only qemu-utils (for qemu-nbd) when it is missing, as scripts/install-deps.sh does.
+# Installs qemu-utils (for qemu-nbd) and zstd (the pipeline's peer) when missing.
 # Traffic goes only to 127.0.0.1; every process the benchmarks start is stopped and every
 # scratch file removed, also when a run times out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-if ! command -v qemu-nbd >/dev/null 2>&1; then
+missing=()
+command -v qemu-nbd >/dev/null 2>&1 || missing+=(qemu-utils)
+# Debian's zstd program: the pipeline's peer row (zstd's own benchmark on the same image).
+command -v zstd >/dev/null 2>&1 || missing+=(zstd)
+if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends qemu-utils
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 cargo build --release -p ferry -p ferry-bench --bins

@@ -176,6 +176,38 @@ impl TenantKey {
         Ok(plain)
     }
 
+    /// Authenticate a chunk blob received under the name `id` without opening it all the way:
+    /// the header is checked, the AEAD tag (which binds the header and `id`) is verified, and
+    /// the declared plaintext length is checked against the payload (its length when stored
+    /// plain, the zstd frame's content size when compressed). Returns the plaintext length.
+    ///
+    /// This is what the master target does with every chunk it receives: only a holder of the
+    /// tenant key can make a blob that passes, and the name is bound to it. What it leaves out
+    /// (decompressing and hashing the plaintext to compare it with the name, as
+    /// [`TenantKey::open_chunk`] does) would guard only against the sending process server's
+    /// own bugs, costs more than the rest of receiving a chunk, and is done anyway on every read
+    /// and by verify.
+    pub fn authenticate_chunk(&self, id: &ChunkId, blob: &[u8]) -> Result<usize, ChunkError> {
+        let header = parse_header(blob)?;
+        let aad = aad_bytes(&blob[..BLOB_HEADER_LEN], &id.0);
+        let nonce =
+            Nonce::try_assume_unique_for_key(&blob[12..24]).map_err(|_| ChunkError::BadHeader)?;
+        let mut body = blob[BLOB_HEADER_LEN..].to_vec();
+        let payload = self
+            .aead
+            .open_in_place(nonce, Aad::from(&aad), &mut body)
+            .map_err(|_| ChunkError::Authentication)?;
+        if header.flags & FLAG_ZSTD != 0 {
+            match zstd::zstd_safe::get_frame_content_size(payload) {
+                Ok(Some(n)) if n == header.plaintext_len as u64 => {}
+                _ => return Err(ChunkError::Decompress),
+            }
+        } else if payload.len() != header.plaintext_len {
+            return Err(ChunkError::Authentication);
+        }
+        Ok(header.plaintext_len)
+    }
+
     /// Compress (when it helps) and encrypt `plaintext`, authenticating `context` with it.
     ///
     /// The blob is built in one buffer: header, then zstd straight into the space after it (with
@@ -426,7 +458,28 @@ mod tests {
             let mut bad = blob.clone();
             bad[i] ^= 0x40;
             assert!(k.open_chunk(&id, &bad).is_err(), "flip at {i} not caught");
+            assert!(
+                k.authenticate_chunk(&id, &bad).is_err(),
+                "flip at {i} authenticated"
+            );
         }
+        // What the master target checks on receipt: the tag, binding header and name.
+        assert_eq!(k.authenticate_chunk(&id, &blob), Ok(plain.len()));
+        let raw = k.seal_chunk_as(&id, &plain, false);
+        assert_eq!(k.authenticate_chunk(&id, &raw), Ok(plain.len()));
+        assert_eq!(
+            k.authenticate_chunk(&id, &blob[..10]),
+            Err(ChunkError::Truncated(10))
+        );
+        assert_eq!(
+            k.authenticate_chunk(&k.chunk_id(b"other"), &blob),
+            Err(ChunkError::Authentication)
+        );
+        assert_eq!(
+            TenantKey::from_secret(&[8u8; 32]).authenticate_chunk(&id, &blob),
+            Err(ChunkError::Authentication),
+            "another tenant's key"
+        );
         assert_eq!(
             k.open_chunk(&id, &blob[..10]),
             Err(ChunkError::Truncated(10))

@@ -16,6 +16,11 @@
 //! at the same cuts (same `created_unix_ns`), and a disk's other points (a large checkpoint sent
 //! in pieces, an application-consistent mark of one disk) would otherwise win a bucket on one
 //! disk and not on the next, leaving no cut that every disk of the machine kept.
+//! A cut that every disk of the group has a point at is worth more than one some disk lacks (a
+//! process server that died while sending a cut delivers it to some disks only): otherwise the
+//! disks that have the incomplete cut keep it as their bucket's newest, the others keep an older
+//! cut, and the bucket holds no cut of the whole machine. A disk's group is every disk whose
+//! points share a cut with it.
 //! Points older than every tier are deleted. The latest point is never deleted.
 //!
 //! A point that someone holds (a test failover serving it, a failover materializing it; see
@@ -28,7 +33,7 @@ use crate::root::root_path;
 use crate::store::sync_dir;
 use crate::{RepoError, Repository};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RetentionPolicy {
@@ -131,10 +136,13 @@ impl RetentionPolicy {
     }
 }
 
-/// How much a point is worth keeping in its bucket: at a consistency-group cut (2) over
-/// application-consistent (1) over neither (0); both: 3.
-pub fn worth(meta: &crate::CheckpointMeta) -> u8 {
-    (u8::from(meta.group_cut.is_some()) << 1)
+/// How much a point is worth keeping in its bucket: at a cut every disk of its group has (4 + 2)
+/// over at a cut some disk lacks (2) over application-consistent (1) over neither (0); the
+/// bits add up. `complete`: the point's cut is in [`Repository::complete_cuts`] of its disk.
+pub fn worth(meta: &crate::CheckpointMeta, complete: bool) -> u8 {
+    let cut = meta.group_cut.is_some();
+    (u8::from(cut && complete) << 2)
+        | (u8::from(cut) << 1)
         | u8::from(meta.consistency == crate::Consistency::Application)
 }
 
@@ -157,6 +165,34 @@ pub struct HeldBack {
 }
 
 impl Repository {
+    /// The consistency-group cuts of `disk` at which every disk of its group has a point. Its
+    /// group: the disks with a point at any of its cuts (the disks of one machine share every
+    /// cut; a disk never shares one with another machine's).
+    pub fn complete_cuts(&self, disk: &str) -> HashSet<u64> {
+        let disks = self.disks.lock().expect("disks");
+        let cuts_of = |st: &crate::DiskState| -> HashSet<u64> {
+            st.points
+                .values()
+                .filter_map(|r| r.point.meta.group_cut)
+                .collect()
+        };
+        let Some(mine) = disks.get(disk).map(cuts_of) else {
+            return HashSet::new();
+        };
+        let mut complete = mine.clone();
+        for (name, st) in disks.iter() {
+            if name == disk {
+                continue;
+            }
+            let theirs = cuts_of(st);
+            if theirs.is_disjoint(&mine) {
+                continue;
+            }
+            complete.retain(|c| theirs.contains(c));
+        }
+        complete
+    }
+
     /// Delete the points of `disk` that `policy` no longer keeps at `now_unix_ns`. Never
     /// deletes the latest point, a held point ([`Repository::hold`]) nor a point with a live
     /// [`crate::PointReader`]; the report says which points were kept for those reasons.
@@ -168,10 +204,14 @@ impl Repository {
         now_unix_ns: u64,
     ) -> Result<RetentionReport, RepoError> {
         self.writable()?;
+        let complete = self.complete_cuts(disk);
         let points: Vec<(u64, u64, u8)> = self
             .points(disk)?
             .iter()
-            .map(|p| (p.meta.seq, p.meta.created_unix_ns, worth(&p.meta)))
+            .map(|p| {
+                let whole = p.meta.group_cut.is_some_and(|c| complete.contains(&c));
+                (p.meta.seq, p.meta.created_unix_ns, worth(&p.meta, whole))
+            })
             .collect();
         let doomed = policy.select_deletions(&points, now_unix_ns);
         let mut report = RetentionReport::default();
@@ -348,5 +388,35 @@ mod tests {
                 "no common cut kept in bucket {bucket}"
             );
         }
+    }
+
+    #[test]
+    fn a_cut_one_disk_lacks_does_not_win_its_bucket() {
+        let p = policy();
+        // Cuts every 7 s on disk a; disk b lacks the last cut of every 100-s bucket (a process
+        // server died while sending it). Worth as `apply_retention` gives it: 6 for a cut both
+        // disks have, 2 for one that b lacks.
+        let lacks = |t: u64| t % 100 >= 93;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for t in (0..=2000u64).filter(|t| t % 7 == 0) {
+            let whole = !lacks(t);
+            a.push((a.len() as u64 + 1, t * NS, if whole { 6 } else { 2 }));
+            if whole {
+                b.push((b.len() as u64 + 1, t * NS, 6));
+            }
+        }
+        let kept = |pts: &[(u64, u64, u8)]| kept_secs(pts, &p.select_deletions(pts, 2000 * NS));
+        let (ka, kb) = (kept(&a), kept(&b));
+        for bucket in 9..18u64 {
+            let common = ka.iter().any(|t| t / 100 == bucket && kb.contains(t));
+            assert!(
+                common,
+                "no cut of the whole machine kept in bucket {bucket}"
+            );
+        }
+        // Without the completeness bit, the same points leave buckets with no common cut.
+        let flat: Vec<(u64, u64, u8)> = a.iter().map(|&(q, c, _)| (q, c, 2)).collect();
+        let kf = kept(&flat);
+        assert!((9..18u64).any(|bk| !kf.iter().any(|t| t / 100 == bk && kb.contains(t))));
     }
 }

@@ -51,6 +51,8 @@ pub struct CheckpointWriter<'a> {
     stored_bytes: u64,
     done: bool,
     max_dirty_pages: usize,
+    /// The name of an all-zero block of the disk's block size (such a chunk becomes a hole).
+    zero_id: ChunkId,
 }
 
 impl<'a> CheckpointWriter<'a> {
@@ -61,6 +63,10 @@ impl<'a> CheckpointWriter<'a> {
         prev: Option<PointRecord>,
     ) -> Self {
         let geo = Geometry::new(meta.disk_size, meta.block_size);
+        let zero_id = repo
+            .inner()
+            .key
+            .chunk_id(&vec![0u8; meta.block_size as usize]);
         let mut w = CheckpointWriter {
             repo,
             disk,
@@ -72,6 +78,7 @@ impl<'a> CheckpointWriter<'a> {
             stored_bytes: 0,
             done: false,
             max_dirty_pages: MAX_DIRTY_PAGES,
+            zero_id,
         };
         // Growth past the old tree's height: the new upper levels are changed pages (their
         // child 0 is the old root), so the commit links the old tree under the new root.
@@ -157,24 +164,32 @@ impl<'a> CheckpointWriter<'a> {
         let inner = self.repo.inner();
         match blob {
             Some(blob) => {
-                let plain = inner
-                    .key
-                    .open_chunk(&id, blob)
-                    .map_err(|e| RepoError::BadChunk {
-                        id,
-                        reason: e.to_string(),
-                    })?;
-                if plain.len() > self.geo.block_len(index) {
+                // Authenticated (AEAD over header and name), not opened: see
+                // `TenantKey::authenticate_chunk`. Every read checks the name again.
+                let len =
+                    inner
+                        .key
+                        .authenticate_chunk(&id, blob)
+                        .map_err(|e| RepoError::BadChunk {
+                            id,
+                            reason: e.to_string(),
+                        })?;
+                if len > self.geo.block_len(index) {
                     return Err(RepoError::BadChunk {
                         id,
                         reason: format!(
-                            "{} bytes do not fit block {index} ({} bytes)",
-                            plain.len(),
+                            "{len} bytes do not fit block {index} ({} bytes)",
                             self.geo.block_len(index)
                         ),
                     });
                 }
-                if is_zero(&plain) {
+                // A block of zeros is a hole, whatever its length (the last block of a disk
+                // may be short).
+                let zero = match len == self.meta.block_size as usize {
+                    true => id == self.zero_id,
+                    false => id == inner.key.chunk_id(&vec![0u8; len]),
+                };
+                if zero {
                     v.zero = true;
                     return Ok(v);
                 }

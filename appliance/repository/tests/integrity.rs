@@ -268,3 +268,61 @@ fn gc_waits_for_an_open_writer_and_keeps_its_chunks() {
     check_point(&repo, "d", 3, &m);
     assert!(repo.verify().is_clean());
 }
+
+#[test]
+fn retention_keeps_a_cut_of_the_whole_machine_when_a_disk_lacks_the_newest() {
+    // Two disks of one machine, cuts at t = 0, 100, ..., 1900 s on both, except that disk b
+    // lacks the cut at 1400 (the process server died while sending it). Tier: one point per
+    // 500 s. In the bucket [1000, 1500) disk a's newest cut is 1400 and disk b's is 1300: both
+    // must keep 1300, the newest cut both have, so that the machine can fail over to that time.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = open(dir.path());
+    let size = 4 * BS as u64;
+    let s = 1_000_000_000u64;
+    for disk in ["a", "b"] {
+        let mut m = Model::new(size, BS);
+        let mut seq = 0;
+        for i in 0..20u64 {
+            if disk == "b" && i == 14 {
+                continue;
+            }
+            seq += 1;
+            let mut mt = meta(seq, size, BS);
+            mt.created_unix_ns = i * 100 * s;
+            mt.group_cut = Some(i * 100 * s);
+            let mut w = repo.begin(disk, mt).unwrap();
+            put_full(&mut w, &mut m, i % 4, &block(1000 + i, BS as usize));
+            w.commit().unwrap();
+        }
+    }
+    assert!(!repo.complete_cuts("a").contains(&(1400 * s)));
+    assert!(repo.complete_cuts("b").contains(&(1300 * s)));
+    let policy = RetentionPolicy {
+        keep_all_secs: 300,
+        tiers: vec![RetentionTier {
+            every_secs: 500,
+            for_secs: 1000,
+        }],
+    };
+    let cuts = |disk: &str| -> Vec<u64> {
+        repo.points(disk)
+            .unwrap()
+            .iter()
+            .map(|p| p.meta.group_cut.unwrap() / s)
+            .collect()
+    };
+    for disk in ["a", "b"] {
+        repo.apply_retention(disk, &policy, 2000 * s).unwrap();
+    }
+    assert_eq!(cuts("b"), [900, 1300, 1700, 1800, 1900]);
+    assert_eq!(
+        cuts("a"),
+        [900, 1300, 1700, 1800, 1900],
+        "disk a kept its own 1400"
+    );
+    // Again, in the other order and later: still the same cuts on both.
+    for disk in ["b", "a"] {
+        repo.apply_retention(disk, &policy, 2000 * s).unwrap();
+    }
+    assert_eq!(cuts("a"), cuts("b"));
+}

@@ -589,6 +589,10 @@ fn main() -> anyhow::Result<()> {
     // Peers' repositories.
     let restic_repo = dir.join("restic-repo");
     let borg_repo = dir.join("borg-repo");
+    // borg's default compressor is lz4; a second borg repository with zstd level 1 (Ferry's)
+    // shows how much of a difference is the compressor (informative: the target is against
+    // the peers as they come).
+    let borg_zstd_repo = dir.join("borg-zstd-repo");
     let restic_env = vec![("RESTIC_PASSWORD", "ferry-bench".to_string())];
     let borg_env = vec![
         ("BORG_PASSPHRASE", "ferry-bench".to_string()),
@@ -611,6 +615,13 @@ fn main() -> anyhow::Result<()> {
         &borg_env,
         &s(&["borg", "init", "-e", "repokey", &p(&borg_repo)]),
     )?;
+    run_peer(
+        dir,
+        "borg-zstd-init",
+        120,
+        &borg_env,
+        &s(&["borg", "init", "-e", "repokey", &p(&borg_zstd_repo)]),
+    )?;
     let restic_backup = s(&[
         "restic",
         "backup",
@@ -631,6 +642,16 @@ fn main() -> anyhow::Result<()> {
             &p(&raw),
         ])
     };
+    let borg_zstd_seed = s(&[
+        "borg",
+        "create",
+        "--chunker-params",
+        "fixed,4194304",
+        "--compression",
+        "zstd,1",
+        &format!("{}::seed", p(&borg_zstd_repo)),
+        &p(&raw),
+    ]);
     let peer = |label: &str,
                 env: &[(&str, String)],
                 cmd: &[String],
@@ -653,6 +674,12 @@ fn main() -> anyhow::Result<()> {
     println!("seed:");
     let restic_seed = peer("restic seed", &restic_env, &restic_backup, &restic_repo)?;
     let borg_seed = peer("borg seed", &borg_env, &borg_create("seed"), &borg_repo)?;
+    let borg_zstd = peer(
+        "borg seed, zstd level 1 (not the default)",
+        &borg_env,
+        &borg_zstd_seed,
+        &borg_zstd_repo,
+    )?;
 
     let sock = dir.join("host-nbd.sock");
     let qsd = Qsd::start(&qcow2, dir, &sock)?;
@@ -823,6 +850,7 @@ fn main() -> anyhow::Result<()> {
         ("seed: ferry", ferry_seed),
         ("seed: restic", restic_seed),
         ("seed: borg", borg_seed),
+        ("seed: borg zstd,1", borg_zstd),
         ("1% incr: ferry", ferry_incr),
         ("1% incr: restic", restic_incr),
         ("1% incr: borg", borg_incr),
@@ -849,6 +877,11 @@ fn main() -> anyhow::Result<()> {
     println!(
         "target: 1% incremental >= 20x faster than the faster peer (wall): {incr_x:.2}x  {}",
         verdict(incr_x >= 20.0)
+    );
+    println!(
+        "(seed versus borg with Ferry's compressor, zstd level 1: {:.2}x the wall time, {:.2}x the CPU)",
+        borg_zstd.wall.as_secs_f64() / ferry_seed.wall.as_secs_f64().max(1e-9),
+        borg_zstd.cpu / ferry_seed.cpu.max(1e-9)
     );
     if verified == Some(false) {
         bail!("Ferry's recovery point differs from the image");

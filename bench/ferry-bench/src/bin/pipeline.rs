@@ -403,6 +403,19 @@ fn main() -> anyhow::Result<()> {
         let range = format!("{lo:.0}..{hi:.0}");
         println!("| {name:<36} | {v:>10.0} | {range:>13} | {t:>10} | {r:>6} |");
     }
+    // The reference: Debian's zstd program compressing the same image in the same blocks at
+    // the same level on this machine (its own benchmark mode, one core), so a slow zstd row
+    // can be told apart from a slow CPU.
+    match zstd_cli_mbps(&img.data, min) {
+        Some((version, v)) => println!(
+            "| {:<36} | {v:>10.0} | {:>13} | {:>10} | {:>6} |",
+            format!("peer: zstd {version} -b1 -B64K (wall)"),
+            "",
+            "",
+            ""
+        ),
+        None => println!("(peer row skipped: the zstd program is not installed)"),
+    }
     let per: Vec<String> = by_kind.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
     println!("whole pipeline by content (MB/s): {}", per.join(", "));
     println!();
@@ -448,4 +461,41 @@ fn main() -> anyhow::Result<()> {
         total as f64 / stored_unique.max(1) as f64
     );
     Ok(())
+}
+
+/// Compression MB/s of `zstd -b1 -B64K` (its benchmark mode: level 1, 64 KiB blocks, one
+/// thread) on `data`, and zstd's version; None when the program is missing or says nothing
+/// readable. The figure is the best of its iterations, as zstd reports it.
+fn zstd_cli_mbps(data: &[u8], min: Duration) -> Option<(String, f64)> {
+    let dir = tempfile::tempdir().ok()?;
+    let file = dir.path().join("mixed.img");
+    std::fs::write(&file, data).ok()?;
+    let secs = min.as_secs().max(1) * 3;
+    let out = std::process::Command::new("zstd")
+        .args(["-b1", "-e1", "-B64K", &format!("-i{secs}")])
+        .arg(&file)
+        .output()
+        .ok()?;
+    // Progress lines are separated by carriage returns; the last one holds the result:
+    // " 1#mixed.img : 268435456 -> 112... (x2.39), 431.2 MB/s, 1234.5 MB/s".
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let last = text
+        .split(['\r', '\n'])
+        .rfind(|l| l.contains("MB/s"))?
+        .to_string();
+    let after = last.split("),").nth(1)?;
+    let mbps: f64 = after.split_whitespace().next()?.parse().ok()?;
+    let version = std::process::Command::new("zstd")
+        .arg("-V")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .find(|w| w.starts_with('v'))
+                .map(|w| w.trim_end_matches(',').to_string())
+        })
+        .unwrap_or_default();
+    Some((version, mbps))
 }
