@@ -296,6 +296,32 @@ fn a_high_priority_machine_catches_up_first_and_a_low_one_still_progresses() {
     );
     assert!(shown.contains("of the 16 Mbit/s uplink now"), "{shown}");
 
+    // The process server reports the shares to the configuration server: a metric per disk.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, m) = rt
+            .block_on(admin.raw(Method::GET, "/metrics", None))
+            .unwrap();
+        let m = String::from_utf8_lossy(&m).into_owned();
+        let share = |disk: &str, machine: &str| -> Option<f64> {
+            let name = format!(
+                r#"ferry_disk_uplink_share{{tenant="acme",machine="{machine}",disk="{disk}"}} "#
+            );
+            m.lines()
+                .find_map(|l| l.strip_prefix(&name))
+                .and_then(|v| v.parse().ok())
+        };
+        if let (Some(a), Some(b)) = (share("web0", "web"), share("db0", "db")) {
+            assert!(a > 0.0 && a <= 1.0 && b > 0.0 && b <= 1.0, "{a} {b}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no uplink shares in the metrics:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // Both recovery points equal their disks, byte for byte.
     for (i, (_, _, _, disk)) in MACHINES.iter().enumerate() {
         let st = lab.wait_caught_up(disk, left()).unwrap();
@@ -342,4 +368,48 @@ fn host_disk(dir: &Path, disk: &str, nbd_port: u16) -> Host {
     let sock = h.join("guest.sock");
     q.export(MIRROR_FILTER, "guest", &sock).unwrap();
     Host { q: Some(q), sock }
+}
+
+/// The process server refuses a priority it does not know, two priorities for one machine and
+/// an uplink budget out of range, saying so, before it creates anything.
+#[test]
+fn the_process_server_refuses_bad_priorities_and_budgets() {
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-priority-args-")
+        .tempdir()
+        .unwrap();
+    let cache = dir.path().join("cache");
+    let run = |args: &[&str]| -> String {
+        let out = Command::new(support::exe())
+            .args(["process-server", "--cache"])
+            .arg(&cache)
+            .args(["--master", "127.0.0.1:9", "--nbd-listen", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(&["--disk", "a=1M,priority=urgent"]);
+    assert!(
+        e.contains(r#"unknown priority "urgent" (known: high, medium, low)"#),
+        "{e}"
+    );
+    let e = run(&[
+        "--periodic",
+        "p=1M,qmp=/q,node=n,nbd=/s,fleece=/f,priority=1",
+    ]);
+    assert!(e.contains(r#"unknown priority "1""#), "{e}");
+    let e = run(&[
+        "--uplink-mbit",
+        "10",
+        "--disk",
+        "a=1M,group=vm,priority=high",
+        "--disk",
+        "b=1M,group=vm,priority=low",
+    ]);
+    assert!(e.contains("a machine has one priority"), "{e}");
+    let e = run(&["--uplink-mbit", "0", "--disk", "a=1M"]);
+    assert!(e.contains("--uplink-mbit must be from 1 to 100000"), "{e}");
+    assert!(!cache.exists(), "the refused process server made its cache");
 }
