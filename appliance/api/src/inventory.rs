@@ -183,6 +183,10 @@ pub struct Disk {
     pub backlog_records: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_sent: Option<u64>,
+    /// The last reported fraction of the process server's uplink the disk's machine was
+    /// entitled to by its priority (see [`DiskReport`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_share: Option<f64>,
 }
 
 impl Object for Disk {
@@ -224,6 +228,10 @@ pub struct DiskReport {
     /// dedup, compression and encryption).
     #[serde(default)]
     pub bytes_sent: Option<u64>,
+    /// When the process server has an uplink budget (`--uplink-mbit`): the fraction of it,
+    /// 0 to 1, the disk's machine's priority entitles it to against the machines sending now.
+    #[serde(default)]
+    pub uplink_share: Option<f64>,
 }
 
 impl DiskReport {
@@ -235,6 +243,9 @@ impl DiskReport {
             if matches!(v, Some(r) if !r.is_finite() || r < 0.0) {
                 return Err(Invalid::new(field, "must be a finite number >= 0"));
             }
+        }
+        if matches!(self.uplink_share, Some(s) if !(0.0..=1.0).contains(&s)) {
+            return Err(Invalid::new("uplink_share", "must be from 0 to 1"));
         }
         Ok(())
     }

@@ -51,6 +51,28 @@ pub struct BandwidthWindow {
     pub limit_mbit: Option<u32>,
 }
 
+/// Which machines' replication goes first when the appliance's uplink (`ferry process-server
+/// --uplink-mbit`) is the bottleneck: the machines with data waiting share it by weight, 4 for
+/// `high`, 2 for `medium` and 1 for `low`, and a share one leaves unused goes to the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    #[default]
+    Medium,
+    Low,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Medium => "medium",
+            Priority::Low => "low",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Bandwidth {
@@ -75,6 +97,9 @@ pub struct Policy {
     pub compression: bool,
     #[serde(default)]
     pub bandwidth: Bandwidth,
+    /// Share of the appliance's uplink against other machines' when it is the bottleneck.
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 pub(crate) fn yes() -> bool {
@@ -187,6 +212,7 @@ mod tests {
                     limit_mbit: Some(20),
                 }],
             },
+            priority: Priority::High,
         }
     }
 
@@ -214,9 +240,31 @@ mod tests {
         )
         .unwrap();
         assert!(p.compression);
+        assert_eq!(p.priority, Priority::Medium);
         assert!(serde_json::from_str::<Policy>(
             r#"{"name":"p","mode":"periodic","checkpoint_interval_secs":60,"rpo_alert_secs":900,"x":1}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn priority_is_one_of_three_words() {
+        let p: Policy = serde_json::from_str(
+            r#"{"name":"p","mode":"periodic","checkpoint_interval_secs":60,"rpo_alert_secs":900,"priority":"low"}"#,
+        )
+        .unwrap();
+        assert_eq!(p.priority, Priority::Low);
+        assert_eq!(serde_json::to_value(p.priority).unwrap(), "low");
+        for bad in [r#""urgent""#, r#""High""#, "4", "null"] {
+            let e = serde_json::from_str::<Policy>(&format!(
+                r#"{{"name":"p","mode":"periodic","checkpoint_interval_secs":60,"rpo_alert_secs":900,"priority":{bad}}}"#
+            ))
+            .unwrap_err();
+            // A word says which words are known.
+            assert!(
+                !bad.starts_with('"') || e.to_string().contains("`high`, `medium`, `low`"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

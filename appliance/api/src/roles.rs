@@ -78,6 +78,9 @@ pub struct AssignedDisk {
     /// The machine's policy: the limit on what its disks send to the master target, together.
     #[serde(default)]
     pub bandwidth: crate::policy::Bandwidth,
+    /// The machine's policy: its weight in the process server's uplink against other machines.
+    #[serde(default)]
+    pub priority: crate::policy::Priority,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -153,6 +153,7 @@ impl Stored for Disk {
         self.journal_bytes = old.journal_bytes;
         self.backlog_records = old.backlog_records;
         self.bytes_sent = old.bytes_sent;
+        self.uplink_share = old.uplink_share;
     }
     /// A disk's name is its name at the process server and in the recovery repository, which
     /// the roles key by that name alone: two disks of one name, in two machines or two tenants,

@@ -44,6 +44,7 @@ pub async fn disk(
     d.journal_bytes = r.journal_bytes;
     d.backlog_records = r.backlog_records;
     d.bytes_sent = r.bytes_sent;
+    d.uplink_share = r.uplink_share;
     app.store.put(trees::DISKS, &key, &d)?;
     let want = match (r.rpo_seconds, threshold) {
         (Some(rpo), Some(t)) if rpo > t => Some((

@@ -158,6 +158,7 @@ pub async fn metrics(
         ("ferry_disk_backlog_records", "journal records durable at the process server and not yet at the recovery site", String::new()),
         ("ferry_disk_sent_bytes", "bytes sent to the master target since the process server started (after dedup, compression, encryption)", String::new()),
         ("ferry_disk_throughput_bytes_per_second", "bytes replicated per second between the process server's last two reports", String::new()),
+        ("ferry_disk_uplink_share", "fraction of the process server's uplink budget the disk's machine is entitled to by its priority against the machines sending now", String::new()),
     ];
     for (key, d) in &disks {
         let mut parts = key.splitn(3, '/');
@@ -185,6 +186,7 @@ pub async fn metrics(
             d.backlog_records.map(|v| v as f64),
             d.bytes_sent.map(|v| v as f64),
             d.throughput_bytes_per_sec,
+            d.uplink_share,
         ];
         for ((name, _, lines), v) in reported.iter_mut().zip(values) {
             if let Some(v) = v {

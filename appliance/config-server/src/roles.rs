@@ -217,6 +217,7 @@ fn process_server(
                 interval_secs: policy.checkpoint_interval_secs,
                 compression: policy.compression,
                 bandwidth: policy.bandwidth.clone(),
+                priority: policy.priority,
             });
         }
     }

@@ -298,6 +298,7 @@ async fn report(
             journal_bytes: Some(s.journal_used_bytes),
             backlog_records: Some(s.journal_durable_seq.saturating_sub(s.acked_journal_seq)),
             bytes_sent: Some(s.bytes_sent),
+            uplink_share: s.uplink.as_ref().map(|u| u.fraction),
         };
         let path = format!(
             "/v1/tenants/{tenant}/machines/{}/disks/{}/report",

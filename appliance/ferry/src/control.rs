@@ -486,6 +486,7 @@ async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
                         "rpo alert",
                         "compression",
                         "limit",
+                        "priority",
                     ],
                     v.iter()
                         .map(|p| {
@@ -498,6 +499,7 @@ async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
                                 p.bandwidth
                                     .limit_mbit
                                     .map_or("none".into(), |m| format!("{m} Mbit/s")),
+                                p.priority.as_str().into(),
                             ]
                         })
                         .collect(),

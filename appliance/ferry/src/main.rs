@@ -273,11 +273,12 @@ struct ProcessServerArgs {
     /// disk is cut together with the other disks of that group (one protected machine), so
     /// their points at each cut are one crash-consistent state of the machine.
     /// `,interval-ms=N` gives it its own checkpoint interval (else --interval-ms);
-    /// `,compress=no` seals its chunks without zstd. Repeatable.
+    /// `,compress=no` seals its chunks without zstd; `,priority=high|medium|low` is its
+    /// machine's weight in the uplink (see --uplink-mbit; default medium). Repeatable.
     #[arg(long = "disk", required_unless_present_any = ["periodic", "config_server"])]
     disks: Vec<String>,
     /// A periodically protected disk, read from its host's dirty bitmaps:
-    /// NAME=SIZE,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET,fleece=HOST_FILE[,interval-ms=N][,compress=no][,group=MACHINE].
+    /// NAME=SIZE,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET,fleece=HOST_FILE[,interval-ms=N][,compress=no][,group=MACHINE][,priority=P].
     /// The disks of one group on one host (the same qmp=) are cut in one QMP transaction, so
     /// their points at each cut are one crash-consistent state of the machine.
     /// Repeatable.
@@ -322,11 +323,13 @@ struct ProcessServerArgs {
     /// Also take an application-consistent point every this many seconds (0: only on request).
     #[arg(long, default_value_t = 0, requires = "freeze_hook")]
     app_consistent_every: u64,
-    /// Limit what this process server sends to the master target, all disks together, in
-    /// megabits per second (with --config-server, each machine's policy sets its own limit
-    /// and weekly schedule instead).
-    #[arg(long, conflicts_with = "config_server")]
-    bandwidth_mbit: Option<u32>,
+    /// The appliance's uplink budget: what this process server sends to the master target,
+    /// all machines together, in megabits per second. The machines with data waiting share it
+    /// by priority (weights 4, 2, 1 for high, medium, low; a share left unused goes to the
+    /// others), each within its own policy's limit. Set it a little below the WAN link's rate
+    /// so the queue forms here, where priority applies, rather than in the network.
+    #[arg(long, alias = "bandwidth-mbit")]
+    uplink_mbit: Option<u32>,
 }
 
 fn main() {
@@ -833,6 +836,17 @@ fn print_status(st: &[ferry_process_server::DiskStatus], redraw: bool) -> anyhow
         }
         // What the machine's policy does to this disk's shipping, when it does anything.
         let mut policy = Vec::new();
+        if let Some(u) = &s.uplink {
+            policy.push(format!(
+                "priority {}, {:.0}% of the {} Mbit/s uplink now (sending {:.1} Mbit/s)",
+                s.priority,
+                u.fraction * 100.0,
+                u.uplink_mbit,
+                u.rate_mbit
+            ));
+        } else if s.priority != Default::default() {
+            policy.push(format!("priority {} (no uplink budget)", s.priority));
+        }
         if let Some(m) = s.bandwidth_limit_mbit {
             policy.push(format!("bandwidth limited to {m} Mbit/s now"));
         }
@@ -924,7 +938,7 @@ fn cache_direct_io(mode: CacheIo, cache: &std::path::Path) -> bool {
 
 fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
     let mut configured = None;
-    let mut throttles = std::collections::HashMap::new();
+    let mut schedules = std::collections::HashMap::new();
     if a.bootstrap.config_server.is_some() {
         if !a.disks.is_empty() || !a.periodic.is_empty() || a.master.is_some() {
             bail!("with --config-server, the disks and the master target come from the configuration server: leave out --disk, --periodic and --master");
@@ -941,6 +955,7 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
             if !d.compression {
                 spec = format!("{spec},compress=no");
             }
+            spec = format!("{spec},priority={}", d.priority.as_str());
             let ms = u64::from(d.interval_secs) * 1000;
             // A machine's disks are one consistency group.
             if d.periodic {
@@ -951,7 +966,7 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
                     .push(format!("{spec},group={},interval-ms={ms}", d.machine));
             }
         }
-        throttles = machine_throttles(&c.disks);
+        schedules = machine_schedules(&c.disks);
         let l = a.bootstrap.layout();
         a.master = Some(c.master.clone());
         a.pki = l.pki;
@@ -971,24 +986,22 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
     if !a.block_size.is_power_of_two() || !(4096..=1 << 20).contains(&a.block_size) {
         bail!("--block-size must be a power of two from 4096 to 1048576");
     }
-    if let Some(mbit) = a.bandwidth_mbit {
-        if !(1..=100_000).contains(&mbit) {
-            bail!("--bandwidth-mbit must be from 1 to 100000");
+    let uplink = match a.uplink_mbit {
+        Some(mbit) if !(1..=100_000).contains(&mbit) => {
+            bail!("--uplink-mbit must be from 1 to 100000")
         }
-        // One limit for everything this process server sends.
-        let t = ferry_process_server::throttle::Throttle::new(
-            "process-server",
-            ferry_process_server::throttle::Schedule {
-                default_mbit: Some(mbit),
-                windows: Vec::new(),
-            },
-        );
-        let names = disks
-            .iter()
-            .map(|d| &d.name)
-            .chain(periodic.iter().map(|p| &p.name));
-        throttles = names.map(|n| (n.clone(), t.clone())).collect();
-    }
+        Some(mbit) => Some(ferry_process_server::uplink::Uplink::new(mbit)),
+        None => None,
+    };
+    // A disk's machine is its group (a configured disk's group is its machine), else itself.
+    let machines: Vec<_> = disks
+        .iter()
+        .map(|d| (&d.name, &d.group, d.priority))
+        .chain(periodic.iter().map(|p| (&p.name, &p.group, p.priority)))
+        .map(|(n, g, p)| (n.clone(), g.clone().unwrap_or_else(|| n.clone()), p))
+        .collect();
+    let throttles = ferry_process_server::throttle::by_disk(&machines, &schedules, uplink.as_ref())
+        .map_err(anyhow::Error::msg)?;
     let master = a.master.clone().context("--master is required")?;
     let (host, _) = ferry_api::validate::host_port(&master)
         .with_context(|| format!("--master {master:?} must be HOST:PORT"))?;
@@ -1063,13 +1076,11 @@ fn parse_spec<'a>(
     Ok((name, parse_size(size)?, kv))
 }
 
-/// `NAME=SIZE[,qmp=PATH,node=NODE,nbd=PATH][,group=MACHINE]`
-/// One throttle per machine whose policy limits its bandwidth, by disk name.
-fn machine_throttles(
+/// Each machine's bandwidth limit and weekly windows, from its policy.
+fn machine_schedules(
     disks: &[ferry_api::AssignedDisk],
-) -> std::collections::HashMap<String, Arc<ferry_process_server::throttle::Throttle>> {
-    use ferry_process_server::throttle::{Schedule, Throttle, Window};
-    let mut by_machine = std::collections::HashMap::new();
+) -> std::collections::HashMap<String, ferry_process_server::throttle::Schedule> {
+    use ferry_process_server::throttle::{Schedule, Window};
     let mut out = std::collections::HashMap::new();
     for d in disks {
         let schedule = Schedule {
@@ -1092,14 +1103,7 @@ fn machine_throttles(
                 })
                 .collect(),
         };
-        if schedule.is_unlimited() {
-            continue;
-        }
-        let t = by_machine
-            .entry(d.machine.clone())
-            .or_insert_with(|| Throttle::new(&d.machine, schedule))
-            .clone();
-        out.insert(d.name.clone(), t);
+        out.entry(d.machine.clone()).or_insert(schedule);
     }
     out
 }
@@ -1123,11 +1127,36 @@ fn parse_compress(option: &str, name: &str, v: Option<&&str>) -> anyhow::Result<
     }
 }
 
+/// `priority=high|medium|low` of a disk spec (default medium): its machine's weight in the
+/// uplink.
+fn parse_priority(
+    option: &str,
+    name: &str,
+    v: Option<&&str>,
+) -> anyhow::Result<ferry_process_server::uplink::Priority> {
+    match v {
+        None => Ok(Default::default()),
+        Some(p) => p
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{option} {name}: {e}")),
+    }
+}
+
+/// `NAME=SIZE[,qmp=PATH,node=NODE,nbd=PATH][,group=MACHINE][,compress=no][,interval-ms=N]
+/// [,priority=high|medium|low]`
 fn parse_disk(text: &str) -> anyhow::Result<ferry_process_server::DiskSpec> {
     let (name, size, kv) = parse_spec(
         "--disk",
         text,
-        &["qmp", "node", "nbd", "group", "compress", "interval-ms"],
+        &[
+            "qmp",
+            "node",
+            "nbd",
+            "group",
+            "compress",
+            "interval-ms",
+            "priority",
+        ],
     )?;
     let interval = match kv.get("interval-ms") {
         Some(v) => Some(Duration::from_millis(
@@ -1152,10 +1181,12 @@ fn parse_disk(text: &str) -> anyhow::Result<ferry_process_server::DiskSpec> {
         group,
         compress: parse_compress("--disk", name, kv.get("compress"))?,
         interval,
+        priority: parse_priority("--disk", name, kv.get("priority"))?,
     })
 }
 
-/// `NAME=SIZE,qmp=PATH,node=NODE,nbd=PATH,fleece=PATH[,interval-ms=N]`
+/// `NAME=SIZE,qmp=PATH,node=NODE,nbd=PATH,fleece=PATH[,interval-ms=N][,compress=no]
+/// [,group=MACHINE][,priority=high|medium|low]`
 fn parse_periodic(
     text: &str,
     default_interval_ms: u64,
@@ -1171,6 +1202,7 @@ fn parse_periodic(
             "interval-ms",
             "compress",
             "group",
+            "priority",
         ],
     )?;
     let get = |k: &str| {
@@ -1192,6 +1224,7 @@ fn parse_periodic(
         interval: Duration::from_millis(interval_ms.max(100)),
         compress: parse_compress("--periodic", name, kv.get("compress"))?,
         group: parse_group("--periodic", name, kv.get("group"))?,
+        priority: parse_priority("--periodic", name, kv.get("priority"))?,
     })
 }
 

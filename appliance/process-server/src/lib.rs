@@ -20,6 +20,7 @@ pub mod resync;
 pub mod shipper;
 pub mod status;
 pub mod throttle;
+pub mod uplink;
 
 use anyhow::Context;
 use ferry_journal::{Journal, JournalConfig, JournalState};
@@ -184,6 +185,8 @@ pub struct DiskSpec {
     pub compress: bool,
     /// Its own checkpoint interval (the policy's), instead of the process server's.
     pub interval: Option<std::time::Duration>,
+    /// Its machine's weight in the appliance's uplink (the policy's `priority`).
+    pub priority: uplink::Priority,
 }
 
 pub struct Config {
@@ -248,6 +251,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tokio::spawn(app_consistent::run(d.clone(), h.clone(), request));
         }
     }
+    if link.throttles.values().any(|t| t.share().is_some()) {
+        tokio::spawn(show_shares(disks.clone(), link.clone()));
+    }
     // The periodic disks of one machine on one host are cut together; the others alone.
     let mut groups: Vec<Vec<periodic::PeriodicSpec>> = Vec::new();
     for p in cfg.periodic {
@@ -291,6 +297,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ferry_nbd::serve_tcp(listener, nbd)
         .await
         .context("NBD server stopped")
+}
+
+/// Every second, each continuous disk's status says its machine's place in the uplink now
+/// (periodic disks say it at every cut).
+async fn show_shares(disks: Vec<Arc<Disk>>, link: Arc<Link>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for d in &disks {
+            let share = link.share(&d.name);
+            d.update(|s| s.uplink = share);
+        }
+    }
 }
 
 fn open_disks(
@@ -346,6 +366,7 @@ fn open_disks(
                 app_hooks,
                 host_access: spec.host.is_some(),
                 uncompressed: !spec.compress,
+                priority: spec.priority,
                 ..Default::default()
             }),
             status_path,

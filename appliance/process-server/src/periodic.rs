@@ -51,6 +51,8 @@ pub struct PeriodicSpec {
     pub compress: bool,
     /// The protected machine: the disks of one machine on one host are cut together.
     pub group: Option<String>,
+    /// Its machine's weight in the appliance's uplink (the policy's `priority`).
+    pub priority: crate::uplink::Priority,
 }
 
 /// A periodic disk's status, kept in memory and written out on every change.
@@ -118,6 +120,8 @@ pub async fn protect(
                 group: spec.group.clone(),
                 periodic: true,
                 uncompressed: !spec.compress,
+                priority: spec.priority,
+                uplink: link.share(&spec.name),
                 ..Default::default()
             }),
         })
@@ -266,9 +270,11 @@ async fn run(
             se.cuts += 1;
             tracing::info!(disk = %spec.name, mode = label, seq = se.last_seq, blocks = report.blocks, bytes = report.bytes, "recovery point committed");
             let limit = link.limit_mbit(&spec.name);
+            let share = link.share(&spec.name);
             status.update(|s| {
                 s.acked_seq = se.last_seq;
                 s.bandwidth_limit_mbit = limit;
+                s.uplink = share;
                 s.acked_journal_seq = se.cuts;
                 s.acked_point_created_unix_ns = created;
                 if let Some(c) = group_cut {

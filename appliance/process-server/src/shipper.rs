@@ -39,6 +39,11 @@ impl Link {
     pub fn limit_mbit(&self, disk: &str) -> Option<u32> {
         self.throttle(disk).and_then(|t| t.limit_mbit())
     }
+
+    /// `disk`'s machine's place in the appliance's uplink now, if there is an uplink budget.
+    pub fn share(&self, disk: &str) -> Option<crate::uplink::Share> {
+        self.throttle(disk).and_then(|t| t.share())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -205,10 +210,12 @@ async fn session(
     }
     trim(disk, journal_end).await?;
     let limit = link.limit_mbit(&disk.name);
+    let share = link.share(&disk.name);
     disk.update(|s| {
         s.connected = true;
         s.last_error = None;
         s.bandwidth_limit_mbit = limit;
+        s.uplink = share;
         s.acked_seq = last_seq;
         s.acked_journal_seq = journal_end;
         if s.state == State::Connecting {

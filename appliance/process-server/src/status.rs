@@ -1,6 +1,7 @@
 //! What the process server says about each disk: kept in memory, written to
 //! `<cache>/<disk>/status.json` (atomically) for `ferry status` and for monitoring.
 
+use crate::uplink::{Priority, Share};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -32,6 +33,11 @@ pub struct DiskStatus {
     /// unlimited), and whether its chunks are sealed without zstd (the policy turned it off).
     pub bandwidth_limit_mbit: Option<u32>,
     pub uncompressed: bool,
+    /// The machine's priority in the appliance's uplink (its policy's), and, when the process
+    /// server has an uplink budget (`--uplink-mbit`), the machine's share of it now: refreshed
+    /// every second for a continuous disk, at every cut for a periodic one.
+    pub priority: Priority,
+    pub uplink: Option<Share>,
     pub state: State,
     pub connected: bool,
     /// Newest recovery point the master target acknowledged as durable.

@@ -7,12 +7,19 @@
 //! resyncs) draws from one token bucket, so the limit holds for the machine as a whole however
 //! many of its disks are sending. The bucket holds at most a tenth of a second of traffic, so a
 //! pause is not followed by a burst the WAN link would queue.
+//!
+//! Above the machines' own limits, the appliance may have an uplink budget that all machines
+//! share by priority ([`crate::uplink`]): a write then needs its machine's own tokens first,
+//! then its machine's turn in the uplink.
 
+use crate::uplink::{Priority, Share, Uplink};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -64,109 +71,263 @@ impl Schedule {
     }
 }
 
-/// The shared token bucket of one machine's connections.
+/// The shared token bucket of one machine's connections, and the machine's place in the
+/// appliance's uplink when there is one ([`Uplink`]).
 pub struct Throttle {
     pub name: String,
+    pub priority: Priority,
     schedule: Schedule,
-    bucket: Mutex<Bucket>,
+    limit: Mutex<Limit>,
+    uplink: Option<(Arc<Uplink>, usize)>,
 }
 
-struct Bucket {
+/// The machine's own limit: its bucket at the rate its schedule sets now.
+struct Limit {
+    bucket: Bucket,
+    mbit: Option<u32>,
+    /// When the schedule was last looked at (it is asked again after a second).
+    checked: Option<Instant>,
+}
+
+/// A token bucket: `rate` bytes per second, holding at most [`BURST`] of it. The machines' own
+/// limits and the appliance's uplink are each one.
+pub(crate) struct Bucket {
     tokens: f64,
     last: Instant,
     /// Bytes per second; None: unlimited.
     rate: Option<f64>,
-    mbit: Option<u32>,
-    /// When the schedule was last looked at (it is asked again after a second).
-    checked: Option<Instant>,
 }
 
 /// Writes are let through in pieces of at most this much when limited.
 const PIECE: f64 = 16.0 * 1024.0;
 /// The bucket holds at most this much time's worth of traffic.
 const BURST: Duration = Duration::from_millis(100);
+/// A stream waiting for its machine's turn in the uplink asks again after this long even if
+/// nobody woke it (in case the stream whose turn it was went away without a word).
+const PARKED: Duration = Duration::from_millis(250);
+
+impl Bucket {
+    /// Empty at `now`, filling from then on.
+    pub(crate) fn new(rate: Option<f64>, now: Instant) -> Bucket {
+        Bucket {
+            tokens: 0.0,
+            last: now,
+            rate,
+        }
+    }
+
+    fn set_rate(&mut self, rate: Option<f64>) {
+        self.rate = rate;
+        self.tokens = self.tokens.min(burst(rate));
+    }
+
+    /// How much of `want` may go now (at most `max`), without taking it; or how long to wait
+    /// until at least a piece may.
+    pub(crate) fn available(
+        &mut self,
+        want: usize,
+        max: usize,
+        now: Instant,
+    ) -> Result<usize, Duration> {
+        let Some(rate) = self.rate else {
+            return Ok(want.min(max));
+        };
+        let cap = burst(Some(rate));
+        self.tokens = (self.tokens + rate * now.duration_since(self.last).as_secs_f64()).min(cap);
+        self.last = now.max(self.last);
+        let need = (want as f64).min(PIECE).min(cap);
+        if self.tokens >= need {
+            Ok((self.tokens.floor() as usize).min(want).min(max).max(1))
+        } else {
+            Err(Duration::from_secs_f64((need - self.tokens) / rate).max(Duration::from_millis(1)))
+        }
+    }
+
+    /// Take `n` bytes' worth (after [`Bucket::available`] allowed them).
+    pub(crate) fn take(&mut self, n: usize) {
+        if self.rate.is_some() {
+            self.tokens -= n as f64;
+        }
+    }
+
+    /// Bytes taken but not written.
+    pub(crate) fn give_back(&mut self, n: usize) {
+        if let Some(rate) = self.rate {
+            self.tokens = (self.tokens + n as f64).min(burst(Some(rate)));
+        }
+    }
+}
+
+/// What a stream may do now.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Write this many bytes (taken from the buckets).
+    Go(usize),
+    /// Wait this long for tokens, then ask again.
+    Wait(Duration),
+    /// Another machine's turn in the uplink: the waker is called when it may be ours.
+    Parked,
+}
 
 impl Throttle {
+    /// A machine's limit alone (no uplink shared with other machines).
     pub fn new(name: &str, schedule: Schedule) -> Arc<Throttle> {
+        Throttle::build(name, schedule, Priority::default(), None)
+    }
+
+    /// A machine's limit, and its share of `uplink` by `priority`.
+    pub fn sharing(
+        name: &str,
+        schedule: Schedule,
+        priority: Priority,
+        uplink: &Arc<Uplink>,
+    ) -> Arc<Throttle> {
+        let member = uplink.join(name, priority);
+        Throttle::build(name, schedule, priority, Some((uplink.clone(), member)))
+    }
+
+    fn build(
+        name: &str,
+        schedule: Schedule,
+        priority: Priority,
+        uplink: Option<(Arc<Uplink>, usize)>,
+    ) -> Arc<Throttle> {
         Arc::new(Throttle {
             name: name.to_string(),
+            priority,
             schedule,
-            bucket: Mutex::new(Bucket {
-                tokens: 0.0,
-                last: Instant::now(),
-                rate: None,
+            limit: Mutex::new(Limit {
+                bucket: Bucket::new(None, Instant::now()),
                 mbit: None,
                 checked: None,
             }),
+            uplink,
         })
     }
 
     /// The limit in force now, megabits per second (None: unlimited).
     pub fn limit_mbit(&self) -> Option<u32> {
-        let mut b = self.bucket.lock().expect("throttle lock");
-        self.refresh(&mut b, Instant::now());
-        b.mbit
+        let mut l = self.limit.lock().expect("throttle lock");
+        self.refresh(&mut l, Instant::now());
+        l.mbit
     }
 
-    fn refresh(&self, b: &mut Bucket, now: Instant) {
-        if b.checked
+    /// The machine's place in the appliance's uplink now, if it shares one.
+    pub fn share(&self) -> Option<Share> {
+        self.uplink
+            .as_ref()
+            .map(|(u, m)| u.share(*m, Instant::now()))
+    }
+
+    fn refresh(&self, l: &mut Limit, now: Instant) {
+        if l.checked
             .is_some_and(|c| now.duration_since(c) < Duration::from_secs(1))
         {
             return;
         }
-        b.checked = Some(now);
+        l.checked = Some(now);
         let mbit = self.schedule.limit_now();
-        if mbit != b.mbit {
+        if mbit != l.mbit {
             tracing::info!(machine = %self.name, limit_mbit = ?mbit, "bandwidth limit now in force");
-            b.mbit = mbit;
-            b.rate = mbit.map(|m| f64::from(m) * 1e6 / 8.0);
-            b.tokens = b.tokens.min(burst(b.rate));
+            l.mbit = mbit;
+            l.bucket.set_rate(mbit.map(|m| f64::from(m) * 1e6 / 8.0));
         }
     }
 
-    /// Let up to `want` bytes through now: `Ok(n)` (n >= 1, taken from the bucket), or how long
-    /// to wait before asking again.
-    fn take(&self, want: usize) -> Result<usize, Duration> {
+    /// Let up to `want` bytes of `stream` through now: the machine's own limit first, then
+    /// its turn in the uplink.
+    pub(crate) fn take(&self, stream: u64, want: usize, waker: &Waker) -> Take {
         let now = Instant::now();
-        let mut b = self.bucket.lock().expect("throttle lock");
-        self.refresh(&mut b, now);
-        let Some(rate) = b.rate else {
-            return Ok(want);
+        let mut l = self.limit.lock().expect("throttle lock");
+        self.refresh(&mut l, now);
+        let allowed = match l.bucket.available(want, usize::MAX, now) {
+            Ok(n) => n,
+            Err(wait) => {
+                // Waiting on its own limit, the machine does not hold the uplink's turn.
+                if let Some((u, m)) = &self.uplink {
+                    u.leave(*m, stream);
+                }
+                return Take::Wait(wait);
+            }
         };
-        let cap = burst(Some(rate));
-        b.tokens = (b.tokens + rate * now.duration_since(b.last).as_secs_f64()).min(cap);
-        b.last = now;
-        let need = (want as f64).min(PIECE).min(cap);
-        if b.tokens >= need {
-            let n = (b.tokens.floor() as usize).min(want).max(1);
-            b.tokens -= n as f64;
-            Ok(n)
-        } else {
-            Err(Duration::from_secs_f64((need - b.tokens) / rate).max(Duration::from_millis(1)))
+        let t = match &self.uplink {
+            None => Take::Go(allowed),
+            Some((u, m)) => u.take(*m, stream, allowed, waker, now),
+        };
+        if let Take::Go(n) = t {
+            l.bucket.take(n);
         }
+        t
     }
 
     /// Bytes taken but not written.
     fn give_back(&self, n: usize) {
         if n > 0 {
-            let mut b = self.bucket.lock().expect("throttle lock");
-            if let Some(rate) = b.rate {
-                b.tokens = (b.tokens + n as f64).min(burst(Some(rate)));
+            self.limit
+                .lock()
+                .expect("throttle lock")
+                .bucket
+                .give_back(n);
+            if let Some((u, m)) = &self.uplink {
+                u.give_back(*m, n);
             }
         }
     }
+
+    /// `stream` is gone: it waits for nothing any more.
+    fn leave(&self, stream: u64) {
+        if let Some((u, m)) = &self.uplink {
+            u.leave(*m, stream);
+        }
+    }
+}
+
+/// One throttle per machine, by disk name. `disks` are (disk, machine, priority): a machine's
+/// disks share its throttle, whose schedule is the machine's in `schedules` (none: unlimited)
+/// and which draws on `uplink` by its priority. Without an uplink, only machines with a limit
+/// get one. The disks of one machine must name one priority.
+pub fn by_disk(
+    disks: &[(String, String, Priority)],
+    schedules: &HashMap<String, Schedule>,
+    uplink: Option<&Arc<Uplink>>,
+) -> Result<HashMap<String, Arc<Throttle>>, String> {
+    let mut machines: HashMap<&str, Arc<Throttle>> = HashMap::new();
+    let mut out = HashMap::new();
+    for (disk, machine, priority) in disks {
+        let schedule = schedules.get(machine).cloned().unwrap_or_default();
+        if uplink.is_none() && schedule.is_unlimited() {
+            continue;
+        }
+        let t = machines.entry(machine).or_insert_with(|| match uplink {
+            Some(u) => Throttle::sharing(machine, schedule, *priority, u),
+            None => Throttle::build(machine, schedule, *priority, None),
+        });
+        if t.priority != *priority {
+            return Err(format!(
+                "disk {disk} has priority {priority}, but another disk of machine {machine} has {}: a machine has one priority",
+                t.priority
+            ));
+        }
+        out.insert(disk.clone(), t.clone());
+    }
+    Ok(out)
 }
 
 fn burst(rate: Option<f64>) -> f64 {
     rate.map_or(f64::INFINITY, |r| (r * BURST.as_secs_f64()).max(PIECE))
 }
 
+/// Streams are told apart in the uplink's queue by a number of their own.
+static STREAMS: AtomicU64 = AtomicU64::new(1);
+
 /// A stream whose writes draw from a [`Throttle`] (reads are not limited: they are the master
 /// target's small acknowledgements).
 pub struct Throttled<S> {
     inner: S,
     throttle: Option<Arc<Throttle>>,
+    id: u64,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    parked: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> Throttled<S> {
@@ -174,7 +335,17 @@ impl<S> Throttled<S> {
         Throttled {
             inner,
             throttle,
+            id: STREAMS.fetch_add(1, Ordering::Relaxed),
             sleep: None,
+            parked: None,
+        }
+    }
+}
+
+impl<S> Drop for Throttled<S> {
+    fn drop(&mut self) {
+        if let Some(t) = &self.throttle {
+            t.leave(self.id);
         }
     }
 }
@@ -207,8 +378,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
                 ready!(s.as_mut().poll(cx));
                 me.sleep = None;
             }
-            match t.take(buf.len()) {
-                Ok(n) => {
+            match t.take(me.id, buf.len(), cx.waker()) {
+                Take::Go(n) => {
+                    me.parked = None;
                     let r = Pin::new(&mut me.inner).poll_write(cx, &buf[..n]);
                     match &r {
                         Poll::Ready(Ok(k)) => t.give_back(n - k),
@@ -216,7 +388,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
                     }
                     return r;
                 }
-                Err(wait) => me.sleep = Some(Box::pin(tokio::time::sleep(wait))),
+                Take::Wait(wait) => {
+                    me.parked = None;
+                    me.sleep = Some(Box::pin(tokio::time::sleep(wait)));
+                }
+                Take::Parked => {
+                    let p = me
+                        .parked
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(PARKED)));
+                    ready!(p.as_mut().poll(cx));
+                    me.parked = None;
+                }
             }
         }
     }
@@ -315,5 +497,49 @@ mod tests {
         let mut got = Vec::new();
         b.read_to_end(&mut got).await.unwrap();
         assert_eq!(got.len(), 1000);
+    }
+
+    /// Two machines' streams on one uplink, both always with data waiting: the bytes that get
+    /// through divide 4:1 (high:low), and together no faster than the uplink.
+    #[tokio::test(flavor = "current_thread")]
+    async fn streams_of_machines_sharing_an_uplink_get_their_weights() {
+        use std::sync::atomic::AtomicU64;
+        let uplink = Uplink::new(16); // 2 MB/s
+        let counts: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        for (i, p) in [Priority::High, Priority::Low].into_iter().enumerate() {
+            let t = Throttle::sharing(&format!("m{i}"), Schedule::default(), p, &uplink);
+            let (a, mut b) = tokio::io::duplex(1 << 16);
+            let mut w = Throttled::new(a, Some(t));
+            tokio::spawn(async move {
+                let data = vec![0u8; 100_000];
+                while w.write_all(&data).await.is_ok() {}
+            });
+            let count = counts[i].clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n) = b.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let got: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total = (got[0] + got[1]) as f64;
+        eprintln!("in 2 s at 16 Mbit/s: high {} B, low {} B", got[0], got[1]);
+        // 2 s at 2 MB/s, plus at most one burst (0.2 MB).
+        assert!((3.6e6..=4.3e6).contains(&total), "{got:?}");
+        let ratio = got[0] as f64 / got[1] as f64;
+        assert!(
+            (3.3..=4.8).contains(&ratio),
+            "high:low = {ratio:.2} ({got:?})"
+        );
+        let share = Throttle::sharing("m1", Schedule::default(), Priority::Low, &uplink)
+            .share()
+            .unwrap();
+        assert_eq!(share.uplink_mbit, 16);
+        assert!((share.fraction - 0.2).abs() < 1e-9, "{share:?}");
     }
 }

@@ -373,6 +373,7 @@ pub async fn run(c: &Client, json: bool, cmd: OperateCmd) -> anyhow::Result<()> 
                     journal_bytes: None,
                     backlog_records: None,
                     bytes_sent: None,
+                    uplink_share: None,
                 });
             }
             let mpath = format!("/v1/tenants/{tenant}/machines/{machine}");
