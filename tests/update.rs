@@ -243,7 +243,7 @@ impl Appliance {
         self.update("apply", &args)
     }
 
-    fn from_media(&self, iso: &Path, key: &Path) -> Output {
+    fn update_from_media(&self, iso: &Path, key: &Path) -> Output {
         self.update("from-media", &["--media", s(iso), "--key", s(key)])
     }
 
@@ -497,7 +497,7 @@ fn bad_signatures_are_refused_and_a_good_bundle_is_installed_recorded_and_shown(
     let after = appliance.state();
     let media = work.path().join("media.iso");
     iso(&media, &[("FERRY.BUN", &bundle)]);
-    let out = appliance.from_media(&media, &provider.pk);
+    let out = appliance.update_from_media(&media, &provider.pk);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(
@@ -557,7 +557,7 @@ fn versions_compare_as_numbers_and_downgrades_need_the_operators_word() {
     // Update media never downgrades, and says why on the console.
     let media = work.path().join("media.iso");
     iso(&media, &[("OLD.BUN", &older), ("SAME.BUN", &same)]);
-    let out = appliance.from_media(&media, &provider.pk);
+    let out = appliance.update_from_media(&media, &provider.pk);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -627,7 +627,7 @@ fn update_media_installs_a_newer_bundle_once() {
     let appliance = Appliance::new("2026.11.30.235959");
     let media = work.path().join("media.iso");
     iso(&media, &[("README.TXT", &provider.pk), ("NEW.BUN", &newer)]);
-    let out = appliance.from_media(&media, &provider.pk);
+    let out = appliance.update_from_media(&media, &provider.pk);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(
@@ -648,7 +648,7 @@ fn update_media_installs_a_newer_bundle_once() {
     );
     // The next boot with the media still attached: left alone.
     let after = appliance.state();
-    let out = appliance.from_media(&media, &provider.pk);
+    let out = appliance.update_from_media(&media, &provider.pk);
     assert!(text(&out).0.contains("not installing it again"), "{out:?}");
     assert!(appliance.state() == after);
 }
