@@ -204,17 +204,7 @@ printf '%s\n' "$version" > "$out/version"
 # qemu-img writes a random content id (CID=) into a VMDK's descriptor: pinned to the root hash.
 make_vmdk() {
   qemu-img convert -f raw -O vmdk -o subformat=streamOptimized "$out/ferry.raw" "$out/ferry.vmdk"
-  python3 - "$out/ferry.vmdk" "${roothash:0:8}" <<'PY'
-import re, sys
-path, cid = sys.argv[1], sys.argv[2].encode()
-with open(path, "r+b") as f:
-    head = f.read(65536)
-    m = re.search(rb"\nCID=([0-9a-f]{8})\n", head)
-    if not m:
-        sys.exit("ferry.vmdk: no CID= in the descriptor")
-    f.seek(m.start(1))
-    f.write(cid)
-PY
+  pin_vmdk_cid "$out/ferry.vmdk" "${roothash:0:8}"
 }
 for f in $formats; do
   case $f in

@@ -164,6 +164,33 @@ SH
   rm -f "$work/$name.squashfs" "$work/$name.verity" "$work/$name.efi" "$work/$name.os-release"
 }
 
+# pin_vmdk_cid VMDK CID: set the content id (CID=, up to 8 hex digits) in a sparse VMDK's
+# descriptor. qemu-img writes a random one, and without zero padding (CID=4be0d7a): the
+# descriptor text is rewritten within its NUL-padded area, not patched in place.
+pin_vmdk_cid() {
+  python3 - "$1" "$2" <<'PY'
+import re, struct, sys
+path, cid = sys.argv[1], sys.argv[2].encode()
+if not re.fullmatch(rb"[0-9a-f]{1,8}", cid):
+    sys.exit(f"pin_vmdk_cid: {cid!r} is not 1 to 8 hex digits")
+with open(path, "r+b") as f:
+    head = f.read(512)
+    if head[:4] != b"KDMV":
+        sys.exit(f"pin_vmdk_cid: {path} is not a sparse VMDK")
+    at, sectors = struct.unpack_from("<QQ", head, 28)   # descriptorOffset, descriptorSize
+    f.seek(at * 512)
+    desc = f.read(sectors * 512)
+    new, n = re.subn(rb"\nCID=[0-9a-f]{1,8}\n", b"\nCID=" + cid + b"\n", desc, count=1)
+    if n != 1:
+        sys.exit(f"pin_vmdk_cid: no CID= in the descriptor of {path}")
+    new = new.rstrip(b"\0")
+    if len(new) > len(desc):
+        sys.exit(f"pin_vmdk_cid: the descriptor of {path} is full")
+    f.seek(at * 512)
+    f.write(new.ljust(len(desc), b"\0"))
+PY
+}
+
 # xml_text TEXT: TEXT with the XML special characters escaped.
 xml_text() {
   local s=$1
