@@ -157,7 +157,8 @@ fn rasd(item: Node<'_, '_>, name: &str) -> Option<String> {
 /// ustar archive with the descriptor, the manifest and the streamOptimized VMDK in this order,
 /// fixed owners and times; the manifest's digests are the members'; the descriptor parses and
 /// describes the disk file (its size), its capacity, an empty cache disk, EFI, 2 vCPUs, 8 GiB,
-/// vmxnet3 and the version; the VMDK inside holds the disk's bytes. Two builds are identical;
+/// vmxnet3 and the version; the VMDK inside (its CID pinned as build.sh pins it) holds the
+/// disk's bytes. Two builds are identical;
 /// a disk that is not a streamOptimized VMDK is refused and leaves no OVA.
 #[test]
 fn ova_for_vmware_from_a_small_disk() {
@@ -188,6 +189,28 @@ fn ova_for_vmware_from_a_small_disk() {
         .status()
         .unwrap();
     assert!(st.success());
+
+    // build.sh pins the content id qemu-img chose at random, which it writes without zero
+    // padding (a shorter or longer CID= line moves the rest of the descriptor).
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../image/lib.sh");
+    for cid in ["abc", "0123abcd"] {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(r#". "$1" && pin_vmdk_cid "$2" "$3""#)
+            .arg("pin")
+            .arg(&lib)
+            .arg(&vmdk)
+            .arg(cid)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pin_vmdk_cid {cid}: {out:?}");
+    }
+    let head = std::fs::read(&vmdk).unwrap()[..4096].to_vec();
+    let descriptor = String::from_utf8_lossy(&head);
+    assert!(
+        descriptor.contains("\nCID=0123abcd\nparentCID=ffffffff\n"),
+        "{descriptor}"
+    );
 
     let ova = d.join("ferry.ova");
     let out = make_ova(&vmdk, &ova, "1700000000");
