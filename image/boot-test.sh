@@ -19,7 +19,9 @@
 #       trial boot of B is unhealthy and reboots itself; when its tries are gone slot A boots and
 #       comes up healthy, and does not install the same bundle again although it is still attached;
 #    c. a good signed update: installed into slot B, booted, healthy (the health line names slot b
-#       and the new version), blessed: its boot entry on the ESP has lost its boot counter.
+#       and the new version), blessed: its boot entry on the ESP has lost its boot counter. The
+#       same media also carries the build's own release (ferry-update.bundle, the version slot A
+#       runs): once slot B runs, it is refused on the console as a downgrade.
 #    These boots let the guest reboot itself (no -no-reboot): the fallback happens by itself.
 # 3. tampered root: one byte of root partition A flipped in a copy of the image. Passes when the
 #    system never reaches FERRY-HEALTHY and the kernel reports dm-verity corruption.
@@ -270,9 +272,10 @@ PY
   rm -f "$work"/part.*
   make_update_iso "$work/bad.iso" "$work/tampered.bundle" "$work/otherkey.bundle"
   make_update_iso "$work/broken.iso" "$work/broken.bundle"
-  make_update_iso "$work/good.iso" "$work/good.bundle"
+  # With the build's own release beside it: the running one on slot A, a downgrade on slot B.
+  make_update_iso "$work/good.iso" "$work/good.bundle" "$imgdir/ferry-update.bundle"
   rm -f "$work"/*.bundle
-  echo "update media made in $(( $(date +%s) - t0 )) s: bad.iso (tampered signature, other key), broken.iso ($base.1), good.iso ($base.2)"
+  echo "update media made in $(( $(date +%s) - t0 )) s: bad.iso (tampered signature, other key), broken.iso ($base.1), good.iso ($base.2 and $base)"
   machine=healthy
 
   echo "== 2a. refused: damaged signature, another signer"
@@ -326,6 +329,8 @@ PY
   grep -aq "FERRY-HEALTHY slot=b version=$base.2 " "$work/good.log" || fail good "slot B with version $base.2 is not healthy"
   grep -aq "FERRY-SLOT slot=b version=$base.2 roothash=$(cat "$work/good.roothash")" "$work/good.log" \
     || fail good "slot B does not run the update's root hash"
+  grep -aq "FERRY-UPDATE refused .*: version $base is older than the running version $base.2 (slot b); update media never downgrade; nothing was written" "$work/good.log" \
+    || fail good "slot B did not refuse the older release on the media as a downgrade"
   entries=$(esp_entries "$work/healthy.qcow2")
   echo "ESP: $(echo "$entries" | tr '\n' ' ')"
   echo "$entries" | grep -qx 'ferry_[0-9]*-b\.efi' || { echo "FAIL: slot B's entry still carries a boot counter (not blessed)"; exit 1; }

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build the Ferry appliance disk image (x86_64, GPT, UEFI), reproducibly, as root on Debian 12:
 #
-#   sudo ./image/build.sh            # -> target/image/ferry.raw, ferry.qcow2, ferry.vmdk, SHA256SUMS
+#   sudo ./image/build.sh   # -> target/image/ferry.raw, ferry.qcow2, ferry.vmdk, ferry.ova, SHA256SUMS
 #
 # Layout (systemd-repart, CopyBlocks=):  ESP (systemd-boot + UKI) | root A (squashfs) |
 # verity A | root B | verity B (B empty until the first update). /var and the cache disk are
@@ -16,7 +16,8 @@
 #                       reproduce an image later: the package set is the only moving input)
 #   SOURCE_DATE_EPOCH   timestamp for every file, file system and PE header (default: the source
 #                       tree's last git commit, or 1700000000)
-#   FERRY_IMAGE_FORMATS "qcow2 vmdk" by default; "" for the raw image only
+#   FERRY_IMAGE_FORMATS "qcow2 vmdk ova" by default; "" for the raw image only
+#   FERRY_OVA_CACHE_GIB the size of the OVA's empty cache disk (default 128)
 #   FERRY_VERSION       the image version (IMAGE_VERSION in os-release, the update bundle's
 #                       version). systemd-boot boots the entry with the highest version, so an
 #                       update must carry a higher one than the running image. Default:
@@ -26,7 +27,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 src=${FERRY_SRC:-$(cd "$here/.." && pwd)}
 out=${FERRY_IMAGE_OUT:-$src/target/image}
 mirror=${FERRY_MIRROR:-http://deb.debian.org/debian}
-formats=${FERRY_IMAGE_FORMATS-qcow2 vmdk}
+formats=${FERRY_IMAGE_FORMATS-qcow2 vmdk ova}
 if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
   SOURCE_DATE_EPOCH=$(git -C "$src" log -1 --format=%ct 2>/dev/null || echo 1700000000)
 fi
@@ -191,7 +192,7 @@ systemd-repart --empty=create --size=auto --dry-run=no --no-pager \
 
 step "writing $out"
 mkdir -p "$out"
-rm -f "$out"/ferry.raw "$out"/ferry.qcow2 "$out"/ferry.vmdk "$out"/ferry-update.bundle "$out"/ferry-update.iso "$out"/SHA256SUMS
+rm -f "$out"/ferry.raw "$out"/ferry.qcow2 "$out"/ferry.vmdk "$out"/ferry.ova "$out"/ferry-update.bundle "$out"/ferry-update.iso "$out"/SHA256SUMS
 mv "$disk" "$out/ferry.raw"
 printf '%s\n' "$roothash" > "$out/roothash"
 printf '%s\n' "$cmdline" > "$out/cmdline"
@@ -200,24 +201,21 @@ cp "$work/root.squashfs" "$out/root.squashfs"; cp "$work/root.verity" "$out/root
 # The UKI's inputs, for bundles made from this build (the boot test's update variants).
 cp "$work/vmlinuz" "$out/vmlinuz"; cp "$work/initrd" "$out/initrd"
 printf '%s\n' "$version" > "$out/version"
+# qemu-img writes a random content id (CID=) into a VMDK's descriptor: pinned to the root hash.
+make_vmdk() {
+  qemu-img convert -f raw -O vmdk -o subformat=streamOptimized "$out/ferry.raw" "$out/ferry.vmdk"
+  pin_vmdk_cid "$out/ferry.vmdk" "${roothash:0:8}"
+}
 for f in $formats; do
   case $f in
     qcow2) qemu-img convert -f raw -O qcow2 "$out/ferry.raw" "$out/ferry.qcow2" ;;
-    vmdk)
-      qemu-img convert -f raw -O vmdk -o subformat=streamOptimized "$out/ferry.raw" "$out/ferry.vmdk"
-      # qemu-img writes a random content id (CID=) into the descriptor: pin it to the root hash.
-      python3 - "$out/ferry.vmdk" "${roothash:0:8}" <<'PY'
-import re, sys
-path, cid = sys.argv[1], sys.argv[2].encode()
-with open(path, "r+b") as f:
-    head = f.read(65536)
-    m = re.search(rb"\nCID=([0-9a-f]{8})\n", head)
-    if not m:
-        sys.exit("ferry.vmdk: no CID= in the descriptor")
-    f.seek(m.start(1))
-    f.write(cid)
-PY
+    vmdk) make_vmdk ;;
+    ova)
+      # VMware: the streamOptimized VMDK in an OVF package (image/README.md, "For VMware").
+      [ -f "$out/ferry.vmdk" ] || make_vmdk
+      make_ova "$out/ferry.vmdk" "$out/ferry.ova" "$version" "$version ($build_id)"
       ;;
+    *) echo "build.sh: unknown image format $f (qcow2, vmdk, ova)" >&2; exit 1 ;;
   esac
 done
 if [ $have_update = yes ]; then

@@ -163,3 +163,183 @@ SH
     --out "$work/$name.bundle" >/dev/null
   rm -f "$work/$name.squashfs" "$work/$name.verity" "$work/$name.efi" "$work/$name.os-release"
 }
+
+# pin_vmdk_cid VMDK CID: set the content id (CID=, up to 8 hex digits) in a sparse VMDK's
+# descriptor. qemu-img writes a random one, and without zero padding (CID=4be0d7a): the
+# descriptor text is rewritten within its NUL-padded area, not patched in place.
+pin_vmdk_cid() {
+  python3 - "$1" "$2" <<'PY'
+import re, struct, sys
+path, cid = sys.argv[1], sys.argv[2].encode()
+if not re.fullmatch(rb"[0-9a-f]{1,8}", cid):
+    sys.exit(f"pin_vmdk_cid: {cid!r} is not 1 to 8 hex digits")
+with open(path, "r+b") as f:
+    head = f.read(512)
+    if head[:4] != b"KDMV":
+        sys.exit(f"pin_vmdk_cid: {path} is not a sparse VMDK")
+    at, sectors = struct.unpack_from("<QQ", head, 28)   # descriptorOffset, descriptorSize
+    f.seek(at * 512)
+    desc = f.read(sectors * 512)
+    new, n = re.subn(rb"\nCID=[0-9a-f]{1,8}\n", b"\nCID=" + cid + b"\n", desc, count=1)
+    if n != 1:
+        sys.exit(f"pin_vmdk_cid: no CID= in the descriptor of {path}")
+    new = new.rstrip(b"\0")
+    if len(new) > len(desc):
+        sys.exit(f"pin_vmdk_cid: the descriptor of {path} is full")
+    f.seek(at * 512)
+    f.write(new.ljust(len(desc), b"\0"))
+PY
+}
+
+# xml_text TEXT: TEXT with the XML special characters escaped.
+xml_text() {
+  local s=$1
+  # Quoted replacements: bash 5.2 (patsub_replacement) reads an unquoted & as the match.
+  s=${s//'&'/'&amp;'}; s=${s//'<'/'&lt;'}; s=${s//'>'/'&gt;'}; s=${s//'"'/'&quot;'}
+  printf '%s' "$s"
+}
+
+# make_ova VMDK OUT VERSION [FULL_VERSION]: the appliance for VMware, an OVA (OVF 1.0 package):
+# a POSIX ustar archive holding, in this order (the OVF specification's: descriptor first, then
+# the manifest, then the files in References order), ferry.ovf, ferry.mf and VMDK as ferry.vmdk.
+# VMDK must be a streamOptimized VMDK (build.sh's ferry.vmdk). The descriptor describes one VM:
+# EFI firmware (no Secure Boot: the UKI is not signed for it), 2 vCPUs, 8 GiB of RAM (reserved),
+# the system disk and an empty cache disk (FERRY_OVA_CACHE_GIB, default 128) each on its own
+# PVSCSI controller (hardware/profiles), one vmxnet3 NIC, and a product section with VERSION.
+# The guest type is debian11_64Guest, not debian12_64Guest, which older ESXi releases lack.
+# ferry.mf has each file's SHA-256 (`SHA256(ferry.ovf)= HEX`). Reproducible: member times are
+# SOURCE_DATE_EPOCH, owners 0, modes 0644, no user or group names. Fails, leaving no OUT, when
+# VMDK is not a streamOptimized VMDK.
+make_ova() {
+  local vmdk=$1 out=$2 version=$3 full=${4:-$3}
+  local cache_gib=${FERRY_OVA_CACHE_GIB:-128}
+  local tmp info capacity size
+  info=$(qemu-img info --output=json "$vmdk") || { echo "make_ova: cannot read $vmdk" >&2; return 1; }
+  capacity=$(printf '%s' "$info" | python3 -c '
+import json, sys
+i = json.load(sys.stdin)
+d = i.get("format-specific", {}).get("data", {})
+if i.get("format") != "vmdk" or d.get("create-type") != "streamOptimized":
+    sys.exit("make_ova: {} is {} ({}), not a streamOptimized VMDK".format(
+        sys.argv[1], i.get("format"), d.get("create-type", "-")))
+print(i["virtual-size"])
+' "$vmdk") || return 1
+  tmp=$(mktemp -d /tmp/ferry-ova.XXXXXX)
+  ln -s "$(readlink -f "$vmdk")" "$tmp/ferry.vmdk"
+  size=$(stat -L -c %s "$vmdk")
+  local v f
+  v=$(xml_text "$version"); f=$(xml_text "$full")
+  cat > "$tmp/ferry.ovf" <<OVF
+<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" xmlns:vmw="http://www.vmware.com/schema/ovf" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+  <References>
+    <File ovf:href="ferry.vmdk" ovf:id="system" ovf:size="$size"/>
+  </References>
+  <DiskSection>
+    <Info>The system disk (boot loader, root slots A and B; /var is made in its free space at first boot) and the cache disk (empty; formatted at first boot)</Info>
+    <Disk ovf:capacity="$capacity" ovf:capacityAllocationUnits="byte" ovf:diskId="system" ovf:fileRef="system" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+    <Disk ovf:capacity="$cache_gib" ovf:capacityAllocationUnits="byte * 2^30" ovf:diskId="cache" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+  <NetworkSection>
+    <Info>The network the appliance reaches the hypervisor hosts and the recovery site through</Info>
+    <Network ovf:name="VM Network">
+      <Description>The appliance's network (DHCP, or set at the console)</Description>
+    </Network>
+  </NetworkSection>
+  <VirtualSystem ovf:id="ferry">
+    <Info>The Ferry disaster-recovery replication appliance</Info>
+    <Name>ferry</Name>
+    <ProductSection>
+      <Info>The appliance image</Info>
+      <Product>Ferry</Product>
+      <Vendor>Ferry</Vendor>
+      <Version>$v</Version>
+      <FullVersion>$f</FullVersion>
+    </ProductSection>
+    <OperatingSystemSection ovf:id="96" vmw:osType="debian11_64Guest">
+      <Info>The guest operating system: Debian 12 based</Info>
+    </OperatingSystemSection>
+    <VirtualHardwareSection>
+      <Info>2 vCPUs, 8 GiB of RAM, the system and cache disks on PVSCSI, a vmxnet3 NIC, EFI firmware</Info>
+      <System>
+        <vssd:ElementName>Virtual Hardware Family</vssd:ElementName>
+        <vssd:InstanceID>0</vssd:InstanceID>
+        <vssd:VirtualSystemIdentifier>ferry</vssd:VirtualSystemIdentifier>
+        <vssd:VirtualSystemType>vmx-14</vssd:VirtualSystemType>
+      </System>
+      <Item>
+        <rasd:AllocationUnits>hertz * 10^6</rasd:AllocationUnits>
+        <rasd:Description>Number of virtual CPUs</rasd:Description>
+        <rasd:ElementName>2 virtual CPUs</rasd:ElementName>
+        <rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType>
+        <rasd:VirtualQuantity>2</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits>
+        <rasd:Description>Memory size (reserved: the journal's buffers must not be swapped by the host)</rasd:Description>
+        <rasd:ElementName>8192 MB of memory</rasd:ElementName>
+        <rasd:InstanceID>2</rasd:InstanceID>
+        <rasd:Reservation>8192</rasd:Reservation>
+        <rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:VirtualQuantity>8192</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:Address>0</rasd:Address>
+        <rasd:Description>SCSI controller of the system disk</rasd:Description>
+        <rasd:ElementName>SCSI controller 0</rasd:ElementName>
+        <rasd:InstanceID>3</rasd:InstanceID>
+        <rasd:ResourceSubType>VirtualSCSI</rasd:ResourceSubType>
+        <rasd:ResourceType>6</rasd:ResourceType>
+      </Item>
+      <Item>
+        <rasd:Address>1</rasd:Address>
+        <rasd:Description>SCSI controller of the cache disk (its own, as hardware/profiles advise)</rasd:Description>
+        <rasd:ElementName>SCSI controller 1</rasd:ElementName>
+        <rasd:InstanceID>4</rasd:InstanceID>
+        <rasd:ResourceSubType>VirtualSCSI</rasd:ResourceSubType>
+        <rasd:ResourceType>6</rasd:ResourceType>
+      </Item>
+      <Item>
+        <rasd:AddressOnParent>0</rasd:AddressOnParent>
+        <rasd:ElementName>Hard disk 1 (system)</rasd:ElementName>
+        <rasd:HostResource>ovf:/disk/system</rasd:HostResource>
+        <rasd:InstanceID>5</rasd:InstanceID>
+        <rasd:Parent>3</rasd:Parent>
+        <rasd:ResourceType>17</rasd:ResourceType>
+      </Item>
+      <Item>
+        <rasd:AddressOnParent>0</rasd:AddressOnParent>
+        <rasd:ElementName>Hard disk 2 (cache)</rasd:ElementName>
+        <rasd:HostResource>ovf:/disk/cache</rasd:HostResource>
+        <rasd:InstanceID>6</rasd:InstanceID>
+        <rasd:Parent>4</rasd:Parent>
+        <rasd:ResourceType>17</rasd:ResourceType>
+      </Item>
+      <Item>
+        <rasd:AddressOnParent>7</rasd:AddressOnParent>
+        <rasd:AutomaticAllocation>true</rasd:AutomaticAllocation>
+        <rasd:Connection>VM Network</rasd:Connection>
+        <rasd:Description>vmxnet3 ethernet adapter on "VM Network"</rasd:Description>
+        <rasd:ElementName>Network adapter 1</rasd:ElementName>
+        <rasd:InstanceID>7</rasd:InstanceID>
+        <rasd:ResourceSubType>VmxNet3</rasd:ResourceSubType>
+        <rasd:ResourceType>10</rasd:ResourceType>
+      </Item>
+      <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>
+      <vmw:Config ovf:required="false" vmw:key="bootOptions.efiSecureBootEnabled" vmw:value="false"/>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+OVF
+  (cd "$tmp" && for m in ferry.ovf ferry.vmdk; do
+     printf 'SHA256(%s)= %s\n' "$m" "$(sha256sum -b < "$m" | cut -c1-64)"; done) > "$tmp/ferry.mf"
+  rm -f "$out"
+  # The order is the specification's, so the names are given one by one (no --sort).
+  if ! tar --format=ustar --create --file="$out" --directory="$tmp" --dereference \
+      --owner=0 --group=0 --numeric-owner --mode=0644 --mtime="@${SOURCE_DATE_EPOCH:-0}" \
+      ferry.ovf ferry.mf ferry.vmdk; then
+    rm -rf "$tmp" "$out"; echo "make_ova: tar failed" >&2; return 1
+  fi
+  rm -rf "$tmp"
+}

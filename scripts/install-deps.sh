@@ -12,6 +12,8 @@ have ip || need+=(iproute2)
 have python3 || need+=(python3)
 # The console tests drive `ferry console` in tmux and change networks inside namespaces.
 have tmux || need+=(tmux)
+# The update tests install into a GPT disk image (sfdisk --part-uuid, as on the appliance).
+have sfdisk || need+=(fdisk)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

@@ -1,15 +1,27 @@
-//! `ferry update apply` refuses a bundle with a bad signature, and one signed by another key,
-//! before it writes anything: the inactive slot's bytes and the boot entries stay as they were,
-//! and the operator reads why. The slots are files behind a stand-in for udev's `/dev/disk`
-//! links; a bundle with a good signature, given the same stand-ins, does reach slot B (so the
-//! refusals are what kept it unchanged). The boots (update media, A/B switch, fallback) are in the
-//! image suite: `image/boot-test.sh`.
+//! `ferry update` on a stand-in appliance: slots A and B are files behind a stand-in for udev's
+//! `/dev/disk` links, the GPT is a real GPT in a disk image file (sfdisk changes its partition
+//! UUIDs as on the appliance), sysfs and the running root's os-release are stand-ins too.
+//!
+//! - bundles with a bad signature, or signed by another key, are refused before anything is
+//!   written: both slots, the GPT, the boot entries and the install record stay as they were;
+//!   the provider's own bundle then goes all the way (slot B, GPT UUIDs, boot entry, record) and
+//!   `ferry update status` shows it;
+//! - versions compare as systemd-boot compares them: an older version is refused by `apply`
+//!   (naming both versions) and by update media, the running version is not installed again,
+//!   an unknown running version refuses; `--allow-downgrade` installs deliberately and sets the
+//!   running slot's entry aside so that the downgrade boots next;
+//! - update media installs a newer bundle, records it, and leaves it alone at the next boot.
+//!
+//! The boots themselves (media at boot, A/B switch, fallback, blessing) are in the image suite:
+//! `image/boot-test.sh`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const RUNNING: &str = "0123456789abcdef0123456789abcdeffedcba9876543210fedcba9876543210";
 const UPDATE: &str = "aaaaaaaaaaaaaaaabbbbbbbbbbbbbbbbccccccccccccccccdddddddddddddddd";
+const OTHER: &str = "eeeeeeeeeeeeeeeeffffffffffffffff11111111111111112222222222222222";
+const THIRD: &str = "3333333333333333444444444444444455555555555555556666666666666666";
 
 fn ferry(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -22,54 +34,142 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Slots A and B as files, `/dev/disk` links to them, a command line naming slot A, an ESP.
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The partition UUIDs of a root hash, as systemd derives them: (data, hash).
+fn uuids(roothash: &str) -> (String, String) {
+    let u = |h: &str| {
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    };
+    (u(&roothash[..32]), u(&roothash[32..]))
+}
+
+/// A minimal PE file whose `.osrel` section is an os-release with IMAGE_VERSION: what
+/// systemd-boot reads an entry's version from.
+fn uki(version: &str) -> Vec<u8> {
+    let osrel = format!("NAME=\"Ferry\"\nIMAGE_ID=ferry\nIMAGE_VERSION={version}\n");
+    let mut f = vec![0u8; 64 + 24 + 40];
+    f[..2].copy_from_slice(b"MZ");
+    f[60..64].copy_from_slice(&64u32.to_le_bytes());
+    f[64..68].copy_from_slice(b"PE\0\0");
+    f[70..72].copy_from_slice(&1u16.to_le_bytes());
+    let h = 64 + 24;
+    f[h..h + 8].copy_from_slice(b".osrel\0\0");
+    f[h + 8..h + 12].copy_from_slice(&(osrel.len() as u32).to_le_bytes());
+    f[h + 16..h + 20].copy_from_slice(&512u32.to_le_bytes());
+    f[h + 20..h + 24].copy_from_slice(&512u32.to_le_bytes());
+    f.resize(512, 0);
+    f.extend_from_slice(osrel.as_bytes());
+    f.resize(1024 + 4096, 0x90);
+    f
+}
+
+/// Slots A and B as files, `/dev/disk` links to them, a GPT disk image whose partitions they
+/// stand for (sysfs stand-in: root-a is partition 2 of vda, ...), a command line naming slot A,
+/// the running root's os-release, an ESP, the install record's place.
 struct Appliance {
     dir: tempfile::TempDir,
 }
 
+const PARTS: [(&str, u32); 4] = [
+    ("root-a", 2),
+    ("verity-a", 3),
+    ("root-b", 4),
+    ("verity-b", 5),
+];
+
 impl Appliance {
-    fn new() -> Appliance {
+    fn new(running_version: &str) -> Appliance {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for sub in [
             "dev/disk/by-partlabel",
             "dev/disk/by-partuuid",
+            "sys/class/block",
+            "sys/devices/vda",
             "esp/EFI/Linux",
+            "var",
         ] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
-        for (name, len, byte) in [
-            ("root-a", 2 << 20, 0xa1u8),
-            ("verity-a", 64 << 10, 0xa2),
-            ("root-b", 2 << 20, 0xb1),
-            ("verity-b", 64 << 10, 0xb2),
-        ] {
+        for ((name, n), byte) in PARTS.iter().zip([0xa1u8, 0xa2, 0xb1, 0xb2]) {
+            let len = if name.starts_with("root") {
+                2 << 20
+            } else {
+                64 << 10
+            };
             std::fs::write(d.join(name), vec![byte; len]).unwrap();
             std::os::unix::fs::symlink(
                 d.join(name),
                 d.join(format!("dev/disk/by-partlabel/ferry-{name}")),
             )
             .unwrap();
+            let sys = d.join("sys/devices/vda").join(name);
+            std::fs::create_dir(&sys).unwrap();
+            std::fs::write(sys.join("partition"), format!("{n}\n")).unwrap();
+            std::os::unix::fs::symlink(&sys, d.join("sys/class/block").join(name)).unwrap();
         }
-        let data_uuid = format!(
-            "{}-{}-{}-{}-{}",
-            &RUNNING[0..8],
-            &RUNNING[8..12],
-            &RUNNING[12..16],
-            &RUNNING[16..20],
-            &RUNNING[20..32]
-        );
+        let (data, hash) = uuids(RUNNING);
         std::os::unix::fs::symlink(
             d.join("root-a"),
-            d.join(format!("dev/disk/by-partuuid/{data_uuid}")),
+            d.join(format!("dev/disk/by-partuuid/{data}")),
         )
         .unwrap();
+        // The boot disk: a real GPT (sfdisk works on image files as on disks).
+        let vda = d.join("dev/vda");
+        std::fs::File::create(&vda)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let table = format!(
+            "label: gpt\n\
+             size=4MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=ferry-esp\n\
+             size=4MiB, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name=ferry-root-a, uuid={data}\n\
+             size=1MiB, type=2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5, name=ferry-verity-a, uuid={hash}\n\
+             size=4MiB, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name=ferry-root-b\n\
+             size=1MiB, type=2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5, name=ferry-verity-b\n"
+        );
+        let mut sfdisk = Command::new("sfdisk")
+            .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+            .arg(&vda)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("sfdisk (Debian package fdisk; scripts/install-deps.sh installs it)");
+        use std::io::Write;
+        sfdisk
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(table.as_bytes())
+            .unwrap();
+        assert!(sfdisk.wait().unwrap().success(), "sfdisk made no GPT");
         std::fs::write(
             d.join("cmdline"),
             format!("root=/dev/mapper/root roothash={RUNNING} ro\n"),
         )
         .unwrap();
-        std::fs::write(d.join("esp/EFI/Linux/ferry_00000-a.efi"), b"slot A's UKI").unwrap();
+        std::fs::write(
+            d.join("os-release"),
+            format!("NAME=\"Ferry\"\nIMAGE_ID=ferry\nIMAGE_VERSION={running_version}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("esp/EFI/Linux/ferry_00000-a.efi"),
+            uki(running_version),
+        )
+        .unwrap();
         Appliance { dir }
     }
 
@@ -77,10 +177,11 @@ impl Appliance {
         self.dir.path().join(p)
     }
 
-    /// Everything `apply` may write: both slots and the ESP's entries (names and bytes).
+    /// Everything `ferry update` may write: both slots, the GPT disk, the ESP's entries (names
+    /// and bytes) and the install record.
     fn state(&self) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
-        for name in ["root-a", "verity-a", "root-b", "verity-b"] {
+        for name in ["root-a", "verity-a", "root-b", "verity-b", "dev/vda"] {
             out.push((name.to_string(), std::fs::read(self.path(name)).unwrap()));
         }
         let mut entries: Vec<_> = std::fs::read_dir(self.path("esp/EFI/Linux"))
@@ -91,72 +192,208 @@ impl Appliance {
         for e in entries {
             out.push((e.display().to_string(), std::fs::read(&e).unwrap()));
         }
+        out.push((
+            "installed".into(),
+            std::fs::read(self.path("var/installed")).unwrap_or_default(),
+        ));
         out
     }
 
-    fn apply(&self, bundle: &Path, key: &Path) -> Output {
-        ferry(&[
-            "update",
-            "apply",
-            s(bundle),
-            "--key",
-            s(key),
+    fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.path("esp/EFI/Linux"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// `ferry update CMD ARGS...` against this appliance's stand-ins.
+    fn update(&self, cmd: &str, args: &[&str]) -> Output {
+        let mut all = vec!["update", cmd];
+        all.extend_from_slice(args);
+        let (cmdline, dev_disk, sys, osrel, esp, installed) = (
+            self.path("cmdline"),
+            self.path("dev/disk"),
+            self.path("sys/class/block"),
+            self.path("os-release"),
+            self.path("esp"),
+            self.path("var/installed"),
+        );
+        all.extend_from_slice(&[
             "--cmdline",
-            s(&self.path("cmdline")),
+            s(&cmdline),
             "--dev-disk",
-            s(&self.path("dev/disk")),
+            s(&dev_disk),
+            "--sys-block",
+            s(&sys),
+            "--os-release",
+            s(&osrel),
             "--esp",
-            s(&self.path("esp")),
-        ])
+            s(&esp),
+            "--installed",
+            s(&installed),
+        ]);
+        ferry(&all)
+    }
+
+    fn apply(&self, bundle: &Path, key: &Path, extra: &[&str]) -> Output {
+        let mut args = vec![s(bundle), "--key", s(key)];
+        args.extend_from_slice(extra);
+        self.update("apply", &args)
+    }
+
+    fn update_from_media(&self, iso: &Path, key: &Path) -> Output {
+        self.update("from-media", &["--media", s(iso), "--key", s(key)])
+    }
+
+    /// The partition UUIDs in the GPT (sfdisk's view), by partition number.
+    fn gpt_uuid(&self, n: u32) -> String {
+        let out = Command::new("sfdisk")
+            .arg("--json")
+            .arg(self.path("dev/vda"))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let node = format!("{}{n}", self.path("dev/vda").display());
+        v["partitiontable"]["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["node"] == node.as_str())
+            .unwrap()["uuid"]
+            .as_str()
+            .unwrap()
+            .to_ascii_lowercase()
     }
 }
 
-/// A key pair and a bundle signed with it: (private, public, bundle).
-fn signed_bundle(dir: &Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let (sk, pk) = (
-        dir.join(format!("{tag}.pk8")),
-        dir.join(format!("{tag}.pub")),
-    );
-    let out = ferry(&["update", "keygen", "--private", s(&sk), "--public", s(&pk)]);
-    assert!(out.status.success(), "keygen: {out:?}");
-    let parts = dir.join(format!("{tag}-parts"));
-    std::fs::create_dir_all(&parts).unwrap();
-    for (name, len) in [("root", 1usize << 20), ("verity", 8192), ("uki", 4096)] {
-        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ 0x5a).collect();
-        std::fs::write(parts.join(name), bytes).unwrap();
+/// The provider: a key pair, and bundles signed with it.
+struct Provider {
+    dir: PathBuf,
+    tag: String,
+    sk: PathBuf,
+    pk: PathBuf,
+}
+
+impl Provider {
+    fn new(dir: &Path, tag: &str) -> Provider {
+        let (sk, pk) = (
+            dir.join(format!("{tag}.pk8")),
+            dir.join(format!("{tag}.pub")),
+        );
+        let out = ferry(&["update", "keygen", "--private", s(&sk), "--public", s(&pk)]);
+        assert!(out.status.success(), "keygen: {out:?}");
+        Provider {
+            dir: dir.to_path_buf(),
+            tag: tag.into(),
+            sk,
+            pk,
+        }
     }
-    let bundle = dir.join(format!("{tag}.bundle"));
-    let out = ferry(&[
-        "update",
-        "sign",
-        "--private",
-        s(&sk),
-        "--version",
-        "2.0",
-        "--roothash",
-        UPDATE,
-        "--root",
-        s(&parts.join("root")),
-        "--verity",
-        s(&parts.join("verity")),
-        "--uki",
-        s(&parts.join("uki")),
-        "--out",
-        s(&bundle),
-    ]);
-    assert!(out.status.success(), "sign: {out:?}");
-    (sk, pk, bundle)
+
+    /// A bundle of `version` whose root hash is `roothash`; the parts are in
+    /// `DIR/TAG-VERSION-parts/`.
+    fn bundle(&self, version: &str, roothash: &str) -> PathBuf {
+        let parts = self.dir.join(format!("{}-{version}-parts", self.tag));
+        std::fs::create_dir_all(&parts).unwrap();
+        let seed = version.len() as u8 ^ roothash.as_bytes()[0];
+        for (name, len) in [("root", 1usize << 20), ("verity", 8192)] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ seed).collect();
+            std::fs::write(parts.join(name), bytes).unwrap();
+        }
+        std::fs::write(parts.join("uki"), uki(version)).unwrap();
+        let bundle = self.dir.join(format!("{}-{version}.bundle", self.tag));
+        let out = ferry(&[
+            "update",
+            "sign",
+            "--private",
+            s(&self.sk),
+            "--version",
+            version,
+            "--roothash",
+            roothash,
+            "--root",
+            s(&parts.join("root")),
+            "--verity",
+            s(&parts.join("verity")),
+            "--uki",
+            s(&parts.join("uki")),
+            "--out",
+            s(&bundle),
+        ]);
+        assert!(out.status.success(), "sign: {out:?}");
+        bundle
+    }
+
+    fn part(&self, version: &str, name: &str) -> Vec<u8> {
+        std::fs::read(
+            self.dir
+                .join(format!("{}-{version}-parts", self.tag))
+                .join(name),
+        )
+        .unwrap()
+    }
+}
+
+/// Update media: an ISO 9660 image (primary volume descriptor at sector 16, terminator at 17,
+/// root directory at 18, the files from 19) with `files` in its root directory.
+fn iso(path: &Path, files: &[(&str, &Path)]) {
+    const SECTOR: usize = 2048;
+    fn record(lba: u32, len: u32, flags: u8, name: &[u8]) -> Vec<u8> {
+        let mut r = vec![0u8; 33 + name.len() + (1 - name.len() % 2)];
+        r[0] = r.len() as u8;
+        r[2..6].copy_from_slice(&lba.to_le_bytes());
+        r[6..10].copy_from_slice(&lba.to_be_bytes());
+        r[10..14].copy_from_slice(&len.to_le_bytes());
+        r[14..18].copy_from_slice(&len.to_be_bytes());
+        r[25] = flags;
+        r[32] = name.len() as u8;
+        r[33..33 + name.len()].copy_from_slice(name);
+        r
+    }
+    let mut img = vec![0u8; 19 * SECTOR];
+    let mut dir = record(18, SECTOR as u32, 0x02, &[0]);
+    dir.extend(record(18, SECTOR as u32, 0x02, &[1]));
+    let mut lba = 19u32;
+    let mut data = Vec::new();
+    for (name, file) in files {
+        let mut b = std::fs::read(file).unwrap();
+        dir.extend(record(
+            lba,
+            b.len() as u32,
+            0,
+            format!("{name};1").as_bytes(),
+        ));
+        b.resize(b.len().div_ceil(SECTOR) * SECTOR, 0);
+        lba += (b.len() / SECTOR) as u32;
+        data.extend(b);
+    }
+    let pvd = 16 * SECTOR;
+    img[pvd] = 1;
+    img[pvd + 1..pvd + 6].copy_from_slice(b"CD001");
+    img[pvd + 6] = 1;
+    img[pvd + 128..pvd + 130].copy_from_slice(&2048u16.to_le_bytes());
+    img[pvd + 156..pvd + 190].copy_from_slice(&record(18, SECTOR as u32, 0x02, &[0]));
+    let term = 17 * SECTOR;
+    img[term] = 255;
+    img[term + 1..term + 6].copy_from_slice(b"CD001");
+    dir.resize(SECTOR, 0);
+    img[18 * SECTOR..].copy_from_slice(&dir);
+    img.extend(data);
+    std::fs::write(path, img).unwrap();
 }
 
 const REFUSAL: &str =
     "bad signature: this bundle was not signed by the provider key built into this image";
 
 #[test]
-fn bad_signatures_are_refused_before_anything_is_written() {
+fn bad_signatures_are_refused_and_a_good_bundle_is_installed_recorded_and_shown() {
     let work = tempfile::tempdir().unwrap();
-    let (_, provider_pub, bundle) = signed_bundle(work.path(), "provider");
-    let (_, _, foreign) = signed_bundle(work.path(), "other");
-    let appliance = Appliance::new();
+    let provider = Provider::new(work.path(), "provider");
+    let bundle = provider.bundle("2.1", UPDATE);
+    let foreign = Provider::new(work.path(), "other").bundle("2.1", UPDATE);
+    let appliance = Appliance::new("2.0");
     let before = appliance.state();
 
     // One byte of the signature flipped.
@@ -170,42 +407,248 @@ fn bad_signatures_are_refused_before_anything_is_written() {
         ("damaged signature", &tampered),
         ("another signer", &foreign),
     ] {
-        let out = appliance.apply(b, &provider_pub);
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let out = appliance.apply(b, &provider.pk, &[]);
+        let (stdout, stderr) = text(&out);
         assert!(!out.status.success(), "{what}: accepted: {out:?}");
         assert!(
             stderr.contains(&format!("refusing {}: {REFUSAL}", b.display())),
             "{what}: the operator is not told why: {stderr}"
         );
         assert!(
-            !String::from_utf8_lossy(&out.stdout).contains("installing"),
+            !stdout.contains("installing"),
             "{what}: it went on to install"
         );
         assert!(
             appliance.state() == before,
-            "{what}: a slot or the ESP changed"
+            "{what}: a slot, the GPT, the ESP or the record changed"
         );
     }
 
-    // The control: the provider's own bundle, same stand-ins, does get written to slot B (the
-    // stand-ins are files, not partitions, so it stops at the partition UUIDs afterwards).
-    let out = appliance.apply(&bundle, &provider_pub);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The provider's own bundle goes all the way.
+    let out = appliance.apply(&bundle, &provider.pk, &[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "control: {stdout}{stderr}");
     assert!(
-        stdout.contains("running slot a, installing version 2.0 into slot b"),
-        "control: {out:?}"
+        stdout.contains("running slot a (version 2.0), installing version 2.1 into slot b"),
+        "control: {stdout}"
     );
     let root_b = std::fs::read(appliance.path("root-b")).unwrap();
+    assert_eq!(&root_b[..1 << 20], provider.part("2.1", "root").as_slice());
     assert_eq!(
-        &root_b[..1 << 20],
-        std::fs::read(work.path().join("provider-parts/root"))
-            .unwrap()
-            .as_slice(),
-        "control: a good bundle should have reached slot B"
+        &std::fs::read(appliance.path("verity-b")).unwrap()[..8192],
+        provider.part("2.1", "verity").as_slice()
     );
     assert_eq!(
         std::fs::read(appliance.path("root-a")).unwrap(),
         before[0].1,
-        "control: the running slot was written"
+        "the running slot was written"
     );
+    let (data, hash) = uuids(UPDATE);
+    assert_eq!(appliance.gpt_uuid(4), data, "slot B's root partition UUID");
+    assert_eq!(
+        appliance.gpt_uuid(5),
+        hash,
+        "slot B's verity partition UUID"
+    );
+    assert_eq!(
+        appliance.gpt_uuid(2),
+        uuids(RUNNING).0,
+        "slot A's partition UUID changed"
+    );
+    assert_eq!(
+        appliance.entries(),
+        ["ferry_00000-a.efi", "ferry_00001-b+2.efi"]
+    );
+    assert_eq!(
+        std::fs::read(appliance.path("esp/EFI/Linux/ferry_00001-b+2.efi")).unwrap(),
+        provider.part("2.1", "uki")
+    );
+    // Recorded as from-media records: root hash, version, slot, time, source.
+    let record = std::fs::read_to_string(appliance.path("var/installed")).unwrap();
+    let fields: Vec<&str> = record.trim_end().splitn(5, ' ').collect();
+    assert_eq!(record.lines().count(), 1, "{record}");
+    assert_eq!(&fields[..3], [UPDATE, "2.1", "b"], "{record}");
+    assert_eq!(fields[4], format!("apply {}", bundle.display()));
+
+    let out = appliance.update("status", &[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "status: {stderr}");
+    for line in [
+        format!("running: slot a, version 2.0, root hash {RUNNING}, boot blessed"),
+        "slot a: version 2.0, boot entry ferry_00000-a.efi: blessed (running)".into(),
+        "slot b: version 2.1, boot entry ferry_00001-b+2.efi: not booted yet (2 tries)".into(),
+    ] {
+        assert!(stdout.contains(&line), "status lacks {line:?}:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("last install: version 2.1 into slot b at 20")
+            && stdout.contains(&format!(", from apply {}", bundle.display())),
+        "status: {stdout}"
+    );
+    let out = appliance.update("status", &["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["slot"], "a");
+    assert_eq!(v["blessed"], true);
+    assert_eq!(v["slots"][1]["version"], "2.1");
+    assert_eq!(v["slots"][1]["entry"], "ferry_00001-b+2.efi");
+    assert_eq!(v["last_install"]["roothash"], UPDATE);
+
+    // The same bundle on media attached later (the slot waits for its reboot): not again.
+    let after = appliance.state();
+    let media = work.path().join("media.iso");
+    iso(&media, &[("FERRY.BUN", &bundle)]);
+    let out = appliance.update_from_media(&media, &provider.pk);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("version 2.1 (root hash ")
+            && stdout.contains("was installed before; not installing it again"),
+        "{stdout}"
+    );
+    assert!(
+        appliance.state() == after,
+        "media reinstalled an applied bundle"
+    );
+    // And apply says so too, writing nothing.
+    let out = appliance.apply(&bundle, &provider.pk, &[]);
+    assert!(out.status.success());
+    assert!(text(&out)
+        .0
+        .contains("was installed on this appliance before"));
+    assert!(appliance.state() == after);
+}
+
+#[test]
+fn versions_compare_as_numbers_and_downgrades_need_the_operators_word() {
+    let work = tempfile::tempdir().unwrap();
+    let provider = Provider::new(work.path(), "provider");
+    // As text "2.9" sorts after "2.10"; as versions (systemd-boot's order) it is older.
+    let older = provider.bundle("2.9", UPDATE);
+    let same = provider.bundle("2.10", OTHER);
+    let appliance = Appliance::new("2.10");
+    let before = appliance.state();
+
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let out = appliance.apply(&older, &provider.pk, extra);
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "a downgrade was accepted: {stdout}");
+        assert!(
+            stderr.contains(&format!(
+                "refusing {}: version 2.9 is older than the running version 2.10 (slot a); nothing was written (--allow-downgrade installs it deliberately)",
+                older.display()
+            )),
+            "{stderr}"
+        );
+        assert!(appliance.state() == before, "a refused downgrade wrote");
+    }
+    let out = appliance.apply(&same, &provider.pk, &["--allow-downgrade"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out).0.contains(
+            "version 2.10 is the running version (slot a; this bundle is another build of it"
+        ),
+        "{out:?}"
+    );
+    assert!(
+        appliance.state() == before,
+        "the running version was installed"
+    );
+
+    // Update media never downgrades, and says why on the console.
+    let media = work.path().join("media.iso");
+    iso(&media, &[("OLD.BUN", &older), ("SAME.BUN", &same)]);
+    let out = appliance.update_from_media(&media, &provider.pk);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "FERRY-UPDATE refused OLD.BUN ({}@",
+            media.display()
+        )) && stdout.contains(
+            "version 2.9 is older than the running version 2.10 (slot a); update media never downgrade; nothing was written"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("SAME.BUN") && stdout.contains("version 2.10 is the running version"),
+        "{stdout}"
+    );
+    assert!(appliance.state() == before, "media wrote");
+
+    // A running version nobody can read: newer or older cannot be told, so no.
+    std::fs::write(appliance.path("os-release"), "NAME=Ferry\n").unwrap();
+    let out = appliance.apply(&older, &provider.pk, &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out)
+            .1
+            .contains("the running version is unknown (no IMAGE_VERSION in"),
+        "{out:?}"
+    );
+    assert!(appliance.state() == before);
+    std::fs::write(appliance.path("os-release"), "IMAGE_VERSION=\"2.10\"\n").unwrap();
+
+    // The operator's word: installed, and slot A's entry set aside so that 2.9 boots next.
+    let out = appliance.apply(&older, &provider.pk, &["--allow-downgrade"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("installing version 2.9 into slot b (a downgrade, as asked)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .contains("slot a's boot entry ferry_00000-a.efi is set aside as ferry_00000-a+0.efi"),
+        "{stdout}"
+    );
+    assert_eq!(
+        appliance.entries(),
+        ["ferry_00000-a+0.efi", "ferry_00001-b+2.efi"]
+    );
+    assert_eq!(
+        &std::fs::read(appliance.path("root-b")).unwrap()[..1 << 20],
+        provider.part("2.9", "root").as_slice()
+    );
+    let out = appliance.update("status", &[]);
+    let stdout = text(&out).0;
+    assert!(
+        stdout.contains("boot not blessed")
+            && stdout.contains("slot a: version 2.10, boot entry ferry_00000-a+0.efi: set aside for a deliberate downgrade")
+            && stdout.contains("slot b: version 2.9, boot entry ferry_00001-b+2.efi"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn update_media_installs_a_newer_bundle_once() {
+    let work = tempfile::tempdir().unwrap();
+    let provider = Provider::new(work.path(), "provider");
+    let newer = provider.bundle("2026.12.01.000000", THIRD);
+    let appliance = Appliance::new("2026.11.30.235959");
+    let media = work.path().join("media.iso");
+    iso(&media, &[("README.TXT", &provider.pk), ("NEW.BUN", &newer)]);
+    let out = appliance.update_from_media(&media, &provider.pk);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("FERRY-SLOT slot=a version=2026.11.30.235959 roothash=")
+            && stdout.contains("FERRY-UPDATE installed version 2026.12.01.000000 into slot b"),
+        "{stdout}"
+    );
+    assert_eq!(
+        appliance.entries(),
+        ["ferry_00000-a.efi", "ferry_00001-b+2.efi"]
+    );
+    assert_eq!(appliance.gpt_uuid(4), uuids(THIRD).0);
+    let record = std::fs::read_to_string(appliance.path("var/installed")).unwrap();
+    assert!(
+        record.starts_with(&format!("{THIRD} 2026.12.01.000000 b "))
+            && record.contains(&format!("media NEW.BUN ({}@", media.display())),
+        "{record}"
+    );
+    // The next boot with the media still attached: left alone.
+    let after = appliance.state();
+    let out = appliance.update_from_media(&media, &provider.pk);
+    assert!(text(&out).0.contains("not installing it again"), "{out:?}");
+    assert!(appliance.state() == after);
 }

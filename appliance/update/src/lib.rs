@@ -8,13 +8,23 @@
 //!   the bundles on it.
 //! - [`slots`]: which slot is running (from the kernel command line's `roothash=`), where the
 //!   inactive one lives (GPT partition labels), and the installation steps.
+//! - [`entries`]: the boot entries on the ESP (boot counters, the UKIs' versions).
+//! - [`offer`]: whether an offered bundle is an update, the running image, a downgrade, or
+//!   installed before; [`version`] compares versions as systemd-boot does.
+//! - [`record`]: the record of installs on this appliance.
 //!
 //! The bundle format is described byte by byte in [`bundle`]'s module documentation.
 
 pub mod bundle;
+pub mod entries;
 pub mod media;
+pub mod offer;
+pub mod record;
 pub mod slots;
+pub mod version;
 
 pub use bundle::{sign_bundle, BundleError, BundleSource, Manifest, Part, VerifiedBundle};
 pub use media::{MediaError, MediaFile};
-pub use slots::{InstallError, InstalledRecord, Slot, SlotLayout, DEFAULT_TRIES};
+pub use offer::{Running, Verdict};
+pub use record::{Install, InstalledRecord};
+pub use slots::{InstallError, Slot, SlotLayout, DEFAULT_TRIES};

@@ -115,12 +115,22 @@ pub struct SlotLayout {
     pub by_partlabel: PathBuf,
     /// `/dev/disk/by-partuuid`
     pub by_partuuid: PathBuf,
+    /// `/dev`: where a partition's whole disk is found by name.
+    pub dev: PathBuf,
+    /// `/sys/class/block`: a partition's number and its disk.
+    pub sys_block: PathBuf,
     pub active: Slot,
     pub active_roothash: String,
 }
 
 impl SlotLayout {
-    pub fn discover(cmdline: &str, dev_disk: &Path) -> Result<SlotLayout, InstallError> {
+    /// `dev_disk` is udev's `/dev/disk` (its parent is taken as `/dev`), `sys_block` is
+    /// `/sys/class/block`.
+    pub fn discover(
+        cmdline: &str,
+        dev_disk: &Path,
+        sys_block: &Path,
+    ) -> Result<SlotLayout, InstallError> {
         let roothash = roothash_from_cmdline(cmdline).ok_or(InstallError::NoRootHash)?;
         let (data_uuid, _) = partition_uuids(&roothash)
             .ok_or_else(|| InstallError::UnknownSlot(roothash.clone()))?;
@@ -135,6 +145,10 @@ impl SlotLayout {
                 return Ok(SlotLayout {
                     by_partlabel,
                     by_partuuid,
+                    dev: dev_disk
+                        .parent()
+                        .map_or_else(|| PathBuf::from("/dev"), Path::to_path_buf),
+                    sys_block: sys_block.to_path_buf(),
                     active: slot,
                     active_roothash: roothash,
                 });
@@ -160,13 +174,19 @@ fn capacity(dev: &Path) -> Result<u64, InstallError> {
     Ok(f.seek(SeekFrom::End(0))?)
 }
 
-/// Partition number and whole-disk device of a partition device, from sysfs.
-pub fn disk_and_number(part: &Path) -> Result<(PathBuf, u32), InstallError> {
+/// Partition number and whole-disk device of a partition device, from sysfs (`sys_block`, i.e.
+/// `/sys/class/block`: `NAME/partition` is the number, and NAME's real directory sits in its
+/// disk's) and `dev` (`/dev`).
+pub fn disk_and_number(
+    part: &Path,
+    sys_block: &Path,
+    dev: &Path,
+) -> Result<(PathBuf, u32), InstallError> {
     let name = part
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| step("partition name", part.display()))?;
-    let sys = Path::new("/sys/class/block").join(name);
+    let sys = sys_block.join(name);
     let number: u32 = std::fs::read_to_string(sys.join("partition"))
         .map_err(|e| step(format!("{name} is not a partition"), e))?
         .trim()
@@ -176,7 +196,7 @@ pub fn disk_and_number(part: &Path) -> Result<(PathBuf, u32), InstallError> {
         .parent()
         .and_then(|p| p.file_name())
         .and_then(|n| n.to_str())
-        .map(|n| PathBuf::from("/dev").join(n))
+        .map(|n| dev.join(n))
         .ok_or_else(|| step("disk of", part.display()))?;
     Ok((parent, number))
 }
@@ -259,7 +279,7 @@ pub fn install(
     let (data_uuid, hash_uuid) =
         partition_uuids(&m.roothash).ok_or_else(|| step("root hash", &m.roothash))?;
     for (dev, uuid) in [(&root_dev, &data_uuid), (&verity_dev, &hash_uuid)] {
-        let (disk, n) = disk_and_number(dev)?;
+        let (disk, n) = disk_and_number(dev, &layout.sys_block, &layout.dev)?;
         // The running system keeps its partitions; only the UUIDs in the GPT change, which the
         // next boot reads. The busy boot disk's table cannot be re-read now, and need not be.
         run(
@@ -290,37 +310,28 @@ pub fn install(
     Ok(PathBuf::from(format!("/EFI/Linux/{entry}")))
 }
 
-/// The record of bundles installed on this appliance (`/var/lib/ferry-update/installed`): one
-/// line per install, `<roothash> <version>`. Update media is read at every boot and may stay
-/// attached; a bundle recorded here is never installed again, whether its slot booted or fell
-/// back.
-pub struct InstalledRecord {
-    pub path: PathBuf,
-}
-
-impl InstalledRecord {
-    pub fn contains(&self, roothash: &str) -> Result<bool, std::io::Error> {
-        match std::fs::read_to_string(&self.path) {
-            Ok(text) => Ok(text
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(roothash))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
+/// Make a deliberate downgrade boot: systemd-boot chooses the entry with the highest version, so
+/// an older slot's entry would never be chosen while the running slot's entry is there. The
+/// running slot's entries get a spent boot counter (`ferry_<generation>-<slot>+0.efi`), which
+/// systemd-boot sorts after every entry with tries left but still boots when nothing else is
+/// left: the downgrade is tried first, and when its tries are spent too the higher version (the
+/// slot that ran) wins again. Run after the downgrade's entry is in place. Returns the renames.
+pub fn set_aside(esp: &Path, slot: Slot) -> Result<Vec<(String, String)>, InstallError> {
+    let dir = esp.join("EFI/Linux");
+    let mut renamed = Vec::new();
+    for e in crate::entries::list(&dir)?
+        .into_iter()
+        .filter(|e| e.slot == slot.letter())
+    {
+        let spent = e.spent();
+        if spent != e.file {
+            std::fs::rename(dir.join(&e.file), dir.join(&spent))
+                .map_err(|err| step(format!("setting aside boot entry {}", e.file), err))?;
+            renamed.push((e.file, spent));
         }
     }
-
-    pub fn add(&self, roothash: &str, version: &str) -> Result<(), std::io::Error> {
-        use std::io::Write;
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        writeln!(f, "{roothash} {version}")?;
-        f.sync_all()
-    }
+    std::fs::File::open(&dir)?.sync_all()?;
+    Ok(renamed)
 }
 
 #[cfg(test)]
@@ -356,26 +367,13 @@ mod tests {
         link("vda4", "by-partlabel/ferry-root-b");
         let (data, _) = partition_uuids(H).unwrap();
         link("vda4", &format!("by-partuuid/{data}"));
-        let l = SlotLayout::discover(&format!("roothash={H}"), dev).unwrap();
+        let l = SlotLayout::discover(&format!("roothash={H}"), dev, &dev.join("sys")).unwrap();
         assert_eq!(l.active, Slot::B);
         assert_eq!(l.inactive(), Slot::A);
         assert!(matches!(
-            SlotLayout::discover("quiet", dev),
+            SlotLayout::discover("quiet", dev, dev),
             Err(InstallError::NoRootHash)
         ));
-    }
-
-    #[test]
-    fn the_installed_record_remembers_root_hashes() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = InstalledRecord {
-            path: dir.path().join("sub/installed"),
-        };
-        assert!(!r.contains(H).unwrap());
-        r.add(H, "1.0").unwrap();
-        r.add(&H.replace('0', "1"), "1.1").unwrap();
-        assert!(r.contains(H).unwrap());
-        assert!(!r.contains(&H[..60]).unwrap());
     }
 
     #[test]
