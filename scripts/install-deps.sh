@@ -14,6 +14,8 @@ have python3 || need+=(python3)
 have tmux || need+=(tmux)
 # The update tests install into a GPT disk image (sfdisk --part-uuid, as on the appliance).
 have sfdisk || need+=(fdisk)
+# ... from update media made as the image build makes them.
+have xorriso || need+=(xorriso)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

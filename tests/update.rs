@@ -336,52 +336,24 @@ impl Provider {
     }
 }
 
-/// Update media: an ISO 9660 image (primary volume descriptor at sector 16, terminator at 17,
-/// root directory at 18, the files from 19) with `files` in its root directory.
+/// Update media made as `image/lib.sh`'s `make_update_iso` makes them (xorriso, Rock Ridge and
+/// Joliet), with `files` in the root directory.
 fn iso(path: &Path, files: &[(&str, &Path)]) {
-    const SECTOR: usize = 2048;
-    fn record(lba: u32, len: u32, flags: u8, name: &[u8]) -> Vec<u8> {
-        let mut r = vec![0u8; 33 + name.len() + (1 - name.len() % 2)];
-        r[0] = r.len() as u8;
-        r[2..6].copy_from_slice(&lba.to_le_bytes());
-        r[6..10].copy_from_slice(&lba.to_be_bytes());
-        r[10..14].copy_from_slice(&len.to_le_bytes());
-        r[14..18].copy_from_slice(&len.to_be_bytes());
-        r[25] = flags;
-        r[32] = name.len() as u8;
-        r[33..33 + name.len()].copy_from_slice(name);
-        r
-    }
-    let mut img = vec![0u8; 19 * SECTOR];
-    let mut dir = record(18, SECTOR as u32, 0x02, &[0]);
-    dir.extend(record(18, SECTOR as u32, 0x02, &[1]));
-    let mut lba = 19u32;
-    let mut data = Vec::new();
+    let mut cmd = std::process::Command::new("xorriso");
+    cmd.args(["-as", "mkisofs", "-quiet", "-o"])
+        .arg(path)
+        .args(["-V", "FERRY_UPDATE", "-R", "-J", "-graft-points"]);
     for (name, file) in files {
-        let mut b = std::fs::read(file).unwrap();
-        dir.extend(record(
-            lba,
-            b.len() as u32,
-            0,
-            format!("{name};1").as_bytes(),
-        ));
-        b.resize(b.len().div_ceil(SECTOR) * SECTOR, 0);
-        lba += (b.len() / SECTOR) as u32;
-        data.extend(b);
+        cmd.arg(format!("{name}={}", file.display()));
     }
-    let pvd = 16 * SECTOR;
-    img[pvd] = 1;
-    img[pvd + 1..pvd + 6].copy_from_slice(b"CD001");
-    img[pvd + 6] = 1;
-    img[pvd + 128..pvd + 130].copy_from_slice(&2048u16.to_le_bytes());
-    img[pvd + 156..pvd + 190].copy_from_slice(&record(18, SECTOR as u32, 0x02, &[0]));
-    let term = 17 * SECTOR;
-    img[term] = 255;
-    img[term + 1..term + 6].copy_from_slice(b"CD001");
-    dir.resize(SECTOR, 0);
-    img[18 * SECTOR..].copy_from_slice(&dir);
-    img.extend(data);
-    std::fs::write(path, img).unwrap();
+    let out = cmd
+        .output()
+        .expect("xorriso (scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "xorriso: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 const REFUSAL: &str =
