@@ -551,8 +551,10 @@ fn example_body(method: &Method, path: &str) -> Value {
         "update-slot" => json!({"slot": "a"}),
         // Asked by a person (the test's caller): refused, 403, as documented.
         "config" => json!({"address": "127.0.0.1:7443"}),
-        // Without a recovery site the server refuses jobs (409), as documented.
+        // Without a master target enrolled the server refuses jobs (409), as documented.
         "jobs" => json!({"kind": "test-failover"}),
+        // A person is not the role an order is addressed to: refused, 403, as documented.
+        "result" => json!({"error": "no such step"}),
         other => panic!("no example body for {other} ({path})"),
     }
 }
@@ -613,6 +615,7 @@ fn openapi_document_parses_and_every_route_answers_as_documented() {
                 .replace("{disk}", "d0")
                 .replace("{plan}", "dr")
                 .replace("{job}", "1")
+                .replace("{order}", "1")
                 .replace("{appliance}", "ps1");
             let body = op.get("requestBody").map(|_| {
                 (

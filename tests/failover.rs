@@ -6,6 +6,8 @@
 //!   access export: scratch writes never reach the replica, replication keeps committing new
 //!   points, and cleanup leaves nothing behind. A viewer may not start it, an operator may, and
 //!   an operator may not change a policy; all of it is audited.
+//! - With no access to the recovery site's paths, the configuration server orders the steps
+//!   from the master target; a stopped master target fails the step, naming it.
 //! - A planned failover loses nothing; reprotect sends back only what the recovery site
 //!   changed, and failback leaves the original disks equal to the recovery site's.
 //! - The configuration server killed in the middle of a job: a step that may run again
@@ -37,6 +39,14 @@ const JOBS: &str = "/v1/tenants/acme/plans/dr/jobs";
 /// Every wait in these tests ends by this much after the test began.
 const DEADLINE: Duration = Duration::from_secs(300);
 
+/// How the configuration server reaches the recovery site.
+enum Recovery {
+    /// Beside it: `--recovery-repo`, `--recovery-key`, `--recovery-work`, `--process-cache`.
+    Beside,
+    /// Through step orders to the enrolled master target and process server.
+    Ordered { timeout_secs: u64 },
+}
+
 /// A protected machine with two disks, its replication, and a configuration server that
 /// drives the recovery site.
 struct Dr {
@@ -52,6 +62,8 @@ struct Dr {
     rt: tokio::runtime::Runtime,
     began: Instant,
     dir: tempfile::TempDir,
+    /// Where the recovery site keeps scratch overlays and live disks.
+    work: PathBuf,
 }
 
 impl Dr {
@@ -73,24 +85,35 @@ impl Dr {
         tune(&mut lab);
         lab.start_master().unwrap();
         lab.start_process().unwrap();
-        let mut dr = Dr::around(began, dir, lab);
+        let mut dr = Dr::around(began, dir, lab, Recovery::Beside);
         dr.attach_hosts(true);
         dr.inventory(true);
         dr
     }
 
-    /// A configuration server driving the recovery site of `lab` (its master target's
-    /// repository and key, its process server's cache), with no guest disks yet.
-    fn around(began: Instant, dir: tempfile::TempDir, lab: Lab) -> Dr {
-        let server_args: Vec<String> = [
-            ("--recovery-repo", &lab.repo),
-            ("--recovery-key", &lab.key),
-            ("--recovery-work", &dir.path().join("work")),
-            ("--process-cache", &lab.cache),
-        ]
-        .iter()
-        .flat_map(|(k, v)| [k.to_string(), v.display().to_string()])
-        .collect();
+    /// A configuration server driving the recovery site of `lab`: beside it (its master
+    /// target's repository and key, its process server's cache), or through the enrolled roles
+    /// with no access to any of it. No guest disks yet.
+    fn around(began: Instant, dir: tempfile::TempDir, lab: Lab, recovery: Recovery) -> Dr {
+        let (server_args, work): (Vec<String>, PathBuf) = match recovery {
+            Recovery::Beside => (
+                [
+                    ("--recovery-repo", &lab.repo),
+                    ("--recovery-key", &lab.key),
+                    ("--recovery-work", &dir.path().join("work")),
+                    ("--process-cache", &lab.cache),
+                ]
+                .iter()
+                .flat_map(|(k, v)| [k.to_string(), v.display().to_string()])
+                .collect(),
+                dir.path().join("work"),
+            ),
+            // The master target keeps its work below its state directory.
+            Recovery::Ordered { timeout_secs } => (
+                vec!["--order-timeout-secs".into(), timeout_secs.to_string()],
+                dir.path().join("mt-state/work"),
+            ),
+        };
         let server = harness::Server::start_with(&dir.path().join("cs"), &server_args);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -108,6 +131,7 @@ impl Dr {
             rt,
             began,
             dir,
+            work,
         }
     }
 
@@ -121,6 +145,16 @@ impl Dr {
     /// [`Dr::start_enrolled`] with machine `web` on `policy` (instead of the harness's) and
     /// `master_args` added to the master target's command line.
     fn start_enrolled_with(policy: Option<Value>, master_args: &[&str]) -> Dr {
+        Dr::start_enrolled_full(policy, master_args, 60)
+    }
+
+    /// [`Dr::start_enrolled_with`], the configuration server waiting `order_timeout_secs` for
+    /// a role to fetch a step order.
+    fn start_enrolled_full(
+        policy: Option<Value>,
+        master_args: &[&str],
+        order_timeout_secs: u64,
+    ) -> Dr {
         let began = Instant::now();
         let dir = tempfile::Builder::new()
             .prefix("ferry-failover-")
@@ -130,7 +164,10 @@ impl Dr {
         // The lab only names ports and paths here.
         let mut lab = Lab::new(&support::exe(), &d, &[]).unwrap();
         lab.key = d.join("mt-state/tenant.key");
-        let mut dr = Dr::around(began, dir, lab);
+        let recovery = Recovery::Ordered {
+            timeout_secs: order_timeout_secs,
+        };
+        let mut dr = Dr::around(began, dir, lab, recovery);
         dr.inventory(false);
         if let Some(p) = policy {
             let a = dr.admin();
@@ -728,7 +765,7 @@ fn test_failover_scratch_never_reaches_the_replica_and_cleanup_leaves_nothing() 
     // Cleanup leaves nothing: no overlays, no export, the plan protected again.
     let c = dr.run_job(&op, json!({"kind": "cleanup"}));
     assert!(c.steps[1].detail.contains("removed 2"), "{c:#?}");
-    assert!(!dr.path("work/acme/dr/test").exists());
+    assert!(!dr.work.join("acme/dr/test").exists());
     for d in &st.disks {
         assert!(!Path::new(&d.path).exists());
     }
@@ -743,6 +780,68 @@ fn test_failover_scratch_never_reaches_the_replica_and_cleanup_leaves_nothing() 
     // The viewer reads the jobs, and the listing shows both.
     let v: Vec<Job> = dr.rt.block_on(viewer.get("/v1/tenants/acme/jobs")).unwrap();
     assert_eq!(v.len(), 2);
+}
+
+/// The configuration server runs with its own state directory and none of the recovery site's
+/// paths (no repository, key, work directory or process server cache): the master target runs
+/// the recovery-site steps on its own repository with its own key, and the test failover's
+/// scratch overlays equal the points chosen. With the master target stopped, the next job's
+/// step fails within the order timeout, naming the role that did not answer.
+#[test]
+fn the_master_target_runs_the_site_steps_and_a_silent_one_fails_the_step_clearly() {
+    let mut dr = Dr::start_enrolled_full(None, &[], 3);
+    assert!(
+        dr.server_args
+            .iter()
+            .all(|a| !a.starts_with("--recovery") && a != "--process-cache"),
+        "{:?}",
+        dr.server_args
+    );
+    let op = dr.person("olivia", "operator");
+    dr.common_cut(0);
+    let job = dr.run_job(&op, json!({"kind": "test-failover"}));
+    assert!(
+        job.steps[1].detail.contains("at master target mt1"),
+        "{:#?}",
+        job.steps[1]
+    );
+    let st = dr.status();
+    assert_eq!(st.disks.len(), 2);
+    for d in &st.disks {
+        assert!(
+            Path::new(&d.path).starts_with(&dr.work),
+            "{} is not in the master target's work directory",
+            d.path
+        );
+        let point = dr.path(&format!("point-{}.raw", d.disk));
+        std::fs::write(&point, dr.point_image(&d.disk, d.point_seq.unwrap())).unwrap();
+        assert!(
+            same(&d.path, "qcow2", point.to_str().unwrap(), "raw"),
+            "the scratch overlay of {} differs from its point",
+            d.disk
+        );
+    }
+    let c = dr.run_job(&op, json!({"kind": "cleanup"}));
+    assert!(!dr.work.join("acme/dr/test").exists(), "{c:#?}");
+
+    // The master target stops: the next job's first site step waits 3 s for it, then fails.
+    drop(dr.roles.remove(0));
+    let began = Instant::now();
+    let j = dr.start_job(&op, json!({"kind": "test-failover"}));
+    let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(j.state, JobState::Failed, "{j:#?}");
+    let err = j.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("step 'points' failed: master target mt1 did not answer within 3 s"),
+        "{err}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        began.elapsed()
+    );
+    let points = j.steps.iter().find(|s| s.name == "points").unwrap();
+    assert_eq!(points.state, StepState::Failed, "{j:#?}");
 }
 
 #[test]
@@ -761,7 +860,7 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
         "{e}"
     );
     assert_eq!(dr.status().phase, PlanPhase::Protected);
-    assert!(!dr.path("work/acme/dr/live").exists());
+    assert!(!dr.work.join("acme/dr/live").exists());
     for w in writers {
         let (_, flushed) = w.finish(&dr.rt);
         assert!(flushed > 0);

@@ -12,6 +12,7 @@
 
 pub mod inventory;
 pub mod jobs;
+pub mod orders;
 pub mod plan;
 pub mod policy;
 pub mod records;
@@ -22,6 +23,7 @@ pub mod validate;
 
 pub use inventory::*;
 pub use jobs::*;
+pub use orders::*;
 pub use plan::*;
 pub use policy::*;
 pub use records::*;

@@ -45,8 +45,11 @@ pub struct Config {
     pub server_names: Vec<String>,
     /// The appliance's own settings: hooks, timeouts, the cache and recovery site.
     pub system: crate::system::SystemConfig,
-    /// The recovery site failover jobs drive; none refuses jobs.
+    /// The recovery site when this server runs beside it (its paths); none: the tenants'
+    /// master targets and process servers run the jobs' site steps, ordered over the API.
     pub site: Option<ferry_failover::Site>,
+    /// How long a role may take to fetch a step order (and be silent while it runs one).
+    pub order_timeout: Duration,
     /// An appliance silent for this long is unreachable (an alert).
     pub unreachable_after: Duration,
 }
@@ -88,7 +91,7 @@ impl Server {
             write: tokio::sync::Mutex::new(()),
             system: crate::system::SystemState::new(cfg.system.clone()),
             state_dir: cfg.state.clone(),
-            jobs: crate::jobs::Runtime::new(cfg.site.clone()),
+            jobs: crate::jobs::Runtime::new(cfg.site.clone(), cfg.order_timeout),
         });
         // A network change left pending by a stopped server still rolls back on time.
         crate::network::resume(&app).await;

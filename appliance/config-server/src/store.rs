@@ -55,6 +55,12 @@ pub mod trees {
     pub const TENANT_KEYS: &str = "tenant-keys";
     /// Certificates issued from the data CA: `{appliance}/{kind}` → names, certificate, key.
     pub const DATA_CERTS: &str = "data-certs";
+    /// Step orders to the recovery-site roles: `{id:020}` → order and its result.
+    pub const ORDERS: &str = "orders";
+    /// A job step's order: `{tenant}/{job:020}/{step:04}/{part}` → order id.
+    pub const ORDER_KEYS: &str = "order-keys";
+    /// Order numbers (a log of numbers, so they never repeat).
+    pub const ORDER_IDS: &str = "order-ids";
 }
 
 /// Entries kept per log (audit, events): about 60 MB of audit at ~300 bytes an entry.

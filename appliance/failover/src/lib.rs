@@ -9,12 +9,15 @@
 //! - [`live`]: a failover's disks, materialized from the chosen point.
 //! - [`drain`]: a planned failover waits until the process server has shipped every write.
 //! - [`hooks`]: pre/post hooks and machine start commands (argv, no shell, a timeout).
+//! - [`agent`]: a job's site steps, run by the role that holds the data when the
+//!   configuration server orders them (or by the configuration server beside the site).
 //! - [`resync`]: reprotect and failback bring a disk up to date from another by comparing
 //!   keyed block names and sending only the blocks that differ.
 //!
 //! The site is reached through its directories ([`Site`]): the master target's repository
 //! (opened read-only beside it), and the process server's cache (its status files).
 
+pub mod agent;
 pub mod drain;
 pub mod hooks;
 pub mod live;

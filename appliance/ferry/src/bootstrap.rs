@@ -60,7 +60,7 @@ impl BootstrapArgs {
         self.config_server.as_deref().unwrap_or_default()
     }
 
-    fn client(&self) -> anyhow::Result<Client> {
+    pub fn client(&self) -> anyhow::Result<Client> {
         let l = self.layout();
         Client::from_cert_dir(self.server(), &l.identity)
             .with_context(|| format!("loading this role's identity in {}", l.identity.display()))

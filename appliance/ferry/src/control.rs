@@ -45,8 +45,10 @@ pub struct ServerArgs {
     /// The recovery site's replication endpoint, HOST:PORT (dashboard and diagnostics).
     #[arg(long)]
     recovery_site: Option<String>,
-    /// The recovery repository failover jobs use (the master target's, read beside it).
-    /// Without it the server refuses jobs.
+    /// Only when this server runs beside the recovery site: the recovery repository failover
+    /// jobs use (the master target's, read beside it). Without it (the usual case) the
+    /// tenant's enrolled master target and process server run the jobs' site steps, ordered
+    /// over the API, and this server needs neither the repository nor the tenant key.
     #[arg(long, requires_all = ["recovery_key", "recovery_work"])]
     recovery_repo: Option<PathBuf>,
     /// The tenant key of the recovery repository.
@@ -58,6 +60,10 @@ pub struct ServerArgs {
     /// The process server's cache directory (planned failover waits for its journals to drain).
     #[arg(long, requires = "recovery_repo")]
     process_cache: Option<PathBuf>,
+    /// How long a master target or process server may take to fetch a job's step order (and
+    /// be silent while it runs one) before the step fails.
+    #[arg(long, default_value_t = 60)]
+    order_timeout_secs: u64,
     /// An appliance that has not reported for this many seconds raises an "unreachable" alert.
     #[arg(long, default_value_t = 300)]
     unreachable_secs: u64,
@@ -112,6 +118,7 @@ pub fn server(a: ServerArgs) -> anyhow::Result<()> {
                 }),
                 _ => None,
             },
+            order_timeout: std::time::Duration::from_secs(a.order_timeout_secs.max(1)),
             unreachable_after: std::time::Duration::from_secs(a.unreachable_secs.max(1)),
         };
         let s = ferry_config_server::Server::bind(&cfg)

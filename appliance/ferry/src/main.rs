@@ -7,6 +7,7 @@ mod console;
 mod control;
 mod demo;
 mod hw;
+mod orders;
 mod update;
 
 use anyhow::{bail, Context};
@@ -502,6 +503,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             if let Some(c) = configured {
                 bootstrap.watch(c, Some(address), None);
+                // The recovery-site steps of failover jobs run here, on this repository with
+                // this key; scratch overlays and live disks go below the state directory.
+                let site = ferry_failover::Site {
+                    repo: repo.repo.clone(),
+                    key: repo.key.clone(),
+                    work: bootstrap.state.join("work"),
+                    process_cache: None,
+                };
+                orders::take(
+                    &bootstrap,
+                    ferry_failover::agent::Agent::new(Some(site), None),
+                );
             }
             runtime()?.block_on(ferry_master_target::run(cfg))
         }
@@ -1044,6 +1057,9 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
     };
     if let Some(c) = configured {
         a.bootstrap.watch(c, None, Some(cfg.cache_dir.clone()));
+        // The drain check of a planned failover runs here, on this server's journals.
+        let agent = ferry_failover::agent::Agent::new(None, Some(cfg.cache_dir.clone()));
+        orders::take(&a.bootstrap, agent);
     }
     runtime()?.block_on(ferry_process_server::run(cfg))
 }

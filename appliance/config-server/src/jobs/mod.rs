@@ -11,6 +11,7 @@
 //!
 //! Rooms: [`run`] (executing steps), [`routes`] (the API).
 
+pub mod orders;
 pub mod routes;
 pub mod run;
 
@@ -19,40 +20,32 @@ use crate::error::ApiError;
 use crate::store::{trees, Store, StoreError};
 use axum::http::StatusCode;
 use ferry_api::{
-    Disk, Event, Job, JobKind, JobState, Machine, Plan, PlanPhase, PlanStatus, Severity, StartJob,
-    Step, StepState,
+    Disk, Event, Job, JobKind, JobState, Machine, Plan, PlanPhase, PlanStatus, Severity,
+    SiteAnswer, SiteStep, StartJob, Step, StepState,
 };
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-/// What the server needs at run time for jobs: the recovery site it drives (none: jobs are
-/// refused) and the test failovers' instant-access servers it runs.
-#[derive(Default)]
+/// What the server needs at run time for jobs: the recovery site when it runs beside it (its
+/// steps run here; none: they are ordered from the tenant's roles, [`orders`]), how long a role
+/// may take to fetch an order, and when each role last fetched its orders.
 pub struct Runtime {
-    pub site: Option<ferry_failover::Site>,
-    /// `{tenant}/{plan}` → the NBD server of its running test failover.
-    servers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    pub local: Option<Arc<ferry_failover::agent::Agent>>,
+    pub order_timeout: Duration,
+    seen: Mutex<HashMap<String, u64>>,
 }
 
 impl Runtime {
-    pub fn new(site: Option<ferry_failover::Site>) -> Runtime {
+    pub fn new(site: Option<ferry_failover::Site>, order_timeout: Duration) -> Runtime {
         Runtime {
-            site,
-            servers: Mutex::default(),
+            local: site.map(|s| {
+                let cache = s.process_cache.clone();
+                ferry_failover::agent::Agent::new(Some(s), cache)
+            }),
+            order_timeout,
+            seen: Mutex::default(),
         }
-    }
-
-    fn set_server(&self, plan_key: &str, task: tokio::task::JoinHandle<()>) {
-        let mut s = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = s.insert(plan_key.to_string(), task) {
-            old.abort();
-        }
-    }
-
-    /// Stop a plan's instant-access server; false when none ran.
-    fn stop_server(&self, plan_key: &str) -> bool {
-        let mut s = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        s.remove(plan_key).map(|t| t.abort()).is_some()
     }
 }
 
@@ -198,13 +191,8 @@ pub async fn start(
         .store
         .get(trees::PLANS, &plan_key(tenant, plan_name))?
         .ok_or_else(|| ApiError::not_found(format!("no plan {plan_name}")))?;
-    if app.jobs.site.is_none() {
-        return Err(conflict(
-            "no-recovery-site",
-            "this configuration server drives no recovery site: start it with \
-             --recovery-repo, --recovery-key and --recovery-work"
-                .into(),
-        ));
+    if let Err(why) = orders::master_target(app, tenant) {
+        return Err(conflict("no-recovery-site", why));
     }
     let mut status = plan_status(&app.store, tenant, plan_name)?;
     if let Some(id) = status.running_job {
@@ -302,8 +290,23 @@ pub fn metrics(
 }
 
 /// At start-up: serve the scratch layers of running tests again, and resume running jobs
-/// (or end them failed when the interrupted step may not run again).
+/// (or end them failed when the interrupted step may not run again). Beside the site this is
+/// done before any request is served; when the roles run the steps, it is done once serving
+/// (the roles fetch their orders from this server).
 pub async fn resume(app: &Shared) -> Result<(), StoreError> {
+    if app.jobs.local.is_some() {
+        return resume_now(app).await;
+    }
+    let a = app.clone();
+    tokio::spawn(async move {
+        if let Err(e) = resume_now(&a).await {
+            tracing::error!(error = %e, "cannot resume the jobs a restart interrupted");
+        }
+    });
+    Ok(())
+}
+
+async fn resume_now(app: &Shared) -> Result<(), StoreError> {
     if let Err(e) = reconcile_holds(app).await {
         tracing::error!(error = %e, "cannot check the recovery points held by jobs");
     }
@@ -317,7 +320,7 @@ pub async fn resume(app: &Shared) -> Result<(), StoreError> {
                     .is_some_and(|j| j.kind == JobKind::TestFailover)
             });
         if let (true, Some(port)) = (testing, st.test_nbd_port) {
-            if let Err(e) = run::serve_test(app, &key, &st.disks, port).await {
+            if let Err(e) = run::serve_test(app, &key, &st.disks, port, None).await {
                 tracing::error!(plan = %key, error = %e, "cannot serve a test failover's points again");
             }
         }
@@ -367,18 +370,48 @@ fn still_holds(store: &Store, job: &Job) -> Result<bool, StoreError> {
 /// job this server does not know (an operator lists them with `ferry holds` and releases them
 /// with `ferry release-hold`). Other holders are not ours and are left alone.
 pub async fn reconcile_holds(app: &Shared) -> Result<(), String> {
-    let Some(site) = app.jobs.site.clone() else {
-        return Ok(());
-    };
-    let s = site.clone();
-    let holds = match tokio::task::spawn_blocking(move || ferry_failover::points::holds(&s)).await {
-        Ok(r) => r.map_err(|e| e.to_string())?,
-        Err(e) => return Err(e.to_string()),
+    // Where holds are kept: this server's site, or each tenant's master target.
+    let mut sites: Vec<(orders::Target, Option<String>)> = Vec::new();
+    if app.jobs.local.is_some() {
+        sites.push((orders::Target::Local, None));
+    } else {
+        let all: Vec<ferry_api::Appliance> = app
+            .store
+            .list(trees::APPLIANCES, "")
+            .map_err(|e| e.to_string())?;
+        for a in all {
+            if let (ferry_api::ApplianceRole::MasterTarget, Some(t)) = (a.role, a.tenant) {
+                let target = orders::Target::Role {
+                    appliance: a.name,
+                    role: a.role,
+                };
+                sites.push((target, Some(t)));
+            }
+        }
+    }
+    for (target, tenant) in sites {
+        reconcile_site(app, &target, tenant.as_deref()).await?;
+    }
+    app.store.flush().await.map_err(|e| e.to_string())
+}
+
+async fn reconcile_site(
+    app: &Shared,
+    target: &orders::Target,
+    only: Option<&str>,
+) -> Result<(), String> {
+    let t = only.unwrap_or_default();
+    let holds = match orders::run(app, target, t, None, None, "holds", SiteStep::Holds).await? {
+        SiteAnswer::Holds { holds } => holds,
+        other => return Err(format!("listing holds: unexpected answer {other:?}")),
     };
     for h in holds {
         let Some((tenant, id)) = holder_job(&h.holder) else {
             continue;
         };
+        if only.is_some_and(|t| t != tenant) {
+            continue;
+        }
         let job: Option<Job> = app
             .store
             .get(trees::JOBS, &job_key(tenant, id))
@@ -386,7 +419,9 @@ pub async fn reconcile_holds(app: &Shared) -> Result<(), String> {
         match job {
             None => {
                 let message = format!(
-                    "recovery points are held by job {id} of tenant {tenant}, which this                      configuration server does not know ({}); release them with                      `ferry release-hold --holder {}` when nothing uses them",
+                    "recovery points are held by job {id} of tenant {tenant}, which this \
+                     configuration server does not know ({}); release them with \
+                     `ferry release-hold --holder {}` when nothing uses them",
                     h.reason, h.holder
                 );
                 tracing::warn!(holder = %h.holder, "{message}");
@@ -404,22 +439,15 @@ pub async fn reconcile_holds(app: &Shared) -> Result<(), String> {
             }
             Some(j) if still_holds(&app.store, &j).map_err(|e| e.to_string())? => {}
             Some(j) => {
-                let (s, holder) = (site.clone(), h.holder.clone());
-                match tokio::task::spawn_blocking(move || {
-                    ferry_failover::points::release(&s, &holder)
-                })
-                .await
-                {
-                    Ok(Ok(_)) => tracing::info!(
-                        holder = %h.holder, job = j.id, "released the points of an ended job"
-                    ),
-                    Ok(Err(e)) => return Err(e.to_string()),
-                    Err(e) => return Err(e.to_string()),
-                }
+                let release = SiteStep::Release {
+                    holders: vec![h.holder.clone()],
+                };
+                orders::run(app, target, tenant, None, None, "release-points", release).await?;
+                tracing::info!(holder = %h.holder, job = j.id, "released the points of an ended job");
             }
         }
     }
-    app.store.flush().await.map_err(|e| e.to_string())
+    Ok(())
 }
 
 #[cfg(test)]

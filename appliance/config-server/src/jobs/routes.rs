@@ -8,7 +8,7 @@ use crate::store::trees;
 use axum::extract::State;
 use axum::http::{Method, StatusCode};
 use axum::Json;
-use ferry_api::{Action, Disk, Job, PlanStatus, PointInfo, StartJob};
+use ferry_api::{Action, Disk, Job, Order, OrderResult, PlanStatus, PointInfo, StartJob};
 
 pub fn add(api: Api) -> Api {
     api.add(
@@ -39,11 +39,36 @@ pub fn add(api: Api) -> Api {
         Op::new(
             Method::GET,
             "/v1/tenants/{tenant}/machines/{machine}/points",
-            "The recovery points of a machine's disks at the recovery site",
+            "The recovery points of a machine's disks at the recovery site (asked of the \
+             tenant's master target)",
         )
         .answers::<Vec<PointInfo>>()
-        .errors(&[403, 404, 409]),
+        .errors(&[403, 404, 409, 502]),
         points,
+    )
+    .add(
+        Op::new(
+            Method::GET,
+            "/v1/roles/orders",
+            "The step orders addressed to the calling role that await its answer (a role \
+             polls this about every second)",
+        )
+        .answers::<Vec<Order>>()
+        .who("the master target or process server the orders are addressed to")
+        .errors(&[403]),
+        super::orders::fetch,
+    )
+    .add(
+        Op::new(
+            Method::POST,
+            "/v1/roles/orders/{order}/result",
+            "A role's answer to an order addressed to it: what the step did, or why it failed",
+        )
+        .body::<OrderResult>()
+        .answers::<Order>()
+        .who("the master target or process server the order is addressed to")
+        .errors(&[403, 404]),
+        super::orders::result,
     )
     .add(
         Op::new(
@@ -157,49 +182,18 @@ async fn points(
     {
         return Err(ApiError::not_found(format!("no machine {machine}")));
     }
-    let site = app.jobs.site.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "no-recovery-site",
-            "this configuration server reads no recovery repository (--recovery-repo)",
-        )
-    })?;
+    let target = super::orders::master_target(&app, tenant)
+        .map_err(|why| ApiError::new(StatusCode::CONFLICT, "no-recovery-site", why))?;
     let disks: Vec<Disk> = app
         .store
         .list(trees::DISKS, &format!("{tenant}/{machine}/"))?;
-    let out = tokio::task::spawn_blocking(move || {
-        let repo = site.repository()?;
-        let mut out = Vec::new();
-        for d in &disks {
-            // A disk that has not replicated yet has no points.
-            for pt in repo.points(&d.name).unwrap_or_default() {
-                out.push(PointInfo {
-                    disk: d.name.clone(),
-                    seq: pt.meta.seq,
-                    created_unix_ns: pt.meta.created_unix_ns,
-                    consistency: format!("{:?}", pt.meta.consistency).to_lowercase(),
-                    group_cut: pt.meta.group_cut,
-                    machine_consistent: false,
-                });
-            }
-        }
-        // A cut is the machine's when every one of its disks has a point at it (a single
-        // disk's points are its machine's).
-        let mut per_cut: std::collections::HashMap<u64, usize> = Default::default();
-        for p in &out {
-            if let Some(c) = p.group_cut {
-                *per_cut.entry(c).or_default() += 1;
-            }
-        }
-        for p in &mut out {
-            p.machine_consistent = disks.len() == 1
-                || p.group_cut
-                    .is_some_and(|c| per_cut.get(&c) == Some(&disks.len()));
-        }
-        Ok::<_, ferry_failover::FailoverError>(out)
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?;
+    let step = ferry_api::SiteStep::ListPoints {
+        disks: disks.into_iter().map(|d| d.name).collect(),
+    };
+    let out = match super::orders::run(&app, &target, tenant, None, None, "points", step).await {
+        Ok(ferry_api::SiteAnswer::PointList { points }) => points,
+        Ok(other) => return Err(ApiError::internal(format!("unexpected answer {other:?}"))),
+        Err(e) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, "recovery-site", e)),
+    };
     Ok(Json(out))
 }

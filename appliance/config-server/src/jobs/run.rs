@@ -1,12 +1,16 @@
 //! Executing a job's steps, one at a time, recording each before and after it runs.
 
-use super::{holder, holder_job, job_key, plan_disks, plan_key, plan_status, Runtime};
+use super::orders::{self, Target};
+use super::{holder, holder_job, job_key, plan_disks, plan_key, plan_status};
 use crate::app::{now_unix, Shared};
 use crate::store::{trees, StoreError};
-use ferry_api::{DiskOutcome, Event, Job, JobKind, JobState, Plan, PlanPhase, Severity, StepState};
-use ferry_failover::{drain, hooks, live, points, resync, scratch, Site};
+use ferry_api::{
+    DiskAt, DiskOutcome, Event, Job, JobKind, JobState, MachineDisks, Plan, PlanPhase, Severity,
+    SiteAnswer, SiteStep, StepState,
+};
+use ferry_failover::hooks;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a planned failover waits for a disk's journal to drain.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -36,7 +40,7 @@ async fn run_steps(app: &Shared, key: &str) -> Result<(), StoreError> {
         app.store.flush().await?;
         let name = job.steps[i].name.clone();
         tracing::info!(job = job.id, plan = %job.plan, step = %name, "job step");
-        let r = step(app, key, &mut job, i).await;
+        let r = step(app, &mut job, i).await;
         job.steps[i].ended_unix = Some(now_unix());
         job.updated_unix = now_unix();
         match r {
@@ -127,20 +131,23 @@ pub async fn finish(
         },
         active: false,
     })?;
+    orders::forget_job(app, &job.tenant, job.id)?;
     app.store.flush().await?;
+    drop(_w);
     tracing::info!(job = job.id, state = ?job.state, error = ?job.error, "job ended");
     // A failover has read its points by now (or failed and may be run again, choosing again).
     // A test failover's points stay held while its scratch layers exist: cleanup releases them.
     // Should this fail, the next start-up releases them (see `super::reconcile_holds`).
     if job.kind != JobKind::TestFailover {
-        if let Some(site) = app.jobs.site.clone() {
-            let h = holder(&job.tenant, job.id);
-            match blocking(move || points::release(&site, &h)).await {
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(job = job.id, error = %e, "cannot release the job's points")
-                }
-            }
+        let release = SiteStep::Release {
+            holders: vec![holder(&job.tenant, job.id)],
+        };
+        let r = match orders::master_target(app, &job.tenant) {
+            Ok(t) => orders::run(app, &t, &job.tenant, None, None, "release", release).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            tracing::warn!(job = job.id, error = %e, "cannot release the job's points");
         }
     }
     Ok(())
@@ -149,13 +156,16 @@ pub async fn finish(
 /// Release the points held by the test failovers of a plan; the holders released.
 pub async fn release_test_holds(
     app: &Shared,
-    site: &Site,
+    target: &Target,
+    key: Option<String>,
     tenant: &str,
     plan: &str,
 ) -> Result<Vec<String>, String> {
-    let s = site.clone();
-    let all = blocking(move || points::holds(&s)).await?;
-    let mut out = Vec::new();
+    let all = match orders::run(app, target, tenant, None, None, "holds", SiteStep::Holds).await? {
+        SiteAnswer::Holds { holds } => holds,
+        other => return Err(unexpected(other)),
+    };
+    let mut mine = Vec::new();
     for h in all {
         let Some((t, id)) = holder_job(&h.holder) else {
             continue;
@@ -168,18 +178,21 @@ pub async fn release_test_holds(
             .get(trees::JOBS, &job_key(t, id))
             .map_err(|e| e.to_string())?;
         if job.is_some_and(|j| j.plan == plan && j.kind == JobKind::TestFailover) {
-            let (s, holder) = (site.clone(), h.holder.clone());
-            blocking(move || points::release(&s, &holder)).await?;
-            out.push(h.holder);
+            mine.push(h.holder);
         }
     }
-    Ok(out)
+    if mine.is_empty() {
+        return Ok(mine);
+    }
+    let step = SiteStep::Release { holders: mine };
+    match orders::run(app, target, tenant, None, key, "release-points", step).await? {
+        SiteAnswer::Released { holders } => Ok(holders),
+        other => Err(unexpected(other)),
+    }
 }
 
-fn site(rt: &Runtime) -> Result<Site, String> {
-    rt.site
-        .clone()
-        .ok_or_else(|| "this configuration server drives no recovery site".to_string())
+fn unexpected(a: SiteAnswer) -> String {
+    format!("the role answered something else than asked: {a:?}")
 }
 
 async fn blocking<T: Send + 'static>(
@@ -191,34 +204,43 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Serve a test failover's points over NBD again (after a restart, or when `points` runs).
+/// Serve a test failover's points over NBD again (after a restart, or when `points` runs), at
+/// the master target (or here, beside the site). `key`: the job step's order key.
 pub async fn serve_test(
     app: &Shared,
     plan_key: &str,
     disks: &[DiskOutcome],
     port: u16,
+    key: Option<String>,
 ) -> Result<u16, String> {
-    let site = site(&app.jobs)?;
-    let served: Vec<scratch::Served> = disks
-        .iter()
-        .filter_map(|d| {
-            Some(scratch::Served {
-                export: scratch::export_name(&d.machine, &d.disk),
-                disk: d.disk.clone(),
-                seq: d.point_seq?,
+    let (tenant, plan) = plan_key
+        .split_once('/')
+        .ok_or_else(|| format!("{plan_key} names no plan"))?;
+    let target = orders::master_target(app, tenant)?;
+    let step = SiteStep::Serve {
+        tenant: tenant.to_string(),
+        plan: plan.to_string(),
+        disks: disks
+            .iter()
+            .filter_map(|d| {
+                Some(DiskAt {
+                    machine: d.machine.clone(),
+                    disk: d.disk.clone(),
+                    seq: d.point_seq?,
+                    path: d.path.clone(),
+                })
             })
-        })
-        .collect();
-    app.jobs.stop_server(plan_key);
-    let (port, task) = scratch::serve(&site, &served, port)
-        .await
-        .map_err(|e| e.to_string())?;
-    app.jobs.set_server(plan_key, task);
-    Ok(port)
+            .collect(),
+        port,
+    };
+    match orders::run(app, &target, tenant, None, key, "serve", step).await? {
+        SiteAnswer::Served { port } => Ok(port),
+        other => Err(unexpected(other)),
+    }
 }
 
 /// Execute step `i` of `job`; the answer is the step's detail.
-async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String, String> {
+async fn step(app: &Shared, job: &mut Job, i: usize) -> Result<String, String> {
     let name = job.steps[i].name.clone();
     let (what, machine) = match name.split_once(' ') {
         Some((w, m)) => (w, Some(m.to_string())),
@@ -229,8 +251,12 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
         .get(trees::PLANS, &plan_key(&job.tenant, &job.plan))
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("plan {} was deleted", job.plan))?;
-    let site = site(&app.jobs)?;
     let pkey = plan_key(&job.tenant, &job.plan);
+    // The same order when this step runs again (a resumed job): `part` tells apart the orders
+    // of one step.
+    let (jt, jid) = (job.tenant.clone(), job.id);
+    let okey = move |part: &str| Some(orders::step_key(&jt, jid, i, part));
+    let (tenant, plan_name) = (job.tenant.clone(), job.plan.clone());
     match (what, machine) {
         ("pre-hooks", _) | ("post-hooks", _) => {
             let hs = if what == "pre-hooks" {
@@ -254,51 +280,63 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
                 .to_string())
         }
         ("points", _) => {
-            let machines = plan_disks(&app.store, &job.tenant, &plan).map_err(|e| e.message)?;
+            let target = orders::master_target(app, &tenant)?;
+            let machines = plan_disks(&app.store, &tenant, &plan).map_err(|e| e.message)?;
             // Each machine's disks are one consistency group: they get points of one cut.
-            let names: Vec<Vec<String>> = machines
-                .iter()
-                .map(|(_, ds)| ds.iter().map(|d| d.name.clone()).collect())
-                .collect();
             // Held from before anything serves or reads them until the job (a test: its
             // cleanup) releases them, so retention at the master target cannot take them.
-            let (s, holder, reason, at) = (
-                site.clone(),
-                holder(&job.tenant, job.id),
-                format!(
+            let test = job.kind == JobKind::TestFailover;
+            let order = SiteStep::ChoosePoints {
+                tenant: tenant.clone(),
+                plan: plan_name.clone(),
+                holder: holder(&tenant, job.id),
+                reason: format!(
                     "{} job {} of plan {} (tenant {})",
                     job.kind.as_str(),
                     job.id,
-                    job.plan,
-                    job.tenant
+                    plan_name,
+                    tenant
                 ),
-                job.point_unix,
-            );
-            let held =
-                blocking(move || points::choose_and_hold(&s, &holder, &reason, &names, at)).await?;
+                machines: machines
+                    .iter()
+                    .map(|(m, ds)| MachineDisks {
+                        machine: m.name.clone(),
+                        disks: ds.iter().map(|d| d.name.clone()).collect(),
+                    })
+                    .collect(),
+                at_unix: job.point_unix,
+                test,
+            };
+            let chosen_machines = match orders::run(
+                app,
+                &target,
+                &tenant,
+                Some(job.id),
+                okey("choose"),
+                &name,
+                order,
+            )
+            .await?
+            {
+                SiteAnswer::Points { machines } => machines,
+                other => return Err(unexpected(other)),
+            };
             job.disks.clear();
             let mut chosen = Vec::new();
             let mut torn = Vec::new();
-            for ((m, disks), mp) in machines.iter().zip(held) {
-                if !mp.consistent {
-                    tracing::warn!(machine = %m.name, "the machine's disks have no cut in common: each disk's newest point, not crash-consistent across its disks");
-                    torn.push(m.name.clone());
+            for m in chosen_machines {
+                if !m.consistent {
+                    tracing::warn!(machine = %m.machine, "the machine's disks have no cut in common: each disk's newest point, not crash-consistent across its disks");
+                    torn.push(m.machine.clone());
                 }
-                let mut mpoints = mp.points.into_iter();
-                for d in disks {
-                    let p = mpoints.next().ok_or("a disk without a chosen point")?;
-                    let path = if job.kind == JobKind::TestFailover {
-                        site.scratch_path(&job.tenant, &job.plan, &m.name, &d.name)
-                    } else {
-                        site.live_path(&job.tenant, &job.plan, &m.name, &d.name)
-                    };
-                    chosen.push(format!("{}/{}@{}", m.name, d.name, p.meta.seq));
+                for d in m.disks {
+                    chosen.push(format!("{}/{}@{}", m.machine, d.disk, d.seq));
                     job.disks.push(DiskOutcome {
-                        machine: m.name.clone(),
-                        disk: d.name.clone(),
-                        point_seq: Some(p.meta.seq),
-                        point_created_unix_ns: Some(p.meta.created_unix_ns),
-                        path: path.display().to_string(),
+                        machine: m.machine.clone(),
+                        disk: d.disk,
+                        point_seq: Some(d.seq),
+                        point_created_unix_ns: Some(d.created_unix_ns),
+                        path: d.path,
                         resync: None,
                     });
                 }
@@ -311,90 +349,119 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
                     torn.join(", ")
                 ));
             }
-            if job.kind == JobKind::TestFailover {
+            if test {
+                let old_port = plan_status(&app.store, &tenant, &plan_name)
+                    .map_err(|e| e.to_string())?
+                    .test_nbd_port;
+                let port = serve_test(app, &pkey, &job.disks, old_port.unwrap_or(0), okey("serve"))
+                    .await?;
                 let _w = app.write.lock().await;
                 let mut st =
-                    plan_status(&app.store, &job.tenant, &job.plan).map_err(|e| e.to_string())?;
-                let port =
-                    serve_test(app, &pkey, &job.disks, st.test_nbd_port.unwrap_or(0)).await?;
+                    plan_status(&app.store, &tenant, &plan_name).map_err(|e| e.to_string())?;
                 st.test_nbd_port = Some(port);
                 st.disks = job.disks.clone();
                 app.store
                     .put(trees::PLAN_STATUS, &pkey, &st)
                     .map_err(|e| e.to_string())?;
+                let at = match &target {
+                    Target::Local => String::new(),
+                    Target::Role { appliance, .. } => format!(" at master target {appliance}"),
+                };
                 return Ok(format!(
-                    "{}, held; served read-only at nbd://127.0.0.1:{port}",
+                    "{}, held; served read-only at nbd://127.0.0.1:{port}{at}",
                     chosen.join(", ")
                 ));
             }
             Ok(format!("{}, held", chosen.join(", ")))
         }
-        ("scratch", Some(m)) => {
-            let port = plan_status(&app.store, &job.tenant, &job.plan)
-                .map_err(|e| e.to_string())?
-                .test_nbd_port
-                .ok_or("the test's instant-access server has no port")?;
-            let repo = site.repository().map_err(|e| e.to_string())?;
-            let mine = machine_disks(job, &m);
-            job.steps[i].total = mine.len() as u64;
-            for d in &mine {
-                let seq = d.point_seq.ok_or("a scratch disk without a point")?;
-                let size = repo
-                    .points(&d.disk)
+        ("scratch", Some(m)) | ("live", Some(m)) => {
+            let target = orders::master_target(app, &tenant)?;
+            let disks: Vec<DiskAt> = machine_disks(job, &m)
+                .into_iter()
+                .map(|d| {
+                    Ok(DiskAt {
+                        machine: d.machine,
+                        seq: d
+                            .point_seq
+                            .ok_or_else(|| format!("disk {} has no point", d.disk))?,
+                        disk: d.disk,
+                        path: d.path,
+                    })
+                })
+                .collect::<Result<_, String>>()?;
+            job.steps[i].total = disks.len() as u64;
+            let order = if what == "scratch" {
+                let port = plan_status(&app.store, &tenant, &plan_name)
                     .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .find(|p| p.meta.seq == seq)
-                    .map(|p| p.meta.disk_size)
-                    .ok_or_else(|| format!("point {seq} of disk {} is gone", d.disk))?;
-                let (path, uri) = (
-                    std::path::PathBuf::from(&d.path),
-                    scratch::uri(port, &scratch::export_name(m.as_str(), &d.disk)),
-                );
-                blocking(move || scratch::create_overlay(&path, &uri, size)).await?;
-                job.steps[i].done += 1;
-            }
-            Ok(format!("{} copy-on-write overlays", mine.len()))
-        }
-        ("live", Some(m)) => {
-            let mine = machine_disks(job, &m);
-            job.steps[i].total = mine.len() as u64;
-            for d in &mine {
-                let seq = d.point_seq.ok_or("a live disk without a point")?;
-                let (s, disk, path) = (
-                    site.clone(),
-                    d.disk.clone(),
-                    std::path::PathBuf::from(&d.path),
-                );
-                blocking(move || live::materialize(&s, &disk, seq, &path)).await?;
-                job.steps[i].done += 1;
-            }
-            Ok(format!("{} disks live", mine.len()))
+                    .test_nbd_port
+                    .ok_or("the test's instant-access server has no port")?;
+                SiteStep::Scratch { port, disks }
+            } else {
+                SiteStep::Live { disks }
+            };
+            let n = match orders::run(
+                app,
+                &target,
+                &tenant,
+                Some(job.id),
+                okey(what),
+                &name,
+                order,
+            )
+            .await?
+            {
+                SiteAnswer::Count { n } => n,
+                other => return Err(unexpected(other)),
+            };
+            job.steps[i].done = n;
+            Ok(if what == "scratch" {
+                format!("{n} copy-on-write overlays")
+            } else {
+                format!("{n} disks live")
+            })
         }
         ("drain", Some(m)) => {
-            let cache = site
-                .process_cache
-                .clone()
-                .ok_or("a planned failover checks the journal drained: start the configuration server with --process-cache")?;
-            let machines = plan_disks(&app.store, &job.tenant, &plan).map_err(|e| e.message)?;
+            let target = orders::process_server(app, &tenant, &m)?;
+            let machines = plan_disks(&app.store, &tenant, &plan).map_err(|e| e.message)?;
             let disks: Vec<String> = machines
                 .iter()
                 .filter(|(mm, _)| mm.name == m)
                 .flat_map(|(_, ds)| ds.iter().map(|d| d.name.clone()))
                 .collect();
             job.steps[i].total = disks.len() as u64;
-            let since = ferry_process_server::status::now_unix_ns();
-            let mut out = Vec::new();
-            for d in disks {
-                let c = cache.clone();
-                let dd = d.clone();
-                let s = blocking(move || drain::wait(&c, &dd, since, DRAIN_TIMEOUT)).await?;
-                out.push(format!(
-                    "{d}: journal {} at the recovery site",
-                    s.acked_journal_seq
-                ));
-                job.steps[i].done += 1;
+            if matches!(target, Target::Local)
+                && app
+                    .jobs
+                    .local
+                    .as_ref()
+                    .is_some_and(|a| a.process_cache.is_none())
+            {
+                return Err("a planned failover checks the journal drained: start the configuration server with --process-cache".into());
             }
-            Ok(out.join(", "))
+            let order = SiteStep::Drain {
+                disks,
+                timeout_secs: DRAIN_TIMEOUT.as_secs(),
+            };
+            let drained = match orders::run(
+                app,
+                &target,
+                &tenant,
+                Some(job.id),
+                okey("drain"),
+                &name,
+                order,
+            )
+            .await?
+            {
+                SiteAnswer::Drained { disks } => disks,
+                other => return Err(unexpected(other)),
+            };
+            job.steps[i].done = drained.len() as u64;
+            Ok(drained
+                .iter()
+                .map(|(d, seq)| format!("{d}: journal {seq} at the recovery site"))
+                .collect::<Vec<_>>()
+                .join(", "))
         }
         ("start", Some(m)) => {
             let pm = plan
@@ -431,8 +498,9 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
             Ok(format!("started {out}").trim().to_string())
         }
         ("resync", Some(m)) => {
-            let st = plan_status(&app.store, &job.tenant, &job.plan).map_err(|e| e.to_string())?;
-            let machines = plan_disks(&app.store, &job.tenant, &plan).map_err(|e| e.message)?;
+            let target = orders::master_target(app, &tenant)?;
+            let st = plan_status(&app.store, &tenant, &plan_name).map_err(|e| e.to_string())?;
+            let machines = plan_disks(&app.store, &tenant, &plan).map_err(|e| e.message)?;
             let disks: Vec<ferry_api::Disk> = machines
                 .into_iter()
                 .filter(|(mm, _)| mm.name == m)
@@ -451,39 +519,30 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
                     .ok_or_else(|| {
                         format!("disk {} has no live disk at the recovery site", d.name)
                     })?;
-                let target = d.source.clone();
-                let scratch_dir = site
-                    .plan_dir(&job.tenant, &job.plan)
-                    .join("resync")
-                    .join(format!("{m}.{}", d.name));
-                let (store, jkey, base, s) = (
-                    app.store.clone(),
-                    key.to_string(),
-                    job.steps[i].done,
-                    site.clone(),
-                );
-                let (src, dst) = (live.clone(), target.clone());
-                let report = blocking(move || {
-                    let k = s.key()?;
-                    let mut last = Instant::now();
-                    let mut progress = |done: u64, _total: u64| {
-                        if last.elapsed() >= Duration::from_secs(1) {
-                            last = Instant::now();
-                            if let Ok(Some(mut j)) = store.get::<Job>(trees::JOBS, &jkey) {
-                                j.steps[i].done = base + done;
-                                let _ = store.put(trees::JOBS, &jkey, &j);
-                            }
-                        }
-                    };
-                    resync::run(
-                        std::path::Path::new(&src),
-                        std::path::Path::new(&dst),
-                        &k,
-                        &scratch_dir,
-                        &mut progress,
-                    )
-                })
-                .await?;
+                let target_disk = d.source.clone();
+                let order = SiteStep::Resync {
+                    tenant: tenant.clone(),
+                    plan: plan_name.clone(),
+                    machine: m.clone(),
+                    disk: d.name.clone(),
+                    live: live.clone(),
+                    target: target_disk.clone(),
+                };
+                let part = format!("resync-{}", d.name);
+                let report = match orders::run(
+                    app,
+                    &target,
+                    &tenant,
+                    Some(job.id),
+                    okey(&part),
+                    &name,
+                    order,
+                )
+                .await?
+                {
+                    SiteAnswer::Resync { report } => report,
+                    other => return Err(unexpected(other)),
+                };
                 job.steps[i].done += d.size_bytes;
                 sent += report.bytes_sent;
                 job.disks.push(DiskOutcome {
@@ -493,7 +552,7 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
                     point_created_unix_ns: None,
                     // After failback the machine runs on its original disk again.
                     path: if job.kind == JobKind::Failback {
-                        target
+                        target_disk
                     } else {
                         live
                     },
@@ -505,24 +564,59 @@ async fn step(app: &Shared, key: &str, job: &mut Job, i: usize) -> Result<String
             ))
         }
         ("commit", _) => {
-            job.disks = plan_status(&app.store, &job.tenant, &job.plan)
+            job.disks = plan_status(&app.store, &tenant, &plan_name)
                 .map_err(|e| e.to_string())?
                 .disks;
             Ok("the recovery site's disks are the machines' disks now".into())
         }
-        ("stop-exports", _) => Ok(if app.jobs.stop_server(&pkey) {
-            "stopped the instant-access server".into()
-        } else {
-            "no instant-access server was running".into()
-        }),
+        ("stop-exports", _) => {
+            let target = orders::master_target(app, &tenant)?;
+            let order = SiteStep::StopServing {
+                tenant: tenant.clone(),
+                plan: plan_name.clone(),
+            };
+            match orders::run(
+                app,
+                &target,
+                &tenant,
+                Some(job.id),
+                okey("stop"),
+                &name,
+                order,
+            )
+            .await?
+            {
+                SiteAnswer::Count { n: 0 } => Ok("no instant-access server was running".into()),
+                SiteAnswer::Count { .. } => Ok("stopped the instant-access server".into()),
+                other => Err(unexpected(other)),
+            }
+        }
         ("discard-scratch", _) => {
-            let dir = site.plan_dir(&job.tenant, &job.plan).join("test");
-            let n = blocking(move || scratch::discard(&dir)).await?;
-            Ok(format!("removed {n} scratch files"))
+            let target = orders::master_target(app, &tenant)?;
+            let order = SiteStep::DiscardScratch {
+                tenant: tenant.clone(),
+                plan: plan_name.clone(),
+            };
+            match orders::run(
+                app,
+                &target,
+                &tenant,
+                Some(job.id),
+                okey("discard"),
+                &name,
+                order,
+            )
+            .await?
+            {
+                SiteAnswer::Count { n } => Ok(format!("removed {n} scratch files")),
+                other => Err(unexpected(other)),
+            }
         }
         ("release-points", _) => {
             // Nothing serves or names the test's points any more: retention may take them.
-            let released = release_test_holds(app, &site, &job.tenant, &job.plan).await?;
+            let target = orders::master_target(app, &tenant)?;
+            let released =
+                release_test_holds(app, &target, okey("release"), &tenant, &plan_name).await?;
             Ok(if released.is_empty() {
                 "no points were held".into()
             } else {
