@@ -824,10 +824,74 @@ fn the_master_target_runs_the_site_steps_and_a_silent_one_fails_the_step_clearly
     let c = dr.run_job(&op, json!({"kind": "cleanup"}));
     assert!(!dr.work.join("acme/dr/test").exists(), "{c:#?}");
 
+    // Orders are the addressed role's alone: a person may not fetch or answer them, and a
+    // role of another tenant sees none and may answer none. Refusals are audited.
+    let admin = dr.admin();
+    let viewer = dr.person("victor", "viewer");
+    let (st, _, msg) = dr.rt.block_on(harness::refused(
+        &viewer,
+        Method::GET,
+        "/v1/roles/orders",
+        None,
+    ));
+    assert_eq!(st, 403, "{msg}");
+    let a = dr
+        .rt
+        .block_on(harness::audited(&admin, "GET /v1/roles/orders"));
+    assert_eq!((a.who.as_str(), a.result), ("victor", AuditResult::Refused));
+    dr.ok(
+        &admin,
+        Method::POST,
+        "/v1/tenants",
+        Some(json!({"name": "globex"})),
+    );
+    let t: TokenCreated = serde_json::from_value(dr.ok(
+        &admin,
+        Method::POST,
+        "/v1/tokens",
+        Some(
+            json!({"name": "mt9", "role": "operator", "tenant": "globex",
+                    "appliance": "master-target", "ttl_secs": 600}),
+        ),
+    ))
+    .unwrap();
+    let other = dr
+        .rt
+        .block_on(harness::enroll(dr.server(), &t.token, &dr.path("mt9")));
+
     // The master target stops: the next job's first site step waits 3 s for it, then fails.
     drop(dr.roles.remove(0));
     let began = Instant::now();
     let j = dr.start_job(&op, json!({"kind": "test-failover"}));
+    dr.wait_job(&op, j.id, |j| {
+        j.steps
+            .iter()
+            .any(|s| s.name == "points" && s.state != StepState::Pending)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let seen: Vec<Value> = dr.rt.block_on(other.get("/v1/roles/orders")).unwrap();
+    assert!(seen.is_empty(), "another tenant's role sees {seen:?}");
+    let mut forbidden = Vec::new();
+    for id in 1..=20 {
+        let path = format!("/v1/roles/orders/{id}/result");
+        let body = json!({"answer": {"answer": "count", "n": 0}});
+        let (st, _, msg) =
+            dr.rt
+                .block_on(harness::refused(&other, Method::POST, &path, Some(body)));
+        assert!(st == 403 || st == 404, "{path}: {st} {msg}");
+        if st == 403 {
+            forbidden.push(format!("{id}: {msg}"));
+            let a = dr
+                .rt
+                .block_on(harness::audited(&admin, &format!("POST {path}")));
+            assert_eq!((a.who.as_str(), a.result), ("mt9", AuditResult::Refused));
+        }
+    }
+    assert_eq!(
+        forbidden.len(),
+        1,
+        "only the pending order is there, and refused to another tenant's role: {forbidden:?}"
+    );
     let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
     assert_eq!(j.state, JobState::Failed, "{j:#?}");
     let err = j.error.clone().unwrap_or_default();

@@ -201,7 +201,16 @@ pub async fn run(
         match app.store.get::<Stored>(trees::ORDERS, &okey) {
             Ok(Some(Stored {
                 result: Some(r), ..
-            })) => return answer(r, role, &appliance),
+            })) => {
+                // A job's answers stay until the job ends (a resumed step finds them there);
+                // the server's own housekeeping needs them no longer.
+                if key.is_none() {
+                    app.store
+                        .remove(trees::ORDERS, &okey)
+                        .map_err(|e| e.to_string())?;
+                }
+                return answer(r, role, &appliance);
+            }
             Ok(Some(_)) => {}
             Ok(None) => return Err(format!("order {id} was withdrawn")),
             Err(e) => return Err(e.to_string()),

@@ -138,7 +138,9 @@ pub async fn finish(
     // A failover has read its points by now (or failed and may be run again, choosing again).
     // A test failover's points stay held while its scratch layers exist: cleanup releases them.
     // Should this fail, the next start-up releases them (see `super::reconcile_holds`).
-    if job.kind != JobKind::TestFailover {
+    // Only a job that chose points holds any.
+    let held = job.steps.iter().any(|s| s.name == "points");
+    if held && job.kind != JobKind::TestFailover {
         let release = SiteStep::Release {
             holders: vec![holder(&job.tenant, job.id)],
         };
