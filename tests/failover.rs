@@ -7,7 +7,8 @@
 //!   points, and cleanup leaves nothing behind. A viewer may not start it, an operator may, and
 //!   an operator may not change a policy; all of it is audited.
 //! - With no access to the recovery site's paths, the configuration server orders the steps
-//!   from the master target; a stopped master target fails the step, naming it.
+//!   from the master target (and a planned failover's drain check from the process server);
+//!   a stopped master target fails the step, naming it.
 //! - A planned failover loses nothing; reprotect sends back only what the recovery site
 //!   changed, and failback leaves the original disks equal to the recovery site's.
 //! - The configuration server killed in the middle of a job: a step that may run again
@@ -906,6 +907,40 @@ fn the_master_target_runs_the_site_steps_and_a_silent_one_fails_the_step_clearly
     );
     let points = j.steps.iter().find(|s| s.name == "points").unwrap();
     assert_eq!(points.state, StepState::Failed, "{j:#?}");
+}
+
+/// With no access to the recovery site's paths either, a planned failover checks the drain at
+/// the process server (on its own journals) and materializes the live disks at the master
+/// target: they hold every write the guest made.
+#[test]
+fn a_planned_failover_drains_at_the_process_server_and_goes_live_at_the_master_target() {
+    let mut dr = Dr::start_enrolled_full(None, &[], 30);
+    let op = dr.person("olivia", "operator");
+    dr.common_cut(0);
+    let source: Vec<Vec<u8>> = (0..2).map(|i| dr.guest_image(i)).collect();
+    for h in &mut dr.hosts {
+        h.take().unwrap().stop();
+    }
+    let job = dr.run_job(&op, json!({"kind": "planned-failover"}));
+    let drain = job.steps.iter().find(|s| s.name == "drain web").unwrap();
+    assert!(
+        drain.detail.contains("d0: journal") && drain.detail.contains("d1: journal"),
+        "{drain:#?}"
+    );
+    let st = dr.status();
+    assert_eq!(st.phase, PlanPhase::FailedOver);
+    for (i, d) in st.disks.iter().enumerate() {
+        assert!(
+            Path::new(&d.path).starts_with(dr.work.join("acme/dr/live")),
+            "{} is not the master target's",
+            d.path
+        );
+        assert!(
+            std::fs::read(&d.path).unwrap() == source[i],
+            "the live disk {} lacks acknowledged writes",
+            d.disk
+        );
+    }
 }
 
 #[test]

@@ -201,3 +201,34 @@ impl OrderResult {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_and_results_read_as_written() {
+        let step: SiteStep = serde_json::from_str(
+            r#"{"step": "live", "disks": [{"machine": "web", "disk": "d0", "seq": 7,
+                "path": "/w/acme/dr/live/web/d0.raw"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(step.what(), "live");
+        let ok: OrderResult =
+            serde_json::from_str(r#"{"answer": {"answer": "count", "n": 1}}"#).unwrap();
+        assert_eq!(ok.answer, Some(SiteAnswer::Count { n: 1 }));
+        assert!(ok.validate().is_ok());
+        let failed: OrderResult = serde_json::from_str(r#"{"error": "disk full"}"#).unwrap();
+        assert!(failed.validate().is_ok());
+        // Neither, or both: refused.
+        assert!(serde_json::from_str::<OrderResult>("{}")
+            .unwrap()
+            .validate()
+            .is_err());
+        let both = OrderResult {
+            answer: ok.answer.clone(),
+            error: Some("x".into()),
+        };
+        assert!(both.validate().is_err());
+    }
+}
