@@ -109,9 +109,15 @@ impl Dr {
                 .collect(),
                 dir.path().join("work"),
             ),
-            // The master target keeps its work below its state directory.
+            // The master target keeps its work below its state directory. A fixed port: the
+            // roles find a restarted server where they were told it is.
             Recovery::Ordered { timeout_secs } => (
-                vec!["--order-timeout-secs".into(), timeout_secs.to_string()],
+                vec![
+                    "--order-timeout-secs".into(),
+                    timeout_secs.to_string(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{}", ferry::lab::free_port().unwrap()),
+                ],
                 dir.path().join("mt-state/work"),
             ),
         };
@@ -941,6 +947,47 @@ fn a_planned_failover_drains_at_the_process_server_and_goes_live_at_the_master_t
             d.disk
         );
     }
+}
+
+/// The configuration server restarts while a step order is in flight (the master target,
+/// stopped, has not fetched it): the resumed job sends the same order again, and the master
+/// target, running again, runs it once and the job succeeds.
+#[test]
+fn an_order_in_flight_across_a_configuration_server_restart_runs_once() {
+    let mut dr = Dr::start_enrolled_full(None, &[], 30);
+    let op = dr.person("olivia", "operator");
+    dr.common_cut(0);
+    let mt = dr.roles[0].0.id().to_string();
+    let signal = |sig: &str| {
+        sh(Command::new("kill").args([sig, mt.as_str()])).unwrap();
+    };
+    signal("-STOP");
+    let j = dr.start_job(&op, json!({"kind": "test-failover"}));
+    dr.wait_job(&op, j.id, |j| {
+        j.steps
+            .iter()
+            .any(|s| s.name == "points" && s.state == StepState::Running)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    dr.restart_server();
+    signal("-CONT");
+    let op = dr.again("olivia");
+    let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(j.state, JobState::Succeeded, "{j:#?}");
+    assert_eq!(j.resumed, 1);
+    assert!(j.steps[1].detail.contains("at master target mt1"), "{j:#?}");
+    let log = read_log(&dr.path("master-target.log"));
+    let chose = log
+        .lines()
+        .filter(|l| l.contains("running a step order") && l.contains("choose-points"))
+        .count();
+    assert_eq!(chose, 1, "{log}");
+    for d in dr.status().disks {
+        let point = dr.path(&format!("point-{}.raw", d.disk));
+        std::fs::write(&point, dr.point_image(&d.disk, d.point_seq.unwrap())).unwrap();
+        assert!(same(&d.path, "qcow2", point.to_str().unwrap(), "raw"));
+    }
+    dr.run_job(&op, json!({"kind": "cleanup"}));
 }
 
 #[test]

@@ -38,11 +38,17 @@ impl Server {
             .append(true)
             .open(state.with_extension("log"))
             .unwrap();
+        // Any free port, unless `extra` names one (roles that must find it after a restart).
+        let listen: &[&str] = if extra.iter().any(|a| a == "--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(exe())
             .arg("config-server")
             .arg("--state")
             .arg(state)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(listen)
             .args(extra)
             .env("FERRY_LOG", "info")
             .stdin(Stdio::null())
