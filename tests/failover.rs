@@ -65,6 +65,8 @@ struct Dr {
     dir: tempfile::TempDir,
     /// Where the recovery site keeps scratch overlays and live disks.
     work: PathBuf,
+    /// The enrolled master target's command line (`roles[0]`); empty for the lab's.
+    mt_args: Vec<String>,
 }
 
 impl Dr {
@@ -139,6 +141,7 @@ impl Dr {
             began,
             dir,
             work,
+            mt_args: Vec::new(),
         }
     }
 
@@ -230,6 +233,7 @@ impl Dr {
         ps_args.extend(role(&ps, "ps-state"));
         dr.roles
             .push(support::Kill::spawn(&d, "master-target", &mt_args));
+        dr.mt_args = mt_args;
         wait_port(dr.lab.master_port, Duration::from_secs(30)).unwrap();
         dr.roles
             .push(support::Kill::spawn(&d, "process-server", &ps_args));
@@ -489,6 +493,18 @@ impl Dr {
                 )
             })
             .collect()
+    }
+
+    /// Stop the enrolled master target (`roles[0]`).
+    fn stop_master(&mut self) {
+        drop(self.roles.remove(0));
+    }
+
+    /// Start the enrolled master target again, with its identity and state as it left them.
+    fn start_master(&mut self) {
+        let mt = support::Kill::spawn(self.dir.path(), "master-target", &self.mt_args);
+        self.roles.insert(0, mt);
+        wait_port(self.lab.master_port, self.left()).unwrap();
     }
 
     fn restart_server(&mut self) {
@@ -1249,18 +1265,11 @@ fn retention_keeps_the_points_a_test_failover_uses_until_cleanup() {
     // The master target's retention runs every second and keeps, besides the latest point,
     // only the newest of the last second: a point a second old is removed and its chunks
     // collected within seconds, unless it is held.
-    let mut dr = Dr::start_with(|lab| {
-        lab.master_args = [
-            "--retention-interval-secs",
-            "1",
-            "--keep-all-secs",
-            "0",
-            "--tier",
-            "1:1",
-        ]
-        .map(String::from)
-        .to_vec();
-    });
+    // The machine's policy says so (the master target takes its tiers from the configuration
+    // server), and the master target runs the test failover's steps.
+    let policy = json!({"name": "gold", "mode": "continuous", "checkpoint_interval_secs": 1,
+        "rpo_alert_secs": 60, "retention": [{"every_secs": 1, "keep_secs": 1}]});
+    let mut dr = Dr::start_enrolled_with(Some(policy), &["--retention-interval-secs", "1"]);
     let op = dr.person("olivia", "operator");
     dr.caught_up();
     // The guest is idle: its disks now are what the test's points hold.
@@ -1323,7 +1332,7 @@ fn retention_keeps_the_points_a_test_failover_uses_until_cleanup() {
     }
 
     // `ferry retention` (the master target stopped) says what it kept for the test.
-    dr.lab.kill_master();
+    dr.stop_master();
     let out = ferry_ok(&dr, &["retention", "--keep-all-secs", "0", "--tier", "1:1"]);
     for (d, s) in DISKS.iter().zip(&held) {
         assert!(
@@ -1331,7 +1340,21 @@ fn retention_keeps_the_points_a_test_failover_uses_until_cleanup() {
             "{out}"
         );
     }
-    dr.lab.start_master().unwrap();
+    // The master target, started again, serves the test's points again on their port: the
+    // test machine reads them through its scratch layers as before.
+    dr.start_master();
+    for (i, d) in st.disks.iter().enumerate() {
+        let e = expected[i].display().to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !same(&d.path, "qcow2", &e, "raw") {
+            assert!(
+                Instant::now() < deadline,
+                "the test machine's {} does not read its point after the master target restarted",
+                d.disk
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 
     // Cleanup releases the points; retention then removes them.
     let c = dr.run_job(&op, json!({"kind": "cleanup"}));
