@@ -10,11 +10,14 @@
 //!   from the master target (and a planned failover's drain check from the process server);
 //!   a stopped master target fails the step, naming it.
 //! - A planned failover loses nothing; reprotect sends back only what the recovery site
-//!   changed, and failback leaves the original disks equal to the recovery site's.
-//! - The configuration server killed in the middle of a job: a step that may run again
-//!   resumes; one that may not ends the job failed, saying which step and what was done.
+//!   changed, and failback leaves the original disks equal to the recovery site's (this one
+//!   and the cut test run the configuration server beside the site, `--recovery-repo ...`).
+//! - The configuration server killed in the middle of a job (its roles enrolled, running the
+//!   site steps): a step that may run again resumes; one that may not ends the job failed,
+//!   saying which step and what was done. An order in flight is sent again and run once.
 //! - Retention at the master target never takes a point a test failover serves (nor its
-//!   chunks): the point is held until cleanup, then retention removes it.
+//!   chunks): the point is held until cleanup, then retention removes it. A master target
+//!   started again serves the test's points again.
 //! - The machine's two disks are one consistency group: one guest writes to both, each write
 //!   issued after the one before was acknowledged, and at every cut the two disks' points
 //!   together hold exactly the first N writes for one N; a failover uses such a cut.
@@ -65,8 +68,10 @@ struct Dr {
     dir: tempfile::TempDir,
     /// Where the recovery site keeps scratch overlays and live disks.
     work: PathBuf,
-    /// The enrolled master target's command line (`roles[0]`); empty for the lab's.
+    /// The enrolled master target's and process server's command lines (`roles[0]` and
+    /// `roles[1]`); empty for the lab's.
     mt_args: Vec<String>,
+    ps_args: Vec<String>,
 }
 
 impl Dr {
@@ -142,6 +147,7 @@ impl Dr {
             dir,
             work,
             mt_args: Vec::new(),
+            ps_args: Vec::new(),
         }
     }
 
@@ -237,6 +243,7 @@ impl Dr {
         wait_port(dr.lab.master_port, Duration::from_secs(30)).unwrap();
         dr.roles
             .push(support::Kill::spawn(&d, "process-server", &ps_args));
+        dr.ps_args = ps_args;
         wait_port(dr.lab.nbd_port, Duration::from_secs(30)).unwrap();
         dr.attach_hosts(false);
         dr
@@ -497,14 +504,27 @@ impl Dr {
 
     /// Stop the enrolled master target (`roles[0]`).
     fn stop_master(&mut self) {
-        drop(self.roles.remove(0));
+        let mt = &mut self.roles[0].0;
+        let _ = mt.kill();
+        let _ = mt.wait();
     }
 
     /// Start the enrolled master target again, with its identity and state as it left them.
     fn start_master(&mut self) {
-        let mt = support::Kill::spawn(self.dir.path(), "master-target", &self.mt_args);
-        self.roles.insert(0, mt);
+        self.roles[0] = support::Kill::spawn(self.dir.path(), "master-target", &self.mt_args);
         wait_port(self.lab.master_port, self.left()).unwrap();
+    }
+
+    /// Stop the enrolled process server (`roles[1]`).
+    fn stop_process(&mut self) {
+        let ps = &mut self.roles[1].0;
+        let _ = ps.kill();
+        let _ = ps.wait();
+    }
+
+    fn start_process(&mut self) {
+        self.roles[1] = support::Kill::spawn(self.dir.path(), "process-server", &self.ps_args);
+        wait_port(self.lab.nbd_port, self.left()).unwrap();
     }
 
     fn restart_server(&mut self) {
@@ -883,7 +903,7 @@ fn the_master_target_runs_the_site_steps_and_a_silent_one_fails_the_step_clearly
         .block_on(harness::enroll(dr.server(), &t.token, &dr.path("mt9")));
 
     // The master target stops: the next job's first site step waits 3 s for it, then fails.
-    drop(dr.roles.remove(0));
+    dr.stop_master();
     let began = Instant::now();
     let j = dr.start_job(&op, json!({"kind": "test-failover"}));
     dr.wait_job(&op, j.id, |j| {
@@ -1135,7 +1155,8 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
 
 #[test]
 fn config_server_killed_mid_job_resumes_or_fails_clearly() {
-    let mut dr = Dr::start();
+    // The roles run the site steps, and find the restarted server on its port.
+    let mut dr = Dr::start_enrolled();
     let _op = dr.person("olivia", "operator");
     dr.caught_up();
 
@@ -1183,13 +1204,17 @@ fn config_server_killed_mid_job_resumes_or_fails_clearly() {
         )
         .unwrap();
     dr.restart_server();
-    let events = dr
-        .ok(&dr.admin(), Method::GET, "/v1/events", None)
-        .to_string();
-    assert!(
-        events.contains("ferry release-hold --holder job.acme.999"),
-        "{events}"
-    );
+    // Reported once the master target has listed its holds for the restarted server.
+    loop {
+        let events = dr
+            .ok(&dr.admin(), Method::GET, "/v1/events", None)
+            .to_string();
+        if events.contains("ferry release-hold --holder job.acme.999") {
+            break;
+        }
+        assert!(dr.left() > Duration::from_secs(1), "{events}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(holders(&dr), [format!("job.acme.{}", j.id), stray.into()]);
     let op = dr.again("olivia");
     std::fs::remove_file(dr.path("slow")).unwrap();
@@ -1202,7 +1227,7 @@ fn config_server_killed_mid_job_resumes_or_fails_clearly() {
     // A step that may run again resumes: the drain of a planned failover waits for a process
     // server that is down; the configuration server dies meanwhile; after both are back, the
     // job goes on from the drain and ends as if nothing had happened.
-    dr.lab.kill_process();
+    dr.stop_process();
     let j = dr.start_job(&op, json!({"kind": "planned-failover"}));
     dr.wait_job(&op, j.id, |j| {
         j.steps
@@ -1210,7 +1235,7 @@ fn config_server_killed_mid_job_resumes_or_fails_clearly() {
             .any(|s| s.name == "drain web" && s.state == StepState::Running)
     });
     dr.restart_server();
-    dr.lab.start_process().unwrap();
+    dr.start_process();
     let op = dr.again("olivia");
     let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
     assert_eq!(j.state, JobState::Succeeded, "{j:#?}");

@@ -20,8 +20,15 @@ use std::time::Duration;
 pub struct Agent {
     pub site: Option<Site>,
     pub process_cache: Option<PathBuf>,
-    /// `{tenant}/{plan}` → the instant-access server of its running test failover.
-    servers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// `{tenant}/{plan}` → the instant-access server of its running test failover: its
+    /// port, what it serves, and its task.
+    servers: Mutex<HashMap<String, Server>>,
+}
+
+struct Server {
+    port: u16,
+    disks: Vec<DiskAt>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 fn refused(m: impl Into<String>) -> FailoverError {
@@ -49,9 +56,20 @@ impl Agent {
             .ok_or_else(|| refused("this role keeps no recovery repository"))
     }
 
-    fn stop(&self, key: &str) -> bool {
-        let mut s = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        s.remove(key).map(|t| t.abort()).is_some()
+    /// Stop a plan's server and wait until its listener is closed (the port is free again).
+    async fn stop(&self, key: &str) -> bool {
+        let old = {
+            let mut s = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+            s.remove(key)
+        };
+        match old {
+            Some(old) => {
+                old.task.abort();
+                let _ = old.task.await;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Run one step. Blocking work runs off the runtime.
@@ -114,16 +132,30 @@ impl Agent {
                     })
                     .collect();
                 let key = format!("{tenant}/{plan}");
-                self.stop(&key);
+                {
+                    // Asked again (a restarted configuration server): already served.
+                    let s = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(sv) = s.get(&key) {
+                        if sv.disks == *disks && (*port == 0 || *port == sv.port) {
+                            return Ok(SiteAnswer::Served { port: sv.port });
+                        }
+                    }
+                }
+                self.stop(&key).await;
                 let (port, task) = scratch::serve(&site, &served, *port).await?;
                 let mut s = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(old) = s.insert(key, task) {
-                    old.abort();
+                let new = Server {
+                    port,
+                    disks: disks.clone(),
+                    task,
+                };
+                if let Some(old) = s.insert(key, new) {
+                    old.task.abort();
                 }
                 Ok(SiteAnswer::Served { port })
             }
             SiteStep::StopServing { tenant, plan } => Ok(SiteAnswer::Count {
-                n: u64::from(self.stop(&format!("{tenant}/{plan}"))),
+                n: u64::from(self.stop(&format!("{tenant}/{plan}")).await),
             }),
             SiteStep::Scratch { port, disks } => {
                 let repo = self.site()?.repository()?;

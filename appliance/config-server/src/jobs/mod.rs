@@ -294,19 +294,23 @@ pub fn metrics(
 /// done before any request is served; when the roles run the steps, it is done once serving
 /// (the roles fetch their orders from this server).
 pub async fn resume(app: &Shared) -> Result<(), StoreError> {
+    // The jobs a restart interrupted, listed before any request is served: a job started
+    // after that has its own runner.
+    let mut jobs: Vec<(String, Job)> = app.store.list_keyed(trees::JOBS, "")?;
+    jobs.retain(|(_, j)| j.state == JobState::Running);
     if app.jobs.local.is_some() {
-        return resume_now(app).await;
+        return resume_now(app, jobs).await;
     }
     let a = app.clone();
     tokio::spawn(async move {
-        if let Err(e) = resume_now(&a).await {
+        if let Err(e) = resume_now(&a, jobs).await {
             tracing::error!(error = %e, "cannot resume the jobs a restart interrupted");
         }
     });
     Ok(())
 }
 
-async fn resume_now(app: &Shared) -> Result<(), StoreError> {
+async fn resume_now(app: &Shared, jobs: Vec<(String, Job)>) -> Result<(), StoreError> {
     if let Err(e) = reconcile_holds(app).await {
         tracing::error!(error = %e, "cannot check the recovery points held by jobs");
     }
@@ -325,8 +329,11 @@ async fn resume_now(app: &Shared) -> Result<(), StoreError> {
             }
         }
     }
-    let jobs: Vec<(String, Job)> = app.store.list_keyed(trees::JOBS, "")?;
-    for (key, mut job) in jobs {
+    for (key, _) in jobs {
+        // As it is now (a step may have been recorded meanwhile).
+        let Some(mut job) = app.store.get::<Job>(trees::JOBS, &key)? else {
+            continue;
+        };
         if job.state != JobState::Running {
             continue;
         }

@@ -66,6 +66,24 @@ pub async fn finish(
     mut job: Job,
     result: Result<(), String>,
 ) -> Result<(), StoreError> {
+    // A failover has read its points by now (or failed and may be run again, choosing again).
+    // A test failover's points stay held while its scratch layers exist: cleanup releases them.
+    // Released before the job is said to end, so that an ended failover holds nothing; should
+    // this fail, the next start-up releases them (see `super::reconcile_holds`). Only a job
+    // that chose points holds any.
+    let held = job.steps.iter().any(|s| s.name == "points");
+    if held && job.kind != JobKind::TestFailover {
+        let release = SiteStep::Release {
+            holders: vec![holder(&job.tenant, job.id)],
+        };
+        let r = match orders::master_target(app, &job.tenant) {
+            Ok(t) => orders::run(app, &t, &job.tenant, None, None, "release", release).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            tracing::warn!(job = job.id, error = %e, "cannot release the job's points");
+        }
+    }
     let _w = app.write.lock().await;
     let mut st = plan_status(&app.store, &job.tenant, &job.plan)?;
     st.running_job = None;
@@ -133,25 +151,7 @@ pub async fn finish(
     })?;
     orders::forget_job(app, &job.tenant, job.id)?;
     app.store.flush().await?;
-    drop(_w);
     tracing::info!(job = job.id, state = ?job.state, error = ?job.error, "job ended");
-    // A failover has read its points by now (or failed and may be run again, choosing again).
-    // A test failover's points stay held while its scratch layers exist: cleanup releases them.
-    // Should this fail, the next start-up releases them (see `super::reconcile_holds`).
-    // Only a job that chose points holds any.
-    let held = job.steps.iter().any(|s| s.name == "points");
-    if held && job.kind != JobKind::TestFailover {
-        let release = SiteStep::Release {
-            holders: vec![holder(&job.tenant, job.id)],
-        };
-        let r = match orders::master_target(app, &job.tenant) {
-            Ok(t) => orders::run(app, &t, &job.tenant, None, None, "release", release).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = r {
-            tracing::warn!(job = job.id, error = %e, "cannot release the job's points");
-        }
-    }
     Ok(())
 }
 
