@@ -4,7 +4,9 @@
 # (qemu-storage-daemon dirty bitmaps + fleecing, real `ferry process-server` and
 # `ferry master-target` on loopback) versus `restic backup` and `borg create --chunker-params
 # fixed,4194304` of the same image file into local repositories. Prints wall time, CPU time and
-# bytes stored, and the targets of issue 3 as pass/MISS (never fails on a miss).
+# bytes stored, and the targets of issue 3 as pass/MISS (never fails on a miss). Extra rows:
+# borg with zstd level 1 (Ferry's default compressor) and a second Ferry seed with the lz4
+# policy (borg's default compressor), each compressor against its like.
 #
 #   bash bench/periodic.sh                             # 8 GiB: needs ~40 GB free in /tmp
 #   FERRY_BENCH_PERIODIC_GIB=1 bash bench/periodic.sh  # a quick try
