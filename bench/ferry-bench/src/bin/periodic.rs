@@ -588,12 +588,18 @@ fn main() -> anyhow::Result<()> {
     let size_gib = env_num("FERRY_BENCH_PERIODIC_GIB", 8).max(1);
     let size = size_gib * GIB;
     let verify = env_num("FERRY_BENCH_PERIODIC_VERIFY", 1) != 0;
+    // 0: Ferry alone (for working on Ferry's own figures; no targets are judged).
+    let peers = env_num("FERRY_BENCH_PERIODIC_PEERS", 1) != 0;
     let limit = Duration::from_secs(300 + 120 * size_gib);
     let tck = clk_tck();
     let exe = ferry_exe()?;
     let tmp = scratch("ferry-bench-periodic-")?;
     let dir = tmp.path();
-    for tool in ["restic", "borg", "qemu-img", "qemu-storage-daemon"] {
+    let tools: &[&str] = match peers {
+        true => &["restic", "borg", "qemu-img", "qemu-storage-daemon"],
+        false => &["qemu-img", "qemu-storage-daemon"],
+    };
+    for &tool in tools {
         ensure!(
             Command::new(tool).arg("--version").output().is_ok(),
             "{tool} is not installed (bench/periodic.sh installs restic and borgbackup)"
@@ -657,24 +663,24 @@ fn main() -> anyhow::Result<()> {
     ];
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let p = |x: &Path| x.display().to_string();
-    run_peer(
-        dir,
+    let init = |label: &str, env: &[(&str, String)], cmd: &[String]| -> anyhow::Result<()> {
+        if peers {
+            run_peer(dir, label, 120, env, cmd)?;
+        }
+        Ok(())
+    };
+    init(
         "restic-init",
-        120,
         &restic_env,
         &s(&["restic", "init", "--repo", &p(&restic_repo)]),
     )?;
-    run_peer(
-        dir,
+    init(
         "borg-init",
-        120,
         &borg_env,
         &s(&["borg", "init", "-e", "repokey", &p(&borg_repo)]),
     )?;
-    run_peer(
-        dir,
+    init(
         "borg-zstd-init",
-        120,
         &borg_env,
         &s(&["borg", "init", "-e", "repokey", &p(&borg_zstd_repo)]),
     )?;
@@ -713,6 +719,10 @@ fn main() -> anyhow::Result<()> {
                 cmd: &[String],
                 repo: &Path|
      -> anyhow::Result<Figures> {
+        if !peers {
+            println!("  {label}: skipped (FERRY_BENCH_PERIODIC_PEERS=0)");
+            return Ok(Figures::default());
+        }
         warm(&raw)?;
         let before = du(repo)?;
         let (wall, cpu) = run_peer(dir, label, limit.as_secs(), env, cmd)?;
@@ -913,6 +923,13 @@ fn main() -> anyhow::Result<()> {
     let incr_x = ratio(&ferry_incr, &restic_incr, &borg_incr);
     let lz4_x = ratio(&ferry_lz4, &restic_seed, &borg_seed);
     println!();
+    if !peers {
+        println!("(peers skipped: no targets judged)");
+        if verified == Some(false) {
+            bail!("Ferry's recovery point differs from the image");
+        }
+        return Ok(());
+    }
     println!(
         "target: seed >= 1.5x faster than the faster peer (wall): {seed_x:.2}x  {}",
         verdict(seed_x >= 1.5)
