@@ -4,13 +4,16 @@
 # (qemu-storage-daemon dirty bitmaps + fleecing, real `ferry process-server` and
 # `ferry master-target` on loopback) versus `restic backup` and `borg create --chunker-params
 # fixed,4194304` of the same image file into local repositories. Prints wall time, CPU time and
-# bytes stored, and the targets of issue 3 as pass/MISS (never fails on a miss).
+# bytes stored, and the targets of issue 3 as pass/MISS (never fails on a miss). Extra rows:
+# borg with zstd level 1 (Ferry's default compressor) and a second Ferry seed with the lz4
+# policy (borg's default compressor), each compressor against its like.
 #
 #   bash bench/periodic.sh                             # 8 GiB: needs ~40 GB free in /tmp
 #   FERRY_BENCH_PERIODIC_GIB=1 bash bench/periodic.sh  # a quick try
 #
 # Knobs (environment): FERRY_BENCH_PERIODIC_GIB (image size in GiB, default 8),
 # FERRY_BENCH_PERIODIC_VERIFY (default 1: export Ferry's last point and compare it with the image),
+# FERRY_BENCH_PERIODIC_PEERS (default 1; 0 runs Ferry alone, judging no target: for work on Ferry),
 # FERRY_BENCH_TMP (scratch parent; default a fresh journaled ext4 on a loop device, made and
 # removed by this script, see below; without root a fresh /tmp/ferry-bench-periodic.*).
 #

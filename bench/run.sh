@@ -6,9 +6,10 @@
 #
 # 1. pipeline  one core, mixed 256 MiB image in memory (1/4 ELF binaries from /usr, 1/4 text,
 #              1/4 zeros, 1/4 random) in 64 KiB blocks: MB/s of zero check, keyed BLAKE3,
-#              zstd, AES-256-GCM, seal, the whole per-block pipeline and checkpoint::Builder;
-#              compression and dedup ratios, and Debian's `zstd -b1 -B64K` on the same image as
-#              the peer. Targets: AES-256-GCM >= 2000 MB/s, pipeline >= 500.
+#              zstd, lz4, AES-256-GCM, seal, the whole per-block pipeline with zstd (the
+#              default) and with lz4 (a policy's choice), and checkpoint::Builder; compression
+#              and dedup ratios, and Debian's `zstd -b1 -B64K` and `lz4 -b1 -B65536` on the same
+#              image as peers. Targets: AES-256-GCM >= 2000 MB/s, pipeline >= 500.
 # 2. ingest    sequential 1 MiB and random 4 KiB NBD writes (no FUA, queue depth 1 and 16) into
 #              the real `ferry process-server` (+ master-target, shipping live) versus a plain
 #              `qemu-nbd --cache=writeback` raw file: MB/s, IOPS, p50/p99/max latency per write.
@@ -38,7 +39,7 @@
 #              mutual TLS and `ferry ctl status` (table, --json) as whole processes, p50/p99/max;
 #              the server's VmRSS/VmHWM and sled size. Target: p99 < 200 ms.
 #
-# Installs qemu-utils (for qemu-nbd) and zstd (the pipeline's peer) when missing.
+# Installs qemu-utils (for qemu-nbd), zstd and lz4 (the pipeline's peers) when missing.
 # Traffic goes only to 127.0.0.1; every process the benchmarks start is stopped and every
 # scratch file removed, also when a run times out.
 set -euo pipefail
@@ -49,6 +50,7 @@ missing=()
 command -v qemu-nbd >/dev/null 2>&1 || missing+=(qemu-utils)
 # Debian's zstd program: the pipeline's peer row (zstd's own benchmark on the same image).
 command -v zstd >/dev/null 2>&1 || missing+=(zstd)
+command -v lz4 >/dev/null 2>&1 || missing+=(lz4)
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

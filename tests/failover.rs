@@ -1446,7 +1446,8 @@ fn a_machines_policy_sets_compression_bandwidth_and_retention_at_its_roles() {
     for d in DISKS {
         let s = dr.lab.status(d).unwrap();
         assert_eq!(s.bandwidth_limit_mbit, Some(8), "{d}: {s:?}");
-        assert!(s.uncompressed, "{d} says its chunks are compressed");
+        // `false`, as earlier versions stored the policy, still means off.
+        assert_eq!(s.compression, "off", "{d}: {s:?}");
     }
 
     // 3 MiB of text (every 64 KiB block different), which zstd would shrink several times:
@@ -1561,6 +1562,44 @@ fn a_machines_policy_sets_compression_bandwidth_and_retention_at_its_roles() {
     assert_eq!(kept.last().unwrap().meta.seq, last[0]);
     let e = format!("nbd+unix:///guest?socket={}", dr.socks[0].display());
     support::assert_point_equals(&dr.lab, dr.dir.path(), "d0", last[0], &e);
+}
+
+/// A machine whose policy says `"compression": "lz4"`: its process server (configured by the
+/// configuration server) seals chunks with LZ4, the master target stores them as they are, and
+/// the newest point, read back through LZ4, equals the guest's disk.
+#[test]
+fn a_machine_with_lz4_compression_stores_lz4_chunks_that_read_back_equal() {
+    let policy = json!({"name": "gold", "mode": "continuous", "checkpoint_interval_secs": 1,
+        "rpo_alert_secs": 60, "compression": "lz4"});
+    let dr = Dr::start_enrolled_with(Some(policy), &[]);
+    dr.caught_up();
+    assert_eq!(dr.lab.status("d0").unwrap().compression, "lz4");
+    // 2 MiB of text (each 64 KiB block different, all compressible) and 1 MiB of random bytes.
+    let mut data: Vec<u8> = (0..2 * MIB / 32)
+        .flat_map(|i| format!("line {i:>10} of the lz4 test\n").into_bytes())
+        .collect();
+    data.truncate(2 * MIB as usize);
+    let mut rng = support::Rng(0x9e37_79b9_7f4a_7c15);
+    data.extend((0..MIB / 8).flat_map(|_| rng.next().to_le_bytes()));
+    dr.rt.block_on(async {
+        let mut g = ferry_nbd::client::Client::connect_unix(&dr.socks[0], "guest")
+            .await
+            .unwrap();
+        g.write(8 * MIB, &data, false).await.unwrap();
+        g.flush().await.unwrap();
+    });
+    let last = dr.caught_up();
+    // Blob header, flags byte (docs/formats.md, "Chunk blob"): 2 is LZ4, 0 stored plain; never
+    // zstd. The text's 32 blocks are LZ4 blobs; the random ones stay plain.
+    let blobs = support::walk(&dr.lab.repo.join("chunks"));
+    let flags: Vec<u8> = blobs.iter().map(|b| std::fs::read(b).unwrap()[5]).collect();
+    assert!(flags.iter().all(|f| *f == 0 || *f == 2), "flags {flags:?}");
+    let lz4 = flags.iter().filter(|f| **f == 2).count();
+    assert!(lz4 >= 32, "{lz4} LZ4 chunks of {}", blobs.len());
+    let e = format!("nbd+unix:///guest?socket={}", dr.socks[0].display());
+    support::assert_point_equals(&dr.lab, dr.dir.path(), "d0", last[0], &e);
+    let v = dr.lab.ferry(&["verify"]).unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
 
 #[test]

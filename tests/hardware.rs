@@ -665,6 +665,10 @@ fn bench_and_plan_print_figures_and_sizing() {
         figs.to_str().unwrap(),
     ]);
     assert!(out.contains("reduction pipeline, one core"), "{out}");
+    assert!(
+        out.contains("reduction pipeline with lz4, one core"),
+        "{out}"
+    );
     let f: Value = serde_json::from_slice(&std::fs::read(&figs).unwrap()).unwrap();
     assert!(f["pipeline_mbps_one_core"].as_f64().unwrap() > 1.0);
     assert!(f["cache_write_mbps"].as_f64().unwrap() > 1.0);
@@ -702,6 +706,54 @@ fn bench_and_plan_print_figures_and_sizing() {
     let rpo5 = s["rpo"][0]["rpo_s"].as_f64().unwrap();
     assert!(rpo5 > 1.0 && rpo5 < 3.0, "{s:#}");
     assert!(s["protected_disks"].as_u64().is_some());
+    // Sized for LZ4: its own measured pipeline rate and reduction ratio (LZ4 keeps more bytes
+    // of the mixed data than zstd does).
+    let lz4 = &f["lz4"];
+    assert!(
+        lz4["pipeline_mbps_one_core"].as_f64().unwrap() > 1.0,
+        "{f:#}"
+    );
+    let (zr, lr) = (
+        f["reduction_ratio"].as_f64().unwrap(),
+        lz4["reduction_ratio"].as_f64().unwrap(),
+    );
+    assert!(lr > zr && lr < 1.0, "lz4 {lr} vs zstd {zr}");
+    let v: Value = serde_json::from_str(&ferry(&[
+        "plan",
+        "--bench",
+        figs.to_str().unwrap(),
+        "--wan-mbps",
+        "0",
+        "--compression",
+        "lz4",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(v["sizing"]["reduction_ratio"].as_f64().unwrap(), lr);
+    let want = lz4["pipeline_mbps_all_cores"].as_f64().unwrap() * 0.7;
+    let got = v["sizing"]["reduce_capacity_mbs"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    // Figures saved before LZ4 was measured are refused for it, with the reason.
+    let mut old = f.clone();
+    old.as_object_mut().unwrap().remove("lz4");
+    let old_path = dir.path().join("old.json");
+    std::fs::write(&old_path, old.to_string()).unwrap();
+    let refused = Command::new(exe())
+        .args([
+            "plan",
+            "--bench",
+            old_path.to_str().unwrap(),
+            "--compression",
+            "lz4",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        e.contains("no LZ4 measurement") && e.contains("ferry bench"),
+        "{e}"
+    );
     // Bad input is an error, not a panic.
     let bad = Command::new(exe())
         .args(["plan", "--bench", "/nonexistent/x.json"])

@@ -73,6 +73,66 @@ impl Priority {
     }
 }
 
+/// How a machine's chunks are compressed before they are encrypted and sent: `zstd` (level 1,
+/// the default: the best ratio for the WAN), `lz4` (about 1.5 times the process server's
+/// throughput per core, 10 to 40% more bytes on the wire) or `off`. A block is stored compressed only when that
+/// makes it smaller, and dedup does not depend on the choice. `true` and `false` (what earlier
+/// versions stored) are read as `zstd` and `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    Zstd,
+    Lz4,
+    Off,
+}
+
+impl Compression {
+    pub const ALL: [Compression; 3] = [Compression::Zstd, Compression::Lz4, Compression::Off];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Lz4 => "lz4",
+            Compression::Off => "off",
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Compression::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown compression {s:?}: say zstd, lz4 or off"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Compression {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Flag(bool),
+            Word(String),
+        }
+        match Wire::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("compression must be \"zstd\", \"lz4\" or \"off\"")
+        })? {
+            Wire::Flag(true) => Ok(Compression::Zstd),
+            Wire::Flag(false) => Ok(Compression::Off),
+            Wire::Word(w) => w.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Bandwidth {
@@ -93,17 +153,13 @@ pub struct Policy {
     pub rpo_alert_secs: u32,
     #[serde(default)]
     pub retention: Vec<RetentionTier>,
-    #[serde(default = "yes")]
-    pub compression: bool,
+    #[serde(default)]
+    pub compression: Compression,
     #[serde(default)]
     pub bandwidth: Bandwidth,
     /// Share of the appliance's uplink against other machines' when it is the bottleneck.
     #[serde(default)]
     pub priority: Priority,
-}
-
-pub(crate) fn yes() -> bool {
-    true
 }
 
 /// Limits: a checkpoint at most every second and at least daily; at most 10 tiers and 10 windows
@@ -202,7 +258,7 @@ mod tests {
                     keep_secs: 86_400,
                 },
             ],
-            compression: true,
+            compression: Compression::Zstd,
             bandwidth: Bandwidth {
                 limit_mbit: Some(100),
                 schedule: vec![BandwidthWindow {
@@ -239,12 +295,35 @@ mod tests {
             r#"{"name":"p","mode":"periodic","checkpoint_interval_secs":60,"rpo_alert_secs":900}"#,
         )
         .unwrap();
-        assert!(p.compression);
+        assert_eq!(p.compression, Compression::Zstd);
         assert_eq!(p.priority, Priority::Medium);
         assert!(serde_json::from_str::<Policy>(
             r#"{"name":"p","mode":"periodic","checkpoint_interval_secs":60,"rpo_alert_secs":900,"x":1}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn compression_is_a_word_and_the_old_booleans_still_read() {
+        let with = |v: &str| {
+            serde_json::from_str::<Policy>(&format!(
+                r#"{{"name":"p","mode":"periodic","checkpoint_interval_secs":60,"rpo_alert_secs":900,"compression":{v}}}"#
+            ))
+        };
+        for (v, want) in [
+            (r#""lz4""#, Compression::Lz4),
+            (r#""zstd""#, Compression::Zstd),
+            (r#""off""#, Compression::Off),
+            ("true", Compression::Zstd),
+            ("false", Compression::Off),
+        ] {
+            assert_eq!(with(v).unwrap().compression, want, "{v}");
+        }
+        assert_eq!(serde_json::to_value(Compression::Lz4).unwrap(), "lz4");
+        for bad in [r#""gzip""#, r#""LZ4""#, "1", "null"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("zstd") && e.contains("lz4"), "{bad}: {e}");
+        }
     }
 
     #[test]

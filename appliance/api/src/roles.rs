@@ -72,9 +72,9 @@ pub struct AssignedDisk {
     pub periodic: bool,
     /// The machine's policy: checkpoint (continuous) or cycle (periodic) interval.
     pub interval_secs: u32,
-    /// The machine's policy: zstd on the disk's chunks.
-    #[serde(default = "crate::policy::yes")]
-    pub compression: bool,
+    /// The machine's policy: how the disk's chunks are compressed.
+    #[serde(default)]
+    pub compression: crate::policy::Compression,
     /// The machine's policy: the limit on what its disks send to the master target, together.
     #[serde(default)]
     pub bandwidth: crate::policy::Bandwidth,

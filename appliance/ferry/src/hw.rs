@@ -481,6 +481,30 @@ fn print_figures(f: &bench::Figures) {
             format!("{:.3}", f.reduction_ratio),
         ),
         (
+            "lz4 (a policy's choice)",
+            f.lz4
+                .as_ref()
+                .map_or("-".into(), |l| format!("{:.0} MB/s", l.compress_mbps)),
+        ),
+        (
+            "reduction pipeline with lz4, one core",
+            f.lz4.as_ref().map_or("-".into(), |l| {
+                format!("{:.0} MB/s", l.pipeline_mbps_one_core)
+            }),
+        ),
+        (
+            &*format!("reduction pipeline with lz4, {} cores", f.cpus),
+            f.lz4.as_ref().map_or("-".into(), |l| {
+                format!("{:.0} MB/s", l.pipeline_mbps_all_cores)
+            }),
+        ),
+        (
+            "stored / written with lz4",
+            f.lz4
+                .as_ref()
+                .map_or("-".into(), |l| format!("{:.3}", l.reduction_ratio)),
+        ),
+        (
             "cache sequential write + fdatasync",
             format!("{:.0} MB/s", f.cache_write_mbps),
         ),
@@ -557,6 +581,10 @@ pub struct PlanArgs {
     /// Stored bytes per written byte (default: the benchmark's mixed-data figure).
     #[arg(long)]
     reduction: Option<f64>,
+    /// The policies' compressor to size for: zstd (the default) or lz4 (faster per core, more
+    /// bytes on the WAN), with the bench's figures for it.
+    #[arg(long, default_value = "zstd", value_parser = ["zstd", "lz4"])]
+    compression: String,
     /// Write rates (MB/s) to estimate the RPO at (repeatable).
     #[arg(long = "rate", default_values_t = [10.0, 50.0, 100.0])]
     rates: Vec<f64>,
@@ -571,6 +599,11 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         }
         None => bench::run(&a.run.options()?)?,
     };
+    let compression: ferry_chunk::Compression =
+        a.compression.parse().map_err(anyhow::Error::msg)?;
+    let sized = f
+        .with_compression(compression)
+        .map_err(|e| anyhow::anyhow!("--compression {compression}: {e}"))?;
     // An explicit flag wins over the measurement (e.g. sizing for a link not yet bought).
     let (wan_mbps, wan_from) = match (a.wan_mbps, &f.wan) {
         (Some(v), _) => (v, "flag"),
@@ -609,8 +642,10 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
             .collect(),
         ..Default::default()
     };
-    let mut s = sizing::plan(&f, &inputs);
+    let mut s = sizing::plan(&sized, &inputs);
     s.inputs.push(("wan_mbps_from".into(), wan_from.into()));
+    s.inputs
+        .push(("compression".into(), compression.to_string()));
     s.inputs.push(("rtt_ms_from".into(), rtt_from.into()));
     if a.run.json {
         println!(
@@ -621,7 +656,7 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     }
     print_figures(&f);
     println!();
-    println!("SIZING (model: hardware/README.md)");
+    println!("SIZING with {compression} compression (model: hardware/README.md)");
     let wan = s
         .wan_capacity_mbs
         .map_or("no limit".into(), |w| format!("{w:.0} MB/s of writes"));

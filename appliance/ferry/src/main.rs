@@ -274,12 +274,12 @@ struct ProcessServerArgs {
     /// disk is cut together with the other disks of that group (one protected machine), so
     /// their points at each cut are one crash-consistent state of the machine.
     /// `,interval-ms=N` gives it its own checkpoint interval (else --interval-ms);
-    /// `,compress=no` seals its chunks without zstd; `,priority=high|medium|low` is its
+    /// `,compress=lz4` or `,compress=off` seals its chunks with LZ4 or uncompressed (default zstd); `,priority=high|medium|low` is its
     /// machine's weight in the uplink (see --uplink-mbit; default medium). Repeatable.
     #[arg(long = "disk", required_unless_present_any = ["periodic", "config_server"])]
     disks: Vec<String>,
     /// A periodically protected disk, read from its host's dirty bitmaps:
-    /// NAME=SIZE,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET,fleece=HOST_FILE[,interval-ms=N][,compress=no][,group=MACHINE][,priority=P].
+    /// NAME=SIZE,qmp=HOST_QMP_SOCKET,node=BLOCK_NODE,nbd=NBD_SOCKET,fleece=HOST_FILE[,interval-ms=N][,compress=zstd|lz4|off][,group=MACHINE][,priority=P].
     /// The disks of one group on one host (the same qmp=) are cut in one QMP transaction, so
     /// their points at each cut are one crash-consistent state of the machine.
     /// Repeatable.
@@ -863,8 +863,10 @@ fn print_status(st: &[ferry_process_server::DiskStatus], redraw: bool) -> anyhow
         if let Some(m) = s.bandwidth_limit_mbit {
             policy.push(format!("bandwidth limited to {m} Mbit/s now"));
         }
-        if s.uncompressed {
-            policy.push("chunks sent without compression".to_string());
+        match s.compression.as_str() {
+            "off" => policy.push("chunks sent without compression".to_string()),
+            "lz4" => policy.push("chunks compressed with lz4".to_string()),
+            _ => {}
         }
         if !policy.is_empty() {
             println!("  policy: {}", policy.join(", "));
@@ -965,8 +967,8 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
             if !d.source.is_empty() {
                 spec = format!("{spec},{}", d.source);
             }
-            if !d.compression {
-                spec = format!("{spec},compress=no");
+            if d.compression != ferry_api::Compression::Zstd {
+                spec = format!("{spec},compress={}", d.compression);
             }
             spec = format!("{spec},priority={}", d.priority.as_str());
             let ms = u64::from(d.interval_secs) * 1000;
@@ -1134,12 +1136,18 @@ fn parse_group(option: &str, name: &str, v: Option<&&str>) -> anyhow::Result<Opt
     }
 }
 
-/// `compress=yes|no` of a disk spec (default yes).
-fn parse_compress(option: &str, name: &str, v: Option<&&str>) -> anyhow::Result<bool> {
+/// `compress=zstd|lz4|off` of a disk spec (default zstd; `yes` and `no` mean zstd and off).
+fn parse_compress(
+    option: &str,
+    name: &str,
+    v: Option<&&str>,
+) -> anyhow::Result<ferry_chunk::Compression> {
     match v.copied() {
-        None | Some("yes") => Ok(true),
-        Some("no") => Ok(false),
-        Some(o) => bail!("{option} {name}: compress={o:?}: say yes or no"),
+        None | Some("yes") => Ok(ferry_chunk::Compression::Zstd),
+        Some("no") => Ok(ferry_chunk::Compression::Off),
+        Some(o) => o
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{option} {name}: compress={o:?}: {e}")),
     }
 }
 
@@ -1158,7 +1166,7 @@ fn parse_priority(
     }
 }
 
-/// `NAME=SIZE[,qmp=PATH,node=NODE,nbd=PATH][,group=MACHINE][,compress=no][,interval-ms=N]
+/// `NAME=SIZE[,qmp=PATH,node=NODE,nbd=PATH][,group=MACHINE][,compress=zstd|lz4|off][,interval-ms=N]
 /// [,priority=high|medium|low]`
 fn parse_disk(text: &str) -> anyhow::Result<ferry_process_server::DiskSpec> {
     let (name, size, kv) = parse_spec(
@@ -1201,7 +1209,7 @@ fn parse_disk(text: &str) -> anyhow::Result<ferry_process_server::DiskSpec> {
     })
 }
 
-/// `NAME=SIZE,qmp=PATH,node=NODE,nbd=PATH,fleece=PATH[,interval-ms=N][,compress=no]
+/// `NAME=SIZE,qmp=PATH,node=NODE,nbd=PATH,fleece=PATH[,interval-ms=N][,compress=zstd|lz4|off]
 /// [,group=MACHINE][,priority=high|medium|low]`
 fn parse_periodic(
     text: &str,

@@ -5,6 +5,8 @@
 //! - encryption: AES-256-GCM (ring, the AEAD `ferry_chunk` uses) over random blocks;
 //! - the whole per-block pipeline (zero check, name, `seal_chunk`: zstd-if-smaller + AES-GCM),
 //!   on one core and on every core at once, with the stored/written ratio it achieved;
+//! - the same with LZ4, the compressor a policy may choose instead (`"compression": "lz4"`), so
+//!   `ferry plan --compression lz4` can size for it;
 //! - the cache directory: sequential 1 MiB write bandwidth including the final fdatasync, and the
 //!   latency of 4 KiB write + fdatasync (what a journal group commit costs);
 //! - with a peer (`--peer`, a `ferry bench --serve` there): the WAN link's RTT, upstream TCP
@@ -14,7 +16,7 @@
 //! and 1/2 text-like blocks (compressible about 3:1). Real churn differs: `ferry plan
 //! --reduction` overrides the ratio.
 
-use ferry_chunk::{is_zero, TenantKey, DEFAULT_BLOCK_SIZE};
+use ferry_chunk::{is_zero, Compression, TenantKey, DEFAULT_BLOCK_SIZE};
 use serde::{Deserialize, Serialize};
 use std::hint::black_box;
 use std::io::Write;
@@ -75,6 +77,41 @@ pub struct Figures {
     /// The WAN link, when measured (`ferry plan` then sizes from it instead of `--wan-mbps`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan: Option<crate::wan::WanFigures>,
+    /// The same pipeline with LZ4 instead of zstd (none in figures saved by older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lz4: Option<CodecFigures>,
+}
+
+/// The reduction pipeline's figures with one compressor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CodecFigures {
+    pub compress_mbps: f64,
+    pub pipeline_mbps_one_core: f64,
+    pub pipeline_mbps_all_cores: f64,
+    pub reduction_ratio: f64,
+}
+
+impl Figures {
+    /// These figures as they are with `compression` chosen: the pipeline's speed and reduction
+    /// measured with that compressor. Zstd is what the main fields hold; LZ4 needs figures from
+    /// a `ferry bench` that measured it; `off` was never measured.
+    pub fn with_compression(&self, compression: Compression) -> Result<Figures, String> {
+        match compression {
+            Compression::Zstd => Ok(self.clone()),
+            Compression::Lz4 => {
+                let l = self.lz4.as_ref().ok_or(
+                    "these figures have no LZ4 measurement: run `ferry bench` of this version again",
+                )?;
+                Ok(Figures {
+                    pipeline_mbps_one_core: l.pipeline_mbps_one_core,
+                    pipeline_mbps_all_cores: l.pipeline_mbps_all_cores,
+                    reduction_ratio: l.reduction_ratio,
+                    ..self.clone()
+                })
+            }
+            Compression::Off => Err("sizing is measured for zstd and lz4 only".to_string()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,16 +211,43 @@ fn rate(data: &[u8], min: Duration, mut f: impl FnMut(&[u8])) -> f64 {
     bytes as f64 / t.elapsed().as_secs_f64() / 1e6
 }
 
-fn pipeline(key: &TenantKey, data: &[u8]) -> u64 {
+fn pipeline(key: &TenantKey, data: &[u8], compression: Compression) -> u64 {
     let mut stored = 0u64;
     for b in data.chunks(BS) {
         if is_zero(b) {
             continue;
         }
         let id = key.chunk_id(b);
-        stored += black_box(key.seal_chunk(&id, b)).len() as u64;
+        stored += black_box(key.seal_chunk_as(&id, b, compression)).len() as u64;
     }
     stored
+}
+
+/// The whole pipeline's MB/s on one core, on every core at once, and its stored/written ratio.
+fn pipeline_figures(
+    key: &TenantKey,
+    data: &[u8],
+    compression: Compression,
+    cpus: u32,
+    stage: Duration,
+) -> (f64, f64, f64) {
+    let stored = pipeline(key, data, compression);
+    let one = rate(data, stage, |d| {
+        black_box(pipeline(key, d, compression));
+    });
+    let all = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..cpus)
+            .map(|_| {
+                s.spawn(move || {
+                    rate(data, stage, |d| {
+                        black_box(pipeline(key, d, compression));
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum::<f64>()
+    });
+    (one, all, stored as f64 / data.len() as f64)
 }
 
 /// The CPU figures (no disk I/O).
@@ -234,26 +298,17 @@ pub fn cpu(opts: &Options) -> Figures {
             let _ = black_box(tag);
         }
     });
-    let stored = pipeline(&key, &data);
-    let pipeline_mbps_one_core = rate(&data, opts.stage, |d| {
-        black_box(pipeline(&key, d));
-    });
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as u32;
-    let pipeline_mbps_all_cores = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..cpus)
-            .map(|_| {
-                let (key, data) = (&key, &data);
-                s.spawn(move || {
-                    rate(data, opts.stage, |d| {
-                        black_box(pipeline(key, d));
-                    })
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum::<f64>()
+    let (pipeline_mbps_one_core, pipeline_mbps_all_cores, reduction_ratio) =
+        pipeline_figures(&key, &data, Compression::Zstd, cpus, opts.stage);
+    let lz4_mbps = rate(&nonzero, opts.stage, |d| {
+        for b in d.chunks(BS) {
+            black_box(lz4::block::compress(b, None, false).ok());
+        }
     });
+    let (one, all, ratio) = pipeline_figures(&key, &data, Compression::Lz4, cpus, opts.stage);
     Figures {
         cpus,
         block_size: DEFAULT_BLOCK_SIZE,
@@ -262,13 +317,19 @@ pub fn cpu(opts: &Options) -> Figures {
         aes_gcm_mbps,
         pipeline_mbps_one_core,
         pipeline_mbps_all_cores,
-        reduction_ratio: stored as f64 / data.len() as f64,
+        reduction_ratio,
         cache_dir: String::new(),
         cache_write_mbps: 0.0,
         fsync_p50_ms: 0.0,
         fsync_p99_ms: 0.0,
         fsync_max_ms: 0.0,
         wan: None,
+        lz4: Some(CodecFigures {
+            compress_mbps: lz4_mbps,
+            pipeline_mbps_one_core: one,
+            pipeline_mbps_all_cores: all,
+            reduction_ratio: ratio,
+        }),
     }
 }
 

@@ -163,7 +163,43 @@ mod tests {
             fsync_p99_ms: 4.0,
             fsync_max_ms: 9.0,
             wan: None,
+            lz4: Some(crate::bench::CodecFigures {
+                compress_mbps: 1800.0,
+                pipeline_mbps_one_core: 900.0,
+                pipeline_mbps_all_cores: 1600.0,
+                reduction_ratio: 0.6,
+            }),
         }
+    }
+
+    #[test]
+    fn lz4_sizes_with_its_own_speed_and_ratio() {
+        use ferry_chunk::Compression;
+        let f = figures();
+        let i = Inputs {
+            wan_mbps: 0.0,
+            ..Default::default()
+        };
+        let zstd = plan(&f.with_compression(Compression::Zstd).unwrap(), &i);
+        let lz4 = plan(&f.with_compression(Compression::Lz4).unwrap(), &i);
+        assert_eq!(zstd.reduce_capacity_mbs, 1000.0 * i.cpu_share);
+        assert_eq!(lz4.reduce_capacity_mbs, 1600.0 * i.cpu_share);
+        assert_eq!(lz4.reduction_ratio, 0.6);
+        assert_eq!(lz4.per_disk_max_mbs, 900.0f64.min(lz4.sustainable_peak_mbs));
+        // Figures saved before LZ4 was measured, and `off`, say so rather than guess.
+        let old = Figures {
+            lz4: None,
+            ..f.clone()
+        };
+        assert!(old
+            .with_compression(Compression::Lz4)
+            .unwrap_err()
+            .contains("ferry bench"));
+        assert!(f.with_compression(Compression::Off).is_err());
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("lz4"));
+        let back: Figures = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.lz4, None);
     }
 
     #[test]

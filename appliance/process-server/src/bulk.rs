@@ -50,8 +50,8 @@ pub struct Options {
     pub block_size: u64,
     pub compare: bool,
     pub dedupe: bool,
-    /// zstd on the chunks (the policy's `compression`).
-    pub compress: bool,
+    /// How the chunks are compressed (the policy's `compression`).
+    pub compress: ferry_chunk::Compression,
 }
 
 /// Read the block ranges `runs` (`[first, end)`) and send them, as `Options` says. Calls

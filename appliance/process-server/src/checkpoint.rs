@@ -134,7 +134,7 @@ impl Builder {
         disk: &str,
         seq: u64,
         known: &HashSet<ChunkId>,
-        compress: bool,
+        compress: ferry_chunk::Compression,
     ) -> Vec<BuiltBlock> {
         let mut out = Vec::with_capacity(self.blocks.len());
         for (index, delta) in self.blocks {
@@ -177,7 +177,7 @@ pub fn whole_block(
     key: &TenantKey,
     known: &HashSet<ChunkId>,
     data: &[u8],
-    compress: bool,
+    compress: ferry_chunk::Compression,
 ) -> (BlockBody, Option<ChunkId>) {
     if is_zero(data) {
         return (BlockBody::Zero, None);
@@ -311,7 +311,7 @@ mod tests {
             }
         }
         let mut image = base;
-        for blk in b.finish(&k, "d", 1, &HashSet::new(), true) {
+        for blk in b.finish(&k, "d", 1, &HashSet::new(), ferry_chunk::Compression::Zstd) {
             let start = (blk.index * bs as u64) as usize;
             let end = (start + bs as usize).min(size as usize);
             match blk.body {
@@ -346,7 +346,7 @@ mod tests {
         ));
         let id = k.chunk_id(&[7; 4096]);
         let known: HashSet<_> = [id].into_iter().collect();
-        let out = b.finish(&k, "d", 1, &known, true);
+        let out = b.finish(&k, "d", 1, &known, ferry_chunk::Compression::Zstd);
         assert_eq!(out.len(), 2);
         assert!(out
             .iter()

@@ -54,8 +54,8 @@ pub struct Disk {
     app_mark: Mutex<Option<u64>>,
     /// The consistency group (the protected machine) the disk is cut with, if any.
     pub group: Option<Arc<group::Group>>,
-    /// Chunks are zstd-compressed (when it helps); the machine's policy may turn it off.
-    pub compress: bool,
+    /// How chunks are compressed (when it helps): the machine's policy, zstd by default.
+    pub compress: ferry_chunk::Compression,
     /// Its checkpoint interval, when its policy sets one (else the process server's).
     pub interval: Option<std::time::Duration>,
 }
@@ -181,8 +181,8 @@ pub struct DiskSpec {
     /// The consistency group (the protected machine): disks of one group are cut at one
     /// instant, so their points together are one crash-consistent state of the machine.
     pub group: Option<String>,
-    /// zstd on its chunks (the policy's `compression`).
-    pub compress: bool,
+    /// How its chunks are compressed (the policy's `compression`).
+    pub compress: ferry_chunk::Compression,
     /// Its own checkpoint interval (the policy's), instead of the process server's.
     pub interval: Option<std::time::Duration>,
     /// Its machine's weight in the appliance's uplink (the policy's `priority`).
@@ -365,7 +365,7 @@ fn open_disks(
                 group: spec.group.clone(),
                 app_hooks,
                 host_access: spec.host.is_some(),
-                uncompressed: !spec.compress,
+                compression: spec.compress.to_string(),
                 priority: spec.priority,
                 ..Default::default()
             }),

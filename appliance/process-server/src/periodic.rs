@@ -47,8 +47,8 @@ pub struct PeriodicSpec {
     /// A file on the host for the view's copied-aside data.
     pub fleece_file: String,
     pub interval: Duration,
-    /// zstd on its chunks (the policy's `compression`).
-    pub compress: bool,
+    /// How its chunks are compressed (the policy's `compression`).
+    pub compress: ferry_chunk::Compression,
     /// The protected machine: the disks of one machine on one host are cut together.
     pub group: Option<String>,
     /// Its machine's weight in the appliance's uplink (the policy's `priority`).
@@ -119,7 +119,7 @@ pub async fn protect(
                 disk: spec.name.clone(),
                 group: spec.group.clone(),
                 periodic: true,
-                uncompressed: !spec.compress,
+                compression: spec.compress.to_string(),
                 priority: spec.priority,
                 uplink: link.share(&spec.name),
                 ..Default::default()

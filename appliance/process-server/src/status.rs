@@ -30,9 +30,10 @@ pub struct DiskStatus {
     /// `group::Group::pending`); the disk is not caught up meanwhile.
     pub group_cut_pending: bool,
     /// The machine's bandwidth limit in force when last looked at (megabits per second; none:
-    /// unlimited), and whether its chunks are sealed without zstd (the policy turned it off).
+    /// unlimited), and how its chunks are compressed (`zstd`, `lz4` or `off`: the policy's).
     pub bandwidth_limit_mbit: Option<u32>,
-    pub uncompressed: bool,
+    #[serde(default)]
+    pub compression: String,
     /// The machine's priority in the appliance's uplink (its policy's), and, when the process
     /// server has an uplink budget (`--uplink-mbit`), the machine's share of it now: refreshed
     /// every second for a continuous disk, at every cut for a periodic one.

@@ -528,16 +528,78 @@ fn ferry_cpu(before: [[u64; 2]; 3], after: [[u64; 2]; 3], tck: f64) -> (f64, Str
     (total, parts.join("; "))
 }
 
+/// Seed `qcow2` (served by a qemu-storage-daemon started here, in `dir`) into a new master
+/// target with a new periodic process server in `dir/ferry`, `disk_opts` appended to the disk's
+/// `--periodic` spec; prints and returns the figures, and the lab and daemon, still running.
+#[allow(clippy::too_many_arguments)]
+fn ferry_seed(
+    label: &str,
+    exe: &Path,
+    dir: &Path,
+    qcow2: &Path,
+    size: u64,
+    limit: Duration,
+    tck: f64,
+    disk_opts: &str,
+) -> anyhow::Result<(Figures, Lab, Qsd)> {
+    let sock = dir.join("host-nbd.sock");
+    let qsd = Qsd::start(qcow2, dir, &sock)?;
+    let ferry_dir = dir.join("ferry");
+    std::fs::create_dir_all(&ferry_dir)?;
+    let mut lab = Lab::new(exe, &ferry_dir, &[])?;
+    lab.nbd_tls = false;
+    lab.periodic = vec![format!(
+        "{DISK}={size},qmp={},node=disk0,nbd={},fleece={},interval-ms=3600000{disk_opts}",
+        dir.join("qsd-mgmt.sock").display(),
+        sock.display(),
+        dir.join("fleece.qcow2").display()
+    )];
+    lab.start_master().context("starting the master target")?;
+    warm(qcow2)?;
+    let before = ferry_ticks(&qsd);
+    let t = Instant::now();
+    lab.start_process().context("starting the process server")?;
+    let st = wait_point(&lab, 0, limit)?;
+    let wall = t.elapsed();
+    let after = ferry_ticks(&qsd);
+    let (cpu, split) = ferry_cpu(before, after, tck);
+    let figures = Figures {
+        wall,
+        cpu,
+        stored: du(&lab.repo)?,
+    };
+    ensure!(
+        st.periodic_mode.as_deref() == Some("seed"),
+        "the first point is not a seed: {st:?}"
+    );
+    println!(
+        "  {label}: {:.1} s wall ({:.0} MB/s of image), {cpu:.1} s CPU ({split}), {} stored; point {} read {} blocks, {} on the wire",
+        wall.as_secs_f64(),
+        mbps(size, wall),
+        mib(figures.stored),
+        st.acked_seq,
+        st.last_cut_blocks,
+        mib(st.last_cut_bytes)
+    );
+    Ok((figures, lab, qsd))
+}
+
 fn main() -> anyhow::Result<()> {
     let size_gib = env_num("FERRY_BENCH_PERIODIC_GIB", 8).max(1);
     let size = size_gib * GIB;
     let verify = env_num("FERRY_BENCH_PERIODIC_VERIFY", 1) != 0;
+    // 0: Ferry alone (for working on Ferry's own figures; no targets are judged).
+    let peers = env_num("FERRY_BENCH_PERIODIC_PEERS", 1) != 0;
     let limit = Duration::from_secs(300 + 120 * size_gib);
     let tck = clk_tck();
     let exe = ferry_exe()?;
     let tmp = scratch("ferry-bench-periodic-")?;
     let dir = tmp.path();
-    for tool in ["restic", "borg", "qemu-img", "qemu-storage-daemon"] {
+    let tools: &[&str] = match peers {
+        true => &["restic", "borg", "qemu-img", "qemu-storage-daemon"],
+        false => &["qemu-img", "qemu-storage-daemon"],
+    };
+    for &tool in tools {
         ensure!(
             Command::new(tool).arg("--version").output().is_ok(),
             "{tool} is not installed (bench/periodic.sh installs restic and borgbackup)"
@@ -601,24 +663,24 @@ fn main() -> anyhow::Result<()> {
     ];
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let p = |x: &Path| x.display().to_string();
-    run_peer(
-        dir,
+    let init = |label: &str, env: &[(&str, String)], cmd: &[String]| -> anyhow::Result<()> {
+        if peers {
+            run_peer(dir, label, 120, env, cmd)?;
+        }
+        Ok(())
+    };
+    init(
         "restic-init",
-        120,
         &restic_env,
         &s(&["restic", "init", "--repo", &p(&restic_repo)]),
     )?;
-    run_peer(
-        dir,
+    init(
         "borg-init",
-        120,
         &borg_env,
         &s(&["borg", "init", "-e", "repokey", &p(&borg_repo)]),
     )?;
-    run_peer(
-        dir,
+    init(
         "borg-zstd-init",
-        120,
         &borg_env,
         &s(&["borg", "init", "-e", "repokey", &p(&borg_zstd_repo)]),
     )?;
@@ -657,6 +719,10 @@ fn main() -> anyhow::Result<()> {
                 cmd: &[String],
                 repo: &Path|
      -> anyhow::Result<Figures> {
+        if !peers {
+            println!("  {label}: skipped (FERRY_BENCH_PERIODIC_PEERS=0)");
+            return Ok(Figures::default());
+        }
         warm(&raw)?;
         let before = du(repo)?;
         let (wall, cpu) = run_peer(dir, label, limit.as_secs(), env, cmd)?;
@@ -681,46 +747,31 @@ fn main() -> anyhow::Result<()> {
         &borg_zstd_repo,
     )?;
 
+    // Ferry with the policy's other compressor, LZ4 (borg's default compressor too), on a copy
+    // of the host's image (so the run below starts from a disk no process server has seen),
+    // removed with its repository afterwards.
+    let lz4_dir = dir.join("lz4");
+    std::fs::create_dir_all(&lz4_dir)?;
+    let lz4_qcow2 = lz4_dir.join("host.qcow2");
+    std::fs::copy(&qcow2, &lz4_qcow2)?;
+    let (ferry_lz4, lz4_lab, lz4_qsd) = ferry_seed(
+        "ferry seed, compression lz4 (a policy's choice)",
+        &exe,
+        &lz4_dir,
+        &lz4_qcow2,
+        size,
+        limit,
+        tck,
+        ",compress=lz4",
+    )?;
+    drop(lz4_lab);
+    drop(lz4_qsd);
+    std::fs::remove_dir_all(&lz4_dir)?;
+
     let sock = dir.join("host-nbd.sock");
-    let qsd = Qsd::start(&qcow2, dir, &sock)?;
-    let ferry_dir = dir.join("ferry");
-    std::fs::create_dir_all(&ferry_dir)?;
-    let mut lab = Lab::new(&exe, &ferry_dir, &[])?;
-    lab.nbd_tls = false;
-    lab.periodic = vec![format!(
-        "{DISK}={size},qmp={},node=disk0,nbd={},fleece={},interval-ms=3600000",
-        dir.join("qsd-mgmt.sock").display(),
-        sock.display(),
-        dir.join("fleece.qcow2").display()
-    )];
-    lab.start_master().context("starting the master target")?;
-    warm(&qcow2)?;
-    let before = ferry_ticks(&qsd);
-    let t = Instant::now();
-    lab.start_process().context("starting the process server")?;
-    let st = wait_point(&lab, 0, limit)?;
-    let wall = t.elapsed();
-    let after = ferry_ticks(&qsd);
-    let (cpu, split) = ferry_cpu(before, after, tck);
-    let ferry_seed = Figures {
-        wall,
-        cpu,
-        stored: du(&lab.repo)?,
-    };
-    ensure!(
-        st.periodic_mode.as_deref() == Some("seed"),
-        "the first point is not a seed: {st:?}"
-    );
-    println!(
-        "  ferry seed: {:.1} s wall ({:.0} MB/s of image), {cpu:.1} s CPU ({split}), {} stored; point {} read {} blocks, {} on the wire",
-        wall.as_secs_f64(),
-        mbps(size, wall),
-        mib(ferry_seed.stored),
-        st.acked_seq,
-        st.last_cut_blocks,
-        mib(st.last_cut_bytes)
-    );
-    let seed_seq = st.acked_seq;
+    let (ferry_seed, mut lab, qsd) =
+        self::ferry_seed("ferry seed", &exe, dir, &qcow2, size, limit, tck, "")?;
+    let seed_seq = lab.status(DISK)?.acked_seq;
     // The process server now sleeps for its hour-long interval: stop it; the bitmap records on.
     lab.kill_process();
 
@@ -851,6 +902,7 @@ fn main() -> anyhow::Result<()> {
         ("seed: restic", restic_seed),
         ("seed: borg", borg_seed),
         ("seed: borg zstd,1", borg_zstd),
+        ("seed: ferry lz4", ferry_lz4),
         ("1% incr: ferry", ferry_incr),
         ("1% incr: restic", restic_incr),
         ("1% incr: borg", borg_incr),
@@ -869,10 +921,22 @@ fn main() -> anyhow::Result<()> {
     };
     let seed_x = ratio(&ferry_seed, &restic_seed, &borg_seed);
     let incr_x = ratio(&ferry_incr, &restic_incr, &borg_incr);
+    let lz4_x = ratio(&ferry_lz4, &restic_seed, &borg_seed);
     println!();
+    if !peers {
+        println!("(peers skipped: no targets judged)");
+        if verified == Some(false) {
+            bail!("Ferry's recovery point differs from the image");
+        }
+        return Ok(());
+    }
     println!(
         "target: seed >= 1.5x faster than the faster peer (wall): {seed_x:.2}x  {}",
         verdict(seed_x >= 1.5)
+    );
+    println!(
+        "target: seed >= 1.5x faster than the faster peer (wall), Ferry with the lz4 policy: {lz4_x:.2}x  {}",
+        verdict(lz4_x >= 1.5)
     );
     println!(
         "target: 1% incremental >= 20x faster than the faster peer (wall): {incr_x:.2}x  {}",

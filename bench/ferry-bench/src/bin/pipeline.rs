@@ -4,7 +4,9 @@
 //! /usr/lib), 1/4 text (documentation, headers and sources under /usr, topped up with generated
 //! words), 1/4 zeros, 1/4 random — interleaved in 1 MiB extents, cut into 64 KiB blocks, and
 //! measures each stage of what the process server does per block, plus the whole pipeline
-//! (`checkpoint::Builder::finish`: zero check -> keyed name -> zstd-if-smaller + AES-256-GCM).
+//! (`checkpoint::Builder::finish`: zero check -> keyed name -> zstd-if-smaller + AES-256-GCM),
+//! and the same with the policy's other compressor, LZ4 (`"compression": "lz4"`). Peers: Debian's
+//! `zstd -b1 -B64K` and `lz4 -b1 -B65536` on the same image (compression alone).
 //!
 //! Environment: FERRY_BENCH_IMAGE_MIB (default 256), FERRY_BENCH_MIN_SECS (per stage and round,
 //! default 1), FERRY_BENCH_ROUNDS (default 5; each stage's figure is its median round),
@@ -13,7 +15,7 @@
 //! Run: `cargo run --release -p ferry-bench --bin pipeline`
 
 use ferry_bench::{env_num, mbps, verdict, walk, Rng};
-use ferry_chunk::{is_zero, TenantKey, DEFAULT_BLOCK_SIZE};
+use ferry_chunk::{is_zero, Compression, TenantKey, DEFAULT_BLOCK_SIZE};
 use ferry_journal::{OwnedOp, Record};
 use ferry_process_server::checkpoint::Builder;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
@@ -189,6 +191,7 @@ fn main() -> anyhow::Result<()> {
 
     // Reduction figures (one pass of the real pipeline, no timing).
     let mut stored = [0u64; 4];
+    let mut stored_lz4 = [0u64; 4];
     let mut plain = [0u64; 4];
     let mut unique = HashSet::new();
     let (mut nonzero, mut stored_unique) = (0u64, 0u64);
@@ -201,6 +204,7 @@ fn main() -> anyhow::Result<()> {
         let blob = key.seal_chunk(&id, b);
         plain[k] += b.len() as u64;
         stored[k] += blob.len() as u64;
+        stored_lz4[k] += key.seal_chunk_as(&id, b, Compression::Lz4).len() as u64;
         if unique.insert(id) {
             stored_unique += blob.len() as u64;
         }
@@ -286,6 +290,16 @@ fn main() -> anyhow::Result<()> {
         None,
     ));
     stages.push((
+        "lz4 compress".to_string(),
+        Box::new(|| {
+            for b in &blocks {
+                black_box(lz4::block::compress(b, None, false).expect("lz4").len());
+            }
+            total
+        }),
+        None,
+    ));
+    stages.push((
         "AES-256-GCM (ring, random data)".to_string(),
         Box::new(|| {
             for b in &random {
@@ -316,34 +330,39 @@ fn main() -> anyhow::Result<()> {
         }),
         None,
     ));
-    stages.push((
-        "whole pipeline (finish per block)".to_string(),
-        Box::new(|| {
-            for b in &blocks {
-                if !is_zero(b) {
-                    let id = key.chunk_id(b);
-                    black_box(key.seal_chunk(&id, b).len());
-                }
-            }
-            total
-        }),
-        Some(500.0),
-    ));
-    for (sel, kind) in sels.iter().zip(KINDS) {
-        let key = &key;
+    for (codec, label) in [
+        (Compression::Zstd, "zstd (default)"),
+        (Compression::Lz4, "lz4 policy"),
+    ] {
+        let (key, blocks) = (&key, &blocks);
         stages.push((
-            format!("by content: {kind}"),
+            format!("whole pipeline, {label}"),
             Box::new(move || {
-                for b in sel {
+                for b in blocks {
                     if !is_zero(b) {
                         let id = key.chunk_id(b);
-                        black_box(key.seal_chunk(&id, b).len());
+                        black_box(key.seal_chunk_as(&id, b, codec).len());
                     }
                 }
-                (sel.len() * BS) as u64
+                total
             }),
-            None,
+            Some(500.0),
         ));
+        for (sel, kind) in sels.iter().zip(KINDS) {
+            stages.push((
+                format!("by content {codec}: {kind}"),
+                Box::new(move || {
+                    for b in sel {
+                        if !is_zero(b) {
+                            let id = key.chunk_id(b);
+                            black_box(key.seal_chunk_as(&id, b, codec).len());
+                        }
+                    }
+                    (sel.len() * BS) as u64
+                }),
+                None,
+            ));
+        }
     }
     stages.push((
         "checkpoint::Builder apply+finish".to_string(),
@@ -351,7 +370,7 @@ fn main() -> anyhow::Result<()> {
             for cp in records.chunks(64) {
                 let mut b = Builder::new(total, DEFAULT_BLOCK_SIZE);
                 cp.iter().for_each(|r| b.apply(r));
-                black_box(b.finish(&key, "bench", 1, &known, true).len());
+                black_box(b.finish(&key, "bench", 1, &known, Compression::Zstd).len());
             }
             total
         }),
@@ -372,12 +391,15 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let mut rows = Vec::new();
-    let mut by_kind = Vec::new();
+    let mut by_kind: Vec<(String, String, f64)> = Vec::new();
     for ((name, _, target), mut f) in stages.into_iter().zip(figures) {
         f.sort_by(f64::total_cmp);
         let (lo, median, hi) = (f[0], f[f.len() / 2], f[f.len() - 1]);
-        match name.strip_prefix("by content: ") {
-            Some(kind) => by_kind.push((kind.to_string(), median)),
+        match name
+            .strip_prefix("by content ")
+            .and_then(|r| r.split_once(": "))
+        {
+            Some((codec, kind)) => by_kind.push((codec.to_string(), kind.to_string(), median)),
             None => rows.push((name, median, lo, hi, target)),
         }
     }
@@ -406,40 +428,64 @@ fn main() -> anyhow::Result<()> {
     // The reference: Debian's zstd program compressing the same image in the same blocks at
     // the same level on this machine (its own benchmark mode, one core), so a slow zstd row
     // can be told apart from a slow CPU.
-    match zstd_cli_mbps(&img.data, min) {
-        Some((version, v)) => println!(
-            "| {:<36} | {v:>10.0} | {:>13} | {:>10} | {:>6} |",
-            format!("peer: zstd {version} -b1 -B64K (wall)"),
-            "",
-            "",
-            ""
-        ),
-        None => println!("(peer row skipped: the zstd program is not installed)"),
+    // Likewise LZ4's own program, for the lz4 rows.
+    for (tool, args) in [
+        ("zstd", &["-b1", "-e1", "-B64K"][..]),
+        ("lz4", &["-b1", "-e1", "-B65536"][..]),
+    ] {
+        match cli_mbps(tool, args, &img.data, min) {
+            Some((version, v)) => println!(
+                "| {:<36} | {v:>10.0} | {:>13} | {:>10} | {:>6} |",
+                format!(
+                    "peer: {tool} {version} {} (wall)",
+                    args.join(" ").replace(" -e1", "")
+                ),
+                "",
+                "",
+                ""
+            ),
+            None => println!("(peer row skipped: the {tool} program is not installed)"),
+        }
     }
-    let per: Vec<String> = by_kind.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
-    println!("whole pipeline by content (MB/s): {}", per.join(", "));
-    println!();
-    println!(
-        "| {:<8} | {:>10} | {:>12} | {:>18} |",
-        "content", "plain MiB", "sealed MiB", "compression ratio"
-    );
-    println!("|{:-<10}|{:->12}|{:->14}|{:->20}|", "", "", "", "");
-    for k in [0, 1, 3] {
+    for codec in [Compression::Zstd, Compression::Lz4] {
+        let per: Vec<String> = by_kind
+            .iter()
+            .filter(|(c, _, _)| *c == codec.as_str())
+            .map(|(_, k, v)| format!("{k} {v:.0}"))
+            .collect();
         println!(
-            "| {:<8} | {:>10.1} | {:>12.1} | {:>17.2}x |",
-            KINDS[k],
-            plain[k] as f64 / 1048576.0,
-            stored[k] as f64 / 1048576.0,
-            plain[k] as f64 / stored[k].max(1) as f64
+            "whole pipeline, {codec}, by content (MB/s): {}",
+            per.join(", ")
         );
     }
-    let (p, s): (u64, u64) = (plain.iter().sum(), stored.iter().sum());
+    println!();
     println!(
-        "| {:<8} | {:>10.1} | {:>12.1} | {:>17.2}x |",
+        "| {:<8} | {:>10} | {:>15} | {:>10} | {:>15} | {:>10} |",
+        "content", "plain MiB", "zstd sealed MiB", "zstd ratio", "lz4 sealed MiB", "lz4 ratio"
+    );
+    println!(
+        "|{:-<10}|{:->12}|{:->17}|{:->12}|{:->17}|{:->12}|",
+        "", "", "", "", "", ""
+    );
+    let row = |name: &str, p: u64, z: u64, l: u64| {
+        println!(
+            "| {:<8} | {:>10.1} | {:>15.1} | {:>9.2}x | {:>15.1} | {:>9.2}x |",
+            name,
+            p as f64 / 1048576.0,
+            z as f64 / 1048576.0,
+            p as f64 / z.max(1) as f64,
+            l as f64 / 1048576.0,
+            p as f64 / l.max(1) as f64
+        );
+    };
+    for k in [0, 1, 3] {
+        row(KINDS[k], plain[k], stored[k], stored_lz4[k]);
+    }
+    row(
         "non-zero",
-        p as f64 / 1048576.0,
-        s as f64 / 1048576.0,
-        p as f64 / s.max(1) as f64
+        plain.iter().sum(),
+        stored.iter().sum(),
+        stored_lz4.iter().sum(),
     );
     println!();
     println!(
@@ -463,21 +509,23 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Compression MB/s of `zstd -b1 -B64K` (its benchmark mode: level 1, 64 KiB blocks, one
-/// thread) on `data`, and zstd's version; None when the program is missing or says nothing
-/// readable. The figure is the best of its iterations, as zstd reports it.
-fn zstd_cli_mbps(data: &[u8], min: Duration) -> Option<(String, f64)> {
+/// Compression MB/s of `zstd -b1 -B64K` or `lz4 -b1 -B65536` (their benchmark modes: level 1,
+/// 64 KiB blocks, one thread) on `data`, and the program's version; None when the program is
+/// missing or says nothing readable. The figure is the best of its iterations, as it reports it.
+fn cli_mbps(tool: &str, args: &[&str], data: &[u8], min: Duration) -> Option<(String, f64)> {
     let dir = tempfile::tempdir().ok()?;
     let file = dir.path().join("mixed.img");
     std::fs::write(&file, data).ok()?;
     let secs = min.as_secs().max(1) * 3;
-    let out = std::process::Command::new("zstd")
-        .args(["-b1", "-e1", "-B64K", &format!("-i{secs}")])
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .arg(format!("-i{secs}"))
         .arg(&file)
         .output()
         .ok()?;
     // Progress lines are separated by carriage returns; the last one holds the result:
-    // " 1#mixed.img : 268435456 -> 112... (x2.39), 431.2 MB/s, 1234.5 MB/s".
+    // zstd " 1#mixed.img : 268435456 -> 112... (x2.39), 431.2 MB/s, 1234.5 MB/s",
+    // lz4 " 1#mixed.img : 268435456 -> 112... (2.299), 486.0 MB/s ,2144.2 MB/s".
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let last = text
@@ -486,12 +534,12 @@ fn zstd_cli_mbps(data: &[u8], min: Duration) -> Option<(String, f64)> {
         .to_string();
     let after = last.split("),").nth(1)?;
     let mbps: f64 = after.split_whitespace().next()?.parse().ok()?;
-    let version = std::process::Command::new("zstd")
+    let version = std::process::Command::new(tool)
         .arg("-V")
         .output()
         .ok()
         .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
+            (String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr))
                 .split_whitespace()
                 .find(|w| w.starts_with('v'))
                 .map(|w| w.trim_end_matches(',').to_string())
