@@ -200,6 +200,8 @@ async fn run(
             .zip(&requested)
             .map(|((spec, se), r)| (spec.clone(), se.last_seq, se.last_seq > 0 && r.exists()))
             .collect();
+        // Each cut's phases are timed for its log line: where an interval's time goes.
+        let began = std::time::Instant::now();
         let (q, p) = tokio::task::spawn_blocking(move || {
             let p = plan(&mut qmp, &asks);
             (qmp, p)
@@ -219,8 +221,10 @@ async fn run(
             }
         };
         let group_cut = grouped.then_some(created);
+        let frozen = began.elapsed();
         // The views are one instant: read them one disk after the other.
         let mut outcomes = Vec::new();
+        let mut took = Vec::new();
         for (((spec, status), se), plan) in
             specs.iter().zip(statuses).zip(&mut sessions).zip(&plans)
         {
@@ -230,12 +234,15 @@ async fn run(
                 created,
                 group_cut,
             };
+            let t = std::time::Instant::now();
             let o = transfer(
                 spec, block_size, shared, plan, &mut se.rd, &mut se.wr, cut, status,
             )
             .await;
             outcomes.push(o);
+            took.push(t.elapsed());
         }
+        let released = std::time::Instant::now();
         let oks: Vec<bool> = outcomes.iter().map(|o| o.is_ok()).collect();
         let (q, fins) = tokio::task::spawn_blocking({
             let specs = specs.to_vec();
@@ -251,6 +258,7 @@ async fn run(
         })
         .await?;
         qmp = q;
+        let released = released.elapsed();
         let (fins, plans) = fins;
         let mut failed = None;
         for (i, (outcome, fin)) in outcomes.into_iter().zip(fins).enumerate() {
@@ -268,7 +276,12 @@ async fn run(
             }
             se.last_seq += 1;
             se.cuts += 1;
-            tracing::info!(disk = %spec.name, mode = label, seq = se.last_seq, blocks = report.blocks, bytes = report.bytes, "recovery point committed");
+            // freeze: the QMP transaction and the views' setup; send: reading, sealing and
+            // sending the disk's blocks until the master target committed the point; release:
+            // the views taken down and the bitmaps settled.
+            tracing::info!(disk = %spec.name, mode = label, seq = se.last_seq, blocks = report.blocks, bytes = report.bytes,
+                freeze_ms = frozen.as_millis() as u64, send_ms = took[i].as_millis() as u64, release_ms = released.as_millis() as u64,
+                "recovery point committed");
             let limit = link.limit_mbit(&spec.name);
             let share = link.share(&spec.name);
             status.update(|s| {
