@@ -43,17 +43,7 @@ fn text(out: &Output) -> (String, String) {
 
 /// The partition UUIDs of a root hash, as systemd derives them: (data, hash).
 fn uuids(roothash: &str) -> (String, String) {
-    let u = |h: &str| {
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        )
-    };
-    (u(&roothash[..32]), u(&roothash[32..]))
+    ferry_update::slots::partition_uuids(roothash).expect("a root hash of 64 hex digits")
 }
 
 /// A minimal PE file whose `.osrel` section is an os-release with IMAGE_VERSION: what
