@@ -14,6 +14,7 @@
 # Knobs (environment): FERRY_BENCH_PERIODIC_GIB (image size in GiB, default 8),
 # FERRY_BENCH_PERIODIC_VERIFY (default 1: export Ferry's last point and compare it with the image),
 # FERRY_BENCH_PERIODIC_PEERS (default 1; 0 runs Ferry alone, judging no target: for work on Ferry),
+# FERRY_EXE (the ferry binary to measure; default this tree's release build: compare two builds),
 # FERRY_BENCH_TMP (scratch parent; default a fresh journaled ext4 on a loop device, made and
 # removed by this script, see below; without root a fresh /tmp/ferry-bench-periodic.*).
 #
@@ -36,7 +37,7 @@ if ((${#missing[@]})); then
 fi
 
 cargo build --release -p ferry -p ferry-bench --bins
-export FERRY_EXE="$PWD/target/release/ferry"
+export FERRY_EXE="${FERRY_EXE:-$PWD/target/release/ferry}"
 
 scratch="$(mktemp -d /tmp/ferry-bench-periodic.XXXXXX)"
 cleanup() {

@@ -8,9 +8,8 @@
 //! - `dedupe`: chunks not known to be at the master target are asked about first and sent by
 //!   reference when it has them (a seed or resync resumed after an interruption).
 //!
-//! Memory stays bounded whatever the disk's size: two read runs (the one being sent and the next,
-//! read meanwhile), their names and frames, and the ids of the chunks sent (cleared when the
-//! known-chunk cache would outgrow its limit).
+//! Memory stays bounded whatever the disk's size: four read runs (see [`send_runs`]), their
+//! names and seals, and the ids of the chunks sent (at most the known-chunk cache's limit).
 
 use crate::shipper::{SessionReader, SessionWriter, Shared, KNOWN_LIMIT};
 use anyhow::bail;
@@ -18,7 +17,7 @@ use ferry_chunk::{is_zero, ChunkId};
 use ferry_nbd::client::Client;
 use ferry_wire::{read_msg, BlockBody, Msg, DAMAGED, MAX_IDS};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -54,15 +53,38 @@ pub struct Options {
     pub compress: ferry_chunk::Compression,
 }
 
+/// One read run, named (and, when it will be sent with its data, sealed) ahead of sending.
+struct Prepared {
+    /// First block and bytes read.
+    first: u64,
+    len: u64,
+    data: Arc<Vec<u8>>,
+    /// Each block's name (`None`: a zero block).
+    ids: Vec<Option<ChunkId>>,
+    /// Each block's seal when it was sealed ahead.
+    sealed: Vec<Option<Vec<u8>>>,
+}
+
+/// A prepared run whose presence question is on its way to the master target.
+struct Asked {
+    run: Prepared,
+    /// The chunks asked about, in the order asked (answers come in that order).
+    ids: Vec<ChunkId>,
+}
+
 /// Read the block ranges `runs` (`[first, end)`) and send them, as `Options` says. Calls
 /// `progress` with the bytes examined so far, at most four times a second. Returns what was
 /// sent and the chunks it named (for the known-chunk cache once the point is committed).
 ///
-/// The next read run is read from the host while the current one is named, sealed and sent
-/// (at most two runs in memory), and naming and sealing are spread over the cores
-/// ([`parallel_blocks`]). While most chunks asked about turn out to be new (a seed), they are
-/// sealed during the question's round trip, and the seals of those the master target holds
-/// after all are dropped.
+/// Two stages run at once. The first reads each run from the host (the next one while the
+/// current one is worked on) and names its blocks on every core ([`parallel_blocks`]); while
+/// most chunks turn out to be new (a seed, an incremental) it seals them in the same pass. The
+/// second sends: without `compare`, the question which of a run's chunks the master target
+/// holds goes out before the previous run's frames, so its answer is there when the run's turn
+/// comes and the stream never waits for a round trip; the seals of chunks it holds after all
+/// are dropped. With `compare` (a checksum resync, where most blocks are equal) the master
+/// target's names are fetched first and only what differs is sealed. At most four runs are in
+/// memory: one read, one queued between the stages, the one asked about, the one being sent.
 #[allow(clippy::too_many_arguments)]
 pub async fn send_runs<S>(
     nbd: &mut Client<S>,
@@ -77,194 +99,282 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     let bs = opts.block_size;
-    let mut report = Report::default();
-    let mut chunks = Vec::new();
-    let mut done = 0u64;
-    let mut shown = Instant::now();
-    // Seal blocks while the master target is asked whether it holds them (see `send_run`).
-    let mut speculate = true;
-    // Every read request, in order: (first block, blocks, byte offset, bytes).
+    // Every read request, in order: (first block, byte offset, bytes).
     let mut reads = runs.iter().flat_map(|&(first, end)| {
         (first..end).step_by(READ_RUN as usize).map(move |b| {
             let n = (end - b).min(READ_RUN);
             let off = b * bs;
-            (b, n, off, (n * bs).min(opts.disk_size - off))
+            (b, off, (n * bs).min(opts.disk_size - off))
         })
     });
-    let Some(mut cur) = reads.next() else {
-        return Ok((report, chunks));
-    };
-    let mut data = nbd.read(cur.2, cur.3 as u32).await?;
-    loop {
-        let next = reads.next();
-        let read_next = async {
-            match next {
-                Some((_, _, off, len)) => nbd.read(off, len as u32).await.map(Some),
-                None => Ok(None),
-            }
+    // Seal ahead while most chunks asked about are new (see `send_prepared`).
+    let speculate = AtomicBool::new(true);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Prepared>(1);
+    let produce = async {
+        // Owned here: the sending stage sees the end when this stage ends.
+        let tx = tx;
+        let Some(mut cur) = reads.next() else {
+            return anyhow::Ok(());
         };
-        let (b, n, _, len) = cur;
-        let send = send_run(
-            b,
-            n,
-            std::mem::take(&mut data),
-            opts,
-            shared,
-            rd,
-            wr,
-            &mut report,
-            &mut chunks,
-            &mut speculate,
-        );
-        let (read, sent) = tokio::join!(read_next, send);
-        sent?;
-        done += len;
-        if shown.elapsed() >= Duration::from_millis(250) {
-            shown = Instant::now();
-            progress(done);
+        let mut data = nbd.read(cur.1, cur.2 as u32).await?;
+        loop {
+            let next = reads.next();
+            let read_next = async {
+                match next {
+                    Some((_, off, len)) => nbd.read(off, len as u32).await.map(Some),
+                    None => Ok(None),
+                }
+            };
+            let ahead = !opts.compare && (!opts.dedupe || speculate.load(Ordering::Relaxed));
+            let prepare = prepare(cur.0, std::mem::take(&mut data), opts, shared, ahead);
+            let (read, prepared) = tokio::join!(read_next, prepare);
+            if tx.send(prepared?).await.is_err() {
+                return Ok(()); // the sending stage failed: its error is the one reported
+            }
+            match (next, read?) {
+                (Some(r), Some(d)) => (cur, data) = (r, d),
+                _ => return Ok(()),
+            }
         }
-        match (next, read?) {
-            (Some(r), Some(d)) => (cur, data) = (r, d),
-            _ => return Ok((report, chunks)),
+    };
+    let send = async {
+        let mut report = Report::default();
+        let mut chunks = Vec::new();
+        // Chunks sent with their data in this call: later blocks naming them go by reference.
+        let mut sent: HashSet<ChunkId> = HashSet::new();
+        let mut done = 0u64;
+        let mut shown = Instant::now();
+        let mut asked: Option<Asked> = None;
+        loop {
+            let next = match rx.recv().await {
+                Some(run) if opts.dedupe && !opts.compare => Some(ask(run, shared, wr).await?),
+                Some(run) => Some(Asked {
+                    run,
+                    ids: Vec::new(),
+                }),
+                None => None,
+            };
+            if let Some(a) = asked.take() {
+                let len = a.run.len;
+                send_prepared(
+                    a,
+                    opts,
+                    shared,
+                    rd,
+                    wr,
+                    &mut report,
+                    &mut chunks,
+                    &mut sent,
+                    &speculate,
+                )
+                .await?;
+                done += len;
+                if shown.elapsed() >= Duration::from_millis(250) {
+                    shown = Instant::now();
+                    progress(done);
+                }
+            }
+            match next {
+                Some(a) => asked = Some(a),
+                None => return anyhow::Ok((report, chunks)),
+            }
         }
-    }
+    };
+    let ((), out) = tokio::try_join!(produce, send)?;
+    Ok(out)
 }
 
-/// Name, compare and send one read run: blocks `b..b + n`, whose bytes are `data`.
-#[allow(clippy::too_many_arguments)]
-async fn send_run(
-    b: u64,
-    n: u64,
+/// Name a run's blocks (a zero block has no name) and, when `ahead`, seal those not known to be
+/// at the master target, on every core.
+async fn prepare(
+    first: u64,
     data: Vec<u8>,
+    opts: Options,
+    shared: &Arc<Shared>,
+    ahead: bool,
+) -> anyhow::Result<Prepared> {
+    let bs = opts.block_size as usize;
+    let len = data.len() as u64;
+    let data = Arc::new(data);
+    let done = {
+        let (data, sh, compress) = (data.clone(), shared.clone(), opts.compress);
+        parallel_blocks(data.len().div_ceil(bs), move |i| {
+            let block = &data[i * bs..((i + 1) * bs).min(data.len())];
+            if is_zero(block) {
+                return (None, None);
+            }
+            let id = sh.key.chunk_id(block);
+            let seal = ahead && !sh.known.lock().expect("known lock").contains(&id);
+            (
+                Some(id),
+                seal.then(|| sh.key.seal_chunk_as(&id, block, compress)),
+            )
+        })
+        .await?
+    };
+    let (ids, sealed) = done.into_iter().unzip();
+    Ok(Prepared {
+        first,
+        len,
+        data,
+        ids,
+        sealed,
+    })
+}
+
+/// Ask the master target which of a run's chunks, not known to be there, it holds; the answer
+/// is read when the run is sent.
+async fn ask(run: Prepared, shared: &Shared, wr: &mut SessionWriter) -> anyhow::Result<Asked> {
+    let ids: Vec<ChunkId> = {
+        let known = shared.known.lock().expect("known lock");
+        run.ids
+            .iter()
+            .flatten()
+            .filter(|id| !known.contains(id))
+            .copied()
+            .collect()
+    };
+    for part in ids.chunks(MAX_IDS as usize) {
+        wr.write_all(&Msg::HaveRequest { ids: part.to_vec() }.encode())
+            .await?;
+    }
+    if !ids.is_empty() {
+        wr.flush().await?;
+    }
+    Ok(Asked { run, ids })
+}
+
+/// Compare (with `compare`), decide what goes by reference, seal what was not sealed ahead and
+/// send one run's frames.
+#[allow(clippy::too_many_arguments)]
+async fn send_prepared(
+    asked: Asked,
     opts: Options,
     shared: &Arc<Shared>,
     rd: &mut SessionReader,
     wr: &mut SessionWriter,
     report: &mut Report,
     chunks: &mut Vec<ChunkId>,
-    speculate: &mut bool,
+    sent: &mut HashSet<ChunkId>,
+    speculate: &AtomicBool,
 ) -> anyhow::Result<()> {
     let bs = opts.block_size as usize;
-    let data = Arc::new(data);
-    // Name every block (a zero block has no name) while the master target's names of the same
-    // blocks are fetched.
-    let naming = {
-        let (data, sh) = (data.clone(), shared.clone());
-        parallel_blocks(data.len().div_ceil(bs), move |i| {
-            let block = &data[i * bs..((i + 1) * bs).min(data.len())];
-            (!is_zero(block)).then(|| sh.key.chunk_id(block))
-        })
-    };
-    let (ids, theirs) = if opts.compare {
-        report.hash_bytes += 32 * n;
-        let (ids, theirs) = tokio::join!(naming, remote_ids(rd, wr, b, n as u32));
-        (ids?, Some(theirs?))
+    let Asked { run, ids: asked } = asked;
+    let Prepared {
+        first,
+        data,
+        ids,
+        mut sealed,
+        ..
+    } = run;
+    let n = ids.len();
+    let theirs = if opts.compare {
+        report.hash_bytes += 32 * n as u64;
+        Some(remote_ids(rd, wr, first, n as u32).await?)
     } else {
-        (naming.await?, None)
+        None
     };
-    // The blocks to send, each named once.
-    let mut picked: Vec<(u64, usize, Option<ChunkId>)> = Vec::new();
+    // The blocks to send: (position in the run, name).
+    let mut picked: Vec<(usize, Option<ChunkId>)> = Vec::new();
     for (i, id) in ids.into_iter().enumerate() {
-        if let Some(ids) = &theirs {
-            match ids.get(i) {
-                Some(t) if *t == id.unwrap_or(ChunkId::ZERO) => continue,
-                // Their copy was quarantined: whatever was sent before, send the data.
-                Some(t) if *t == DAMAGED => {
-                    if let Some(id) = id {
-                        shared.known.lock().expect("known lock").remove(&id);
-                    }
+        if let Some(t) = theirs.as_ref().and_then(|t| t.get(i)) {
+            if *t == id.unwrap_or(ChunkId::ZERO) {
+                continue;
+            }
+            // Their copy was quarantined: whatever was sent before, send the data.
+            if *t == DAMAGED {
+                if let Some(id) = id {
+                    shared.known.lock().expect("known lock").remove(&id);
+                    sent.remove(&id);
                 }
-                _ => {}
             }
         }
-        picked.push((b + i as u64, i, id));
+        picked.push((i, id));
     }
-    let picked = Arc::new(picked);
-    let seal = {
-        let (picked, sh, data) = (picked.clone(), shared.clone(), data.clone());
-        let compress = opts.compress;
-        move |k: usize| {
-            let (_, i, id) = picked[k];
-            let block = &data[i * bs..((i + 1) * bs).min(data.len())];
-            sh.key
-                .seal_chunk_as(&id.expect("a named block"), block, compress)
-        }
-    };
-    let seal = Arc::new(seal);
-    // Blocks sealed ahead of knowing whether they go by reference (None: not sealed yet).
-    let mut blobs: Vec<Option<Vec<u8>>> = Vec::new();
-    let mut have: HashSet<ChunkId> = HashSet::new();
-    if opts.dedupe {
-        let (ask, unknown): (Vec<ChunkId>, Vec<bool>) = {
+    let have: HashSet<ChunkId> = if !opts.dedupe {
+        HashSet::new()
+    } else if opts.compare {
+        // Asked now, about what differs and is not known to be there.
+        let ask: Vec<ChunkId> = {
             let known = shared.known.lock().expect("known lock");
-            let unknown: Vec<bool> = picked
+            picked
                 .iter()
-                .map(|p| p.2.is_some_and(|id| !known.contains(&id)))
-                .collect();
-            let ask = picked
-                .iter()
-                .zip(&unknown)
-                .filter(|(_, u)| **u)
-                .filter_map(|(p, _)| p.2)
-                .collect();
-            (ask, unknown)
+                .filter_map(|p| p.1)
+                .filter(|id| !known.contains(id) && !sent.contains(id))
+                .collect()
         };
-        if !ask.is_empty() {
-            let asked = ask.len();
-            if *speculate {
-                // While the master target is asked, seal what it is asked about: when it holds
-                // a block after all, the block goes by reference and its seal is dropped.
-                let seal = seal.clone();
-                let ahead = parallel_blocks(picked.len(), move |k| unknown[k].then(|| seal(k)));
-                let (h, ahead) = tokio::join!(remote_have(rd, wr, ask), ahead);
-                (have, blobs) = (h?, ahead?);
-            } else {
-                have = remote_have(rd, wr, ask).await?;
-            }
-            // Seal ahead again while most of what is asked about is new (a seed), not while
-            // most is already there (a seed or resync resumed after an interruption).
-            *speculate = have.len() * 2 < asked;
+        for part in ask.chunks(MAX_IDS as usize) {
+            wr.write_all(&Msg::HaveRequest { ids: part.to_vec() }.encode())
+                .await?;
         }
-    }
-    blobs.resize_with(picked.len(), || None);
+        wr.flush().await?;
+        read_have(rd, &ask).await?
+    } else {
+        let have = read_have(rd, &asked).await?;
+        // Seal ahead again while most of what is asked about is new (a seed), not while most
+        // is already there (a seed or resync resumed after an interruption).
+        if !asked.is_empty() {
+            speculate.store(have.len() * 2 < asked.len(), Ordering::Relaxed);
+        }
+        have
+    };
     // Which chunks go by reference, decided in block order as they are sent.
     let mut by_ref = Vec::with_capacity(picked.len());
     {
         let known = shared.known.lock().expect("known lock");
-        for &(_, _, id) in picked.iter() {
-            by_ref.push(id.is_some_and(|id| have.contains(&id) || known.contains(&id)));
-            if let Some(id) = id {
-                if chunks.len() < KNOWN_LIMIT {
-                    chunks.push(id);
-                }
+        for &(_, id) in &picked {
+            let Some(id) = id else {
+                by_ref.push(false);
+                continue;
+            };
+            let r = have.contains(&id) || known.contains(&id) || sent.contains(&id);
+            if !r && sent.len() < KNOWN_LIMIT {
+                sent.insert(id);
+            }
+            by_ref.push(r);
+            if chunks.len() < KNOWN_LIMIT {
+                chunks.push(id);
             }
         }
     }
     // Seal, on every core, what is sent with its data and was not sealed ahead.
     let late: Vec<usize> = (0..picked.len())
-        .filter(|&k| picked[k].2.is_some() && !by_ref[k] && blobs[k].is_none())
+        .filter(|&k| picked[k].1.is_some() && !by_ref[k] && sealed[picked[k].0].is_none())
         .collect();
     if !late.is_empty() {
-        let late = Arc::new(late);
-        let sealed = {
-            let (late, seal) = (late.clone(), seal.clone());
-            parallel_blocks(late.len(), move |j| seal(late[j])).await?
+        let work: Arc<Vec<(usize, ChunkId)>> = Arc::new(
+            late.iter()
+                .map(|&k| (picked[k].0, picked[k].1.expect("a named block")))
+                .collect(),
+        );
+        let seals = {
+            let (work, sh, data, compress) =
+                (work.clone(), shared.clone(), data.clone(), opts.compress);
+            parallel_blocks(work.len(), move |j| {
+                let (i, id) = work[j];
+                let block = &data[i * bs..((i + 1) * bs).min(data.len())];
+                sh.key.seal_chunk_as(&id, block, compress)
+            })
+            .await?
         };
-        for (&k, blob) in late.iter().zip(sealed) {
-            blobs[k] = Some(blob);
+        for (&(i, _), blob) in work.iter().zip(seals) {
+            sealed[i] = Some(blob);
         }
     }
-    drop((seal, data));
-    for (k, blob) in blobs.into_iter().enumerate() {
-        let (index, _, id) = picked[k];
+    drop(data);
+    for (k, (i, id)) in picked.into_iter().enumerate() {
         let body = match id {
             None => BlockBody::Zero,
             Some(id) => BlockBody::Chunk {
                 id,
-                blob: if by_ref[k] { None } else { blob },
+                blob: if by_ref[k] { None } else { sealed[i].take() },
             },
         };
-        let frame = Msg::Block { index, body }.encode();
+        let frame = Msg::Block {
+            index: first + i as u64,
+            body,
+        }
+        .encode();
         wr.write_all(&frame).await?;
         report.blocks += 1;
         report.bytes += frame.len() as u64;
@@ -344,17 +454,11 @@ pub async fn await_commit(
     }
 }
 
-/// Which of `ids` the master target holds already.
-async fn remote_have(
-    rd: &mut SessionReader,
-    wr: &mut SessionWriter,
-    ids: Vec<ChunkId>,
-) -> anyhow::Result<HashSet<ChunkId>> {
+/// The master target's answers to the presence questions about `ids` (asked in parts of at
+/// most [`MAX_IDS`]): which of them it holds.
+async fn read_have(rd: &mut SessionReader, ids: &[ChunkId]) -> anyhow::Result<HashSet<ChunkId>> {
     let mut out = HashSet::new();
     for part in ids.chunks(MAX_IDS as usize) {
-        wr.write_all(&Msg::HaveRequest { ids: part.to_vec() }.encode())
-            .await?;
-        wr.flush().await?;
         match tokio::time::timeout(Duration::from_secs(60), read_msg(rd)).await?? {
             Msg::Have { present } if present.len() == part.len() => {
                 out.extend(
