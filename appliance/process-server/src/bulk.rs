@@ -53,12 +53,14 @@ pub struct Options {
     pub compress: ferry_chunk::Compression,
 }
 
-/// One read run, named (and, when it will be sent with its data, sealed) ahead of sending.
+/// A unit of work: one read run, or several short ones gathered (an incremental's scattered
+/// blocks), named (and, when it will be sent with its data, sealed) ahead of sending.
 struct Prepared {
-    /// First block and bytes read.
-    first: u64,
+    /// Bytes read.
     len: u64,
     data: Arc<Vec<u8>>,
+    /// Each block: its index on the disk and its bytes in `data`.
+    blocks: Arc<Vec<(u64, usize, usize)>>,
     /// Each block's name (`None`: a zero block).
     ids: Vec<Option<ChunkId>>,
     /// Each block's seal when it was sealed ahead.
@@ -99,40 +101,53 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     let bs = opts.block_size;
-    // Every read request, in order: (first block, byte offset, bytes).
-    let mut reads = runs.iter().flat_map(|&(first, end)| {
-        (first..end).step_by(READ_RUN as usize).map(move |b| {
+    // The units, in order: reads (first block, byte offset, bytes) gathered up to a run's worth
+    // of blocks; one read per unit when comparing, whose block names are fetched by range. (A
+    // cut's runs come a window of the disk at a time, so this list stays small.)
+    let mut units: Vec<Vec<(u64, u64, u64)>> = Vec::new();
+    let mut blocks = 0;
+    for &(first, end) in runs {
+        for b in (first..end).step_by(READ_RUN as usize) {
             let n = (end - b).min(READ_RUN);
             let off = b * bs;
-            (b, off, (n * bs).min(opts.disk_size - off))
-        })
-    });
+            let read = (b, off, (n * bs).min(opts.disk_size - off));
+            match units.last_mut() {
+                Some(u) if !opts.compare && blocks + n <= READ_RUN => u.push(read),
+                _ => {
+                    units.push(vec![read]);
+                    blocks = 0;
+                }
+            }
+            blocks += n;
+        }
+    }
+    let mut units = units.into_iter();
     // Seal ahead while most chunks asked about are new (see `send_prepared`).
     let speculate = AtomicBool::new(true);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Prepared>(1);
     let produce = async {
         // Owned here: the sending stage sees the end when this stage ends.
         let tx = tx;
-        let Some(mut cur) = reads.next() else {
+        let Some(mut cur) = units.next() else {
             return anyhow::Ok(());
         };
-        let mut data = nbd.read(cur.1, cur.2 as u32).await?;
+        let mut data = read_unit(nbd, &cur).await?;
         loop {
-            let next = reads.next();
+            let next = units.next();
             let read_next = async {
-                match next {
-                    Some((_, off, len)) => nbd.read(off, len as u32).await.map(Some),
+                match &next {
+                    Some(u) => read_unit(nbd, u).await.map(Some),
                     None => Ok(None),
                 }
             };
             let ahead = !opts.compare && (!opts.dedupe || speculate.load(Ordering::Relaxed));
-            let prepare = prepare(cur.0, std::mem::take(&mut data), opts, shared, ahead);
+            let prepare = prepare(&cur, std::mem::take(&mut data), opts, shared, ahead);
             let (read, prepared) = tokio::join!(read_next, prepare);
             if tx.send(prepared?).await.is_err() {
                 return Ok(()); // the sending stage failed: its error is the one reported
             }
             match (next, read?) {
-                (Some(r), Some(d)) => (cur, data) = (r, d),
+                (Some(u), Some(d)) => (cur, data) = (u, d),
                 _ => return Ok(()),
             }
         }
@@ -184,22 +199,46 @@ where
     Ok(out)
 }
 
-/// Name a run's blocks (a zero block has no name) and, when `ahead`, seal those not known to be
-/// at the master target, on every core.
+/// The bytes of a unit's reads, one after the other.
+async fn read_unit<S>(nbd: &mut Client<S>, reads: &[(u64, u64, u64)]) -> anyhow::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    let mut data = vec![0u8; reads.iter().map(|r| r.2 as usize).sum()];
+    let mut at = 0;
+    for &(_, off, len) in reads {
+        nbd.read_into(off, &mut data[at..at + len as usize]).await?;
+        at += len as usize;
+    }
+    Ok(data)
+}
+
+/// Name a unit's blocks (a zero block has no name) and, when `ahead`, seal those not known to
+/// be at the master target, on every core.
 async fn prepare(
-    first: u64,
+    reads: &[(u64, u64, u64)],
     data: Vec<u8>,
     opts: Options,
     shared: &Arc<Shared>,
     ahead: bool,
 ) -> anyhow::Result<Prepared> {
     let bs = opts.block_size as usize;
-    let len = data.len() as u64;
-    let data = Arc::new(data);
+    let mut blocks = Vec::new();
+    let mut at = 0;
+    for &(first, _, len) in reads {
+        let len = len as usize;
+        for (k, start) in (0..len).step_by(bs).enumerate() {
+            blocks.push((first + k as u64, at + start, at + (start + bs).min(len)));
+        }
+        at += len;
+    }
+    let (len, data, blocks) = (data.len() as u64, Arc::new(data), Arc::new(blocks));
     let done = {
-        let (data, sh, compress) = (data.clone(), shared.clone(), opts.compress);
-        parallel_blocks(data.len().div_ceil(bs), move |i| {
-            let block = &data[i * bs..((i + 1) * bs).min(data.len())];
+        let (data, blocks, sh, compress) =
+            (data.clone(), blocks.clone(), shared.clone(), opts.compress);
+        parallel_blocks(blocks.len(), move |i| {
+            let (_, a, b) = blocks[i];
+            let block = &data[a..b];
             if is_zero(block) {
                 return (None, None);
             }
@@ -214,9 +253,9 @@ async fn prepare(
     };
     let (ids, sealed) = done.into_iter().unzip();
     Ok(Prepared {
-        first,
         len,
         data,
+        blocks,
         ids,
         sealed,
     })
@@ -258,19 +297,19 @@ async fn send_prepared(
     sent: &mut HashSet<ChunkId>,
     speculate: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let bs = opts.block_size as usize;
     let Asked { run, ids: asked } = asked;
     let Prepared {
-        first,
         data,
+        blocks,
         ids,
         mut sealed,
         ..
     } = run;
     let n = ids.len();
     let theirs = if opts.compare {
+        // One read per unit when comparing: its blocks are consecutive.
         report.hash_bytes += 32 * n as u64;
-        Some(remote_ids(rd, wr, first, n as u32).await?)
+        Some(remote_ids(rd, wr, blocks[0].0, n as u32).await?)
     } else {
         None
     };
@@ -348,12 +387,17 @@ async fn send_prepared(
                 .collect(),
         );
         let seals = {
-            let (work, sh, data, compress) =
-                (work.clone(), shared.clone(), data.clone(), opts.compress);
+            let (work, sh, data, blocks, compress) = (
+                work.clone(),
+                shared.clone(),
+                data.clone(),
+                blocks.clone(),
+                opts.compress,
+            );
             parallel_blocks(work.len(), move |j| {
                 let (i, id) = work[j];
-                let block = &data[i * bs..((i + 1) * bs).min(data.len())];
-                sh.key.seal_chunk_as(&id, block, compress)
+                let (_, a, b) = blocks[i];
+                sh.key.seal_chunk_as(&id, &data[a..b], compress)
             })
             .await?
         };
@@ -371,7 +415,7 @@ async fn send_prepared(
             },
         };
         let frame = Msg::Block {
-            index: first + i as u64,
+            index: blocks[i].0,
             body,
         }
         .encode();
