@@ -10,8 +10,8 @@
 //!   from the master target (and a planned failover's drain check from the process server);
 //!   a stopped master target fails the step, naming it.
 //! - A planned failover loses nothing; reprotect sends back only what the recovery site
-//!   changed, and failback leaves the original disks equal to the recovery site's (this one
-//!   and the cut test run the configuration server beside the site, `--recovery-repo ...`).
+//!   changed (the master target compares and writes, the configuration server only orders it),
+//!   and failback leaves the original disks equal to the recovery site's.
 //! - The configuration server killed in the middle of a job (its roles enrolled, running the
 //!   site steps): a step that may run again resumes; one that may not ends the job failed,
 //!   saying which step and what was done. An order in flight is sent again and run once.
@@ -43,14 +43,6 @@ const JOBS: &str = "/v1/tenants/acme/plans/dr/jobs";
 /// Every wait in these tests ends by this much after the test began.
 const DEADLINE: Duration = Duration::from_secs(300);
 
-/// How the configuration server reaches the recovery site.
-enum Recovery {
-    /// Beside it: `--recovery-repo`, `--recovery-key`, `--recovery-work`, `--process-cache`.
-    Beside,
-    /// Through step orders to the enrolled master target and process server.
-    Ordered { timeout_secs: u64 },
-}
-
 /// A protected machine with two disks, its replication, and a configuration server that
 /// drives the recovery site.
 struct Dr {
@@ -75,59 +67,18 @@ struct Dr {
 }
 
 impl Dr {
-    fn start() -> Dr {
-        Dr::start_with(|_| {})
-    }
-
-    /// As [`Dr::start`], with the lab changed (e.g. the master target's flags) before it starts.
-    fn start_with(tune: impl FnOnce(&mut Lab)) -> Dr {
-        let began = Instant::now();
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-failover-")
-            .tempdir()
-            .unwrap();
-        let mut lab = Lab::new(&support::exe(), dir.path(), &[("d0", SIZE), ("d1", SIZE)]).unwrap();
-        lab.interval_ms = 200;
-        // Both disks belong to machine "web": cut together.
-        lab.disk_group = Some("web".into());
-        tune(&mut lab);
-        lab.start_master().unwrap();
-        lab.start_process().unwrap();
-        let mut dr = Dr::around(began, dir, lab, Recovery::Beside);
-        dr.attach_hosts(true);
-        dr.inventory(true);
-        dr
-    }
-
-    /// A configuration server driving the recovery site of `lab`: beside it (its master
-    /// target's repository and key, its process server's cache), or through the enrolled roles
-    /// with no access to any of it. No guest disks yet.
-    fn around(began: Instant, dir: tempfile::TempDir, lab: Lab, recovery: Recovery) -> Dr {
-        let (server_args, work): (Vec<String>, PathBuf) = match recovery {
-            Recovery::Beside => (
-                [
-                    ("--recovery-repo", &lab.repo),
-                    ("--recovery-key", &lab.key),
-                    ("--recovery-work", &dir.path().join("work")),
-                    ("--process-cache", &lab.cache),
-                ]
-                .iter()
-                .flat_map(|(k, v)| [k.to_string(), v.display().to_string()])
-                .collect(),
-                dir.path().join("work"),
-            ),
-            // The master target keeps its work below its state directory. A fixed port: the
-            // roles find a restarted server where they were told it is.
-            Recovery::Ordered { timeout_secs } => (
-                vec![
-                    "--order-timeout-secs".into(),
-                    timeout_secs.to_string(),
-                    "--listen".into(),
-                    format!("127.0.0.1:{}", ferry::lab::free_port().unwrap()),
-                ],
-                dir.path().join("mt-state/work"),
-            ),
-        };
+    /// A configuration server that drives the recovery site of `lab` through the enrolled
+    /// roles, with no access to any of the site's paths. No guest disks yet.
+    fn around(began: Instant, dir: tempfile::TempDir, lab: Lab, order_timeout_secs: u64) -> Dr {
+        // A fixed port: the roles find a restarted server where they were told it is.
+        let server_args: Vec<String> = vec![
+            "--order-timeout-secs".into(),
+            order_timeout_secs.to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", ferry::lab::free_port().unwrap()),
+        ];
+        // The master target keeps its work below its state directory.
+        let work = dir.path().join("mt-state/work");
         let server = harness::Server::start_with(&dir.path().join("cs"), &server_args);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -180,11 +131,8 @@ impl Dr {
         // The lab only names ports and paths here.
         let mut lab = Lab::new(&support::exe(), &d, &[]).unwrap();
         lab.key = d.join("mt-state/tenant.key");
-        let recovery = Recovery::Ordered {
-            timeout_secs: order_timeout_secs,
-        };
-        let mut dr = Dr::around(began, dir, lab, recovery);
-        dr.inventory(false);
+        let mut dr = Dr::around(began, dir, lab, order_timeout_secs);
+        dr.inventory();
         if let Some(p) = policy {
             let a = dr.admin();
             dr.ok(&a, Method::PUT, "/v1/tenants/acme/policies/gold", Some(p));
@@ -245,16 +193,14 @@ impl Dr {
             .push(support::Kill::spawn(&d, "process-server", &ps_args));
         dr.ps_args = ps_args;
         wait_port(dr.lab.nbd_port, Duration::from_secs(30)).unwrap();
-        dr.attach_hosts(false);
+        dr.attach_hosts();
         dr
     }
 
-    /// The machine's disks on their host, mirrored to the process server (over TLS with the
-    /// lab's certificates when `tls`).
-    fn attach_hosts(&mut self, tls: bool) {
+    /// The machine's disks on their host, mirrored to the process server.
+    fn attach_hosts(&mut self) {
         for (i, disk) in DISKS.iter().enumerate() {
-            let pki = tls.then_some(self.lab.pki.as_path());
-            let (q, image, sock) = host_disk(self.dir.path(), disk, i, self.lab.nbd_port, pki);
+            let (q, image, sock) = host_disk(self.dir.path(), disk, i, self.lab.nbd_port);
             self.hosts.push(Some(q));
             self.images.push(image);
             self.socks.push(sock);
@@ -277,9 +223,9 @@ impl Dr {
         self.rt.block_on(harness::ok(c, m, path, body))
     }
 
-    /// Tenant acme's protected machine `web` (disks d0 and d1, with their images as sources
-    /// for a reprotect when `sources`) and its plan `dr`.
-    fn inventory(&self, sources: bool) {
+    /// Tenant acme's protected machine `web` (disks d0 and d1, each with its image on the host
+    /// as its source: what reprotect and failback write) and its plan `dr`.
+    fn inventory(&self) {
         let a = self.admin();
         let post = |path: &str, body: Value| self.ok(&a, Method::POST, path, Some(body));
         post("/v1/tenants", json!({"name": "acme"}));
@@ -292,11 +238,8 @@ impl Dr {
             "/v1/tenants/acme/machines",
             json!({"name": "web", "site": "hq", "policy": "gold"}),
         );
-        for (i, d) in DISKS.iter().enumerate() {
-            let source = match sources {
-                true => self.images[i].display().to_string(),
-                false => String::new(),
-            };
+        for d in DISKS {
+            let source = host_image(self.dir.path(), d).display().to_string();
             post(
                 "/v1/tenants/acme/machines/web/disks",
                 json!({"name": d, "size_bytes": SIZE, "source": source}),
@@ -536,22 +479,22 @@ impl Dr {
     }
 }
 
+/// Where the host keeps guest disk `disk`'s image.
+fn host_image(dir: &Path, disk: &str) -> PathBuf {
+    dir.join(format!("host-{disk}"))
+        .join(format!("{disk}.qcow2"))
+}
+
 /// Guest disk `i` of the machine on its host: a qcow2 image (its first 8 MiB written), a
-/// qemu-storage-daemon mirroring it to the process server's export `disk` (over TLS with
-/// `pki`), and the guest's NBD socket. Returns (daemon, image, socket).
-fn host_disk(
-    dir: &Path,
-    disk: &str,
-    i: usize,
-    nbd_port: u16,
-    pki: Option<&Path>,
-) -> (StorageDaemon, PathBuf, PathBuf) {
-    let h = dir.join(format!("host-{disk}"));
+/// qemu-storage-daemon mirroring it to the process server's export `disk`, and the guest's
+/// NBD socket. Returns (daemon, image, socket).
+fn host_disk(dir: &Path, disk: &str, i: usize, nbd_port: u16) -> (StorageDaemon, PathBuf, PathBuf) {
+    let image = host_image(dir, disk);
+    let h = image.parent().unwrap().to_path_buf();
     std::fs::create_dir_all(&h).unwrap();
-    let image = h.join(format!("{disk}.qcow2"));
     support::qcow2_image(&image, SIZE, &[&format!("write -P {} 0 8M", 0x10 + i)]);
     let mut q = StorageDaemon::start(&image, "qcow2", &h).unwrap();
-    q.mirror_to_nbd("127.0.0.1", nbd_port, disk, pki, Duration::from_secs(120))
+    q.mirror_to_nbd("127.0.0.1", nbd_port, disk, None, Duration::from_secs(120))
         .unwrap();
     let sock = h.join("guest.sock");
     q.export(MIRROR_FILTER, "guest", &sock).unwrap();
@@ -1028,7 +971,7 @@ fn an_order_in_flight_across_a_configuration_server_restart_runs_once() {
 
 #[test]
 fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes() {
-    let mut dr = Dr::start();
+    let mut dr = Dr::start_enrolled();
     let op = dr.person("olivia", "operator");
     let writers = dr.writers();
     // A source that keeps writing (its pre-hooks did not stop it) fails the drain: nothing
@@ -1604,11 +1547,11 @@ fn a_machine_with_lz4_compression_stores_lz4_chunks_that_read_back_equal() {
 
 #[test]
 fn a_machines_disks_are_cut_together_as_one_crash_consistent_state() {
-    let dr = Dr::start();
+    let dr = Dr::start_enrolled();
     dr.caught_up();
     let bases: Vec<Vec<u8>> = (0..DISKS.len()).map(|i| dr.guest_image(i)).collect();
     let began = ferry_process_server::status::now_unix_ns();
-    let log = write_across(&dr, 23, Duration::from_secs(6));
+    let log = write_across(&dr, 23, Duration::from_secs(10));
     let last = dr.caught_up();
     assert!(log.len() > 200, "the guest wrote {} times", log.len());
 
@@ -1622,7 +1565,7 @@ fn a_machines_disks_are_cut_together_as_one_crash_consistent_state() {
         .collect();
     assert!(
         common.len() >= 5,
-        "only {} cuts of the machine in 6 s of writes at a 200 ms interval (d0 {c0:?}, d1 {c1:?})",
+        "only {} cuts of the machine in 10 s of writes at a 1 s interval (d0 {c0:?}, d1 {c1:?})",
         common.len()
     );
     // Every cut the process server made got a point on both disks (no disk skipped one).
