@@ -18,6 +18,8 @@
 //! - Retention at the master target never takes a point a test failover serves (nor its
 //!   chunks): the point is held until cleanup, then retention removes it. A master target
 //!   started again serves the test's points again.
+//! - A role forgets the answers of orders whose jobs ended, but for the one that serves a
+//!   running test failover, from which it serves it again after a restart.
 //! - The machine's two disks are one consistency group: one guest writes to both, each write
 //!   issued after the one before was acknowledged, and at every cut the two disks' points
 //!   together hold exactly the first N writes for one N; a failover uses such a cut.
@@ -40,6 +42,8 @@ const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 const DISKS: [&str; 2] = ["d0", "d1"];
 const JOBS: &str = "/v1/tenants/acme/plans/dr/jobs";
+/// A step's progress as the job API shows it: done, total, detail.
+type Progress = (u64, u64, String);
 /// Every wait in these tests ends by this much after the test began.
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -351,6 +355,33 @@ impl Dr {
         assert_eq!(j.state, JobState::Succeeded, "{j:#?}");
         assert!(j.steps.iter().all(|s| s.state == StepState::Done), "{j:#?}");
         j
+    }
+
+    /// [`Dr::run_job`], recording each progress the job's step `step` showed while it ran:
+    /// (done, total, detail), as often as the API is asked (every 20 ms).
+    fn run_job_watching(&self, c: &Client, body: Value, step: &str) -> (Job, Vec<Progress>) {
+        let j = self.start_job(c, body);
+        let mut seen: Vec<Progress> = Vec::new();
+        let j = loop {
+            let j = self.get_job(c, j.id);
+            if j.state != JobState::Running {
+                break j;
+            }
+            if let Some(s) = j
+                .steps
+                .iter()
+                .find(|s| s.name == step && s.state == StepState::Running)
+            {
+                let p = (s.done, s.total, s.detail.clone());
+                if seen.last() != Some(&p) {
+                    seen.push(p);
+                }
+            }
+            self.left();
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(j.state, JobState::Succeeded, "{j:#?}");
+        (j, seen)
     }
 
     fn status(&self) -> PlanStatus {
@@ -1040,8 +1071,35 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
     dr.run_job(&op, json!({"kind": "commit"}));
     assert_eq!(dr.status().phase, PlanPhase::Committed);
 
-    // Reprotect: the original disks are brought up to date, sending only what differs.
-    let rp = dr.run_job(&op, json!({"kind": "reprotect"}));
+    // Reprotect: the original disks are brought up to date, sending only what differs. The
+    // step shows how far the master target has come while it runs: bytes of the machine's
+    // disks compared, and the disk's blocks compared and bytes sent so far.
+    let (rp, seen) = dr.run_job_watching(&op, json!({"kind": "reprotect"}), "resync web");
+    let total = 2 * SIZE;
+    assert!(seen.iter().all(|(_, t, _)| *t == total), "{seen:#?}");
+    assert!(
+        seen.windows(2).all(|w| w[0].0 <= w[1].0),
+        "progress went back: {seen:#?}"
+    );
+    let midway: Vec<&Progress> = seen
+        .iter()
+        .filter(|(done, _, detail)| *done > 0 && *done < total && detail.contains("compared"))
+        .collect();
+    assert!(
+        !midway.is_empty(),
+        "no progress while the resync ran: {seen:#?}"
+    );
+    eprintln!("reprotect progress seen while it ran: {midway:?}");
+    let step = rp.steps.iter().find(|s| s.name == "resync web").unwrap();
+    assert_eq!((step.done, step.total), (total, total), "{step:#?}");
+    // The CLI's job view shows the step's progress and what was sent.
+    let view = dr
+        .ctl("olivia", &["jobs", "--tenant", "acme", &rp.id.to_string()])
+        .unwrap();
+    assert!(
+        view.contains(&format!("{total}/{total}")) && view.contains("sent 2097152 of"),
+        "{view}"
+    );
     let sent: Vec<u64> = rp
         .disks
         .iter()
@@ -1640,4 +1698,99 @@ fn a_machines_disks_are_cut_together_as_one_crash_consistent_state() {
         2,
         "{text}"
     );
+}
+
+/// The answers the master target keeps in `{state}/orders/`: (order id, step).
+fn kept_answers(dr: &Dr) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> = std::fs::read_dir(dr.path("mt-state/orders"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let v: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            let step = v["order"]["step"]["step"].as_str().unwrap().to_string();
+            (v["order"]["id"].as_u64().unwrap(), step)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Wait (bounded by the test's deadline) until the master target keeps only answers to
+/// these steps, and return them.
+fn wait_kept(dr: &Dr, steps: &[&str]) -> Vec<(u64, String)> {
+    loop {
+        let kept = kept_answers(dr);
+        if kept
+            .iter()
+            .map(|(_, s)| s.as_str())
+            .eq(steps.iter().copied())
+        {
+            return kept;
+        }
+        assert!(
+            dr.began.elapsed() < DEADLINE,
+            "the master target keeps {kept:?}, not only {steps:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A role keeps the answer of each order it ran (to answer it again, not run it twice, when
+/// the order is sent again), but only as long as the configuration server keeps the order:
+/// once a job ends, its answers go. The one that serves a running test failover stays: a
+/// master target started again serves the test's points from it.
+#[test]
+fn a_roles_kept_answers_go_when_their_jobs_end_but_a_running_test_is_served_again() {
+    let mut dr = Dr::start_enrolled();
+    let op = dr.person("olivia", "operator");
+    dr.common_cut(0);
+    // Each round's answers (points, serve, scratch; stop, discard, holds, release) go, so
+    // the directory does not grow with the number of jobs.
+    let mut most = 0;
+    for _ in 0..3 {
+        dr.run_job(&op, json!({"kind": "test-failover"}));
+        most = most.max(kept_answers(&dr).len());
+        dr.run_job(&op, json!({"kind": "cleanup"}));
+        most = most.max(kept_answers(&dr).len());
+        wait_kept(&dr, &[]);
+    }
+    assert!(most > 0, "the master target kept no answers at all");
+
+    // A test failover that runs on: of its answers only the one serving its points stays.
+    let job = dr.run_job(&op, json!({"kind": "test-failover"}));
+    let kept = wait_kept(&dr, &["serve"]);
+    let st = dr.status();
+    let expected: Vec<String> = st
+        .disks
+        .iter()
+        .map(|d| {
+            let p = dr.path(&format!("point-{}.raw", d.disk));
+            std::fs::write(&p, dr.point_image(&d.disk, d.point_seq.unwrap())).unwrap();
+            p.display().to_string()
+        })
+        .collect();
+    for (d, e) in st.disks.iter().zip(&expected) {
+        assert!(same(&d.path, "qcow2", e, "raw"), "{} before", d.disk);
+    }
+    // The master target restarts: it serves the test's points again from that answer, and
+    // keeps it.
+    dr.stop_master();
+    dr.start_master();
+    for (d, e) in st.disks.iter().zip(&expected) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !same(&d.path, "qcow2", e, "raw") {
+            assert!(
+                Instant::now() < deadline,
+                "the test machine's {} does not read its point after the master target restarted",
+                d.disk
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert_eq!(kept_answers(&dr), kept, "test job {}", job.id);
+
+    // Cleanup stops serving: then nothing is kept.
+    dr.run_job(&op, json!({"kind": "cleanup"}));
+    wait_kept(&dr, &[]);
 }
