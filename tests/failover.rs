@@ -1081,6 +1081,10 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
         seen.windows(2).all(|w| w[0].0 <= w[1].0),
         "progress went back: {seen:#?}"
     );
+    // Not a matter of the machine's speed: after posting a disk's first batch a role waits
+    // 250 ms before it posts again, so that progress stays shown at least that long (the API
+    // is asked every 20 ms); and between the two disks' orders the first disk's end stays
+    // shown until the second one's first batch is posted.
     let midway: Vec<&Progress> = seen
         .iter()
         .filter(|(done, _, detail)| *done > 0 && *done < total && detail.contains("compared"))

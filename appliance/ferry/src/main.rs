@@ -1293,3 +1293,21 @@ fn format_time(unix_ns: u64) -> String {
         rem % 60
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::host_source;
+
+    #[test]
+    fn only_a_host_form_source_reaches_the_process_servers_disk_spec() {
+        let host = "qmp=/run/h/qmp.sock,node=drive0,nbd=/run/h/nbd.sock";
+        assert_eq!(host_source(host), Some(host));
+        let periodic = "qmp=/q,node=n,nbd=/s,fleece=/f.qcow2";
+        assert_eq!(host_source(periodic), Some(periodic));
+        // An image path (what reprotect writes), empty, or anything else: not the host's.
+        assert_eq!(host_source("/srv/vm/web-d0.qcow2"), None);
+        assert_eq!(host_source("/srv/a=b/d0.qcow2"), None);
+        assert_eq!(host_source(""), None);
+        assert_eq!(host_source("qmp=/q,/srv/d0.qcow2"), None);
+    }
+}
