@@ -62,7 +62,7 @@ async fn run(args: BootstrapArgs, agent: Arc<Agent>) {
     serve_again(&dir, &agent).await;
     let running: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let mut client: Option<Client> = None;
-    let mut pruned = std::time::Instant::now() - PRUNE_EVERY;
+    let mut pruned: Option<std::time::Instant> = None;
     loop {
         if client.is_none() {
             client = args
@@ -98,10 +98,10 @@ async fn run(args: BootstrapArgs, agent: Arc<Agent>) {
             }
             Err(e) => tracing::warn!(error = %e, "asking the configuration server for step orders"),
         }
-        if pruned.elapsed() >= PRUNE_EVERY {
+        if pruned.is_none_or(|p| p.elapsed() >= PRUNE_EVERY) {
             let busy = running.lock().unwrap_or_else(|e| e.into_inner()).clone();
             prune(&c, &dir, &busy).await;
-            pruned = std::time::Instant::now();
+            pruned = Some(std::time::Instant::now());
         }
         tokio::time::sleep(POLL).await;
     }
@@ -263,7 +263,7 @@ async fn prune(c: &Client, dir: &Path, busy: &HashSet<u64>) {
     if answered.is_empty() {
         return;
     }
-    let steps: Vec<(u64, Option<(String, String)>)> = answered
+    let plans: Vec<(u64, Option<Plan>)> = answered
         .iter()
         .map(|a| (a.order.id, served_plan(&a.order.step)))
         .collect();
@@ -272,39 +272,57 @@ async fn prune(c: &Client, dir: &Path, busy: &HashSet<u64>) {
         .flatten()
         .map(|(id, _)| id)
         .collect();
-    // Oldest first; an answer that stops serving a plan goes only with the ones before it that
-    // served the plan (else a restart would serve the plan again from those).
-    let mut stayed: HashSet<(String, String)> = HashSet::new();
-    let mut forgot = 0;
-    for (id, plan) in steps {
-        let stays = serving.contains(&id)
-            || busy.contains(&id)
-            || plan.as_ref().is_some_and(|p| stayed.contains(p));
-        let gone = match stays {
-            true => Some(false),
-            false => order_gone(c, id).await,
-        };
-        match gone {
-            Some(true) => match std::fs::remove_file(kept(dir, id)) {
-                Ok(()) => forgot += 1,
-                Err(e) => {
-                    tracing::warn!(order = id, error = %e, "cannot forget an answer");
-                    stayed.extend(plan);
-                }
-            },
-            Some(false) => {
-                stayed.extend(plan);
+    // Ask about each answer that may go, oldest first, until the server cannot say.
+    let mut gone = HashSet::new();
+    for (id, _) in &plans {
+        if serving.contains(id) || busy.contains(id) {
+            continue;
+        }
+        match order_gone(c, *id).await {
+            Some(true) => {
+                gone.insert(*id);
             }
+            Some(false) => {}
             None => break,
         }
+    }
+    let mut forgot = 0;
+    for id in forgettable(&plans, &gone) {
+        if let Err(e) = std::fs::remove_file(kept(dir, id)) {
+            // The next pass tries again; until then, later answers about its plan stay too.
+            tracing::warn!(order = id, error = %e, "cannot forget an answer");
+            break;
+        }
+        forgot += 1;
     }
     if forgot > 0 {
         tracing::info!(forgot, "forgot the answers of orders whose jobs ended");
     }
 }
 
+/// A test failover's plan: (tenant, plan).
+type Plan = (String, String);
+
+/// Of the kept answers `plans` (oldest first, each with the plan whose serving it starts or
+/// stops, if it does), those to forget, oldest first: the server no longer keeps their order
+/// (`gone`), and no answer before them about the same plan stays — an answer that stops
+/// serving a plan goes only with those before it that served it, else a restart would serve
+/// the plan again from those.
+fn forgettable(plans: &[(u64, Option<Plan>)], gone: &HashSet<u64>) -> Vec<u64> {
+    let mut stayed: HashSet<&Plan> = HashSet::new();
+    let mut out = Vec::new();
+    for (id, plan) in plans {
+        if gone.contains(id) && !plan.as_ref().is_some_and(|p| stayed.contains(p)) {
+            out.push(*id);
+        } else {
+            stayed.extend(plan);
+        }
+    }
+    out
+}
+
 /// The plan whose test failover's serving an order starts or stops.
-fn served_plan(step: &SiteStep) -> Option<(String, String)> {
+fn served_plan(step: &SiteStep) -> Option<Plan> {
     match step {
         SiteStep::Serve { tenant, plan, .. }
         | SiteStep::StopServing { tenant, plan }
@@ -338,5 +356,38 @@ async fn serve_again(dir: &Path, agent: &Agent) {
                 tracing::error!(%tenant, %plan, error = %e, "cannot serve a test failover's points again")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{forgettable, Plan};
+    use std::collections::HashSet;
+
+    fn p(name: &str) -> Option<Plan> {
+        Some(("acme".to_string(), name.to_string()))
+    }
+
+    #[test]
+    fn an_answer_that_stops_serving_goes_only_with_the_ones_that_served_before_it() {
+        let gone = |ids: &[u64]| ids.iter().copied().collect::<HashSet<u64>>();
+        // A test failover (points, serve, scratch) and its cleanup (stop, discard), all ended.
+        let plans = [
+            (1, None),
+            (2, p("dr")),
+            (3, None),
+            (4, p("dr")),
+            (5, p("dr")),
+        ];
+        assert_eq!(
+            forgettable(&plans, &gone(&[1, 2, 3, 4, 5])),
+            [1, 2, 3, 4, 5]
+        );
+        // The server still keeps the serve order: the stops after it stay with it.
+        assert_eq!(forgettable(&plans, &gone(&[1, 3, 4, 5])), [1, 3]);
+        // Another plan's answers do not hold these back.
+        let plans = [(1, p("other")), (2, p("dr")), (3, p("dr"))];
+        assert_eq!(forgettable(&plans, &gone(&[2, 3])), [2, 3]);
+        assert!(forgettable(&plans, &gone(&[])).is_empty());
     }
 }
