@@ -6,8 +6,13 @@
 //! Each answer is kept in `{state}/orders/{id}.json` before it is posted: an order sent again
 //! (the configuration server restarted while it was in flight, or the answer was lost) is
 //! answered from there and not run twice. Orders in flight are polled for again while they
-//! run, which tells the server the role is alive. After a restart of the role, the test
-//! failovers' instant-access servers it ran are served again on the ports their overlays name.
+//! run, which tells the server the role is alive; a long one (a resync) also posts how far it
+//! has come. After a restart of the role, the test failovers' instant-access servers it ran
+//! are served again on the ports their overlays name.
+//!
+//! An answer is forgotten once the server no longer keeps its order (its job ended), except
+//! the one that serves a running test failover, which the restart needs: so `{state}/orders/`
+//! holds the answers of the running jobs and of the served tests, however many jobs ran.
 
 use crate::bootstrap::BootstrapArgs;
 use ferry_api::{Order, OrderProgress, OrderResult, SiteAnswer, SiteStep};
