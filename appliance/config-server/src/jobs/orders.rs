@@ -11,6 +11,12 @@
 //!
 //! The role must fetch an order, and keep polling while it runs it, within the order timeout
 //! (`--order-timeout-secs`): else the step fails, naming the role that did not answer.
+//!
+//! While it runs a long order (a resync) the role posts its progress
+//! (`POST /v1/roles/orders/{order}/progress`), kept on the order until the answer comes and
+//! passed to the job step that waits ([`run_reporting`]). A role asks about an order it
+//! answered (`GET /v1/roles/orders/{order}`) to learn whether it may forget its answer: `404
+//! no-such-order` once the order is gone.
 
 use super::Runtime;
 use crate::app::{now_unix, Caller, Shared};
