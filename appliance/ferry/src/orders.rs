@@ -21,6 +21,7 @@ use ferry_failover::agent::Agent;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,6 +69,7 @@ async fn run(args: BootstrapArgs, agent: Arc<Agent>) {
     let running: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let mut client: Option<Client> = None;
     let mut pruned: Option<std::time::Instant> = None;
+    let pruning = Arc::new(AtomicBool::new(false));
     loop {
         if client.is_none() {
             client = args
@@ -103,9 +105,15 @@ async fn run(args: BootstrapArgs, agent: Arc<Agent>) {
             }
             Err(e) => tracing::warn!(error = %e, "asking the configuration server for step orders"),
         }
-        if pruned.is_none_or(|p| p.elapsed() >= PRUNE_EVERY) {
+        // On a task of its own (one at a time), so that a slow answer about a kept order
+        // never delays fetching new ones.
+        if pruned.is_none_or(|p| p.elapsed() >= PRUNE_EVERY) && !pruning.swap(true, SeqCst) {
             let busy = running.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            prune(&c, &dir, &busy).await;
+            let (c, dir, pruning) = (c.clone(), dir.clone(), pruning.clone());
+            tokio::spawn(async move {
+                prune(&c, &dir, &busy).await;
+                pruning.store(false, SeqCst);
+            });
             pruned = Some(std::time::Instant::now());
         }
         tokio::time::sleep(POLL).await;
