@@ -555,6 +555,7 @@ fn example_body(method: &Method, path: &str) -> Value {
         "jobs" => json!({"kind": "test-failover"}),
         // A person is not the role an order is addressed to: refused, 403, as documented.
         "result" => json!({"error": "no such step"}),
+        "progress" => json!({"done": 1, "total": 2, "detail": "compared 1 of 2 blocks"}),
         other => panic!("no example body for {other} ({path})"),
     }
 }

@@ -10,14 +10,16 @@
 //!   from the master target (and a planned failover's drain check from the process server);
 //!   a stopped master target fails the step, naming it.
 //! - A planned failover loses nothing; reprotect sends back only what the recovery site
-//!   changed, and failback leaves the original disks equal to the recovery site's (this one
-//!   and the cut test run the configuration server beside the site, `--recovery-repo ...`).
+//!   changed (the master target compares and writes, the configuration server only orders it),
+//!   and failback leaves the original disks equal to the recovery site's.
 //! - The configuration server killed in the middle of a job (its roles enrolled, running the
 //!   site steps): a step that may run again resumes; one that may not ends the job failed,
 //!   saying which step and what was done. An order in flight is sent again and run once.
 //! - Retention at the master target never takes a point a test failover serves (nor its
 //!   chunks): the point is held until cleanup, then retention removes it. A master target
 //!   started again serves the test's points again.
+//! - A role forgets the answers of orders whose jobs ended, but for the one that serves a
+//!   running test failover, from which it serves it again after a restart.
 //! - The machine's two disks are one consistency group: one guest writes to both, each write
 //!   issued after the one before was acknowledged, and at every cut the two disks' points
 //!   together hold exactly the first N writes for one N; a failover uses such a cut.
@@ -40,16 +42,10 @@ const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 const DISKS: [&str; 2] = ["d0", "d1"];
 const JOBS: &str = "/v1/tenants/acme/plans/dr/jobs";
+/// A step's progress as the job API shows it: done, total, detail.
+type Progress = (u64, u64, String);
 /// Every wait in these tests ends by this much after the test began.
 const DEADLINE: Duration = Duration::from_secs(300);
-
-/// How the configuration server reaches the recovery site.
-enum Recovery {
-    /// Beside it: `--recovery-repo`, `--recovery-key`, `--recovery-work`, `--process-cache`.
-    Beside,
-    /// Through step orders to the enrolled master target and process server.
-    Ordered { timeout_secs: u64 },
-}
 
 /// A protected machine with two disks, its replication, and a configuration server that
 /// drives the recovery site.
@@ -75,59 +71,18 @@ struct Dr {
 }
 
 impl Dr {
-    fn start() -> Dr {
-        Dr::start_with(|_| {})
-    }
-
-    /// As [`Dr::start`], with the lab changed (e.g. the master target's flags) before it starts.
-    fn start_with(tune: impl FnOnce(&mut Lab)) -> Dr {
-        let began = Instant::now();
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-failover-")
-            .tempdir()
-            .unwrap();
-        let mut lab = Lab::new(&support::exe(), dir.path(), &[("d0", SIZE), ("d1", SIZE)]).unwrap();
-        lab.interval_ms = 200;
-        // Both disks belong to machine "web": cut together.
-        lab.disk_group = Some("web".into());
-        tune(&mut lab);
-        lab.start_master().unwrap();
-        lab.start_process().unwrap();
-        let mut dr = Dr::around(began, dir, lab, Recovery::Beside);
-        dr.attach_hosts(true);
-        dr.inventory(true);
-        dr
-    }
-
-    /// A configuration server driving the recovery site of `lab`: beside it (its master
-    /// target's repository and key, its process server's cache), or through the enrolled roles
-    /// with no access to any of it. No guest disks yet.
-    fn around(began: Instant, dir: tempfile::TempDir, lab: Lab, recovery: Recovery) -> Dr {
-        let (server_args, work): (Vec<String>, PathBuf) = match recovery {
-            Recovery::Beside => (
-                [
-                    ("--recovery-repo", &lab.repo),
-                    ("--recovery-key", &lab.key),
-                    ("--recovery-work", &dir.path().join("work")),
-                    ("--process-cache", &lab.cache),
-                ]
-                .iter()
-                .flat_map(|(k, v)| [k.to_string(), v.display().to_string()])
-                .collect(),
-                dir.path().join("work"),
-            ),
-            // The master target keeps its work below its state directory. A fixed port: the
-            // roles find a restarted server where they were told it is.
-            Recovery::Ordered { timeout_secs } => (
-                vec![
-                    "--order-timeout-secs".into(),
-                    timeout_secs.to_string(),
-                    "--listen".into(),
-                    format!("127.0.0.1:{}", ferry::lab::free_port().unwrap()),
-                ],
-                dir.path().join("mt-state/work"),
-            ),
-        };
+    /// A configuration server that drives the recovery site of `lab` through the enrolled
+    /// roles, with no access to any of the site's paths. No guest disks yet.
+    fn around(began: Instant, dir: tempfile::TempDir, lab: Lab, order_timeout_secs: u64) -> Dr {
+        // A fixed port: the roles find a restarted server where they were told it is.
+        let server_args: Vec<String> = vec![
+            "--order-timeout-secs".into(),
+            order_timeout_secs.to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", ferry::lab::free_port().unwrap()),
+        ];
+        // The master target keeps its work below its state directory.
+        let work = dir.path().join("mt-state/work");
         let server = harness::Server::start_with(&dir.path().join("cs"), &server_args);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -180,11 +135,8 @@ impl Dr {
         // The lab only names ports and paths here.
         let mut lab = Lab::new(&support::exe(), &d, &[]).unwrap();
         lab.key = d.join("mt-state/tenant.key");
-        let recovery = Recovery::Ordered {
-            timeout_secs: order_timeout_secs,
-        };
-        let mut dr = Dr::around(began, dir, lab, recovery);
-        dr.inventory(false);
+        let mut dr = Dr::around(began, dir, lab, order_timeout_secs);
+        dr.inventory();
         if let Some(p) = policy {
             let a = dr.admin();
             dr.ok(&a, Method::PUT, "/v1/tenants/acme/policies/gold", Some(p));
@@ -245,16 +197,14 @@ impl Dr {
             .push(support::Kill::spawn(&d, "process-server", &ps_args));
         dr.ps_args = ps_args;
         wait_port(dr.lab.nbd_port, Duration::from_secs(30)).unwrap();
-        dr.attach_hosts(false);
+        dr.attach_hosts();
         dr
     }
 
-    /// The machine's disks on their host, mirrored to the process server (over TLS with the
-    /// lab's certificates when `tls`).
-    fn attach_hosts(&mut self, tls: bool) {
+    /// The machine's disks on their host, mirrored to the process server.
+    fn attach_hosts(&mut self) {
         for (i, disk) in DISKS.iter().enumerate() {
-            let pki = tls.then_some(self.lab.pki.as_path());
-            let (q, image, sock) = host_disk(self.dir.path(), disk, i, self.lab.nbd_port, pki);
+            let (q, image, sock) = host_disk(self.dir.path(), disk, i, self.lab.nbd_port);
             self.hosts.push(Some(q));
             self.images.push(image);
             self.socks.push(sock);
@@ -277,9 +227,9 @@ impl Dr {
         self.rt.block_on(harness::ok(c, m, path, body))
     }
 
-    /// Tenant acme's protected machine `web` (disks d0 and d1, with their images as sources
-    /// for a reprotect when `sources`) and its plan `dr`.
-    fn inventory(&self, sources: bool) {
+    /// Tenant acme's protected machine `web` (disks d0 and d1, each with its image on the host
+    /// as its source: what reprotect and failback write) and its plan `dr`.
+    fn inventory(&self) {
         let a = self.admin();
         let post = |path: &str, body: Value| self.ok(&a, Method::POST, path, Some(body));
         post("/v1/tenants", json!({"name": "acme"}));
@@ -292,11 +242,8 @@ impl Dr {
             "/v1/tenants/acme/machines",
             json!({"name": "web", "site": "hq", "policy": "gold"}),
         );
-        for (i, d) in DISKS.iter().enumerate() {
-            let source = match sources {
-                true => self.images[i].display().to_string(),
-                false => String::new(),
-            };
+        for d in DISKS {
+            let source = host_image(self.dir.path(), d).display().to_string();
             post(
                 "/v1/tenants/acme/machines/web/disks",
                 json!({"name": d, "size_bytes": SIZE, "source": source}),
@@ -408,6 +355,33 @@ impl Dr {
         assert_eq!(j.state, JobState::Succeeded, "{j:#?}");
         assert!(j.steps.iter().all(|s| s.state == StepState::Done), "{j:#?}");
         j
+    }
+
+    /// [`Dr::run_job`], recording each progress the job's step `step` showed while it ran:
+    /// (done, total, detail), as often as the API is asked (every 20 ms).
+    fn run_job_watching(&self, c: &Client, body: Value, step: &str) -> (Job, Vec<Progress>) {
+        let j = self.start_job(c, body);
+        let mut seen: Vec<Progress> = Vec::new();
+        let j = loop {
+            let j = self.get_job(c, j.id);
+            if j.state != JobState::Running {
+                break j;
+            }
+            if let Some(s) = j
+                .steps
+                .iter()
+                .find(|s| s.name == step && s.state == StepState::Running)
+            {
+                let p = (s.done, s.total, s.detail.clone());
+                if seen.last() != Some(&p) {
+                    seen.push(p);
+                }
+            }
+            self.left();
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(j.state, JobState::Succeeded, "{j:#?}");
+        (j, seen)
     }
 
     fn status(&self) -> PlanStatus {
@@ -536,22 +510,22 @@ impl Dr {
     }
 }
 
+/// Where the host keeps guest disk `disk`'s image.
+fn host_image(dir: &Path, disk: &str) -> PathBuf {
+    dir.join(format!("host-{disk}"))
+        .join(format!("{disk}.qcow2"))
+}
+
 /// Guest disk `i` of the machine on its host: a qcow2 image (its first 8 MiB written), a
-/// qemu-storage-daemon mirroring it to the process server's export `disk` (over TLS with
-/// `pki`), and the guest's NBD socket. Returns (daemon, image, socket).
-fn host_disk(
-    dir: &Path,
-    disk: &str,
-    i: usize,
-    nbd_port: u16,
-    pki: Option<&Path>,
-) -> (StorageDaemon, PathBuf, PathBuf) {
-    let h = dir.join(format!("host-{disk}"));
+/// qemu-storage-daemon mirroring it to the process server's export `disk`, and the guest's
+/// NBD socket. Returns (daemon, image, socket).
+fn host_disk(dir: &Path, disk: &str, i: usize, nbd_port: u16) -> (StorageDaemon, PathBuf, PathBuf) {
+    let image = host_image(dir, disk);
+    let h = image.parent().unwrap().to_path_buf();
     std::fs::create_dir_all(&h).unwrap();
-    let image = h.join(format!("{disk}.qcow2"));
     support::qcow2_image(&image, SIZE, &[&format!("write -P {} 0 8M", 0x10 + i)]);
     let mut q = StorageDaemon::start(&image, "qcow2", &h).unwrap();
-    q.mirror_to_nbd("127.0.0.1", nbd_port, disk, pki, Duration::from_secs(120))
+    q.mirror_to_nbd("127.0.0.1", nbd_port, disk, None, Duration::from_secs(120))
         .unwrap();
     let sock = h.join("guest.sock");
     q.export(MIRROR_FILTER, "guest", &sock).unwrap();
@@ -1028,7 +1002,7 @@ fn an_order_in_flight_across_a_configuration_server_restart_runs_once() {
 
 #[test]
 fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes() {
-    let mut dr = Dr::start();
+    let mut dr = Dr::start_enrolled();
     let op = dr.person("olivia", "operator");
     let writers = dr.writers();
     // A source that keeps writing (its pre-hooks did not stop it) fails the drain: nothing
@@ -1097,8 +1071,44 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
     dr.run_job(&op, json!({"kind": "commit"}));
     assert_eq!(dr.status().phase, PlanPhase::Committed);
 
-    // Reprotect: the original disks are brought up to date, sending only what differs.
-    let rp = dr.run_job(&op, json!({"kind": "reprotect"}));
+    // Reprotect: the original disks are brought up to date, sending only what differs. The
+    // step shows how far the master target has come while it runs: bytes of the machine's
+    // disks compared, and the disk's blocks compared and bytes sent so far.
+    let (rp, seen) = dr.run_job_watching(&op, json!({"kind": "reprotect"}), "resync web");
+    let total = 2 * SIZE;
+    // (A step that has just begun has no total yet.)
+    assert!(
+        seen.iter()
+            .all(|(d, t, _)| *t == total || (*t, *d) == (0, 0)),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].0 <= w[1].0),
+        "progress went back: {seen:#?}"
+    );
+    // Not a matter of the machine's speed: after posting a disk's first batch a role waits
+    // 250 ms before it posts again, so that progress stays shown at least that long (the API
+    // is asked every 20 ms); and between the two disks' orders the first disk's end stays
+    // shown until the second one's first batch is posted.
+    let midway: Vec<&Progress> = seen
+        .iter()
+        .filter(|(done, _, detail)| *done > 0 && *done < total && detail.contains("compared"))
+        .collect();
+    assert!(
+        !midway.is_empty(),
+        "no progress while the resync ran: {seen:#?}"
+    );
+    eprintln!("reprotect progress seen while it ran: {midway:?}");
+    let step = rp.steps.iter().find(|s| s.name == "resync web").unwrap();
+    assert_eq!((step.done, step.total), (total, total), "{step:#?}");
+    // The CLI's job view shows the step's progress and what was sent.
+    let view = dr
+        .ctl("olivia", &["jobs", "--tenant", "acme", &rp.id.to_string()])
+        .unwrap();
+    assert!(
+        view.contains(&format!("{total}/{total}")) && view.contains("sent 2097152 of"),
+        "{view}"
+    );
     let sent: Vec<u64> = rp
         .disks
         .iter()
@@ -1604,11 +1614,11 @@ fn a_machine_with_lz4_compression_stores_lz4_chunks_that_read_back_equal() {
 
 #[test]
 fn a_machines_disks_are_cut_together_as_one_crash_consistent_state() {
-    let dr = Dr::start();
+    let dr = Dr::start_enrolled();
     dr.caught_up();
     let bases: Vec<Vec<u8>> = (0..DISKS.len()).map(|i| dr.guest_image(i)).collect();
     let began = ferry_process_server::status::now_unix_ns();
-    let log = write_across(&dr, 23, Duration::from_secs(6));
+    let log = write_across(&dr, 23, Duration::from_secs(10));
     let last = dr.caught_up();
     assert!(log.len() > 200, "the guest wrote {} times", log.len());
 
@@ -1622,7 +1632,7 @@ fn a_machines_disks_are_cut_together_as_one_crash_consistent_state() {
         .collect();
     assert!(
         common.len() >= 5,
-        "only {} cuts of the machine in 6 s of writes at a 200 ms interval (d0 {c0:?}, d1 {c1:?})",
+        "only {} cuts of the machine in 10 s of writes at a 1 s interval (d0 {c0:?}, d1 {c1:?})",
         common.len()
     );
     // Every cut the process server made got a point on both disks (no disk skipped one).
@@ -1697,4 +1707,99 @@ fn a_machines_disks_are_cut_together_as_one_crash_consistent_state() {
         2,
         "{text}"
     );
+}
+
+/// The answers the master target keeps in `{state}/orders/`: (order id, step).
+fn kept_answers(dr: &Dr) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> = std::fs::read_dir(dr.path("mt-state/orders"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let v: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            let step = v["order"]["step"]["step"].as_str().unwrap().to_string();
+            (v["order"]["id"].as_u64().unwrap(), step)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Wait (bounded by the test's deadline) until the master target keeps only answers to
+/// these steps, and return them.
+fn wait_kept(dr: &Dr, steps: &[&str]) -> Vec<(u64, String)> {
+    loop {
+        let kept = kept_answers(dr);
+        if kept
+            .iter()
+            .map(|(_, s)| s.as_str())
+            .eq(steps.iter().copied())
+        {
+            return kept;
+        }
+        assert!(
+            dr.began.elapsed() < DEADLINE,
+            "the master target keeps {kept:?}, not only {steps:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A role keeps the answer of each order it ran (to answer it again, not run it twice, when
+/// the order is sent again), but only as long as the configuration server keeps the order:
+/// once a job ends, its answers go. The one that serves a running test failover stays: a
+/// master target started again serves the test's points from it.
+#[test]
+fn a_roles_kept_answers_go_when_their_jobs_end_but_a_running_test_is_served_again() {
+    let mut dr = Dr::start_enrolled();
+    let op = dr.person("olivia", "operator");
+    dr.common_cut(0);
+    // Each round's answers (points, serve, scratch; stop, discard, holds, release) go, so
+    // the directory does not grow with the number of jobs.
+    let mut most = 0;
+    for _ in 0..3 {
+        dr.run_job(&op, json!({"kind": "test-failover"}));
+        most = most.max(kept_answers(&dr).len());
+        dr.run_job(&op, json!({"kind": "cleanup"}));
+        most = most.max(kept_answers(&dr).len());
+        wait_kept(&dr, &[]);
+    }
+    assert!(most > 0, "the master target kept no answers at all");
+
+    // A test failover that runs on: of its answers only the one serving its points stays.
+    let job = dr.run_job(&op, json!({"kind": "test-failover"}));
+    let kept = wait_kept(&dr, &["serve"]);
+    let st = dr.status();
+    let expected: Vec<String> = st
+        .disks
+        .iter()
+        .map(|d| {
+            let p = dr.path(&format!("point-{}.raw", d.disk));
+            std::fs::write(&p, dr.point_image(&d.disk, d.point_seq.unwrap())).unwrap();
+            p.display().to_string()
+        })
+        .collect();
+    for (d, e) in st.disks.iter().zip(&expected) {
+        assert!(same(&d.path, "qcow2", e, "raw"), "{} before", d.disk);
+    }
+    // The master target restarts: it serves the test's points again from that answer, and
+    // keeps it.
+    dr.stop_master();
+    dr.start_master();
+    for (d, e) in st.disks.iter().zip(&expected) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !same(&d.path, "qcow2", e, "raw") {
+            assert!(
+                Instant::now() < deadline,
+                "the test machine's {} does not read its point after the master target restarted",
+                d.disk
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert_eq!(kept_answers(&dr), kept, "test job {}", job.id);
+
+    // Cleanup stops serving: then nothing is kept.
+    dr.run_job(&op, json!({"kind": "cleanup"}));
+    wait_kept(&dr, &[]);
 }

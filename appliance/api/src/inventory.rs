@@ -164,7 +164,9 @@ pub const DISK_SIZE_MAX: u64 = 64 << 40;
 pub struct Disk {
     pub name: String,
     pub size_bytes: u64,
-    /// Where the process server reaches the disk on the hypervisor (an NBD URI or a node name).
+    /// Where the disk is on the hypervisor: how the process server reaches it
+    /// (`qmp=PATH,node=NODE,nbd=PATH[,fleece=PATH]`), or its image's path, which reprotect
+    /// and failback write.
     #[serde(default)]
     pub source: String,
     /// Reported by the process server; an administrator's write sets it only at creation.

@@ -163,6 +163,35 @@ pub enum SiteAnswer {
     },
 }
 
+/// How far a role has come with an order it runs (`POST /v1/roles/orders/{order}/progress`):
+/// the job shows it on the order's step while the step runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderProgress {
+    /// Done of `total`, in the step's unit (a resync: bytes of the disk compared).
+    pub done: u64,
+    pub total: u64,
+    /// What was done so far, in words (a resync: blocks compared, bytes sent).
+    #[serde(default)]
+    pub detail: String,
+}
+
+impl OrderProgress {
+    pub fn validate(&self) -> Result<(), crate::Invalid> {
+        if self.done > self.total {
+            return Err(crate::Invalid::new("done", "is more than total"));
+        }
+        if self.detail.len() > 1024 {
+            return Err(crate::Invalid::new("detail", "is longer than 1024 bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// The error code of the answer about an order the configuration server no longer keeps (it
+/// was withdrawn, or its job ended): the role that answered it may forget its answer.
+pub const NO_SUCH_ORDER: &str = "no-such-order";
+
 /// An order addressed to one role.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Order {

@@ -66,8 +66,10 @@ pub struct AssignedDisk {
     pub name: String,
     pub size_bytes: u64,
     /// The disk's `source` as configured: empty for a disk the hypervisor mirrors to the
-    /// process server, or `qmp=PATH,node=NODE,nbd=PATH[,fleece=PATH]` for one the process
-    /// server can read on its host (resync; periodic protection needs `fleece=`).
+    /// process server, `qmp=PATH,node=NODE,nbd=PATH[,fleece=PATH]` for one the process
+    /// server can read on its host (resync; periodic protection needs `fleece=`), or the path
+    /// of the disk's image at the protected site (what reprotect and failback write), which
+    /// the process server leaves alone.
     pub source: String,
     pub periodic: bool,
     /// The machine's policy: checkpoint (continuous) or cycle (periodic) interval.

@@ -9,11 +9,30 @@
 //! cleanup of what is gone is no error.
 
 use crate::{drain, live, points, resync, scratch, FailoverError, Result, Site};
-use ferry_api::{ChosenDisk, ChosenMachine, DiskAt, HoldInfo, SiteAnswer, SiteStep};
+use ferry_api::{
+    ChosenDisk, ChosenMachine, DiskAt, HoldInfo, OrderProgress, ResyncReport, SiteAnswer, SiteStep,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Where a long step tells how far it has come while it runs (a role posts it to the
+/// configuration server, which shows it on the job's step).
+pub type Progress = Arc<dyn Fn(OrderProgress) + Send + Sync>;
+
+/// A resync's progress in words and numbers: bytes of the disk compared, blocks, bytes sent.
+pub fn resync_progress(r: &ResyncReport) -> OrderProgress {
+    let blocks = r.disk_bytes.div_ceil(resync::BLOCK);
+    OrderProgress {
+        done: (r.blocks_compared * resync::BLOCK).min(r.disk_bytes),
+        total: r.disk_bytes,
+        detail: format!(
+            "compared {} of {blocks} blocks, sent {} bytes ({} blocks)",
+            r.blocks_compared, r.bytes_sent, r.blocks_sent
+        ),
+    }
+}
 
 /// What one role can do: a master target has a site (repository, key, work directory), a
 /// process server a cache of journals.
@@ -74,6 +93,15 @@ impl Agent {
 
     /// Run one step. Blocking work runs off the runtime.
     pub async fn execute(&self, step: &SiteStep) -> Result<SiteAnswer> {
+        self.execute_reporting(step, Arc::new(|_| {})).await
+    }
+
+    /// Run one step, telling `progress` how far a long one (a resync) has come as it runs.
+    pub async fn execute_reporting(
+        &self,
+        step: &SiteStep,
+        progress: Progress,
+    ) -> Result<SiteAnswer> {
         match step {
             SiteStep::ChoosePoints {
                 tenant,
@@ -245,7 +273,9 @@ impl Agent {
                 let (src, dst) = (PathBuf::from(live), PathBuf::from(target));
                 let report = blocking(move || {
                     let k = site.key()?;
-                    resync::run(&src, &dst, &k, &scratch_dir, &mut |_, _| {})
+                    resync::run(&src, &dst, &k, &scratch_dir, &mut |r| {
+                        progress(resync_progress(r))
+                    })
                 })
                 .await?;
                 Ok(SiteAnswer::Resync { report })

@@ -49,13 +49,15 @@ fn nbd(e: impl std::fmt::Display) -> FailoverError {
 }
 
 /// Bring `target` (an image at the other site) up to date from `source` (a raw file).
-/// `scratch` holds the daemon's sockets while it runs. Blocking: call it off the runtime.
+/// `scratch` holds the daemon's sockets while it runs. `progress` is told, after each batch of
+/// blocks, what was compared and sent so far (`blocks_compared` of the disk's
+/// `disk_bytes / BLOCK`, rounded up). Blocking: call it off the runtime.
 pub fn run(
     source: &Path,
     target: &Path,
     key: &TenantKey,
     scratch: &Path,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut dyn FnMut(&ResyncReport),
 ) -> Result<ResyncReport> {
     let src = std::fs::File::open(source).map_err(io(format!("opening {}", source.display())))?;
     let size = src
@@ -114,7 +116,7 @@ async fn compare_and_send<S>(
     c: &mut Client<S>,
     size: u64,
     key: &TenantKey,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut dyn FnMut(&ResyncReport),
 ) -> Result<ResyncReport>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -146,7 +148,7 @@ where
             off = end;
         }
         pos += len;
-        progress(pos, size);
+        progress(&r);
     }
     Ok(r)
 }

@@ -964,8 +964,11 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
         };
         for d in &c.disks {
             let mut spec = format!("{}={}", d.name, d.size_bytes);
-            if !d.source.is_empty() {
-                spec = format!("{spec},{}", d.source);
+            // A source in the host form tells this server how to read the disk on its host; an
+            // image path names the original disk that reprotect and failback write (the role
+            // that runs the resync opens it), nothing this server reads.
+            if let Some(host) = host_source(&d.source) {
+                spec = format!("{spec},{host}");
             }
             if d.compression != ferry_api::Compression::Zstd {
                 spec = format!("{spec},compress={}", d.compression);
@@ -1064,6 +1067,17 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
         orders::take(&a.bootstrap, agent);
     }
     runtime()?.block_on(ferry_process_server::run(cfg))
+}
+
+/// A disk's configured source when it is in the host form (`qmp=PATH,node=NODE,nbd=PATH
+/// [,fleece=PATH]`), not an image path.
+fn host_source(source: &str) -> Option<&str> {
+    let host = !source.is_empty()
+        && source.split(',').all(|p| {
+            p.split_once('=')
+                .is_some_and(|(k, _)| ["qmp", "node", "nbd", "fleece"].contains(&k))
+        });
+    host.then_some(source)
 }
 
 /// `NAME=SIZE[,KEY=VALUE...]` as `--disk` and `--periodic` take it, checked against the keys
@@ -1278,4 +1292,22 @@ fn format_time(unix_ns: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_source;
+
+    #[test]
+    fn only_a_host_form_source_reaches_the_process_servers_disk_spec() {
+        let host = "qmp=/run/h/qmp.sock,node=drive0,nbd=/run/h/nbd.sock";
+        assert_eq!(host_source(host), Some(host));
+        let periodic = "qmp=/q,node=n,nbd=/s,fleece=/f.qcow2";
+        assert_eq!(host_source(periodic), Some(periodic));
+        // An image path (what reprotect writes), empty, or anything else: not the host's.
+        assert_eq!(host_source("/srv/vm/web-d0.qcow2"), None);
+        assert_eq!(host_source("/srv/a=b/d0.qcow2"), None);
+        assert_eq!(host_source(""), None);
+        assert_eq!(host_source("qmp=/q,/srv/d0.qcow2"), None);
+    }
 }

@@ -11,6 +11,12 @@
 //!
 //! The role must fetch an order, and keep polling while it runs it, within the order timeout
 //! (`--order-timeout-secs`): else the step fails, naming the role that did not answer.
+//!
+//! While it runs a long order (a resync) the role posts its progress
+//! (`POST /v1/roles/orders/{order}/progress`), kept on the order until the answer comes and
+//! passed to the job step that waits ([`run_reporting`]). A role asks about an order it
+//! answered (`GET /v1/roles/orders/{order}`) to learn whether it may forget its answer: `404
+//! no-such-order` once the order is gone.
 
 use super::Runtime;
 use crate::app::{now_unix, Caller, Shared};
@@ -20,8 +26,11 @@ use crate::store::{trees, StoreError};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use ferry_api::{Appliance, ApplianceRole, Machine, Order, OrderResult, SiteAnswer, SiteStep};
+use ferry_api::{
+    Appliance, ApplianceRole, Machine, Order, OrderProgress, OrderResult, SiteAnswer, SiteStep,
+};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// An order as the server keeps it.
@@ -30,6 +39,9 @@ pub struct Stored {
     pub order: Order,
     #[serde(default)]
     pub result: Option<OrderResult>,
+    /// The role's last word on how far it has come while it runs the order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<OrderProgress>,
 }
 
 /// Who runs a step: this server (beside the site), or a role by its appliance name.
@@ -152,15 +164,24 @@ pub async fn run(
     step_name: &str,
     step: SiteStep,
 ) -> Result<SiteAnswer, String> {
+    let mut ignore = |_: &OrderProgress| {};
+    run_reporting(app, target, tenant, job, key, step_name, step, &mut ignore).await
+}
+
+/// [`run`], telling `progress` each new progress the role reports while it runs the step.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_reporting(
+    app: &Shared,
+    target: &Target,
+    tenant: &str,
+    job: Option<u64>,
+    key: Option<String>,
+    step_name: &str,
+    step: SiteStep,
+    progress: &mut (dyn FnMut(&OrderProgress) + Send),
+) -> Result<SiteAnswer, String> {
     let (appliance, role) = match target {
-        Target::Local => {
-            let agent = app
-                .jobs
-                .local
-                .clone()
-                .ok_or("this configuration server drives no recovery site")?;
-            return agent.execute(&step).await.map_err(|e| e.to_string());
-        }
+        Target::Local => return run_here(app, &step, progress).await,
         Target::Role { appliance, role } => (appliance.clone(), *role),
     };
     let id = order_id(app, key.as_deref()).map_err(|e| e.to_string())?;
@@ -186,6 +207,7 @@ pub async fn run(
                     created_unix: now_unix(),
                 },
                 result: None,
+                progress: None,
             };
             app.store
                 .put(trees::ORDERS, &okey, &s)
@@ -196,9 +218,18 @@ pub async fn run(
     tracing::info!(order = id, %appliance, step = step_name, "order sent");
     let timeout = app.jobs.order_timeout;
     let began = (Instant::now(), ms_now());
+    let mut told: Option<OrderProgress> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         match app.store.get::<Stored>(trees::ORDERS, &okey) {
+            Ok(Some(Stored {
+                result: None,
+                progress: Some(p),
+                ..
+            })) if told.as_ref() != Some(&p) => {
+                progress(&p);
+                told = Some(p);
+            }
             Ok(Some(Stored {
                 result: Some(r), ..
             })) => {
@@ -229,6 +260,48 @@ pub async fn run(
                 role_words(role),
                 timeout.as_secs()
             ));
+        }
+    }
+}
+
+/// Run a step in this server's own process (started beside the site), passing on its progress.
+async fn run_here(
+    app: &Shared,
+    step: &SiteStep,
+    progress: &mut (dyn FnMut(&OrderProgress) + Send),
+) -> Result<SiteAnswer, String> {
+    let agent = app
+        .jobs
+        .local
+        .clone()
+        .ok_or("this configuration server drives no recovery site")?;
+    let (tx, mut rx) = tokio::sync::watch::channel(None::<OrderProgress>);
+    let report: ferry_failover::agent::Progress = Arc::new(move |p| {
+        tx.send_replace(Some(p));
+    });
+    let step = step.clone();
+    let mut work = tokio::spawn(async move { agent.execute_reporting(&step, report).await });
+    loop {
+        tokio::select! {
+            r = &mut work => {
+                return match r {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("the step's worker died: {e}")),
+                };
+            }
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    // The step is done with its progress; its answer follows.
+                    return match work.await {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("the step's worker died: {e}")),
+                    };
+                }
+                let p = rx.borrow_and_update().clone();
+                if let Some(p) = p {
+                    progress(&p);
+                }
+            }
         }
     }
 }
@@ -299,6 +372,78 @@ pub async fn fetch(
     ))
 }
 
+/// The error code of an order this server does not keep (`ferry_api::NO_SUCH_ORDER`).
+use ferry_api::NO_SUCH_ORDER;
+
+/// The order `segs` names, addressed to the calling role `p` (under the write lock).
+fn addressed(
+    app: &Shared,
+    p: &ferry_api::Principal,
+    segs: &[String],
+) -> Result<(String, Stored), ApiError> {
+    let [id] = segs else {
+        return Err(ApiError::not_found("a route of an order names one order"));
+    };
+    let okey = id
+        .parse::<u64>()
+        .map(|n| format!("{n:020}"))
+        .map_err(|_| ApiError::not_found(format!("no order {id}")))?;
+    // Its own code: a role forgets its answer to an order this server no longer keeps, and
+    // must not take a route this server lacks for that.
+    let stored: Stored = app.store.get(trees::ORDERS, &okey)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            NO_SUCH_ORDER,
+            format!("no order {id} (withdrawn, or its job ended)"),
+        )
+    })?;
+    if stored.order.appliance != p.name {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("order {id} is not addressed to {}", p.name),
+        ));
+    }
+    Ok((okey, stored))
+}
+
+/// `GET /v1/roles/orders/{order}`: an order this server still keeps (answered or not), for the
+/// addressed role; 404 once it is withdrawn or its job ended, when the role may forget its
+/// answer.
+pub async fn one(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+    Segs(s): Segs,
+) -> Result<Json<Order>, ApiError> {
+    if p.appliance.is_none() {
+        return Err(not_a_role(&p));
+    }
+    let (_, stored) = addressed(&app, &p, &s)?;
+    Ok(Json(stored.order))
+}
+
+/// `POST /v1/roles/orders/{order}/progress`: how far the addressed role has come with an order
+/// it runs; kept until its answer comes, and shown on the job's step.
+pub async fn progress(
+    State(app): State<Shared>,
+    Caller(p): Caller,
+    Segs(s): Segs,
+    Body(pr): Body<OrderProgress>,
+) -> Result<Json<Order>, ApiError> {
+    if p.appliance.is_none() {
+        return Err(not_a_role(&p));
+    }
+    pr.validate()?;
+    let _w = app.write.lock().await;
+    let (okey, mut stored) = addressed(&app, &p, &s)?;
+    app.jobs.saw(&p.name);
+    if stored.result.is_none() {
+        stored.progress = Some(pr);
+        app.store.put(trees::ORDERS, &okey, &stored)?;
+    }
+    Ok(Json(stored.order))
+}
+
 /// `POST /v1/roles/orders/{order}/result`: the addressed role's answer.
 pub async fn result(
     State(app): State<Shared>,
@@ -310,24 +455,8 @@ pub async fn result(
         return Err(not_a_role(&p));
     }
     r.validate()?;
-    let [id] = s.as_slice() else {
-        return Err(ApiError::not_found("a result names one order"));
-    };
-    let okey = id
-        .parse::<u64>()
-        .map(|n| format!("{n:020}"))
-        .map_err(|_| ApiError::not_found(format!("no order {id}")))?;
     let _w = app.write.lock().await;
-    let mut stored: Stored = app.store.get(trees::ORDERS, &okey)?.ok_or_else(|| {
-        ApiError::not_found(format!("no order {id} (withdrawn, or its job ended)"))
-    })?;
-    if stored.order.appliance != p.name {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("order {id} is not addressed to {}", p.name),
-        ));
-    }
+    let (okey, mut stored) = addressed(&app, &p, &s)?;
     app.jobs.saw(&p.name);
     if stored.result.is_none() {
         stored.result = Some(r);

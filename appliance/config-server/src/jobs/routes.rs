@@ -8,7 +8,9 @@ use crate::store::trees;
 use axum::extract::State;
 use axum::http::{Method, StatusCode};
 use axum::Json;
-use ferry_api::{Action, Disk, Job, Order, OrderResult, PlanStatus, PointInfo, StartJob};
+use ferry_api::{
+    Action, Disk, Job, Order, OrderProgress, OrderResult, PlanStatus, PointInfo, StartJob,
+};
 
 pub fn add(api: Api) -> Api {
     api.add(
@@ -69,6 +71,32 @@ pub fn add(api: Api) -> Api {
         .who("the master target or process server the order is addressed to")
         .errors(&[403, 404]),
         super::orders::result,
+    )
+    .add(
+        Op::new(
+            Method::POST,
+            "/v1/roles/orders/{order}/progress",
+            "How far a role has come with an order addressed to it that it runs (a resync: \
+             bytes compared of the disk, blocks compared, bytes sent); the job shows it on the \
+             order's step",
+        )
+        .body::<OrderProgress>()
+        .answers::<Order>()
+        .who("the master target or process server the order is addressed to")
+        .errors(&[403, 404]),
+        super::orders::progress,
+    )
+    .add(
+        Op::new(
+            Method::GET,
+            "/v1/roles/orders/{order}",
+            "An order this server still keeps, answered or not (404 once it was withdrawn or \
+             its job ended: the role may forget its answer)",
+        )
+        .answers::<Order>()
+        .who("the master target or process server the order is addressed to")
+        .errors(&[403, 404]),
+        super::orders::one,
     )
     .add(
         Op::new(

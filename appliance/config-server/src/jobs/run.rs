@@ -510,6 +510,10 @@ async fn step(app: &Shared, job: &mut Job, i: usize) -> Result<String, String> {
                 .collect();
             let total: u64 = disks.iter().map(|d| d.size_bytes).sum();
             job.steps[i].total = total;
+            // Shown at once: nothing compared yet of the machine's disks' bytes.
+            app.store
+                .put(trees::JOBS, &job_key(&tenant, job.id), &*job)
+                .map_err(|e| e.to_string())?;
             let mut sent = 0;
             job.disks.retain(|d| d.machine != m);
             for d in disks {
@@ -531,21 +535,34 @@ async fn step(app: &Shared, job: &mut Job, i: usize) -> Result<String, String> {
                     target: target_disk.clone(),
                 };
                 let part = format!("resync-{}", d.name);
-                let report = match orders::run(
+                // What the role reports while it compares and sends shows on the step: bytes of
+                // the machine's disks compared, and this disk's blocks and bytes sent so far.
+                let (base, jid) = (job.steps[i].done, job.id);
+                let jkey = job_key(&tenant, jid);
+                let mut shown = |p: &ferry_api::OrderProgress| {
+                    job.steps[i].done = base + p.done.min(d.size_bytes);
+                    job.steps[i].detail = format!("{}: {}", d.name, p.detail);
+                    job.updated_unix = now_unix();
+                    if let Err(e) = app.store.put(trees::JOBS, &jkey, &*job) {
+                        tracing::warn!(job = jid, error = %e, "cannot record a step's progress");
+                    }
+                };
+                let report = match orders::run_reporting(
                     app,
                     &target,
                     &tenant,
-                    Some(job.id),
+                    Some(jid),
                     okey(&part),
                     &name,
                     order,
+                    &mut shown,
                 )
                 .await?
                 {
                     SiteAnswer::Resync { report } => report,
                     other => return Err(unexpected(other)),
                 };
-                job.steps[i].done += d.size_bytes;
+                job.steps[i].done = base + d.size_bytes;
                 sent += report.bytes_sent;
                 job.disks.push(DiskOutcome {
                     machine: m.clone(),
