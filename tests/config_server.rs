@@ -345,6 +345,12 @@ fn refusals_are_clear_audited_and_change_nothing() {
         let listed =
             |text: &str, d: &str| text.lines().any(|l| l.split_whitespace().nth(1) == Some(d));
         assert!(listed(&text, "d0") && !listed(&text, "d1"), "{text}");
+        // Each disk's row names its machine's policy.
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().take(3).eq(["web", "d0", "gold"])),
+            "{text}"
+        );
         assert!(text.contains("over the threshold of 30"), "{text}");
         assert!(
             text.contains("2 disks on 1 machines: 2 protected"),

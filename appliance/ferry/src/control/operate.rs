@@ -280,9 +280,17 @@ fn status_table(st: &TenantStatus, all: bool) {
             let needs = d.state != DiskState::Protected || alert.is_some();
             attention += usize::from(needs);
             (all || needs).then(|| {
+                // The machine's replication policy: what an operator checks next about a disk
+                // behind its RPO (interval, compression, bandwidth: `ferry ctl policy`).
+                let policy = st
+                    .machines
+                    .iter()
+                    .find(|m| &m.name == machine)
+                    .map_or("-".into(), |m| m.policy.clone());
                 vec![
                     machine.clone(),
                     d.name.clone(),
+                    policy,
                     ferry_process_server::status::human_bytes(d.size_bytes),
                     d.state.as_str().into(),
                     d.rpo_seconds.map_or("-".into(), |r| format!("{r:.1}s")),
@@ -292,7 +300,10 @@ fn status_table(st: &TenantStatus, all: bool) {
         })
         .collect();
     if !rows.is_empty() {
-        table(&["machine", "disk", "size", "state", "rpo", "alert"], rows);
+        table(
+            &["machine", "disk", "policy", "size", "state", "rpo", "alert"],
+            rows,
+        );
     }
     let counts: Vec<String> = DiskState::ALL
         .iter()
