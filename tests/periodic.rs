@@ -501,6 +501,47 @@ fn a_thin_disk_seeds_only_its_data_with_progress() {
 }
 
 #[test]
+fn a_block_repeated_across_the_disk_crosses_the_wire_once_in_a_seed() {
+    // One incompressible 64 KiB block written at 200 places spread over the disk (each its own
+    // read run, so they are named and sent in different units of the seed).
+    let size = 256 * MIB;
+    let (dir, host) = host_disk(size, &[]);
+    let mut rng = Rng(0xd0d0);
+    let block: Vec<u8> = (0..65536 / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
+    let places = 200u64;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut g = ferry_nbd::client::Client::connect_unix(&host.sock, "guest")
+            .await
+            .unwrap();
+        for i in 0..places {
+            g.write(i * (size / places) / 65536 * 65536, &block, false)
+                .await
+                .unwrap();
+        }
+        g.flush().await.unwrap();
+    });
+    let lab = started_lab(dir.path(), size);
+    wait_point(&lab, 0, Duration::from_secs(120));
+    let st = lab.status(DISK).unwrap();
+    assert_eq!(st.periodic_mode.as_deref(), Some("seed"));
+    assert_eq!(st.last_cut_blocks, places, "the seed read other blocks");
+    eprintln!(
+        "{places} copies of one 64 KiB block: {} bytes on the wire",
+        st.last_cut_bytes
+    );
+    // Once with its data, then by reference (a frame of a few dozen bytes each).
+    assert!(
+        st.last_cut_bytes < 2 * 65536 + places * 256,
+        "the seed sent {} bytes for one block repeated {places} times",
+        st.last_cut_bytes
+    );
+    assert_point_equals_host(&lab, dir.path(), 1, &host);
+}
+
+#[test]
 fn a_grown_disk_is_replicated_and_a_shrunk_one_refused() {
     let size = 16 * MIB;
     let (dir, mut host) = host_disk(size, &["write -P 0x44 0 16M"]);
