@@ -15,6 +15,9 @@
 # FERRY_BENCH_PERIODIC_VERIFY (default 1: export Ferry's last point and compare it with the image),
 # FERRY_BENCH_PERIODIC_PEERS (default 1; 0 runs Ferry alone, judging no target: for work on Ferry),
 # FERRY_EXE (the ferry binary to measure; default this tree's release build: compare two builds),
+# FERRY_BENCH_PERIODIC_FRESH_FS (default 1: as root, each tool's repository, Ferry's lab too, on
+# a fresh ext4 of its own, a sparse file in $TMPDIR on a loop device: a store's speed depends on
+# what its filesystem held before; 0: all on the one scratch filesystem below),
 # FERRY_BENCH_TMP (scratch parent; default a fresh journaled ext4 on a loop device, made and
 # removed by this script, see below; without root a fresh /tmp/ferry-bench-periodic.*).
 #

@@ -21,11 +21,15 @@
 //! qemu-storage-daemon from /proc/<pid>/stat before and after; for the peers the children's
 //! rusage from bash's `times`), and bytes stored (`du -sB1` of the repositories; growth for the
 //! incremental). Each input file is read once before each tool runs, so every tool starts with
-//! a warm page cache, and `sync` runs then, so no tool pays for the writeback of another.
+//! a warm page cache, and `sync` runs then, so no tool pays for the writeback of another. As
+//! root, each tool's repository (Ferry's whole lab) is on a fresh filesystem of its own
+//! (`OwnFs`), so none pays for what another left on a shared one.
 //!
 //! Environment: FERRY_BENCH_PERIODIC_GIB (image size, default 8), FERRY_BENCH_PERIODIC_VERIFY
 //! (default 1: export Ferry's last point and `qemu-img compare` it with the raw image),
-//! FERRY_BENCH_TMP (scratch parent, default /tmp).
+//! FERRY_BENCH_PERIODIC_PEERS (default 1; 0: Ferry alone), FERRY_BENCH_PERIODIC_FRESH_FS
+//! (default 1; 0: every repository on the one scratch filesystem), FERRY_BENCH_TMP (scratch
+//! parent, default /tmp).
 //! Run: `cargo run --release -p ferry-bench --bin periodic` or `bash bench/periodic.sh`.
 
 use anyhow::{bail, ensure, Context};
@@ -531,12 +535,79 @@ fn ferry_cpu(before: [[u64; 2]; 3], after: [[u64; 2]; 3], tck: f64) -> (f64, Str
 /// Seed `qcow2` (served by a qemu-storage-daemon started here, in `dir`) into a new master
 /// target with a new periodic process server in `dir/ferry`, `disk_opts` appended to the disk's
 /// `--periodic` spec; prints and returns the figures, and the lab and daemon, still running.
+/// A filesystem of a tool's own for its repository (or Ferry's lab), made fresh for it:
+/// `mkfs.ext4` defaults (with a journal, as the scratch filesystem and the appliance's) on a loop
+/// device, when this runs as root with mkfs.ext4 and `FERRY_BENCH_PERIODIC_FRESH_FS` is not 0.
+/// Why: a store's speed depends on what its filesystem held before (measured here: the master
+/// target's system time doubled when restic and borg had written to the same filesystem before
+/// it), so no tool pays for another's leftovers, whichever runs first. Otherwise a directory of
+/// the shared scratch. Unmounted and removed when dropped.
+struct OwnFs {
+    mounted: Option<(PathBuf, PathBuf)>,
+}
+
+impl OwnFs {
+    /// `dir/<name>-fs/<name>`, on a fresh filesystem of `bytes` (sparse) when it can be made.
+    fn new(dir: &Path, name: &str, bytes: u64) -> anyhow::Result<(PathBuf, OwnFs)> {
+        let mnt = dir.join(format!("{name}-fs"));
+        std::fs::create_dir_all(&mnt)?;
+        let path = mnt.join(name);
+        let root = sh(Command::new("id").arg("-u")).is_ok_and(|u| u.trim() == "0");
+        if !root || env_num("FERRY_BENCH_PERIODIC_FRESH_FS", 1) == 0 {
+            return Ok((path, OwnFs { mounted: None }));
+        }
+        let img = std::env::temp_dir().join(format!(
+            "ferry-bench-periodic-{name}-{}.img",
+            std::process::id()
+        ));
+        let made = sh(Command::new("truncate")
+            .arg("-s")
+            .arg(bytes.to_string())
+            .arg(&img))
+        .and_then(|_| sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img)))
+        .and_then(|_| {
+            sh(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt))
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&img);
+            println!("({name}: no filesystem of its own, sharing the scratch: {e})");
+            return Ok((path, OwnFs { mounted: None }));
+        }
+        Ok((
+            path,
+            OwnFs {
+                mounted: Some((mnt, img)),
+            },
+        ))
+    }
+}
+
+impl Drop for OwnFs {
+    fn drop(&mut self) {
+        if let Some((mnt, img)) = self.mounted.take() {
+            let lazy = || Command::new("umount").arg("-l").arg(&mnt).status();
+            if !Command::new("umount")
+                .arg(&mnt)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                let _ = lazy();
+            }
+            let _ = std::fs::remove_file(img);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn ferry_seed(
     label: &str,
     exe: &Path,
     dir: &Path,
     qcow2: &Path,
+    ferry_dir: &Path,
     size: u64,
     limit: Duration,
     tck: f64,
@@ -544,9 +615,8 @@ fn ferry_seed(
 ) -> anyhow::Result<(Figures, Lab, Qsd)> {
     let sock = dir.join("host-nbd.sock");
     let qsd = Qsd::start(qcow2, dir, &sock)?;
-    let ferry_dir = dir.join("ferry");
-    std::fs::create_dir_all(&ferry_dir)?;
-    let mut lab = Lab::new(exe, &ferry_dir, &[])?;
+    std::fs::create_dir_all(ferry_dir)?;
+    let mut lab = Lab::new(exe, ferry_dir, &[])?;
     lab.nbd_tls = false;
     lab.periodic = vec![format!(
         "{DISK}={size},qmp={},node=disk0,nbd={},fleece={},interval-ms=3600000{disk_opts}",
@@ -648,13 +718,14 @@ fn main() -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
 
-    // Peers' repositories.
-    let restic_repo = dir.join("restic-repo");
-    let borg_repo = dir.join("borg-repo");
+    // Peers' repositories, each on a filesystem of its own (`OwnFs`; so are Ferry's below).
+    let fs_bytes = size + 2 * GIB;
+    let (restic_repo, _restic_fs) = OwnFs::new(dir, "restic-repo", fs_bytes)?;
+    let (borg_repo, _borg_fs) = OwnFs::new(dir, "borg-repo", fs_bytes)?;
     // borg's default compressor is lz4; a second borg repository with zstd level 1 (Ferry's)
     // shows how much of a difference is the compressor (informative: the target is against
     // the peers as they come).
-    let borg_zstd_repo = dir.join("borg-zstd-repo");
+    let (borg_zstd_repo, _borg_zstd_fs) = OwnFs::new(dir, "borg-zstd-repo", fs_bytes)?;
     let restic_env = vec![("RESTIC_PASSWORD", "ferry-bench".to_string())];
     let borg_env = vec![
         ("BORG_PASSPHRASE", "ferry-bench".to_string()),
@@ -754,11 +825,13 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&lz4_dir)?;
     let lz4_qcow2 = lz4_dir.join("host.qcow2");
     std::fs::copy(&qcow2, &lz4_qcow2)?;
+    let (lz4_ferry, lz4_fs) = OwnFs::new(&lz4_dir, "ferry", fs_bytes)?;
     let (ferry_lz4, lz4_lab, lz4_qsd) = ferry_seed(
         "ferry seed, compression lz4 (a policy's choice)",
         &exe,
         &lz4_dir,
         &lz4_qcow2,
+        &lz4_ferry,
         size,
         limit,
         tck,
@@ -766,11 +839,22 @@ fn main() -> anyhow::Result<()> {
     )?;
     drop(lz4_lab);
     drop(lz4_qsd);
+    drop(lz4_fs);
     std::fs::remove_dir_all(&lz4_dir)?;
 
     let sock = dir.join("host-nbd.sock");
-    let (ferry_seed, mut lab, qsd) =
-        self::ferry_seed("ferry seed", &exe, dir, &qcow2, size, limit, tck, "")?;
+    let (ferry_dir, _ferry_fs) = OwnFs::new(dir, "ferry", fs_bytes)?;
+    let (ferry_seed, mut lab, qsd) = self::ferry_seed(
+        "ferry seed",
+        &exe,
+        dir,
+        &qcow2,
+        &ferry_dir,
+        size,
+        limit,
+        tck,
+        "",
+    )?;
     let seed_seq = lab.status(DISK)?.acked_seq;
     // The process server now sleeps for its hour-long interval: stop it; the bitmap records on.
     lab.kill_process();
