@@ -273,6 +273,13 @@ async fn ask(run: Prepared, shared: &Shared, wr: &mut SessionWriter) -> anyhow::
             .copied()
             .collect()
     };
+    write_have(wr, &ids).await?;
+    Ok(Asked { run, ids })
+}
+
+/// Ask which of `ids` the master target holds, in parts of at most [`MAX_IDS`]; the answers
+/// are read by [`read_have`].
+async fn write_have(wr: &mut SessionWriter, ids: &[ChunkId]) -> anyhow::Result<()> {
     for part in ids.chunks(MAX_IDS as usize) {
         wr.write_all(&Msg::HaveRequest { ids: part.to_vec() }.encode())
             .await?;
@@ -280,7 +287,7 @@ async fn ask(run: Prepared, shared: &Shared, wr: &mut SessionWriter) -> anyhow::
     if !ids.is_empty() {
         wr.flush().await?;
     }
-    Ok(Asked { run, ids })
+    Ok(())
 }
 
 /// Compare (with `compare`), decide what goes by reference, seal what was not sealed ahead and
@@ -342,11 +349,7 @@ async fn send_prepared(
                 .filter(|id| !known.contains(id) && !sent.contains(id))
                 .collect()
         };
-        for part in ask.chunks(MAX_IDS as usize) {
-            wr.write_all(&Msg::HaveRequest { ids: part.to_vec() }.encode())
-                .await?;
-        }
-        wr.flush().await?;
+        write_have(wr, &ask).await?;
         read_have(rd, &ask).await?
     } else {
         let have = read_have(rd, &asked).await?;
