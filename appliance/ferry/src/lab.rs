@@ -40,9 +40,38 @@ pub struct Lab {
     process: Option<Child>,
 }
 
-/// A free TCP port on loopback (bound and released; good enough for tests on one machine).
+/// A free TCP port on loopback for a server about to be started (checked by binding it, then
+/// released). It is chosen at random below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), never from it: a port the kernel handed out for port 0
+/// is soon handed out again, as the local end of some other process's outgoing connection or
+/// to another test's port-0 bind, and a server starting on it meanwhile either fails to bind
+/// or, worse, the caller finds someone else's server there. No port is handed out twice by
+/// one process.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::hash::{BuildHasher, Hasher};
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOW: u16 = 10000;
+    let mut given = GIVEN.lock().expect("ports lock");
+    if first_ephemeral > LOW + 1000 {
+        for _ in 0..256 {
+            // A fresh RandomState is randomly keyed: a random number without a dependency.
+            let r = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            let port = LOW + (r % u64::from(first_ephemeral - LOW)) as u16;
+            if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.push(port);
+                return Ok(port);
+            }
+        }
+    }
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    given.push(port);
+    Ok(port)
 }
 
 impl Lab {
@@ -223,6 +252,20 @@ impl Drop for Lab {
     fn drop(&mut self) {
         kill(&mut self.process);
         kill(&mut self.master);
+        if std::thread::panicking() {
+            // A failing test's report shows what its roles said last.
+            for name in ["master-target", "process-server"] {
+                let log = self.dir.join(format!("{name}.log"));
+                if let Ok(text) = std::fs::read_to_string(&log) {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = &lines[lines.len().saturating_sub(40)..];
+                    eprintln!("--- last {} lines of {} ---", tail.len(), log.display());
+                    for l in tail {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
     }
 }
 
