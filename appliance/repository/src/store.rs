@@ -12,9 +12,11 @@
 //! file in `tmp/` (removed at the next open after a crash) and a rename. Durability is
 //! not per object: a checkpoint commit calls `syncfs` once on the repository filesystem before
 //! writing its root (see `root.rs`), which covers every object and directory entry written before.
-//! A chunk's writeback is started as soon as it is written (`POSIX_FADV_DONTNEED`: write back
-//! without waiting, drop the clean pages), so that flush is spread over the checkpoint rather
-//! than paid at its commit.
+//! So that this flush is spread over the checkpoint rather than paid at its commit, a flusher
+//! thread calls `syncfs` whenever another [`FLUSH_EVERY`] bytes of chunks were written (the
+//! writers never wait for it). One filesystem-wide flush per 64 MiB costs the machine much less
+//! than starting each chunk's writeback on its own (`POSIX_FADV_DONTNEED` per chunk, as before:
+//! about a quarter more CPU over 60,000 chunk files, in small writes).
 
 use crate::RepoError;
 use ferry_chunk::ChunkId;
@@ -40,12 +42,22 @@ impl Kind {
     }
 }
 
+/// Chunk bytes written between two background flushes.
+const FLUSH_EVERY: u64 = 64 << 20;
+
 pub(crate) struct Store {
     root: PathBuf,
     tmp_seq: AtomicU64,
     /// New objects are written as unnamed files linked into place ([`Store::put_linked`]) until
     /// the filesystem or the process's view of `/proc` shows it cannot do that.
     linked: AtomicBool,
+    /// Whether linking an unnamed file by its descriptor (`AT_EMPTY_PATH`) works here; when it
+    /// does not (before Linux 6.10 it needs `CAP_DAC_READ_SEARCH`), by its `/proc` path.
+    link_by_fd: AtomicBool,
+    /// Chunk bytes written since the flusher was last woken.
+    unflushed: AtomicU64,
+    /// Wakes the flusher thread (writable stores only); it ends when the store is dropped.
+    flush: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
 impl Store {
@@ -61,10 +73,24 @@ impl Store {
                 let _ = fs::remove_file(e.path());
             }
         }
+        let (flush, wake) = std::sync::mpsc::sync_channel::<()>(1);
+        let dir = File::open(root)?;
+        std::thread::Builder::new()
+            .name("repo-flush".into())
+            .spawn(move || {
+                while wake.recv().is_ok() {
+                    if let Err(e) = rustix::fs::syncfs(&dir) {
+                        tracing::warn!(error = %e, "flushing the repository in the background");
+                    }
+                }
+            })?;
         Ok(Store {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
             linked: AtomicBool::new(true),
+            link_by_fd: AtomicBool::new(true),
+            unflushed: AtomicU64::new(0),
+            flush: Some(flush),
         })
     }
 
@@ -74,6 +100,28 @@ impl Store {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
             linked: AtomicBool::new(true),
+            link_by_fd: AtomicBool::new(true),
+            unflushed: AtomicU64::new(0),
+            flush: None,
+        }
+    }
+
+    /// Count a chunk's bytes toward the next background flush, and wake the flusher when
+    /// another [`FLUSH_EVERY`] are written (if it is still flushing, that flush covers them).
+    fn written(&self, kind: Kind, len: usize) {
+        if kind != Kind::Chunk {
+            return;
+        }
+        let before = self.unflushed.fetch_add(len as u64, Ordering::Relaxed);
+        if before + len as u64 >= FLUSH_EVERY
+            && self
+                .unflushed
+                .compare_exchange(before + len as u64, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            if let Some(f) = &self.flush {
+                let _ = f.try_send(());
+            }
         }
     }
 
@@ -135,11 +183,6 @@ impl Store {
             f.write_all(blob)?;
             if replace {
                 f.sync_all()?;
-            } else if kind == Kind::Chunk {
-                // Start writing the chunk back now (without waiting), so the commit's `syncfs`
-                // finds most of a checkpoint's data on disk already instead of flushing it all
-                // at once; the clean pages are dropped (a chunk is rarely read back soon).
-                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
             }
             drop(f);
             match fs::rename(&tmp, &dest) {
@@ -154,6 +197,7 @@ impl Store {
             let _ = fs::remove_file(&tmp);
             return Err(e.into());
         }
+        self.written(kind, blob.len());
         Ok(true)
     }
 
@@ -191,13 +235,24 @@ impl Store {
         };
         let mut f = File::from(fd);
         f.write_all(blob)?;
-        if kind == Kind::Chunk {
-            // As in `put`: start the writeback now, drop the clean pages.
-            let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+        let mut linked = Err(Errno::NOENT);
+        if self.link_by_fd.load(Ordering::Relaxed) {
+            // By the descriptor itself: no walk through /proc (a third of the cost of storing
+            // a small object that way).
+            linked = rustix::fs::linkat(&f, "", CWD, dest, AtFlags::EMPTY_PATH);
+            if matches!(linked, Err(Errno::NOENT | Errno::PERM | Errno::INVAL)) {
+                self.link_by_fd.store(false, Ordering::Relaxed);
+            }
         }
-        let proc_path = format!("/proc/self/fd/{}", f.as_raw_fd());
-        match rustix::fs::linkat(CWD, &proc_path, CWD, dest, AtFlags::SYMLINK_FOLLOW) {
-            Ok(()) => Ok(Some(true)),
+        if !self.link_by_fd.load(Ordering::Relaxed) {
+            let proc_path = format!("/proc/self/fd/{}", f.as_raw_fd());
+            linked = rustix::fs::linkat(CWD, &proc_path, CWD, dest, AtFlags::SYMLINK_FOLLOW);
+        }
+        match linked {
+            Ok(()) => {
+                self.written(kind, blob.len());
+                Ok(Some(true))
+            }
             Err(Errno::EXIST) => Ok(Some(false)),
             Err(e) => {
                 tracing::info!(error = %e, "linking an unnamed temp file failed: objects are written by rename");
@@ -309,6 +364,17 @@ mod tests {
             0
         );
         assert_eq!(store.list(Kind::Chunk).unwrap().len(), 20);
+        // Where a descriptor cannot be linked by itself, through /proc: the same objects.
+        store.link_by_fd.store(false, Ordering::Relaxed);
+        for i in 20..24u8 {
+            let blob = vec![i; 100 + i as usize];
+            assert!(store.put(Kind::Chunk, &ChunkId([i; 32]), &blob).unwrap());
+            assert_eq!(
+                store.get(Kind::Chunk, &ChunkId([i; 32])).unwrap().unwrap(),
+                blob
+            );
+        }
+        assert_eq!(store.list(Kind::Chunk).unwrap().len(), 24);
         // Another writer stored the object between the check and the link: its copy stays.
         let id = ChunkId([99; 32]);
         let dest = store.path(Kind::Chunk, &id);
