@@ -10,8 +10,9 @@
 //!   from the master target (and a planned failover's drain check from the process server);
 //!   a stopped master target fails the step, naming it.
 //! - A planned failover loses nothing; reprotect sends back only what the recovery site
-//!   changed (the master target compares and writes, the configuration server only orders it),
-//!   and failback leaves the original disks equal to the recovery site's.
+//!   changed (split between the sites: the process server opens the original disk and fetches
+//!   from the master target only the blocks whose names differ; the configuration server only
+//!   orders it), and failback leaves the original disks equal to the recovery site's.
 //! - The configuration server killed in the middle of a job (its roles enrolled, running the
 //!   site steps): a step that may run again resumes; one that may not ends the job failed,
 //!   saying which step and what was done. An order in flight is sent again and run once.
@@ -1072,7 +1073,7 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
     assert_eq!(dr.status().phase, PlanPhase::Committed);
 
     // Reprotect: the original disks are brought up to date, sending only what differs. The
-    // step shows how far the master target has come while it runs: bytes of the machine's
+    // step shows how far the process server has come while it runs: bytes of the machine's
     // disks compared, and the disk's blocks compared and bytes sent so far.
     let (rp, seen) = dr.run_job_watching(&op, json!({"kind": "reprotect"}), "resync web");
     let total = 2 * SIZE;

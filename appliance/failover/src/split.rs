@@ -1,0 +1,314 @@
+//! The protected site's side of a checksum resync split between the sites (reprotect,
+//! failback): the role that has the original disk (the process server of its machine) runs it.
+//!
+//! The original disk is opened here, where it is (an image path, opened by a local
+//! qemu-storage-daemon and written over NBD, as [`crate::resync`] does); the live disk stays at
+//! the recovery site, and the master target answers for it on a replication connection
+//! (`ferry_wire`, mutually authenticated TLS, opened with `ResyncHello`; its side is
+//! `ferry_master_target::resync`). For each batch of [`BATCH`] blocks the live disk's names are
+//! asked for (32 bytes a block cross the WAN), the original's blocks are read and named here,
+//! and only the blocks whose names differ are fetched, as chunks sealed with the tenant key
+//! (never plaintext beyond TLS), opened, checked against their names and written. Memory is one
+//! batch on each side, whatever the disk's size.
+//!
+//! Running it again sends only what still differs, so an interrupted resync (either side
+//! killed) completes when the order or the job runs again; the job says the disk is resynced
+//! only when a run reached its end. Any answer that does not fit (another size, another
+//! block, a malformed or unauthentic block) ends the resync with an error that says so.
+
+use crate::resync::{format_of, quit_leftover, BLOCK};
+use crate::{io, FailoverError, Result};
+use ferry_api::ResyncReport;
+use ferry_chunk::TenantKey;
+use ferry_master_target::resync::block_name;
+use ferry_nbd::client::Client;
+use ferry_wire::{read_msg, BlockBody, Msg, VERSION};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// Blocks compared per round trip (and at most fetched per request).
+pub const BATCH: u64 = 64;
+/// How long an answer of the master target may take.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the protected site's role needs to resync from the recovery site.
+pub struct Protected {
+    /// The master target, as this role replicates to it (address, TLS client identity).
+    pub link: ferry_process_server::Link,
+    /// The tenant key: names blocks, opens the sealed blocks the master target sends.
+    pub key: Arc<TenantKey>,
+    /// Where the daemons that open original disks keep their sockets while they run.
+    pub work: std::path::PathBuf,
+}
+
+/// Which live disk at the recovery site: failover `plan` of `tenant`, `machine`'s `disk`.
+#[derive(Clone, Debug)]
+pub struct LiveDisk {
+    pub tenant: String,
+    pub plan: String,
+    pub machine: String,
+    pub disk: String,
+}
+
+fn refused(m: impl Into<String>) -> FailoverError {
+    FailoverError::Refused(m.into())
+}
+
+fn nbd(e: impl std::fmt::Display) -> FailoverError {
+    FailoverError::Nbd(e.to_string())
+}
+
+/// Bring the original disk `original` (an image path at this site) up to date from `live` at
+/// the recovery site. `progress` is told after each batch, as [`crate::resync::run`] tells it.
+/// Blocking: call it off the runtime.
+pub fn run(
+    p: &Protected,
+    live: &LiveDisk,
+    original: &str,
+    progress: &mut dyn FnMut(&ResyncReport),
+) -> Result<ResyncReport> {
+    if original.split(',').any(|part| part.starts_with("qmp=")) {
+        return Err(refused(format!(
+            "disk {}'s source names its host ({original}): a resync writes an original disk \
+             given by its image path (the host form is not supported for reprotect and failback yet)",
+            live.disk
+        )));
+    }
+    let image = Path::new(original);
+    let scratch = p
+        .work
+        .join(&live.tenant)
+        .join(&live.plan)
+        .join(format!("{}.{}", live.machine, live.disk));
+    std::fs::create_dir_all(&scratch).map_err(io(format!("creating {}", scratch.display())))?;
+    quit_leftover(&scratch);
+    let format = format_of(image)?;
+    let mut qsd = ferry_qemu::StorageDaemon::start(image, &format, &scratch)?;
+    let sock = scratch.join("target.sock");
+    let r = qsd
+        .export("disk0", "target", &sock)
+        .map_err(FailoverError::from);
+    let r = r.and_then(|()| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io("starting a runtime"))?;
+        rt.block_on(async {
+            let mut c = Client::connect_unix(&sock, "target").await.map_err(nbd)?;
+            let (mut rd, mut wr) = connect(p, live, c.size()).await?;
+            let r = compare_and_fetch(&mut rd, &mut wr, &mut c, &p.key, progress).await;
+            let _ = wr.shutdown().await;
+            let r = r?;
+            c.flush().await.map_err(nbd)?;
+            let _ = c.disconnect().await;
+            Ok(r)
+        })
+    });
+    qsd.stop();
+    r
+}
+
+type Reader = tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+type Writer = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// Open a resync connection for `live`, whose original is `size` bytes.
+async fn connect(p: &Protected, live: &LiveDisk, size: u64) -> Result<(Reader, Writer)> {
+    let addr = &p.link.addr;
+    let at = |what: String| refused(format!("master target {addr}: {what}"));
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| at("connecting timed out".into()))?
+    .map_err(|e| at(format!("cannot connect: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(p.link.tls.clone());
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        connector.connect(p.link.server_name.clone(), tcp),
+    )
+    .await
+    .map_err(|_| at("TLS handshake timed out".into()))?
+    .map_err(|e| at(format!("TLS handshake: {e}")))?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let hello = Msg::ResyncHello {
+        version: VERSION,
+        tenant: live.tenant.clone(),
+        plan: live.plan.clone(),
+        machine: live.machine.clone(),
+        disk: live.disk.clone(),
+        disk_size: size,
+        block_size: BLOCK as u32,
+    };
+    send(&mut wr, &hello).await?;
+    match answer(&mut rd).await? {
+        Msg::ResyncWelcome {
+            disk_size,
+            block_size,
+            ..
+        } if disk_size == size && u64::from(block_size) == BLOCK => Ok((rd, wr)),
+        Msg::ResyncWelcome {
+            disk_size,
+            block_size,
+            ..
+        } => Err(refused(format!(
+            "the master target answered for a live disk of {disk_size} bytes in blocks of \
+             {block_size}, but {}'s original is {size} bytes in blocks of {BLOCK}: not the same disk",
+            live.disk
+        ))),
+        Msg::Rejected { message, .. } => Err(at(format!("refused the resync: {message}"))),
+        other => Err(malformed(format!(
+            "{} in answer to the resync's hello",
+            brief(&other)
+        ))),
+    }
+}
+
+/// A message in a few words (a block's blob is not worth printing).
+fn brief(m: &Msg) -> String {
+    let s = format!("{m:?}");
+    if s.chars().count() > 120 {
+        format!("{}...", s.chars().take(120).collect::<String>())
+    } else {
+        s
+    }
+}
+
+fn malformed(what: String) -> FailoverError {
+    refused(format!("the master target's answer makes no sense: {what}"))
+}
+
+async fn send<W: AsyncWrite + Unpin>(wr: &mut W, m: &Msg) -> Result<()> {
+    wr.write_all(&m.encode())
+        .await
+        .map_err(io("writing to the master target"))?;
+    wr.flush().await.map_err(io("writing to the master target"))
+}
+
+async fn answer<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Msg> {
+    match tokio::time::timeout(ANSWER_TIMEOUT, read_msg(rd)).await {
+        Err(_) => Err(refused(format!(
+            "the master target did not answer within {} s",
+            ANSWER_TIMEOUT.as_secs()
+        ))),
+        Ok(Err(ferry_wire::WireError::Closed)) => Err(refused(
+            "the master target closed the resync connection (did it stop?)",
+        )),
+        Ok(Err(e)) => Err(malformed(e.to_string())),
+        Ok(Ok(Msg::Rejected { message, .. })) => Err(refused(format!(
+            "the master target ended the resync: {message}"
+        ))),
+        Ok(Ok(m)) => Ok(m),
+    }
+}
+
+/// Compare the whole disk batch by batch, fetching and writing the blocks that differ.
+async fn compare_and_fetch<R, W, S>(
+    rd: &mut R,
+    wr: &mut W,
+    c: &mut Client<S>,
+    key: &TenantKey,
+    progress: &mut dyn FnMut(&ResyncReport),
+) -> Result<ResyncReport>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let size = c.size();
+    let mut r = ResyncReport {
+        disk_bytes: size,
+        ..Default::default()
+    };
+    let blocks = size.div_ceil(BLOCK);
+    let mut first = 0u64;
+    while first < blocks {
+        let count = BATCH.min(blocks - first);
+        send(
+            wr,
+            &Msg::IdsRequest {
+                first,
+                count: count as u32,
+            },
+        )
+        .await?;
+        let theirs = match answer(rd).await? {
+            Msg::Ids { first: f, ids } if f == first && ids.len() as u64 == count => ids,
+            Msg::Ids { first: f, ids } => {
+                return Err(malformed(format!(
+                    "{} names from block {f} for {count} from block {first}",
+                    ids.len()
+                )))
+            }
+            other => return Err(malformed(format!("{} for block names", brief(&other)))),
+        };
+        let pos = first * BLOCK;
+        let len = (count * BLOCK).min(size - pos);
+        let ours = c.read(pos, len as u32).await.map_err(nbd)?;
+        let block = |i: u64| {
+            let off = (i * BLOCK) as usize;
+            &ours[off..(off + BLOCK as usize).min(len as usize)]
+        };
+        let differ: Vec<u64> = (0..count)
+            .filter(|&i| block_name(key, block(i)) != theirs[i as usize])
+            .map(|i| first + i)
+            .collect();
+        r.blocks_compared += count;
+        r.hash_bytes += 32 * count;
+        if !differ.is_empty() {
+            send(
+                wr,
+                &Msg::FetchRequest {
+                    indices: differ.clone(),
+                },
+            )
+            .await?;
+            for &index in &differ {
+                let want = block(index - first).len();
+                let data = match answer(rd).await? {
+                    Msg::Block { index: i, body } if i == index => open_block(key, index, body)?,
+                    other => {
+                        return Err(malformed(format!("{} for block {index}", brief(&other))));
+                    }
+                };
+                let data = data.unwrap_or_else(|| vec![0; want]);
+                if data.len() != want {
+                    return Err(malformed(format!(
+                        "block {index} is {} bytes, not {want}",
+                        data.len()
+                    )));
+                }
+                c.write(index * BLOCK, &data, false).await.map_err(nbd)?;
+                r.blocks_sent += 1;
+                r.bytes_sent += want as u64;
+            }
+        }
+        first += count;
+        progress(&r);
+    }
+    Ok(r)
+}
+
+/// A fetched block's plaintext (none: zeros), opened with the tenant key and checked against
+/// its name.
+fn open_block(key: &TenantKey, index: u64, body: BlockBody) -> Result<Option<Vec<u8>>> {
+    match body {
+        BlockBody::Zero => Ok(None),
+        BlockBody::Chunk {
+            id,
+            blob: Some(blob),
+        } => key
+            .open_chunk(&id, &blob)
+            .map(Some)
+            .map_err(|e| malformed(format!("block {index} does not open as its name: {e}"))),
+        BlockBody::Chunk { blob: None, .. } => Err(malformed(format!(
+            "block {index} came by reference, not as a sealed chunk"
+        ))),
+        BlockBody::Patch { .. } => Err(malformed(format!(
+            "block {index} came as a patch, not as a sealed chunk"
+        ))),
+    }
+}
