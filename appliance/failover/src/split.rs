@@ -312,3 +312,198 @@ fn open_block(key: &TenantKey, index: u64, body: BlockBody) -> Result<Option<Vec
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_master_target::resync::{live_path, serve, Hello};
+    use ferry_nbd::{MemExport, ServerConfig};
+    use std::collections::HashMap;
+
+    const SIZE: u64 = 100 * BLOCK + 4096;
+
+    fn key() -> Arc<TenantKey> {
+        Arc::new(TenantKey::from_secret(&[7; 32]))
+    }
+
+    /// An NBD client of an in-memory original disk holding `data`.
+    async fn original(data: Vec<u8>) -> (Client<tokio::io::DuplexStream>, Arc<MemExport>) {
+        let export = Arc::new(MemExport::from_vec(data));
+        let mut exports: HashMap<String, Arc<dyn ferry_nbd::Export>> = HashMap::new();
+        exports.insert("orig".into(), export.clone());
+        let cfg = Arc::new(ServerConfig {
+            exports,
+            tls: None,
+            require_tls: false,
+        });
+        let (a, b) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move { ferry_nbd::serve_connection(b, cfg).await });
+        (Client::handshake(a, "orig").await.unwrap(), export)
+    }
+
+    fn pattern(seed: u8) -> Vec<u8> {
+        (0..SIZE).map(|i| (i % 251) as u8 ^ seed).collect()
+    }
+
+    #[tokio::test]
+    async fn only_the_blocks_whose_names_differ_come_and_the_original_ends_equal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = live_path(dir.path(), "acme", "dr", "web", "d0");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // The live disk: the original with three blocks changed (one of them now zeros, and
+        // the short last block).
+        let mut live = pattern(0);
+        live[(3 * BLOCK) as usize..(4 * BLOCK) as usize].fill(0xaa);
+        live[(50 * BLOCK) as usize..(51 * BLOCK) as usize].fill(0);
+        let n = live.len();
+        live[n - 10] ^= 1;
+        std::fs::write(&path, &live).unwrap();
+        let (mut c, export) = original(pattern(0)).await;
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (mut srd, mut swr) = tokio::io::split(theirs);
+        let (k, w) = (key(), dir.path().to_path_buf());
+        let master = tokio::spawn(async move {
+            let h = Hello {
+                tenant: "acme".into(),
+                plan: "dr".into(),
+                machine: "web".into(),
+                disk: "d0".into(),
+                disk_size: SIZE,
+                block_size: BLOCK as u32,
+            };
+            serve(&mut srd, &mut swr, h, Some(&w), k).await
+        });
+        let (mut rd, mut wr) = tokio::io::split(ours);
+        match answer(&mut rd).await.unwrap() {
+            Msg::ResyncWelcome { disk_size, .. } => assert_eq!(disk_size, SIZE),
+            other => panic!("{other:?}"),
+        }
+        let mut seen = 0;
+        let r = compare_and_fetch(&mut rd, &mut wr, &mut c, &key(), &mut |_| seen += 1)
+            .await
+            .unwrap();
+        drop((rd, wr));
+        master.await.unwrap().unwrap();
+        assert_eq!(r.blocks_compared, SIZE.div_ceil(BLOCK));
+        assert_eq!(r.blocks_sent, 3);
+        assert_eq!(r.bytes_sent, 2 * BLOCK + 4096);
+        assert_eq!(seen, SIZE.div_ceil(BLOCK).div_ceil(BATCH));
+        assert!(export.contents() == live);
+    }
+
+    /// Resync an original of [`SIZE`] bytes against a peer that answers with `answers` (after
+    /// the welcome); the error it ends with.
+    async fn against(answers: Vec<Msg>) -> String {
+        let (mut c, _) = original(pattern(0)).await;
+        let (ours, theirs) = tokio::io::duplex(1 << 22);
+        let peer = tokio::spawn(async move {
+            let (mut rd, mut wr) = tokio::io::split(theirs);
+            for a in answers {
+                // One answer per request, whatever was asked.
+                if read_msg(&mut rd).await.is_err() {
+                    return;
+                }
+                wr.write_all(&a.encode()).await.unwrap();
+            }
+            // Then it goes away after the next request.
+            let _ = read_msg(&mut rd).await;
+        });
+        let (mut rd, mut wr) = tokio::io::split(ours);
+        let e = compare_and_fetch(&mut rd, &mut wr, &mut c, &key(), &mut |_| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        drop((rd, wr));
+        let _ = peer.await;
+        e
+    }
+
+    #[tokio::test]
+    async fn answers_that_do_not_fit_are_errors_that_say_so() {
+        let k = key();
+        let names = |n: usize| vec![ferry_chunk::ChunkId([1; 32]); n];
+        let data = vec![5u8; BLOCK as usize];
+        let id = k.chunk_id(&data);
+        let other = k.chunk_id(&[6u8; BLOCK as usize]);
+        let cases: Vec<(Vec<Msg>, &str)> = vec![
+            (
+                vec![Msg::Ids {
+                    first: 0,
+                    ids: names(3),
+                }],
+                "3 names from block 0 for 64",
+            ),
+            (
+                vec![Msg::Ids {
+                    first: 9,
+                    ids: names(64),
+                }],
+                "from block 9",
+            ),
+            (vec![Msg::Have { present: vec![] }], "for block names"),
+            (
+                vec![
+                    Msg::Ids {
+                        first: 0,
+                        ids: names(64),
+                    },
+                    Msg::Block {
+                        index: 5,
+                        body: BlockBody::Zero,
+                    },
+                ],
+                "for block 0",
+            ),
+            (
+                vec![
+                    Msg::Ids {
+                        first: 0,
+                        ids: names(64),
+                    },
+                    Msg::Block {
+                        index: 0,
+                        body: BlockBody::Chunk {
+                            id: other,
+                            blob: Some(k.seal_chunk(&id, &data)),
+                        },
+                    },
+                ],
+                "does not open as its name",
+            ),
+            (
+                vec![
+                    Msg::Ids {
+                        first: 0,
+                        ids: names(64),
+                    },
+                    Msg::Block {
+                        index: 0,
+                        body: BlockBody::Chunk { id, blob: None },
+                    },
+                ],
+                "by reference",
+            ),
+            (
+                vec![
+                    Msg::Ids {
+                        first: 0,
+                        ids: names(64),
+                    },
+                    Msg::Block {
+                        index: 0,
+                        body: BlockBody::Chunk {
+                            id: k.chunk_id(&data[..100]),
+                            blob: Some(k.seal_chunk(&k.chunk_id(&data[..100]), &data[..100])),
+                        },
+                    },
+                ],
+                "is 100 bytes",
+            ),
+            (vec![], "closed the resync connection"),
+        ];
+        for (answers, want) in cases {
+            let e = against(answers).await;
+            assert!(e.contains(want), "{want:?}: {e}");
+        }
+    }
+}
