@@ -8,8 +8,9 @@
 //! `ferry_master_target::resync`). For each batch of [`BATCH`] blocks the live disk's names are
 //! asked for (32 bytes a block cross the WAN), the original's blocks are read and named here,
 //! and only the blocks whose names differ are fetched, as chunks sealed with the tenant key
-//! (never plaintext beyond TLS), opened, checked against their names and written. Memory is one
-//! batch on each side, whatever the disk's size.
+//! (never plaintext beyond TLS), opened, checked against their names and written. Names are
+//! asked for a few batches ahead ([`AHEAD`]), so a WAN round trip is paid once, not per batch.
+//! Memory is a batch here and a block at the master target, whatever the disk's size.
 //!
 //! Running it again sends only what still differs, so an interrupted resync (either side
 //! killed) completes when the order or the job runs again; the job says the disk is resynced
@@ -19,17 +20,20 @@
 use crate::resync::{format_of, quit_leftover, BLOCK};
 use crate::{io, FailoverError, Result};
 use ferry_api::ResyncReport;
-use ferry_chunk::TenantKey;
+use ferry_chunk::{ChunkId, TenantKey};
 use ferry_master_target::resync::block_name;
 use ferry_nbd::client::Client;
 use ferry_wire::{read_msg, BlockBody, Msg, VERSION};
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-/// Blocks compared per round trip (and at most fetched per request).
+/// Blocks compared per batch (and at most fetched per request).
 pub const BATCH: u64 = 64;
+/// Batches whose names are asked for ahead of the one compared.
+pub const AHEAD: u64 = 4;
 /// How long an answer of the master target may take.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -205,7 +209,18 @@ async fn answer<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Msg> {
     }
 }
 
-/// Compare the whole disk batch by batch, fetching and writing the blocks that differ.
+/// What the master target answers next, in the order it was asked.
+enum Asked {
+    /// The names of blocks `first..first + count`.
+    Ids { first: u64, count: u64 },
+    /// Block `index`, of `len` bytes.
+    Block { index: u64, len: usize },
+}
+
+/// Compare the whole disk batch by batch, fetching and writing the blocks that differ. The
+/// names of the next [`AHEAD`] batches are asked for before a batch's blocks are fetched, so a
+/// long round trip costs once, not per batch; the answers come in the order asked, and what is
+/// asked and not answered stays small (a few requests), so neither side blocks the other.
 async fn compare_and_fetch<R, W, S>(
     rd: &mut R,
     wr: &mut W,
@@ -224,27 +239,32 @@ where
         ..Default::default()
     };
     let blocks = size.div_ceil(BLOCK);
-    let mut first = 0u64;
+    let mut asked: VecDeque<Asked> = VecDeque::new();
+    let mut names: VecDeque<(u64, Vec<ChunkId>)> = VecDeque::new();
+    let (mut first, mut next) = (0u64, 0u64);
     while first < blocks {
-        let count = BATCH.min(blocks - first);
-        send(
-            wr,
-            &Msg::IdsRequest {
-                first,
-                count: count as u32,
-            },
-        )
-        .await?;
-        let theirs = match answer(rd).await? {
-            Msg::Ids { first: f, ids } if f == first && ids.len() as u64 == count => ids,
-            Msg::Ids { first: f, ids } => {
-                return Err(malformed(format!(
-                    "{} names from block {f} for {count} from block {first}",
-                    ids.len()
-                )))
-            }
-            other => return Err(malformed(format!("{} for block names", brief(&other)))),
+        // Ask ahead for the names of the next batches.
+        while next < blocks && next - first < AHEAD * BATCH {
+            let count = BATCH.min(blocks - next);
+            send(
+                wr,
+                &Msg::IdsRequest {
+                    first: next,
+                    count: count as u32,
+                },
+            )
+            .await?;
+            asked.push_back(Asked::Ids { first: next, count });
+            next += count;
+        }
+        // Take answers (writing the blocks of earlier batches) until this batch's names came.
+        while names.front().is_none_or(|(f, _)| *f != first) {
+            take_answer(rd, &mut asked, &mut names, c, key, &mut r).await?;
+        }
+        let Some((_, theirs)) = names.pop_front() else {
+            return Err(malformed(format!("no names for block {first}")));
         };
+        let count = theirs.len() as u64;
         let pos = first * BLOCK;
         let len = (count * BLOCK).min(size - pos);
         let ours = c.read(pos, len as u32).await.map_err(nbd)?;
@@ -254,7 +274,6 @@ where
         };
         let differ: Vec<u64> = (0..count)
             .filter(|&i| block_name(key, block(i)) != theirs[i as usize])
-            .map(|i| first + i)
             .collect();
         r.blocks_compared += count;
         r.hash_bytes += 32 * count;
@@ -262,34 +281,76 @@ where
             send(
                 wr,
                 &Msg::FetchRequest {
-                    indices: differ.clone(),
+                    indices: differ.iter().map(|i| first + i).collect(),
                 },
             )
             .await?;
-            for &index in &differ {
-                let want = block(index - first).len();
-                let data = match answer(rd).await? {
-                    Msg::Block { index: i, body } if i == index => open_block(key, index, body)?,
-                    other => {
-                        return Err(malformed(format!("{} for block {index}", brief(&other))));
-                    }
-                };
-                let data = data.unwrap_or_else(|| vec![0; want]);
-                if data.len() != want {
-                    return Err(malformed(format!(
-                        "block {index} is {} bytes, not {want}",
-                        data.len()
-                    )));
-                }
-                c.write(index * BLOCK, &data, false).await.map_err(nbd)?;
-                r.blocks_sent += 1;
-                r.bytes_sent += want as u64;
-            }
+            asked.extend(differ.iter().map(|&i| Asked::Block {
+                index: first + i,
+                len: block(i).len(),
+            }));
         }
         first += count;
         progress(&r);
     }
+    if !asked.is_empty() {
+        while !asked.is_empty() {
+            take_answer(rd, &mut asked, &mut names, c, key, &mut r).await?;
+        }
+        progress(&r);
+    }
     Ok(r)
+}
+
+/// Take the master target's next answer, checked against what it answers (the front of
+/// `asked`): names are kept in `names`, a block is opened and written.
+async fn take_answer<R, S>(
+    rd: &mut R,
+    asked: &mut VecDeque<Asked>,
+    names: &mut VecDeque<(u64, Vec<ChunkId>)>,
+    c: &mut Client<S>,
+    key: &TenantKey,
+    r: &mut ResyncReport,
+) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Some(want) = asked.pop_front() else {
+        return Err(malformed("an answer to nothing asked".into()));
+    };
+    match (want, answer(rd).await?) {
+        (Asked::Ids { first, count }, Msg::Ids { first: f, ids })
+            if f == first && ids.len() as u64 == count =>
+        {
+            names.push_back((first, ids));
+        }
+        (Asked::Ids { first, count }, Msg::Ids { first: f, ids }) => {
+            return Err(malformed(format!(
+                "{} names from block {f} for {count} from block {first}",
+                ids.len()
+            )))
+        }
+        (Asked::Ids { .. }, other) => {
+            return Err(malformed(format!("{} for block names", brief(&other))))
+        }
+        (Asked::Block { index, len }, Msg::Block { index: i, body }) if i == index => {
+            let data = open_block(key, index, body)?.unwrap_or_else(|| vec![0; len]);
+            if data.len() != len {
+                return Err(malformed(format!(
+                    "block {index} is {} bytes, not {len}",
+                    data.len()
+                )));
+            }
+            c.write(index * BLOCK, &data, false).await.map_err(nbd)?;
+            r.blocks_sent += 1;
+            r.bytes_sent += len as u64;
+        }
+        (Asked::Block { index, .. }, other) => {
+            return Err(malformed(format!("{} for block {index}", brief(&other))));
+        }
+    }
+    Ok(())
 }
 
 /// A fetched block's plaintext (none: zeros), opened with the tenant key and checked against
@@ -387,7 +448,8 @@ mod tests {
         assert_eq!(r.blocks_compared, SIZE.div_ceil(BLOCK));
         assert_eq!(r.blocks_sent, 3);
         assert_eq!(r.bytes_sent, 2 * BLOCK + 4096);
-        assert_eq!(seen, SIZE.div_ceil(BLOCK).div_ceil(BATCH));
+        // After each batch, and once more when the last blocks were written.
+        assert_eq!(seen, SIZE.div_ceil(BLOCK).div_ceil(BATCH) + 1);
         assert!(export.contents() == live);
     }
 
@@ -447,6 +509,11 @@ mod tests {
                         first: 0,
                         ids: names(64),
                     },
+                    // The next batch's names are asked for before this one's blocks.
+                    Msg::Ids {
+                        first: 64,
+                        ids: names(37),
+                    },
                     Msg::Block {
                         index: 5,
                         body: BlockBody::Zero,
@@ -459,6 +526,11 @@ mod tests {
                     Msg::Ids {
                         first: 0,
                         ids: names(64),
+                    },
+                    // The next batch's names are asked for before this one's blocks.
+                    Msg::Ids {
+                        first: 64,
+                        ids: names(37),
                     },
                     Msg::Block {
                         index: 0,
@@ -476,6 +548,11 @@ mod tests {
                         first: 0,
                         ids: names(64),
                     },
+                    // The next batch's names are asked for before this one's blocks.
+                    Msg::Ids {
+                        first: 64,
+                        ids: names(37),
+                    },
                     Msg::Block {
                         index: 0,
                         body: BlockBody::Chunk { id, blob: None },
@@ -488,6 +565,11 @@ mod tests {
                     Msg::Ids {
                         first: 0,
                         ids: names(64),
+                    },
+                    // The next batch's names are asked for before this one's blocks.
+                    Msg::Ids {
+                        first: 64,
+                        ids: names(37),
                     },
                     Msg::Block {
                         index: 0,
