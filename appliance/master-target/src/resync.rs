@@ -183,3 +183,67 @@ fn read_block<'a>(
     f.read_exact_at(&mut buf[..len], pos)?;
     Ok(&buf[..len])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The answer a resync hello for a disk of `size` bytes in blocks of `bs` gets from a master
+    /// target keeping its live disks in `work`.
+    async fn hello(work: Option<&Path>, size: u64, bs: u32) -> (Msg, anyhow::Result<()>) {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let (mut rd, mut wr) = tokio::io::split(theirs);
+        let h = Hello {
+            tenant: "acme".into(),
+            plan: "dr".into(),
+            machine: "web".into(),
+            disk: "d0".into(),
+            disk_size: size,
+            block_size: bs,
+        };
+        let key = Arc::new(TenantKey::from_secret(&[1; 32]));
+        let (mut ord, owr) = tokio::io::split(ours);
+        let work = work.map(Path::to_path_buf);
+        let served = tokio::spawn(async move {
+            let r = serve(&mut rd, &mut wr, h, work.as_deref(), key).await;
+            (r, rd, wr)
+        });
+        let first = read_msg(&mut ord).await.unwrap();
+        // The peer goes away.
+        drop((ord, owr));
+        let (r, _, _) = served.await.unwrap();
+        (first, r)
+    }
+
+    fn refusal(m: &Msg) -> &str {
+        match m {
+            Msg::Rejected {
+                seq: 0, message, ..
+            } => message,
+            other => panic!("not a refusal: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hello_for_a_live_disk_that_is_not_there_or_not_the_same_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().to_path_buf();
+        let (m, r) = hello(None, 1 << 20, 65536).await;
+        assert!(refusal(&m).contains("keeps no live disks") && r.is_err());
+        let (m, _) = hello(Some(&work), 1 << 20, 65536).await;
+        assert!(
+            refusal(&m).contains("no live disk d0 of machine web"),
+            "{m:?}"
+        );
+        let path = live_path(&work, "acme", "dr", "web", "d0");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let (m, _) = hello(Some(&work), 2 << 20, 65536).await;
+        assert!(refusal(&m).contains("not the same disk"), "{m:?}");
+        let (m, _) = hello(Some(&work), 1 << 20, 1000).await;
+        assert!(refusal(&m).contains("block size 1000"), "{m:?}");
+        let (m, r) = hello(Some(&work), 1 << 20, 65536).await;
+        assert!(matches!(m, Msg::ResyncWelcome { disk_size, .. } if disk_size == 1 << 20));
+        r.unwrap();
+    }
+}
