@@ -10,8 +10,15 @@
 //!   from the master target (and a planned failover's drain check from the process server);
 //!   a stopped master target fails the step, naming it.
 //! - A planned failover loses nothing; reprotect sends back only what the recovery site
-//!   changed (the master target compares and writes, the configuration server only orders it),
-//!   and failback leaves the original disks equal to the recovery site's.
+//!   changed (split between the sites: the process server opens the original disk and fetches
+//!   from the master target only the blocks whose names differ; the configuration server only
+//!   orders it), and failback leaves the original disks equal to the recovery site's.
+//! - The resync runs at the protected site: with the original disks' directories hidden from
+//!   the master target's process (a mount namespace of its own), reprotect and failback still
+//!   bring them up to date; a live disk of another size fails the step saying so; over a slow
+//!   link, the process server killed in the middle of a resync runs the order again when it
+//!   comes back and sends only what still differs, and the master target killed in the middle
+//!   fails the step (the plan keeps its phase) until the job is run again.
 //! - The configuration server killed in the middle of a job (its roles enrolled, running the
 //!   site steps): a step that may run again resumes; one that may not ends the job failed,
 //!   saying which step and what was done. An order in flight is sent again and run once.
@@ -68,6 +75,12 @@ struct Dr {
     /// `roles[1]`); empty for the lab's.
     mt_args: Vec<String>,
     ps_args: Vec<String>,
+    /// Directories the master target's process cannot see (an empty tmpfs is laid over each
+    /// in a mount namespace of its own); none: it sees what the test sees.
+    hidden_from_master: Vec<PathBuf>,
+    /// The link between the process server and the master target, when the master target
+    /// advertises this proxy's address.
+    link: Option<support::proxy::Proxy>,
 }
 
 impl Dr {
@@ -103,6 +116,8 @@ impl Dr {
             work,
             mt_args: Vec::new(),
             ps_args: Vec::new(),
+            hidden_from_master: Vec::new(),
+            link: None,
         }
     }
 
@@ -125,6 +140,22 @@ impl Dr {
         policy: Option<Value>,
         master_args: &[&str],
         order_timeout_secs: u64,
+    ) -> Dr {
+        Dr::start_enrolled_opts(policy, master_args, order_timeout_secs, false)
+    }
+
+    /// [`Dr::start_enrolled`] with two sites apart: the master target's process cannot see the
+    /// host's directories (where the original disks are), and the process server reaches it
+    /// through a proxy the test can slow down ([`Dr::link`]).
+    fn start_enrolled_apart() -> Dr {
+        Dr::start_enrolled_opts(None, &[], 60, true)
+    }
+
+    fn start_enrolled_opts(
+        policy: Option<Value>,
+        master_args: &[&str],
+        order_timeout_secs: u64,
+        apart: bool,
     ) -> Dr {
         let began = Instant::now();
         let dir = tempfile::Builder::new()
@@ -178,6 +209,21 @@ impl Dr {
             format!("127.0.0.1:{}", dr.lab.master_port),
         ];
         mt_args.extend(master_args.iter().map(|a| s(a)));
+        let (mut link, mut hidden) = (None, Vec::new());
+        if apart {
+            let proxy = dr.rt.block_on(support::proxy::Proxy::start(format!(
+                "127.0.0.1:{}",
+                dr.lab.master_port
+            )));
+            // Process servers dial what the master target advertises.
+            mt_args.extend([s("--advertise"), format!("127.0.0.1:{}", proxy.port)]);
+            link = Some(proxy);
+            for disk in DISKS {
+                let h = host_image(&d, disk).parent().unwrap().to_path_buf();
+                std::fs::create_dir_all(&h).unwrap();
+                hidden.push(h);
+            }
+        }
         mt_args.extend(role(&mt, "mt-state"));
         let mut ps_args = vec![
             s("process-server"),
@@ -189,9 +235,10 @@ impl Dr {
             s("200"),
         ];
         ps_args.extend(role(&ps, "ps-state"));
-        dr.roles
-            .push(support::Kill::spawn(&d, "master-target", &mt_args));
+        (dr.link, dr.hidden_from_master) = (link, hidden);
         dr.mt_args = mt_args;
+        let master = dr.spawn_master();
+        dr.roles.push(master);
         wait_port(dr.lab.master_port, Duration::from_secs(30)).unwrap();
         dr.roles
             .push(support::Kill::spawn(&d, "process-server", &ps_args));
@@ -485,8 +532,37 @@ impl Dr {
 
     /// Start the enrolled master target again, with its identity and state as it left them.
     fn start_master(&mut self) {
-        self.roles[0] = support::Kill::spawn(self.dir.path(), "master-target", &self.mt_args);
+        self.roles[0] = self.spawn_master();
         wait_port(self.lab.master_port, self.left()).unwrap();
+    }
+
+    /// The enrolled master target's process; in a mount namespace of its own that lays an
+    /// empty tmpfs over each of [`Dr::hidden_from_master`] when there are any.
+    fn spawn_master(&self) -> support::Kill {
+        let d = self.dir.path();
+        if self.hidden_from_master.is_empty() {
+            return support::Kill::spawn(d, "master-target", &self.mt_args);
+        }
+        let mounts: Vec<String> = self
+            .hidden_from_master
+            .iter()
+            .map(|h| format!("mount -t tmpfs -o size=1m hidden '{}'", h.display()))
+            .collect();
+        let script = format!("set -e; {}; exec \"$@\"", mounts.join("; "));
+        let wrapper: Vec<String> = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "hide-the-protected-site",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        support::Kill::spawn_wrapped(d, "master-target", &wrapper, &self.mt_args)
     }
 
     /// Stop the enrolled process server (`roles[1]`).
@@ -1072,7 +1148,7 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
     assert_eq!(dr.status().phase, PlanPhase::Committed);
 
     // Reprotect: the original disks are brought up to date, sending only what differs. The
-    // step shows how far the master target has come while it runs: bytes of the machine's
+    // step shows how far the process server has come while it runs: bytes of the machine's
     // disks compared, and the disk's blocks compared and bytes sent so far.
     let (rp, seen) = dr.run_job_watching(&op, json!({"kind": "reprotect"}), "resync web");
     let total = 2 * SIZE;
@@ -1161,6 +1237,141 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
         read_log(&dr.path("hooks.log")),
         "pre planned-failover\npre planned-failover\npost planned-failover\npre failback\npost failback\n"
     );
+}
+
+/// Bytes sent so far, as a resync step's detail says (`d0: compared .., sent N bytes (..)`).
+fn sent_so_far(detail: &str) -> u64 {
+    detail
+        .split("sent ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Write `len` bytes that do not compress (a seeded random stream) at `offset` of a raw image.
+fn scribble(path: &str, offset: u64, len: u64, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let mut rng = support::Rng(seed);
+    let data: Vec<u8> = (0..len / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&data, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn split_resync_never_opens_the_original_at_the_master_target_and_survives_either_side_killed() {
+    // The sites apart: the master target's process cannot see the host's directories (where
+    // the original disks are), and reaches the process server through a link the test slows.
+    let mut dr = Dr::start_enrolled_apart();
+    let op = dr.person("olivia", "operator");
+    let mt = dr.roles[0].0.id();
+    let orig: Vec<String> = dr.images.iter().map(|p| p.display().to_string()).collect();
+    for o in &orig {
+        assert!(Path::new(o).exists());
+        let seen = PathBuf::from(format!("/proc/{mt}/root{o}"));
+        assert!(!seen.exists(), "the master target sees {o}");
+    }
+    dr.caught_up();
+    for h in &mut dr.hosts {
+        h.take().unwrap().stop();
+    }
+    dr.run_job(&op, json!({"kind": "planned-failover"}));
+    let live: Vec<String> = dr.status().disks.iter().map(|d| d.path.clone()).collect();
+    // At the recovery site: 8 MiB that do not compress on d0, 1 MiB on d1.
+    scribble(&live[0], 4 * MIB, 8 * MIB, 1);
+    scribble(&live[1], 20 * MIB, MIB, 2);
+    dr.run_job(&op, json!({"kind": "commit"}));
+
+    // A live disk that is not the original's size: the step says so, and nothing is written.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&live[0])
+        .unwrap();
+    f.set_len(SIZE + 65536).unwrap();
+    let j = dr.start_job(&op, json!({"kind": "reprotect"}));
+    let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(j.state, JobState::Failed, "{j:#?}");
+    let e = j.error.unwrap();
+    assert!(
+        e.contains("'resync web'") && e.contains("not the same disk"),
+        "{e}"
+    );
+    f.set_len(SIZE).unwrap();
+    assert_eq!(dr.status().phase, PlanPhase::Committed);
+
+    // Over a slow link, the process server is killed in the middle of d0's resync: the step
+    // stays unfinished (the job runs on, nothing says the disk is resynced); started again, the
+    // process server runs the order again and sends only what still differs.
+    let link = dr.link.as_ref().unwrap();
+    link.limit(2 * MIB);
+    let resync = |j: &Job| j.steps.iter().find(|s| s.name == "resync web").cloned();
+    let midway = |j: &Job| {
+        resync(j).is_some_and(|s| {
+            s.state == StepState::Running
+                && s.detail.starts_with("d0:")
+                && sent_so_far(&s.detail) > 0
+        })
+    };
+    let j = dr.start_job(&op, json!({"kind": "reprotect"}));
+    let at = dr.wait_job(&op, j.id, midway);
+    let before = sent_so_far(&resync(&at).unwrap().detail);
+    assert!(before < 8 * MIB, "{at:#?}");
+    dr.stop_process();
+    std::thread::sleep(Duration::from_secs(1));
+    let j2 = dr.get_job(&op, j.id);
+    assert_eq!(j2.state, JobState::Running, "{j2:#?}");
+    assert_eq!(resync(&j2).unwrap().state, StepState::Running);
+    dr.start_process();
+    let rp = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(rp.state, JobState::Succeeded, "{rp:#?}");
+    let sent: Vec<u64> = rp
+        .disks
+        .iter()
+        .map(|d| d.resync.unwrap().bytes_sent)
+        .collect();
+    eprintln!("reprotect: {before} bytes of d0 sent before the kill, then {sent:?}");
+    assert!(sent[0] > 0 && sent[0] + before <= 8 * MIB, "{sent:?}");
+    assert_eq!(sent[1], MIB);
+    for i in 0..2 {
+        assert!(same(&live[i], "raw", &orig[i], "qcow2"), "{}", DISKS[i]);
+    }
+    assert_eq!(dr.status().phase, PlanPhase::Reprotected);
+
+    // The master target killed in the middle of failback's resync (the recovery site goes
+    // away, its link too: what the link still held is lost): the step fails saying the master
+    // target went away, the plan stays reprotected, and failback run again completes.
+    scribble(&live[0], 40 * MIB, 8 * MIB, 3);
+    let j = dr.start_job(&op, json!({"kind": "failback"}));
+    dr.wait_job(&op, j.id, midway);
+    dr.stop_master();
+    dr.rt
+        .block_on(dr.link.as_ref().unwrap().cut(Duration::from_millis(100)));
+    let fb = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(fb.state, JobState::Failed, "{fb:#?}");
+    let e = fb.error.unwrap();
+    assert!(
+        e.contains("'resync web'") && e.contains("master target"),
+        "{e}"
+    );
+    assert_eq!(dr.status().phase, PlanPhase::Reprotected);
+    dr.start_master();
+    dr.link.as_ref().unwrap().limit(0);
+    let fb = dr.run_job(&op, json!({"kind": "failback"}));
+    let sent: Vec<u64> = fb
+        .disks
+        .iter()
+        .map(|d| d.resync.unwrap().bytes_sent)
+        .collect();
+    eprintln!("failback after the master target's restart sent {sent:?}");
+    assert!(sent[0] > 0 && sent[0] < 8 * MIB, "{sent:?}");
+    assert_eq!(sent[1], 0);
+    for i in 0..2 {
+        assert!(same(&live[i], "raw", &orig[i], "qcow2"), "{}", DISKS[i]);
+    }
+    assert_eq!(dr.status().phase, PlanPhase::Protected);
 }
 
 #[test]

@@ -229,14 +229,32 @@ pub struct Kill(pub std::process::Child);
 
 impl Kill {
     pub fn spawn(dir: &std::path::Path, name: &str, args: &[String]) -> Kill {
+        Kill::spawn_wrapped(dir, name, &[], args)
+    }
+
+    /// [`Kill::spawn`], `ferry` started by `wrapper` (a program and its arguments, to which
+    /// `ferry`'s path and `args` are added), which must exec it: the child is `ferry` then.
+    pub fn spawn_wrapped(
+        dir: &std::path::Path,
+        name: &str,
+        wrapper: &[String],
+        args: &[String],
+    ) -> Kill {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join(format!("{name}.log")))
             .unwrap();
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(exe());
+                c
+            }
+            None => Command::new(exe()),
+        };
         Kill(
-            Command::new(exe())
-                .args(args)
+            cmd.args(args)
                 .env("FERRY_LOG", "info")
                 .stdin(std::process::Stdio::null())
                 .stdout(log.try_clone().unwrap())

@@ -1,9 +1,11 @@
 //! A TCP proxy the test controls, standing in for the WAN link between process server and
-//! master target: `cut` drops every connection at once and refuses new ones for a while.
+//! master target: `cut` drops every connection at once and refuses new ones for a while;
+//! `limit` makes the link slow (each direction of each connection at most that rate).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -12,7 +14,27 @@ pub struct Proxy {
     generation: watch::Sender<u64>,
     down: Arc<AtomicBool>,
     pub accepted: Arc<AtomicU64>,
+    /// Bytes per second each direction of a connection may carry (0: no limit).
+    rate: Arc<AtomicU64>,
     _task: tokio::task::JoinHandle<()>,
+}
+
+/// Copy `r` to `w` until either ends, at most `rate` bytes a second (0: as fast as they go).
+async fn pump(mut r: impl AsyncRead + Unpin, mut w: impl AsyncWrite + Unpin, rate: &AtomicU64) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        let bps = rate.load(Ordering::SeqCst);
+        if bps > 0 {
+            tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps as f64)).await;
+        }
+    }
 }
 
 impl Proxy {
@@ -23,7 +45,8 @@ impl Proxy {
         let (tx, rx) = watch::channel(0u64);
         let down = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
-        let (d, a) = (down.clone(), accepted.clone());
+        let rate = Arc::new(AtomicU64::new(0));
+        let (d, a, r) = (down.clone(), accepted.clone(), rate.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -36,7 +59,7 @@ impl Proxy {
                 a.fetch_add(1, Ordering::SeqCst);
                 let mut rx = rx.clone();
                 rx.borrow_and_update();
-                let target = target.clone();
+                let (target, rate) = (target.clone(), r.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&target).await else {
                         return;
@@ -44,8 +67,8 @@ impl Proxy {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy(&mut cr, &mut sw) => {}
-                        _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                        _ = pump(&mut cr, &mut sw, &rate) => {}
+                        _ = pump(&mut sr, &mut cw, &rate) => {}
                         _ = rx.changed() => {}
                     }
                 });
@@ -56,8 +79,14 @@ impl Proxy {
             generation: tx,
             down,
             accepted,
+            rate,
             _task: task,
         }
+    }
+
+    /// Carry at most `bytes_per_sec` each way on each connection from now on (0: no limit).
+    pub fn limit(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::SeqCst);
     }
 
     /// Drop every open connection and refuse new ones for `down_for`.

@@ -167,7 +167,8 @@ pub struct ResyncReport {
     pub blocks_compared: u64,
     pub blocks_sent: u64,
     pub bytes_sent: u64,
-    /// Bytes of block names that crossed from the original site.
+    /// Bytes of block names compared across the sites, 32 a block (in the split resync, the
+    /// live disk's names the master target sent).
     pub hash_bytes: u64,
 }
 

@@ -3,8 +3,10 @@
 //!
 //! The master target holds the recovery repository and the tenant key, so it executes the
 //! recovery-site steps of a job (choosing and holding points, instant access, scratch overlays,
-//! live disks, cleanup, resync); a process server executes the drain check of a planned
-//! failover on its own journal. A role polls `GET /v1/roles/orders` with its enrolled
+//! live disks, cleanup); a process server executes the drain check of a planned failover on
+//! its own journal, and the resync of reprotect and failback beside the original disk (asking
+//! the master target, over the replication connection, for the live disk's block names and the
+//! blocks that differ). A role polls `GET /v1/roles/orders` with its enrolled
 //! certificate, runs what it is given, and answers `POST /v1/roles/orders/{order}/result`.
 //!
 //! An order's id is fixed when the job first reaches the step, so sending it again (after a
@@ -70,7 +72,11 @@ pub enum SiteStep {
     ListPoints { disks: Vec<String> },
     /// Release what these holders hold.
     Release { holders: Vec<String> },
-    /// Bring `target` (the original disk) up to date from `live` by block names.
+    /// Bring `target` (the original disk, as the inventory gives its source) up to date from
+    /// the live disk by block names. Run by the machine's process server, which reaches the
+    /// live disk through the master target by tenant, plan, machine and disk; `live` is its
+    /// path at the recovery site, used only where that site's paths are at hand (a
+    /// configuration server beside it).
     Resync {
         tenant: String,
         plan: String,

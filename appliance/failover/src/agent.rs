@@ -1,14 +1,16 @@
 //! Executing a job's site steps ([`SiteStep`]) where the data is: the master target runs them
 //! on its own repository, key and work directory when the configuration server orders them
-//! (`ferry_api::orders`), and a process server runs the drain check on its own journals. A
-//! configuration server started with the recovery site's paths (`--recovery-repo ...`) runs
-//! the same code in its own process.
+//! (`ferry_api::orders`), and a process server runs the drain check on its own journals and
+//! the resync of reprotect and failback beside the original disks ([`split`], asking the
+//! master target for the live disks' names and differing blocks). A configuration server
+//! started with the recovery site's paths (`--recovery-repo ...`) runs the same code in its
+//! own process (the resync there reads both disks itself: [`resync`]).
 //!
 //! Every step may run again with the same outcome (a resent order): points are held under the
 //! job's holder (holding again replaces), overlays and live disks are written whole again,
 //! cleanup of what is gone is no error.
 
-use crate::{drain, live, points, resync, scratch, FailoverError, Result, Site};
+use crate::{drain, live, points, resync, scratch, split, FailoverError, Result, Site};
 use ferry_api::{
     ChosenDisk, ChosenMachine, DiskAt, HoldInfo, OrderProgress, ResyncReport, SiteAnswer, SiteStep,
 };
@@ -39,6 +41,9 @@ pub fn resync_progress(r: &ResyncReport) -> OrderProgress {
 pub struct Agent {
     pub site: Option<Site>,
     pub process_cache: Option<PathBuf>,
+    /// A protected-site role's way to the master target, for the resync of reprotect and
+    /// failback.
+    pub protected: Option<Arc<split::Protected>>,
     /// `{tenant}/{plan}` → the instant-access server of its running test failover: its
     /// port, what it serves, and its task.
     servers: Mutex<HashMap<String, Server>>,
@@ -62,9 +67,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 impl Agent {
     pub fn new(site: Option<Site>, process_cache: Option<PathBuf>) -> Arc<Agent> {
+        Agent::with_protected(site, process_cache, None)
+    }
+
+    /// An agent that can also run a resync from the protected site (`protected`).
+    pub fn with_protected(
+        site: Option<Site>,
+        process_cache: Option<PathBuf>,
+        protected: Option<split::Protected>,
+    ) -> Arc<Agent> {
         Arc::new(Agent {
             site,
             process_cache,
+            protected: protected.map(Arc::new),
             servers: Mutex::default(),
         })
     }
@@ -265,6 +280,21 @@ impl Agent {
                 live,
                 target,
             } => {
+                if let Some(p) = self.protected.clone() {
+                    // Beside the original disk: the live disk is read at the recovery site.
+                    let at = split::LiveDisk {
+                        tenant: tenant.clone(),
+                        plan: plan.clone(),
+                        machine: machine.clone(),
+                        disk: disk.clone(),
+                    };
+                    let original = target.clone();
+                    let report = blocking(move || {
+                        split::run(&p, &at, &original, &mut |r| progress(resync_progress(r)))
+                    })
+                    .await?;
+                    return Ok(SiteAnswer::Resync { report });
+                }
                 let site = self.site()?;
                 let scratch_dir = site
                     .plan_dir(tenant, plan)

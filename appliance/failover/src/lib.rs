@@ -12,7 +12,11 @@
 //! - [`agent`]: a job's site steps, run by the role that holds the data when the
 //!   configuration server orders them (or by the configuration server beside the site).
 //! - [`resync`]: reprotect and failback bring a disk up to date from another by comparing
-//!   keyed block names and sending only the blocks that differ.
+//!   keyed block names and sending only the blocks that differ (both disks reachable here:
+//!   a configuration server beside the recovery site).
+//! - [`split`]: the same resync split between the sites, run by the protected site's role
+//!   beside the original disk: the master target sends the live disk's names and only the
+//!   blocks that differ, sealed.
 //!
 //! The site is reached through its directories ([`Site`]): the master target's repository
 //! (opened read-only beside it), and the process server's cache (its status files).
@@ -24,6 +28,7 @@ pub mod live;
 pub mod points;
 pub mod resync;
 pub mod scratch;
+pub mod split;
 
 use std::path::{Path, PathBuf};
 
@@ -102,11 +107,10 @@ impl Site {
     }
 
     /// Where a failover's live disk lives.
+    /// (The master target finds it there by the same rule when the protected site resyncs
+    /// from it: [`ferry_master_target::resync::live_path`].)
     pub fn live_path(&self, tenant: &str, plan: &str, machine: &str, disk: &str) -> PathBuf {
-        self.plan_dir(tenant, plan)
-            .join("live")
-            .join(machine)
-            .join(format!("{disk}.raw"))
+        ferry_master_target::resync::live_path(&self.work, tenant, plan, machine, disk)
     }
 }
 

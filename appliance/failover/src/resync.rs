@@ -7,7 +7,10 @@
 //! so it is also failback's final pass and safe to repeat after an interruption.
 //!
 //! The original disk is opened by qemu-storage-daemon (whatever its format) and written over
-//! NBD; the live disk is a raw file.
+//! NBD; the live disk is a raw file. This runs where both are reachable (a configuration server
+//! started beside the recovery site); enrolled roles split it between the sites instead
+//! ([`crate::split`]: the protected site's role opens the original disk, the master target
+//! answers with the live disk's names and the blocks that differ).
 
 use crate::{io, FailoverError, Result};
 use ferry_api::ResyncReport;
@@ -24,7 +27,7 @@ pub const BLOCK: u64 = 64 * 1024;
 const BATCH: u64 = 64;
 
 /// The format of an image, as qemu-img sees it.
-fn format_of(image: &Path) -> Result<String> {
+pub(crate) fn format_of(image: &Path) -> Result<String> {
     let out = Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
         .arg(image)
@@ -95,7 +98,7 @@ pub fn run(
 
 /// A resync interrupted by a crash of the process that ran it leaves its daemon running with
 /// the target open (and locked): ask it to quit before opening the target again.
-fn quit_leftover(scratch: &Path) {
+pub(crate) fn quit_leftover(scratch: &Path) {
     let sock = scratch.join("qsd-qmp.sock");
     if !sock.exists() {
         return;

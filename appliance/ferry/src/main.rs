@@ -500,6 +500,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 key: Arc::new(load_key(&repo.key)?),
                 retention: (retention_interval_secs > 0)
                     .then(|| (retention, Duration::from_secs(retention_interval_secs))),
+                // A configured master target runs failovers: their live disks are below its
+                // state directory, and resync connections from the protected site read them.
+                work: configured.is_some().then(|| bootstrap.state.join("work")),
             };
             if let Some(c) = configured {
                 bootstrap.watch(c, Some(address), None);
@@ -508,7 +511,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let site = ferry_failover::Site {
                     repo: repo.repo.clone(),
                     key: repo.key.clone(),
-                    work: bootstrap.state.join("work"),
+                    work: cfg.work.clone().unwrap_or_default(),
                     process_cache: None,
                 };
                 orders::take(
@@ -965,8 +968,8 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
         for d in &c.disks {
             let mut spec = format!("{}={}", d.name, d.size_bytes);
             // A source in the host form tells this server how to read the disk on its host; an
-            // image path names the original disk that reprotect and failback write (the role
-            // that runs the resync opens it), nothing this server reads.
+            // image path names the original disk that reprotect and failback write (this
+            // server opens it then, for the resync), nothing it replicates from.
             if let Some(host) = host_source(&d.source) {
                 spec = format!("{spec},{host}");
             }
@@ -1062,8 +1065,24 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
     };
     if let Some(c) = configured {
         a.bootstrap.watch(c, None, Some(cfg.cache_dir.clone()));
-        // The drain check of a planned failover runs here, on this server's journals.
-        let agent = ferry_failover::agent::Agent::new(None, Some(cfg.cache_dir.clone()));
+        // The drain check of a planned failover runs here, on this server's journals; so does
+        // the resync of reprotect and failback, beside the original disks, asking the master
+        // target for the live disks' block names and only the blocks that differ.
+        let protected = ferry_failover::split::Protected {
+            link: ferry_process_server::Link {
+                addr: cfg.link.addr.clone(),
+                server_name: cfg.link.server_name.clone(),
+                tls: cfg.link.tls.clone(),
+                throttles: Default::default(),
+            },
+            key: Arc::new(load_key(&a.key)?),
+            work: a.bootstrap.state.join("resync"),
+        };
+        let agent = ferry_failover::agent::Agent::with_protected(
+            None,
+            Some(cfg.cache_dir.clone()),
+            Some(protected),
+        );
         orders::take(&a.bootstrap, agent);
     }
     runtime()?.block_on(ferry_process_server::run(cfg))

@@ -8,9 +8,12 @@
 //! a few threads at once, and then put into the map in arrival order. The point is
 //! committed durably and becomes visible only when its `End` arrived; a connection that dies
 //! half-way drops the writer and leaves nothing visible (the chunks it stored are collected).
-//! [`instant`] serves any recovery point read-only over NBD without copying it.
+//! [`instant`] serves any recovery point read-only over NBD without copying it. A connection
+//! that opens with `ResyncHello` is the protected site's side of a reprotect or failback resync:
+//! [`resync`] answers it from a failover's live disk.
 
 pub mod instant;
+pub mod resync;
 
 use anyhow::{bail, Context};
 use ferry_chunk::{ChunkId, TenantKey};
@@ -42,6 +45,9 @@ pub struct Config {
     /// Thin out old points by each disk's tiers and collect unreferenced chunks every
     /// `interval`.
     pub retention: Option<(ferry_repository::Retention, Duration)>,
+    /// Where failovers keep their live disks (`{work}/{tenant}/{plan}/live/...`), which
+    /// resync connections read ([`resync`]); none: this master target refuses them.
+    pub work: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -115,17 +121,19 @@ pub fn retention_pass(
 pub async fn serve(listener: tokio::net::TcpListener, cfg: Config) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg.tls.clone());
     let locks = Arc::new(Locks::default());
+    let work = cfg.work.clone().map(Arc::new);
     loop {
         let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
-        let (acceptor, repo, key, locks) = (
+        let (acceptor, repo, key, locks, work) = (
             acceptor.clone(),
             cfg.repo.clone(),
             cfg.key.clone(),
             locks.clone(),
+            work.clone(),
         );
         tokio::spawn(async move {
-            if let Err(e) = session(tcp, acceptor, repo, key, locks).await {
+            if let Err(e) = session(tcp, acceptor, repo, key, locks, work).await {
                 tracing::warn!(%peer, error = format!("{e:#}"), "replication session ended");
             }
         });
@@ -138,6 +146,7 @@ async fn session(
     repo: Arc<Repository>,
     key: Arc<TenantKey>,
     locks: Arc<Locks>,
+    work: Option<Arc<std::path::PathBuf>>,
 ) -> anyhow::Result<()> {
     let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
         .await
@@ -147,6 +156,37 @@ async fn session(
     let hello = tokio::time::timeout(Duration::from_secs(15), read_msg(&mut rd))
         .await
         .context("no hello")??;
+    if let Msg::ResyncHello {
+        version,
+        tenant,
+        plan,
+        machine,
+        disk,
+        disk_size,
+        block_size,
+    } = hello
+    {
+        if version != VERSION {
+            refuse_version(&mut wr, version).await?;
+            bail!("peer speaks protocol version {version}");
+        }
+        let h = resync::Hello {
+            tenant,
+            plan,
+            machine,
+            disk,
+            disk_size,
+            block_size,
+        };
+        return resync::serve(
+            &mut rd,
+            &mut wr,
+            h,
+            work.as_deref().map(|p| p.as_path()),
+            key,
+        )
+        .await;
+    }
     let Msg::Hello {
         version,
         disk,
@@ -157,15 +197,7 @@ async fn session(
         bail!("expected hello, got {hello:?}");
     };
     if version != VERSION {
-        let m = Msg::Rejected {
-            seq: 0,
-            reason: RejectReason::Protocol,
-            chunk: None,
-            message: format!(
-                "protocol version {version} not supported (this side speaks {VERSION})"
-            ),
-        };
-        wr.write_all(&m.encode()).await?;
+        refuse_version(&mut wr, version).await?;
         bail!("peer speaks protocol version {version}");
     }
     let latest = repo.latest(&disk);
@@ -252,6 +284,21 @@ async fn session(
             bail!("rejected checkpoint {seq} of {disk}: {message}");
         }
     }
+}
+
+async fn refuse_version<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    version: u16,
+) -> anyhow::Result<()> {
+    let m = Msg::Rejected {
+        seq: 0,
+        reason: RejectReason::Protocol,
+        chunk: None,
+        message: format!("protocol version {version} not supported (this side speaks {VERSION})"),
+    };
+    wr.write_all(&m.encode()).await?;
+    wr.flush().await?;
+    Ok(())
 }
 
 pub use ferry_wire::DAMAGED;

@@ -8,6 +8,14 @@
 //! each with `Committed` once the point is durable and visible, or `Rejected`, after which the
 //! connection is closed and resumed.
 //!
+//! A resync connection (reprotect, failback: the protected site brings an original disk up to
+//! date from the recovery site's live disk) opens with [`Msg::ResyncHello`] instead, naming a
+//! failover's live disk; the master target answers [`Msg::ResyncWelcome`] with its size. Then the
+//! protected side asks for the live disk's block names ([`Msg::IdsRequest`], answered by
+//! [`Msg::Ids`]) and fetches only the blocks whose names differ from its own
+//! ([`Msg::FetchRequest`], answered by one [`Msg::Block`] per index, each a zero block or a sealed
+//! chunk, never plaintext). A refusal is a [`Msg::Rejected`] with sequence 0.
+//!
 //! Every frame is `len: u32 LE` (of what follows) `| type: u8 | payload`, little endian
 //! throughout, strings as `u16 len | UTF-8`, byte strings as `u32 len | bytes`. Lengths are checked
 //! against [`MAX_FRAME`] before anything is allocated. Byte layout: `docs/formats.md`.
@@ -147,10 +155,35 @@ pub enum Msg {
     Have {
         present: Vec<bool>,
     },
+    /// Open a resync connection: the protected site asks for the live disk of `machine`'s
+    /// `disk` that failover `plan` of `tenant` made at the recovery site (reprotect, failback).
+    ResyncHello {
+        version: u16,
+        tenant: String,
+        plan: String,
+        machine: String,
+        disk: String,
+        /// The original disk's size: the live disk must be as large.
+        disk_size: u64,
+        block_size: u32,
+    },
+    /// The live disk is there: its size and the block size its names are of.
+    ResyncWelcome {
+        version: u16,
+        disk_size: u64,
+        block_size: u32,
+    },
+    /// Send these blocks of the live disk (ascending, each at most once): the answer is one
+    /// `Block` per index, in this order, each `Zero` or a sealed `Chunk` with its data.
+    FetchRequest {
+        indices: Vec<u64>,
+    },
 }
 
 /// The most block names one `IdsRequest` may ask for (a 256 KiB answer).
 pub const MAX_IDS: u32 = 8192;
+/// The most blocks one `FetchRequest` may ask for (what is in flight stays bounded).
+pub const MAX_FETCH: u32 = 256;
 
 /// The name an `Ids` answer gives a block whose stored chunk failed authentication (it was
 /// quarantined): it never equals a real name, so a resync sends the block again, with its data
@@ -169,6 +202,9 @@ const T_IDS: u8 = 9;
 const T_HAVE_REQUEST: u8 = 10;
 const T_HAVE: u8 = 11;
 const T_END_AT: u8 = 12;
+const T_RESYNC_HELLO: u8 = 13;
+const T_RESYNC_WELCOME: u8 = 14;
+const T_FETCH_REQUEST: u8 = 15;
 
 const B_ZERO: u8 = 0;
 const B_CHUNK: u8 = 1;
@@ -425,6 +461,40 @@ impl Msg {
                 out.extend_from_slice(&(present.len() as u32).to_le_bytes());
                 out.extend(present.iter().map(|&p| u8::from(p)));
             }
+            Msg::ResyncHello {
+                version,
+                tenant,
+                plan,
+                machine,
+                disk,
+                disk_size,
+                block_size,
+            } => {
+                out.push(T_RESYNC_HELLO);
+                out.extend_from_slice(&version.to_le_bytes());
+                for s in [tenant, plan, machine, disk] {
+                    put_string(&mut out, s);
+                }
+                out.extend_from_slice(&disk_size.to_le_bytes());
+                out.extend_from_slice(&block_size.to_le_bytes());
+            }
+            Msg::ResyncWelcome {
+                version,
+                disk_size,
+                block_size,
+            } => {
+                out.push(T_RESYNC_WELCOME);
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(&disk_size.to_le_bytes());
+                out.extend_from_slice(&block_size.to_le_bytes());
+            }
+            Msg::FetchRequest { indices } => {
+                out.push(T_FETCH_REQUEST);
+                out.extend_from_slice(&(indices.len() as u32).to_le_bytes());
+                for i in indices {
+                    out.extend_from_slice(&i.to_le_bytes());
+                }
+            }
         }
         let len = (out.len() - 4) as u32;
         out[..4].copy_from_slice(&len.to_le_bytes());
@@ -611,6 +681,55 @@ impl Msg {
                 r.finish()?;
                 Msg::Have { present }
             }
+            T_RESYNC_HELLO => {
+                let mut r = Reader::new(payload, "resync hello");
+                let version = r.u16()?;
+                let mut names = Vec::with_capacity(4);
+                for _ in 0..4 {
+                    let n = r.string()?;
+                    if !valid_disk_name(&n) {
+                        return Err(WireError::BadName);
+                    }
+                    names.push(n);
+                }
+                let (disk_size, block_size) = (r.u64()?, r.u32()?);
+                r.finish()?;
+                let [tenant, plan, machine, disk]: [String; 4] = names
+                    .try_into()
+                    .map_err(|_| WireError::Malformed("resync hello"))?;
+                Msg::ResyncHello {
+                    version,
+                    tenant,
+                    plan,
+                    machine,
+                    disk,
+                    disk_size,
+                    block_size,
+                }
+            }
+            T_RESYNC_WELCOME => {
+                let mut r = Reader::new(payload, "resync welcome");
+                let m = Msg::ResyncWelcome {
+                    version: r.u16()?,
+                    disk_size: r.u64()?,
+                    block_size: r.u32()?,
+                };
+                r.finish()?;
+                m
+            }
+            T_FETCH_REQUEST => {
+                let mut r = Reader::new(payload, "fetch request");
+                let n = r.u32()?;
+                if n == 0 || n > MAX_FETCH {
+                    return Err(WireError::Malformed("fetch request"));
+                }
+                let indices = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+                r.finish()?;
+                if indices.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(WireError::Malformed("fetch request"));
+                }
+                Msg::FetchRequest { indices }
+            }
             t => return Err(WireError::UnknownType(t)),
         };
         Ok(msg)
@@ -724,6 +843,23 @@ mod tests {
             Msg::Have {
                 present: vec![true, false],
             },
+            Msg::ResyncHello {
+                version: VERSION,
+                tenant: "acme".into(),
+                plan: "dr".into(),
+                machine: "web".into(),
+                disk: "d0".into(),
+                disk_size: 1 << 30,
+                block_size: 65536,
+            },
+            Msg::ResyncWelcome {
+                version: VERSION,
+                disk_size: 1 << 30,
+                block_size: 65536,
+            },
+            Msg::FetchRequest {
+                indices: vec![1, 7, 9],
+            },
         ]
     }
 
@@ -767,6 +903,36 @@ mod tests {
                 block_size: 1,
             }
             .encode();
+            assert!(Msg::decode(&f[4..]).is_err());
+        }
+    }
+
+    #[test]
+    fn resync_requests_are_checked() {
+        let hello = |machine: &str| {
+            Msg::ResyncHello {
+                version: VERSION,
+                tenant: "acme".into(),
+                plan: "dr".into(),
+                machine: machine.into(),
+                disk: "d0".into(),
+                disk_size: 1,
+                block_size: 1,
+            }
+            .encode()
+        };
+        assert!(matches!(
+            Msg::decode(&hello("../../etc")[4..]),
+            Err(WireError::BadName)
+        ));
+        // Empty, too many, out of order or repeated indices.
+        for indices in [
+            vec![],
+            (0..u64::from(MAX_FETCH) + 1).collect(),
+            vec![3, 2],
+            vec![2, 2],
+        ] {
+            let f = Msg::FetchRequest { indices }.encode();
             assert!(Msg::decode(&f[4..]).is_err());
         }
     }

@@ -1,7 +1,7 @@
-//! Step orders to the recovery-site roles (`ferry_api::orders`): a job's site step is sent to
-//! the role that holds the data (the tenant's master target; a machine's process server for
-//! the drain check), which fetches it (`GET /v1/roles/orders`), runs it and answers
-//! (`POST /v1/roles/orders/{order}/result`). A configuration server started beside the site
+//! Step orders to the roles (`ferry_api::orders`): a job's site step is sent to the role that
+//! holds the data (the tenant's master target; a machine's process server for the drain check
+//! and for the resync of reprotect and failback, beside the original disks), which fetches it
+//! (`GET /v1/roles/orders`), runs it and answers (`POST /v1/roles/orders/{order}/result`). A configuration server started beside the site
 //! (`--recovery-repo ...`) runs the same steps itself instead ([`Runtime::local`]).
 //!
 //! State in sled: `orders` (`{id:020}` → [`Stored`]), and `order-keys` (`{tenant}/{job:020}/
@@ -142,8 +142,9 @@ pub fn process_server(app: &Shared, tenant: &str, machine: &str) -> Result<Targe
         })
         .ok_or_else(|| {
             format!(
-                "machine {machine} has no process server enrolled to check its journals \
-                 (name one in the machine's process_server when the tenant has several)"
+                "machine {machine} has no process server enrolled to check its journals or \
+                 resync its disks (name one in the machine's process_server when the tenant \
+                 has several)"
             )
         })
 }

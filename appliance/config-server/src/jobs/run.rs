@@ -500,7 +500,9 @@ async fn step(app: &Shared, job: &mut Job, i: usize) -> Result<String, String> {
             Ok(format!("started {out}").trim().to_string())
         }
         ("resync", Some(m)) => {
-            let target = orders::master_target(app, &tenant)?;
+            // Run beside the original disks, by the machine's process server, which asks the
+            // master target for the live disks' block names and the blocks that differ.
+            let target = orders::process_server(app, &tenant, &m)?;
             let st = plan_status(&app.store, &tenant, &plan_name).map_err(|e| e.to_string())?;
             let machines = plan_disks(&app.store, &tenant, &plan).map_err(|e| e.message)?;
             let disks: Vec<ferry_api::Disk> = machines
