@@ -432,7 +432,7 @@ mod tests {
                 disk_size: SIZE,
                 block_size: BLOCK as u32,
             };
-            serve(&mut srd, &mut swr, h, Some(&w), k).await
+            serve(&mut srd, &mut swr, h, Some((&w, Some("acme"))), k).await
         });
         let (mut rd, mut wr) = tokio::io::split(ours);
         match answer(&mut rd).await.unwrap() {

@@ -503,6 +503,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // A configured master target runs failovers: their live disks are below its
                 // state directory, and resync connections from the protected site read them.
                 work: configured.is_some().then(|| bootstrap.state.join("work")),
+                tenant: configured.as_ref().and_then(|c| match c {
+                    ferry_api::RoleConfig::MasterTarget(c) => Some(c.tenant.clone()),
+                    _ => None,
+                }),
             };
             if let Some(c) = configured {
                 bootstrap.watch(c, Some(address), None);

@@ -48,6 +48,9 @@ pub struct Config {
     /// Where failovers keep their live disks (`{work}/{tenant}/{plan}/live/...`), which
     /// resync connections read ([`resync`]); none: this master target refuses them.
     pub work: Option<std::path::PathBuf>,
+    /// The tenant this master target serves (a configured one knows it): a resync hello
+    /// naming another is refused, whatever its work directory holds.
+    pub tenant: Option<String>,
 }
 
 #[derive(Default)]
@@ -121,7 +124,7 @@ pub fn retention_pass(
 pub async fn serve(listener: tokio::net::TcpListener, cfg: Config) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg.tls.clone());
     let locks = Arc::new(Locks::default());
-    let work = cfg.work.clone().map(Arc::new);
+    let work = cfg.work.clone().map(|w| Arc::new((w, cfg.tenant.clone())));
     loop {
         let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
@@ -146,7 +149,7 @@ async fn session(
     repo: Arc<Repository>,
     key: Arc<TenantKey>,
     locks: Arc<Locks>,
-    work: Option<Arc<std::path::PathBuf>>,
+    work: Option<Arc<(std::path::PathBuf, Option<String>)>>,
 ) -> anyhow::Result<()> {
     let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
         .await
@@ -182,7 +185,7 @@ async fn session(
             &mut rd,
             &mut wr,
             h,
-            work.as_deref().map(|p| p.as_path()),
+            work.as_deref().map(|(p, t)| (p.as_path(), t.as_deref())),
             key,
         )
         .await;

@@ -50,12 +50,13 @@ pub struct Hello {
 }
 
 /// Answer a resync connection until the peer closes it. `work`: where this master target keeps
-/// live disks (none: it keeps none, and refuses).
+/// live disks and, when it knows it, the one tenant it serves (none: it keeps none, and
+/// refuses).
 pub async fn serve<R, W>(
     rd: &mut R,
     wr: &mut W,
     hello: Hello,
-    work: Option<&Path>,
+    work: Option<(&Path, Option<&str>)>,
     key: Arc<TenantKey>,
 ) -> anyhow::Result<()>
 where
@@ -142,8 +143,15 @@ where
 }
 
 /// Open the live disk the hello names, checking what it asks.
-fn open(h: &Hello, work: Option<&Path>) -> Result<std::fs::File, String> {
-    let work = work.ok_or("this master target keeps no live disks (it runs no failovers)")?;
+fn open(h: &Hello, work: Option<(&Path, Option<&str>)>) -> Result<std::fs::File, String> {
+    let (work, tenant) =
+        work.ok_or("this master target keeps no live disks (it runs no failovers)")?;
+    if let Some(t) = tenant.filter(|t| *t != h.tenant) {
+        return Err(format!(
+            "this master target serves tenant {t}, not {}",
+            h.tenant
+        ));
+    }
     if !h.block_size.is_power_of_two() || !(4096..=1 << 20).contains(&h.block_size) {
         return Err(format!(
             "block size {} is not a power of two from 4 KiB to 1 MiB",
@@ -190,7 +198,11 @@ mod tests {
 
     /// The answer a resync hello for a disk of `size` bytes in blocks of `bs` gets from a master
     /// target keeping its live disks in `work`.
-    async fn hello(work: Option<&Path>, size: u64, bs: u32) -> (Msg, anyhow::Result<()>) {
+    async fn hello(
+        work: Option<(&Path, Option<&str>)>,
+        size: u64,
+        bs: u32,
+    ) -> (Msg, anyhow::Result<()>) {
         let (ours, theirs) = tokio::io::duplex(1 << 16);
         let (mut rd, mut wr) = tokio::io::split(theirs);
         let h = Hello {
@@ -203,9 +215,10 @@ mod tests {
         };
         let key = Arc::new(TenantKey::from_secret(&[1; 32]));
         let (mut ord, owr) = tokio::io::split(ours);
-        let work = work.map(Path::to_path_buf);
+        let work = work.map(|(w, t)| (w.to_path_buf(), t.map(str::to_string)));
         let served = tokio::spawn(async move {
-            let r = serve(&mut rd, &mut wr, h, work.as_deref(), key).await;
+            let work = work.as_ref().map(|(w, t)| (w.as_path(), t.as_deref()));
+            let r = serve(&mut rd, &mut wr, h, work, key).await;
             (r, rd, wr)
         });
         let first = read_msg(&mut ord).await.unwrap();
@@ -230,7 +243,7 @@ mod tests {
         let work = dir.path().to_path_buf();
         let (m, r) = hello(None, 1 << 20, 65536).await;
         assert!(refusal(&m).contains("keeps no live disks") && r.is_err());
-        let (m, _) = hello(Some(&work), 1 << 20, 65536).await;
+        let (m, _) = hello(Some((&work, None)), 1 << 20, 65536).await;
         assert!(
             refusal(&m).contains("no live disk d0 of machine web"),
             "{m:?}"
@@ -238,11 +251,17 @@ mod tests {
         let path = live_path(&work, "acme", "dr", "web", "d0");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-        let (m, _) = hello(Some(&work), 2 << 20, 65536).await;
+        let (m, _) = hello(Some((&work, None)), 2 << 20, 65536).await;
         assert!(refusal(&m).contains("not the same disk"), "{m:?}");
-        let (m, _) = hello(Some(&work), 1 << 20, 1000).await;
+        let (m, _) = hello(Some((&work, None)), 1 << 20, 1000).await;
         assert!(refusal(&m).contains("block size 1000"), "{m:?}");
-        let (m, r) = hello(Some(&work), 1 << 20, 65536).await;
+        // Another tenant's hello, though its live disk is there, gets nothing.
+        let (m, r) = hello(Some((&work, Some("other"))), 1 << 20, 65536).await;
+        assert!(
+            refusal(&m).contains("serves tenant other, not acme") && r.is_err(),
+            "{m:?}"
+        );
+        let (m, r) = hello(Some((&work, Some("acme"))), 1 << 20, 65536).await;
         assert!(matches!(m, Msg::ResyncWelcome { disk_size, .. } if disk_size == 1 << 20));
         r.unwrap();
     }
