@@ -75,9 +75,25 @@ pub struct Store {
 }
 
 impl Store {
+    /// Open (or create) the store in `dir`. sled holds the directory's lock until its flusher
+    /// thread notices the last handle went (up to its flush interval after the drop), and a
+    /// server restarting in place may find its predecessor still exiting: a held lock is waited
+    /// for, up to 10 s, before it is an error.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => break r?,
+            }
+        };
         Ok(Store {
-            db: sled::Config::new().path(dir).open()?,
+            db,
             log_keep: LOG_KEEP,
             appending: Default::default(),
         })
@@ -281,6 +297,21 @@ mod tests {
         }
         let all: Vec<u32> = s.tail(trees::AUDIT, 1000).unwrap();
         assert_eq!(all, (90..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_store_still_held_by_its_previous_handle_is_waited_for() {
+        let d = tempfile::tempdir().unwrap();
+        let first = Store::open(d.path()).unwrap();
+        first.put(trees::SITES, "acme/a", &1u32).unwrap();
+        let gone = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        // Opened while the first handle lives: waits for its lock instead of failing.
+        let second = Store::open(d.path()).unwrap();
+        gone.join().unwrap();
+        assert_eq!(second.get::<u32>(trees::SITES, "acme/a").unwrap(), Some(1));
     }
 
     #[tokio::test]
