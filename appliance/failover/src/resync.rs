@@ -47,7 +47,7 @@ pub(crate) fn format_of(image: &Path) -> Result<String> {
         .ok_or_else(|| FailoverError::Refused("qemu-img info names no format".into()))
 }
 
-fn nbd(e: impl std::fmt::Display) -> FailoverError {
+pub(crate) fn nbd(e: impl std::fmt::Display) -> FailoverError {
     FailoverError::Nbd(e.to_string())
 }
 

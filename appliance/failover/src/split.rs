@@ -17,7 +17,7 @@
 //! only when a run reached its end. Any answer that does not fit (another size, another
 //! block, a malformed or unauthentic block) ends the resync with an error that says so.
 
-use crate::resync::{format_of, quit_leftover, BLOCK};
+use crate::resync::{format_of, nbd, quit_leftover, BLOCK};
 use crate::{io, FailoverError, Result};
 use ferry_api::ResyncReport;
 use ferry_chunk::{ChunkId, TenantKey};
@@ -58,10 +58,6 @@ pub struct LiveDisk {
 
 fn refused(m: impl Into<String>) -> FailoverError {
     FailoverError::Refused(m.into())
-}
-
-fn nbd(e: impl std::fmt::Display) -> FailoverError {
-    FailoverError::Nbd(e.to_string())
 }
 
 /// Bring the original disk `original` (an image path at this site) up to date from `live` at
