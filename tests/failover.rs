@@ -1374,6 +1374,81 @@ fn split_resync_never_opens_the_original_at_the_master_target_and_survives_eithe
     assert_eq!(dr.status().phase, PlanPhase::Protected);
 }
 
+/// A machine's bandwidth limit holds for its resync as for its shipping: reprotect fetches the
+/// blocks that differ from the master target no faster than the machine's policy allows (the
+/// process server reads the resync connection through the machine's throttle), and the
+/// originals end equal to the live disks.
+#[test]
+fn a_machines_bandwidth_limit_holds_for_the_resync_of_reprotect() {
+    let policy = json!({"name": "gold", "mode": "continuous", "checkpoint_interval_secs": 1,
+        "rpo_alert_secs": 60, "bandwidth": {"limit_mbit": 8, "schedule": []}});
+    let mut dr = Dr::start_enrolled_with(Some(policy), &[]);
+    let op = dr.person("olivia", "operator");
+    let orig: Vec<String> = dr.images.iter().map(|p| p.display().to_string()).collect();
+    dr.caught_up();
+    for h in &mut dr.hosts {
+        h.take().unwrap().stop();
+    }
+    dr.run_job(&op, json!({"kind": "planned-failover"}));
+    let live: Vec<String> = dr.status().disks.iter().map(|d| d.path.clone()).collect();
+    // At the recovery site: 6 MiB that do not compress on d0, 2 MiB on d1. At 8 Mbit/s
+    // (1 MB/s) their blocks take 8.4 s to come; unlimited, a fraction of a second.
+    scribble(&live[0], 4 * MIB, 6 * MIB, 1);
+    scribble(&live[1], 20 * MIB, 2 * MIB, 2);
+    dr.run_job(&op, json!({"kind": "commit"}));
+
+    // The step's time as the API shows it, seen every 20 ms: from the first look that finds it
+    // running to the first that finds it done. It holds the whole resync (and the roles'
+    // order polling besides), so the rate measured is at most the resync's.
+    let j = dr.start_job(&op, json!({"kind": "reprotect"}));
+    let step = |j: &Job| {
+        j.steps
+            .iter()
+            .find(|s| s.name == "resync web")
+            .map(|s| s.state)
+    };
+    let mut began = None;
+    let (j, took) = loop {
+        let j = dr.get_job(&op, j.id);
+        let now = Instant::now();
+        if began.is_none() && step(&j) == Some(StepState::Running) {
+            began = Some(now);
+        }
+        if step(&j) == Some(StepState::Done) || j.state != JobState::Running {
+            let took = began.map(|b| now.duration_since(b)).unwrap_or_default();
+            break (
+                dr.wait_job(&op, j.id, |j| j.state != JobState::Running),
+                took,
+            );
+        }
+        dr.left();
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(j.state, JobState::Succeeded, "{j:#?}");
+    let sent: Vec<u64> = j
+        .disks
+        .iter()
+        .map(|d| d.resync.unwrap().bytes_sent)
+        .collect();
+    assert_eq!(sent, [6 * MIB, 2 * MIB]);
+    let rate = sent.iter().sum::<u64>() as f64 / took.as_secs_f64();
+    eprintln!(
+        "reprotect's resync fetched {sent:?} bytes in {took:?}: {:.2} Mbit/s",
+        rate * 8.0 / 1e6
+    );
+    // The limit (1 MB/s of TLS records, a little more than the blocks they carry), and 10% for
+    // the bucket's burst (0.1 s) and the looks' 20 ms.
+    assert!(
+        rate <= 1.1e6,
+        "the resync fetched at {:.2} Mbit/s under a limit of 8",
+        rate * 8.0 / 1e6
+    );
+    for i in 0..2 {
+        assert!(same(&live[i], "raw", &orig[i], "qcow2"), "{}", DISKS[i]);
+    }
+    assert_eq!(dr.status().phase, PlanPhase::Reprotected);
+}
+
 #[test]
 fn config_server_killed_mid_job_resumes_or_fails_clearly() {
     // The roles run the site steps, and find the restarted server on its port.

@@ -10,7 +10,10 @@
 //! and only the blocks whose names differ are fetched, as chunks sealed with the tenant key
 //! (never plaintext beyond TLS), opened, checked against their names and written. Names are
 //! asked for a few batches ahead ([`AHEAD`]), so a WAN round trip is paid once, not per batch.
-//! Memory is a batch here and a block at the master target, whatever the disk's size.
+//! Memory is a batch here and a block at the master target, whatever the disk's size. The
+//! connection draws from the machine's bandwidth throttle, the one its replication draws from
+//! (`ferry_process_server::throttle`), both ways: the blocks come from the master target, so
+//! this side reads them no faster than the machine's limit and TCP slows the master target.
 //!
 //! Running it again sends only what still differs, so an interrupted resync (either side
 //! killed) completes when the order or the job runs again; the job says the disk is resynced
@@ -23,6 +26,7 @@ use ferry_api::ResyncReport;
 use ferry_chunk::{ChunkId, TenantKey};
 use ferry_master_target::resync::block_name;
 use ferry_nbd::client::Client;
+use ferry_process_server::throttle::Throttled;
 use ferry_wire::{read_msg, BlockBody, Msg, VERSION};
 use std::collections::VecDeque;
 use std::path::Path;
@@ -34,7 +38,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 pub const BATCH: u64 = 64;
 /// Batches whose names are asked for ahead of the one compared.
 pub const AHEAD: u64 = 4;
-/// How long an answer of the master target may take.
+/// How long an answer of the master target may take. It is one answer's, not a batch's: an
+/// answer is one block at most (64 KiB and a seal's few bytes), which comes through the
+/// machine's bandwidth limit in half a second at the lowest limit a policy sets (1 Mbit/s), so
+/// a limited resync is not taken for a silent master target. A batch whose 64 blocks all
+/// differ takes half a minute at that limit; progress is told after each block written, not
+/// only after each batch, so the step's detail keeps moving meanwhile.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the protected site's role needs to resync from the recovery site.
@@ -61,7 +70,8 @@ fn refused(m: impl Into<String>) -> FailoverError {
 }
 
 /// Bring the original disk `original` (an image path at this site) up to date from `live` at
-/// the recovery site. `progress` is told after each batch, as [`crate::resync::run`] tells it.
+/// the recovery site. `progress` is told after each batch, as [`crate::resync::run`] tells it,
+/// and after each block written (a limited resync fetches a batch's blocks slowly).
 /// Blocking: call it off the runtime.
 pub fn run(
     p: &Protected,
@@ -99,7 +109,9 @@ pub fn run(
             let mut c = Client::connect_unix(&sock, "target").await.map_err(nbd)?;
             let (mut rd, mut wr) = connect(p, live, c.size()).await?;
             let r = compare_and_fetch(&mut rd, &mut wr, &mut c, &p.key, progress).await;
-            let _ = wr.shutdown().await;
+            // Bounded: TLS's goodbye goes through the machine's throttle, and a master target
+            // that stopped reading must not hold the resync's end (or its error) forever.
+            let _ = tokio::time::timeout(Duration::from_secs(5), wr.shutdown()).await;
             let r = r?;
             c.flush().await.map_err(nbd)?;
             let _ = c.disconnect().await;
@@ -110,8 +122,11 @@ pub fn run(
     r
 }
 
-type Reader = tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
-type Writer = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+/// The TCP connection under the resync's TLS, limited both ways by the machine's bandwidth
+/// policy (the blocks come from the master target, so its reads are what is limited).
+type Wire = Throttled<tokio::net::TcpStream>;
+type Reader = tokio::io::ReadHalf<tokio_rustls::client::TlsStream<Wire>>;
+type Writer = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<Wire>>;
 
 /// Open a resync connection for `live`, whose original is `size` bytes.
 async fn connect(p: &Protected, live: &LiveDisk, size: u64) -> Result<(Reader, Writer)> {
@@ -125,6 +140,9 @@ async fn connect(p: &Protected, live: &LiveDisk, size: u64) -> Result<(Reader, W
     .map_err(|_| at("connecting timed out".into()))?
     .map_err(|e| at(format!("cannot connect: {e}")))?;
     let _ = tcp.set_nodelay(true);
+    // The machine's own throttle, the one its replication draws from (its disks share it), so
+    // the limit (and the uplink's share) holds for shipping and resync together.
+    let tcp = Throttled::both_ways(tcp, p.link.throttle(&live.disk).cloned());
     let connector = tokio_rustls::TlsConnector::from(p.link.tls.clone());
     let tls = tokio::time::timeout(
         Duration::from_secs(10),
@@ -181,11 +199,21 @@ fn malformed(what: String) -> FailoverError {
     refused(format!("the master target's answer makes no sense: {what}"))
 }
 
+/// Send a request. Bounded like an answer: a master target that stops reading (or a link that
+/// stops taking anything) ends the resync with an error instead of holding it forever.
 async fn send<W: AsyncWrite + Unpin>(wr: &mut W, m: &Msg) -> Result<()> {
-    wr.write_all(&m.encode())
-        .await
-        .map_err(io("writing to the master target"))?;
-    wr.flush().await.map_err(io("writing to the master target"))
+    let sent = tokio::time::timeout(ANSWER_TIMEOUT, async {
+        wr.write_all(&m.encode()).await?;
+        wr.flush().await
+    })
+    .await;
+    match sent {
+        Err(_) => Err(refused(format!(
+            "the master target took no request for {} s",
+            ANSWER_TIMEOUT.as_secs()
+        ))),
+        Ok(r) => r.map_err(io("writing to the master target")),
+    }
 }
 
 async fn answer<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Msg> {
@@ -255,7 +283,9 @@ where
         }
         // Take answers (writing the blocks of earlier batches) until this batch's names came.
         while names.front().is_none_or(|(f, _)| *f != first) {
-            take_answer(rd, &mut asked, &mut names, c, key, &mut r).await?;
+            if take_answer(rd, &mut asked, &mut names, c, key, &mut r).await? {
+                progress(&r);
+            }
         }
         let Some((_, theirs)) = names.pop_front() else {
             return Err(malformed(format!("no names for block {first}")));
@@ -289,17 +319,17 @@ where
         first += count;
         progress(&r);
     }
-    if !asked.is_empty() {
-        while !asked.is_empty() {
-            take_answer(rd, &mut asked, &mut names, c, key, &mut r).await?;
+    while !asked.is_empty() {
+        if take_answer(rd, &mut asked, &mut names, c, key, &mut r).await? {
+            progress(&r);
         }
-        progress(&r);
     }
     Ok(r)
 }
 
 /// Take the master target's next answer, checked against what it answers (the front of
-/// `asked`): names are kept in `names`, a block is opened and written.
+/// `asked`): names are kept in `names`, a block is opened and written. True: a block was
+/// written.
 async fn take_answer<R, S>(
     rd: &mut R,
     asked: &mut VecDeque<Asked>,
@@ -307,7 +337,7 @@ async fn take_answer<R, S>(
     c: &mut Client<S>,
     key: &TenantKey,
     r: &mut ResyncReport,
-) -> Result<()>
+) -> Result<bool>
 where
     R: AsyncRead + Unpin,
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -320,16 +350,13 @@ where
             if f == first && ids.len() as u64 == count =>
         {
             names.push_back((first, ids));
+            Ok(false)
         }
-        (Asked::Ids { first, count }, Msg::Ids { first: f, ids }) => {
-            return Err(malformed(format!(
-                "{} names from block {f} for {count} from block {first}",
-                ids.len()
-            )))
-        }
-        (Asked::Ids { .. }, other) => {
-            return Err(malformed(format!("{} for block names", brief(&other))))
-        }
+        (Asked::Ids { first, count }, Msg::Ids { first: f, ids }) => Err(malformed(format!(
+            "{} names from block {f} for {count} from block {first}",
+            ids.len()
+        ))),
+        (Asked::Ids { .. }, other) => Err(malformed(format!("{} for block names", brief(&other)))),
         (Asked::Block { index, len }, Msg::Block { index: i, body }) if i == index => {
             let data = open_block(key, index, body)?.unwrap_or_else(|| vec![0; len]);
             if data.len() != len {
@@ -341,12 +368,12 @@ where
             c.write(index * BLOCK, &data, false).await.map_err(nbd)?;
             r.blocks_sent += 1;
             r.bytes_sent += len as u64;
+            Ok(true)
         }
         (Asked::Block { index, .. }, other) => {
-            return Err(malformed(format!("{} for block {index}", brief(&other))));
+            Err(malformed(format!("{} for block {index}", brief(&other))))
         }
     }
-    Ok(())
 }
 
 /// A fetched block's plaintext (none: zeros), opened with the tenant key and checked against
@@ -444,8 +471,76 @@ mod tests {
         assert_eq!(r.blocks_compared, SIZE.div_ceil(BLOCK));
         assert_eq!(r.blocks_sent, 3);
         assert_eq!(r.bytes_sent, 2 * BLOCK + 4096);
-        // After each batch, and once more when the last blocks were written.
-        assert_eq!(seen, SIZE.div_ceil(BLOCK).div_ceil(BATCH) + 1);
+        // After each batch, and after each block written.
+        assert_eq!(seen, SIZE.div_ceil(BLOCK).div_ceil(BATCH) + 3);
+        assert!(export.contents() == live);
+    }
+
+    /// Over a connection limited by the machine's throttle (both ways, as [`connect`] makes
+    /// it), the blocks come no faster than the limit, and the original still ends equal.
+    #[tokio::test]
+    async fn a_limited_resync_fetches_at_the_limit_and_the_original_ends_equal() {
+        use ferry_process_server::throttle::{Schedule, Throttle, Throttled};
+        let dir = tempfile::tempdir().unwrap();
+        let path = live_path(dir.path(), "acme", "dr", "web", "d0");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // Every block differs: 6.5 MB that do not compress much come, at 40 Mbit/s (5 MB/s).
+        let live: Vec<u8> = {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            (0..SIZE)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        std::fs::write(&path, &live).unwrap();
+        let (mut c, export) = original(pattern(0)).await;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (theirs, _) = l.accept().await.unwrap();
+        let (mut srd, mut swr) = tokio::io::split(theirs);
+        let (k, w) = (key(), dir.path().to_path_buf());
+        let master = tokio::spawn(async move {
+            let h = Hello {
+                tenant: "acme".into(),
+                plan: "dr".into(),
+                machine: "web".into(),
+                disk: "d0".into(),
+                disk_size: SIZE,
+                block_size: BLOCK as u32,
+            };
+            serve(&mut srd, &mut swr, h, Some((&w, Some("acme"))), k).await
+        });
+        let t = Throttle::new(
+            "web",
+            Schedule {
+                default_mbit: Some(40),
+                windows: Vec::new(),
+            },
+        );
+        let ours = Throttled::both_ways(ours, Some(t));
+        let (mut rd, mut wr) = tokio::io::split(ours);
+        match answer(&mut rd).await.unwrap() {
+            Msg::ResyncWelcome { disk_size, .. } => assert_eq!(disk_size, SIZE),
+            other => panic!("{other:?}"),
+        }
+        let began = std::time::Instant::now();
+        let mut seen = 0;
+        let r = compare_and_fetch(&mut rd, &mut wr, &mut c, &key(), &mut |_| seen += 1)
+            .await
+            .unwrap();
+        let took = began.elapsed().as_secs_f64();
+        drop((rd, wr));
+        master.await.unwrap().unwrap();
+        assert_eq!(r.bytes_sent, SIZE);
+        // 6.5 MB at 5 MB/s, less the bucket's burst (0.1 s).
+        assert!(took >= 1.2, "{} bytes came in {took:.2} s", r.bytes_sent);
+        assert_eq!(seen, SIZE.div_ceil(BLOCK).div_ceil(BATCH) + r.blocks_sent);
         assert!(export.contents() == live);
     }
 

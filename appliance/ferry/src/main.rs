@@ -1071,13 +1071,16 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
         a.bootstrap.watch(c, None, Some(cfg.cache_dir.clone()));
         // The drain check of a planned failover runs here, on this server's journals; so does
         // the resync of reprotect and failback, beside the original disks, asking the master
-        // target for the live disks' block names and only the blocks that differ.
+        // target for the live disks' block names and only the blocks that differ. Its
+        // connections draw from the same throttles as the replication's (the same objects:
+        // one bucket per machine, one place in the uplink), so a machine's bandwidth limit
+        // holds for its shipping and its resync together.
         let protected = ferry_failover::split::Protected {
             link: ferry_process_server::Link {
                 addr: cfg.link.addr.clone(),
                 server_name: cfg.link.server_name.clone(),
                 tls: cfg.link.tls.clone(),
-                throttles: Default::default(),
+                throttles: cfg.link.throttles.clone(),
             },
             key: Arc::new(load_key(&a.key)?),
             work: a.bootstrap.state.join("resync"),

@@ -5,7 +5,9 @@
 //!
 //! Every connection of the machine's disks (continuous shipping, periodic cycles, seeds and
 //! resyncs) draws from one token bucket, so the limit holds for the machine as a whole however
-//! many of its disks are sending. The bucket holds at most a tenth of a second of traffic, so a
+//! many of its disks are sending. What a connection draws is what crosses the WAN in bulk: the
+//! writes of a replication connection, and also the reads of the resync of reprotect and
+//! failback, whose blocks come from the master target ([`Throttled::both_ways`]). The bucket holds at most a tenth of a second of traffic, so a
 //! pause is not followed by a burst the WAN link would queue.
 //!
 //! Above the machines' own limits, the appliance may have an uplink budget that all machines
@@ -320,24 +322,85 @@ fn burst(rate: Option<f64>) -> f64 {
 /// Streams are told apart in the uplink's queue by a number of their own.
 static STREAMS: AtomicU64 = AtomicU64::new(1);
 
-/// A stream whose writes draw from a [`Throttle`] (reads are not limited: they are the master
-/// target's small acknowledgements).
+/// A stream whose writes draw from a [`Throttle`]; its reads too when made with
+/// [`Throttled::both_ways`]. A replication connection limits only its writes (its reads are the
+/// master target's small acknowledgements); a resync connection, whose bulk comes from the
+/// master target, limits its reads as well: a read lets through only what the bucket holds, and
+/// while it is empty the stream is not read at all, so TCP's window slows the sender down.
 pub struct Throttled<S> {
     inner: S,
     throttle: Option<Arc<Throttle>>,
+    write: Gate,
+    /// None: reads are not limited.
+    read: Option<Gate>,
+}
+
+/// One direction's place in its throttle. The two directions of a stream wait apart (each
+/// with its own timers and its own place in the uplink's queue): a split stream's reader and
+/// writer are polled by different tasks, and a timer or a queue entry keeps one waker only.
+struct Gate {
     id: u64,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     parked: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+impl Gate {
+    fn new() -> Gate {
+        Gate {
+            id: STREAMS.fetch_add(1, Ordering::Relaxed),
+            sleep: None,
+            parked: None,
+        }
+    }
+
+    /// Wait until `t` lets some of `want` bytes through; how many it let (taken from its
+    /// buckets: what is not used goes back with [`Throttle::give_back`]).
+    fn poll_take(&mut self, t: &Throttle, cx: &mut Context<'_>, want: usize) -> Poll<usize> {
+        loop {
+            if let Some(s) = self.sleep.as_mut() {
+                ready!(s.as_mut().poll(cx));
+                self.sleep = None;
+            }
+            match t.take(self.id, want, cx.waker()) {
+                Take::Go(n) => {
+                    self.parked = None;
+                    return Poll::Ready(n);
+                }
+                Take::Wait(wait) => {
+                    self.parked = None;
+                    self.sleep = Some(Box::pin(tokio::time::sleep(wait)));
+                }
+                Take::Parked => {
+                    let p = self
+                        .parked
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(PARKED)));
+                    ready!(p.as_mut().poll(cx));
+                    self.parked = None;
+                }
+            }
+        }
+    }
+}
+
 impl<S> Throttled<S> {
+    /// Writes limited by `throttle` (None: nothing is limited).
     pub fn new(inner: S, throttle: Option<Arc<Throttle>>) -> Throttled<S> {
         Throttled {
             inner,
             throttle,
-            id: STREAMS.fetch_add(1, Ordering::Relaxed),
-            sleep: None,
-            parked: None,
+            write: Gate::new(),
+            read: None,
+        }
+    }
+
+    /// Reads and writes limited by `throttle`, drawing from its one bucket (None: nothing is
+    /// limited, and nothing is paid for it).
+    pub fn both_ways(inner: S, throttle: Option<Arc<Throttle>>) -> Throttled<S> {
+        Throttled {
+            inner,
+            read: throttle.as_ref().map(|_| Gate::new()),
+            throttle,
+            write: Gate::new(),
         }
     }
 }
@@ -345,7 +408,10 @@ impl<S> Throttled<S> {
 impl<S> Drop for Throttled<S> {
     fn drop(&mut self) {
         if let Some(t) = &self.throttle {
-            t.leave(self.id);
+            t.leave(self.write.id);
+            if let Some(r) = &self.read {
+                t.leave(r.id);
+            }
         }
     }
 }
@@ -356,7 +422,24 @@ impl<S: AsyncRead + Unpin> AsyncRead for Throttled<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let me = self.get_mut();
+        let (Some(t), Some(gate)) = (me.throttle.as_ref(), me.read.as_mut()) else {
+            return Pin::new(&mut me.inner).poll_read(cx, buf);
+        };
+        if buf.remaining() == 0 {
+            return Pin::new(&mut me.inner).poll_read(cx, buf);
+        }
+        // Tokens first, then at most that much is read; what did not come goes back.
+        let n = ready!(gate.poll_take(t, cx, buf.remaining()));
+        let mut part = ReadBuf::new(buf.initialize_unfilled_to(n));
+        let r = Pin::new(&mut me.inner).poll_read(cx, &mut part);
+        let got = match r {
+            Poll::Ready(Ok(())) => part.filled().len(),
+            _ => 0,
+        };
+        t.give_back(n - got);
+        buf.advance(got);
+        r
     }
 }
 
@@ -367,40 +450,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
-        let Some(t) = me.throttle.clone() else {
+        let Some(t) = me.throttle.as_ref() else {
             return Pin::new(&mut me.inner).poll_write(cx, buf);
         };
         if buf.is_empty() {
             return Pin::new(&mut me.inner).poll_write(cx, buf);
         }
-        loop {
-            if let Some(s) = me.sleep.as_mut() {
-                ready!(s.as_mut().poll(cx));
-                me.sleep = None;
-            }
-            match t.take(me.id, buf.len(), cx.waker()) {
-                Take::Go(n) => {
-                    me.parked = None;
-                    let r = Pin::new(&mut me.inner).poll_write(cx, &buf[..n]);
-                    match &r {
-                        Poll::Ready(Ok(k)) => t.give_back(n - k),
-                        _ => t.give_back(n),
-                    }
-                    return r;
-                }
-                Take::Wait(wait) => {
-                    me.parked = None;
-                    me.sleep = Some(Box::pin(tokio::time::sleep(wait)));
-                }
-                Take::Parked => {
-                    let p = me
-                        .parked
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(PARKED)));
-                    ready!(p.as_mut().poll(cx));
-                    me.parked = None;
-                }
-            }
+        let n = ready!(me.write.poll_take(t, cx, buf.len()));
+        let r = Pin::new(&mut me.inner).poll_write(cx, &buf[..n]);
+        match &r {
+            Poll::Ready(Ok(k)) => t.give_back(n - k),
+            _ => t.give_back(n),
         }
+        r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -497,6 +559,88 @@ mod tests {
         let mut got = Vec::new();
         b.read_to_end(&mut got).await.unwrap();
         assert_eq!(got.len(), 1000);
+    }
+
+    /// A resync connection's reads: bytes read from a stream limited both ways come no faster
+    /// than the limit (plus one burst), while the sender has them all at once; and the reads
+    /// and writes of one machine draw from its one bucket. Unlimited, reads are not slowed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stream_limited_both_ways_reads_at_the_limit() {
+        let t = Throttle::new(
+            "m",
+            Schedule {
+                default_mbit: Some(16), // 2 MB/s
+                windows: Vec::new(),
+            },
+        );
+        let total = 1_000_000usize;
+        let (a, mut b) = tokio::io::duplex(1 << 21);
+        // The sender is not limited: everything is in the pipe before the first read.
+        b.write_all(&vec![7u8; total]).await.unwrap();
+        b.shutdown().await.unwrap();
+        let mut r = Throttled::both_ways(a, Some(t.clone()));
+        let started = Instant::now();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        let took = started.elapsed().as_secs_f64();
+        assert_eq!(got.len(), total);
+        // 1 MB at 2 MB/s: at least 0.5 s less the 0.1 s burst the bucket may hold.
+        assert!(
+            took >= 0.4,
+            "1 MB was read through a 16 Mbit/s limit in {took:.2} s"
+        );
+        assert!(
+            took < 1.5,
+            "1 MB was read through a 16 Mbit/s limit in {took:.2} s"
+        );
+
+        // Another connection of the machine, reading and writing at once: together no
+        // faster than the one limit.
+        let (a, mut b) = tokio::io::duplex(1 << 21);
+        b.write_all(&vec![1u8; total / 2]).await.unwrap();
+        b.shutdown().await.unwrap();
+        let (mut rd, mut wr) = tokio::io::split(Throttled::both_ways(a, Some(t.clone())));
+        let started = Instant::now();
+        let writer = tokio::spawn(async move {
+            wr.write_all(&vec![2u8; total / 2]).await.unwrap();
+            wr.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        let took = started.elapsed().as_secs_f64();
+        assert_eq!(got.len(), total / 2);
+        let mut sent = Vec::new();
+        b.read_to_end(&mut sent).await.unwrap();
+        assert_eq!(sent.len(), total / 2);
+        assert!(
+            took >= 0.4,
+            "0.5 MB each way went through 16 Mbit/s in {took:.2} s"
+        );
+
+        // Writes alone limited (a replication connection): reads come at once.
+        let (a, mut b) = tokio::io::duplex(1 << 21);
+        b.write_all(&vec![3u8; total]).await.unwrap();
+        b.shutdown().await.unwrap();
+        let mut r = Throttled::new(a, Some(t));
+        let started = Instant::now();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), total);
+        let took = started.elapsed().as_secs_f64();
+        assert!(took < 0.2, "unlimited reads took {took:.2} s");
+
+        // Unlimited: no throttle at all, nothing slowed.
+        let (a, mut b) = tokio::io::duplex(1 << 21);
+        b.write_all(&vec![4u8; total]).await.unwrap();
+        b.shutdown().await.unwrap();
+        let mut r = Throttled::both_ways(a, None);
+        let started = Instant::now();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), total);
+        let took = started.elapsed().as_secs_f64();
+        assert!(took < 0.2, "unlimited reads took {took:.2} s");
     }
 
     /// Two machines' streams on one uplink, both always with data waiting: the bytes that get
