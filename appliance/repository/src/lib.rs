@@ -439,6 +439,17 @@ impl Repository {
         Ok(self.inner.store.list(Kind::Chunk)?.len())
     }
 
+    /// The id of every chunk the store holds, in no order (tests and tools).
+    pub fn chunk_ids(&self) -> Result<Vec<ChunkId>, RepoError> {
+        Ok(self
+            .inner
+            .store
+            .list(Kind::Chunk)?
+            .into_iter()
+            .map(|c| c.0)
+            .collect())
+    }
+
     /// A read-only view of one point; it owns what it needs and may outlive this borrow.
     /// The root file is re-read and re-authenticated. While the reader lives, retention keeps
     /// its point (so gc cannot pull chunks from under an NBD export).

@@ -16,8 +16,12 @@
 //! A read-only handle (another process beside the writer) reads the new tails of the idx files
 //! when it misses: an entry is written after its data, so an entry seen means readable data.
 
+mod format;
+
 use crate::RepoError;
 use ferry_chunk::ChunkId;
+use format::*;
+pub(crate) use format::{encode_entry, ENTRY_LEN, ENTRY_RECORD, HEADER_LEN};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -27,14 +31,6 @@ use std::sync::{Arc, Mutex, RwLock};
 
 /// A new pack is started once the active one holds this many bytes.
 pub(crate) const PACK_MAX: u64 = 1 << 30;
-/// Record header: magic, id, blob length, blob CRC, header CRC.
-pub(crate) const HEADER_LEN: usize = 48;
-/// Idx entry: id, offset, length, type, reserved, entry CRC.
-pub(crate) const ENTRY_LEN: usize = 56;
-const RECORD_MAGIC: [u8; 4] = *b"FPR1";
-const SYNCED_MAGIC: [u8; 4] = *b"FPS1";
-pub(crate) const ENTRY_RECORD: u8 = 1;
-const ENTRY_TOMBSTONE: u8 = 2;
 
 /// Where a chunk's record is: its pack, the record's offset (its header's), the blob's length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,57 +49,6 @@ impl Loc {
     }
 }
 
-fn le32(b: &[u8]) -> u32 {
-    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
-}
-
-fn le64(b: &[u8]) -> u64 {
-    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
-}
-
-fn encode_header(id: &ChunkId, blob: &[u8]) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[0..4].copy_from_slice(&RECORD_MAGIC);
-    h[4..36].copy_from_slice(&id.0);
-    h[36..40].copy_from_slice(&(blob.len() as u32).to_le_bytes());
-    h[40..44].copy_from_slice(&crc32c::crc32c(blob).to_le_bytes());
-    let crc = crc32c::crc32c(&h[..44]);
-    h[44..48].copy_from_slice(&crc.to_le_bytes());
-    h
-}
-
-/// (id, blob length, blob CRC) of a header whose magic and CRC hold.
-fn decode_header(h: &[u8]) -> Option<(ChunkId, u32, u32)> {
-    if h.len() < HEADER_LEN || h[0..4] != RECORD_MAGIC || crc32c::crc32c(&h[..44]) != le32(&h[44..])
-    {
-        return None;
-    }
-    let id = ChunkId(h[4..36].try_into().expect("32 bytes"));
-    Some((id, le32(&h[36..]), le32(&h[40..])))
-}
-
-pub(crate) fn encode_entry(kind: u8, id: &ChunkId, offset: u64, len: u32) -> [u8; ENTRY_LEN] {
-    let mut e = [0u8; ENTRY_LEN];
-    e[0..32].copy_from_slice(&id.0);
-    e[32..40].copy_from_slice(&offset.to_le_bytes());
-    e[40..44].copy_from_slice(&len.to_le_bytes());
-    e[44] = kind;
-    let crc = crc32c::crc32c(&e[..52]);
-    e[52..56].copy_from_slice(&crc.to_le_bytes());
-    e
-}
-
-/// (type, id, record offset, blob length) of an entry whose CRC and type hold.
-fn decode_entry(e: &[u8]) -> Option<(u8, ChunkId, u64, u32)> {
-    if crc32c::crc32c(&e[..52]) != le32(&e[52..])
-        || !matches!(e[44], ENTRY_RECORD | ENTRY_TOMBSTONE)
-    {
-        return None;
-    }
-    let id = ChunkId(e[0..32].try_into().expect("32 bytes"));
-    Some((e[44], id, le64(&e[32..]), le32(&e[40..])))
-}
-
 /// Apply one idx entry: a record is the newest copy of its chunk (later entries and later packs
 /// are newer); a tombstone removes its chunk only while the index still names that very record.
 fn apply(
@@ -120,35 +65,6 @@ fn apply(
     } else if index.get(&id) == Some(&loc) {
         index.remove(&id);
     }
-}
-
-/// Read what can be read of `len` bytes at `offset` (short at the end of the file).
-fn read_upto(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        match f.read_at(&mut buf[got..], offset + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(got);
-    Ok(buf)
-}
-
-/// The whole record at `offset` of `pack` if it is intact: (id, blob length).
-fn check_record(pack: &File, offset: u64) -> io::Result<Option<(ChunkId, u32)>> {
-    let h = read_upto(pack, offset, HEADER_LEN)?;
-    let Some((id, len, crc)) = decode_header(&h) else {
-        return Ok(None);
-    };
-    let blob = read_upto(pack, offset + HEADER_LEN as u64, len as usize)?;
-    if blob.len() != len as usize || crc32c::crc32c(&blob) != crc {
-        return Ok(None);
-    }
-    Ok(Some((id, len)))
 }
 
 /// The pack being appended to (writable stores only).
@@ -484,15 +400,13 @@ impl Packs {
         Ok(g.as_mut().expect("active pack"))
     }
 
-    /// Append a record and its idx entry; the caller holds the active lock.
-    fn append(&self, g: &mut Option<Active>, id: &ChunkId, blob: &[u8]) -> Result<Loc, RepoError> {
+    /// Append a record (see [`record`]) and its idx entry; the caller holds the active lock.
+    fn append(&self, g: &mut Option<Active>, id: &ChunkId, rec: &[u8]) -> Result<Loc, RepoError> {
         let a = self.active(g)?;
-        let mut rec = Vec::with_capacity(HEADER_LEN + blob.len());
-        rec.extend_from_slice(&encode_header(id, blob));
-        rec.extend_from_slice(blob);
         let offset = a.len;
-        a.file.write_all_at(&rec, offset)?;
-        let len = blob.len() as u32;
+        // Header and blob in one write: a crash leaves the record whole, torn or absent.
+        a.file.write_all_at(rec, offset)?;
+        let len = (rec.len() - HEADER_LEN) as u32;
         a.idx
             .write_all_at(&encode_entry(ENTRY_RECORD, id, offset, len), a.idx_len)?;
         a.len += rec.len() as u64;
@@ -511,6 +425,12 @@ impl Packs {
         if !self.writable {
             return Err(RepoError::Invalid("the store is read-only".into()));
         }
+        let known = |l: Option<&Loc>| l.is_some_and(|l| l.len as usize == blob.len());
+        if known(self.index.read().expect("index").get(id)) {
+            return Ok(false);
+        }
+        // Built before the lock: writers of several disks only queue for the write itself.
+        let rec = record(id, blob);
         let mut g = self.active.lock().expect("active");
         let replace = match self.index.read().expect("index").get(id) {
             Some(l) if l.len as usize == blob.len() => return Ok(false),
@@ -521,7 +441,7 @@ impl Packs {
             }
             None => false,
         };
-        let loc = self.append(&mut g, id, blob)?;
+        let loc = self.append(&mut g, id, &rec)?;
         if replace {
             let a = g.as_ref().expect("active pack");
             a.file.sync_data()?;
@@ -610,7 +530,7 @@ impl Packs {
             for (id, l) in recs {
                 let mut blob = vec![0u8; l.len as usize];
                 f.read_exact_at(&mut blob, l.blob_offset())?;
-                moved.push((*id, self.append(&mut g, id, &blob)?));
+                moved.push((*id, self.append(&mut g, id, &record(id, &blob))?));
             }
         }
         if let Some(a) = g.as_ref() {

@@ -380,3 +380,40 @@ fn new_pages_leave_no_temp_files_and_a_name_taken_meanwhile_is_kept() {
     }
     assert_eq!(fs::read(&dest).unwrap(), vec![1u8; 64]);
 }
+
+/// Not a check: the cost of storing a seed's worth of chunks (60,000 x 37 KB, as in issue 3's
+/// micro-benchmark). `FERRY_BENCH_DIR` picks the filesystem (default: the temp directory).
+/// `cargo test -p ferry-repository --release --lib -- --ignored --nocapture store_60000`
+#[test]
+#[ignore]
+fn store_60000_chunks_of_37_kb() {
+    let base = std::env::var_os("FERRY_BENCH_DIR").map(PathBuf::from);
+    let dir = match base {
+        Some(b) => tempfile::tempdir_in(b).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
+    let store = Store::open(dir.path()).unwrap();
+    let mut blob = vec![0u8; 37_000];
+    // utime and stime of the whole process, in clock ticks (100 a second on Linux).
+    let cpu = || {
+        let stat = fs::read_to_string("/proc/self/stat").unwrap();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let t = |s: &str| s.parse::<f64>().unwrap() / 100.0;
+        (t(f[11]), t(f[12]))
+    };
+    let (u0, s0) = cpu();
+    let start = std::time::Instant::now();
+    for i in 0..60_000u32 {
+        blob[..4].copy_from_slice(&i.to_le_bytes());
+        store.put(Kind::Chunk, &id(i), &blob).unwrap();
+    }
+    store.sync_all().unwrap();
+    let (u1, s1) = cpu();
+    eprintln!(
+        "60,000 x 37 KB: {:.2} s wall, {:.2} s user, {:.2} s system (this process; the flusher \
+         thread's syncfs included)",
+        start.elapsed().as_secs_f64(),
+        u1 - u0,
+        s1 - s0
+    );
+}
