@@ -156,11 +156,13 @@ impl Store {
         self.root.join(kind.dir()).join(&h[..2]).join(h)
     }
 
-    /// Whether an object of that name is stored. A file too short to be any blob (a power loss
-    /// can leave an unsynced object empty: ext4 allocates a renamed file's blocks late) does not
-    /// count, so it is asked for and written again. A file torn to some other length still
-    /// counts here (the expected length is not known without the blob); `ferry verify` finds
-    /// it, and `put` replaces it when the blob arrives again.
+    /// Whether an object of that name is stored. A chunk: an index lookup (packs recover torn
+    /// records at open, so an indexed chunk is whole). A page (or a chunk file of a repository
+    /// written before packs): a file too short to be any blob (a power loss can leave an unsynced
+    /// object empty: ext4 allocates a renamed file's blocks late) does not count, so it is asked
+    /// for and written again. A file torn to some other length still counts here (the expected
+    /// length is not known without the blob); `ferry verify` finds it, and `put` replaces it
+    /// when the blob arrives again.
     pub(crate) fn exists(&self, kind: Kind, id: &ChunkId) -> bool {
         if kind == Kind::Chunk {
             if self.packs.contains(id).unwrap_or(false) {
