@@ -135,19 +135,10 @@ fn a_damaged_chunk_is_caught_by_verify_and_never_served() {
     let ok = site.lab.ferry(&["verify"]).unwrap();
     assert!(ok.status.success());
 
-    // Damage one chunk file in place (the recovery site's disk rots or is tampered with).
-    let chunks = site.lab.repo.join("chunks");
-    let victim = std::fs::read_dir(&chunks)
-        .unwrap()
-        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
-        .map(|e| e.unwrap().path())
-        .next()
-        .expect("a chunk file");
-    let mut bytes = std::fs::read(&victim).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x01;
-    std::fs::write(&victim, &bytes).unwrap();
-    let name = victim.file_name().unwrap().to_str().unwrap().to_string();
+    // Damage one chunk in place (the recovery site's disk rots or is tampered with).
+    let (victim, blob) = stored_chunks(&site.lab).swap_remove(0);
+    damage_chunk(&site.lab, &victim, blob.len() as u64 / 2, 0x01);
+    let name = victim.to_hex();
 
     let bad = site.lab.ferry(&["verify", "--json"]).unwrap();
     assert!(!bad.status.success(), "verify passed over a damaged chunk");

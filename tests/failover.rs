@@ -1817,12 +1817,11 @@ fn a_machines_policy_sets_compression_bandwidth_and_retention_at_its_roles() {
 
     // Every chunk the master target stores is sealed without zstd (blob header, flags byte:
     // docs/formats.md, "Chunk blob").
-    let blobs = support::walk(&dr.lab.repo.join("chunks"));
+    let blobs = support::stored_chunks(&dr.lab);
     assert!(blobs.len() >= 48, "{} chunks stored", blobs.len());
-    for b in &blobs {
-        let head = std::fs::read(b).unwrap();
-        assert_eq!(&head[..4], b"FCB1", "{}", b.display());
-        assert_eq!(head[5] & 1, 0, "{} is zstd-compressed", b.display());
+    for (id, head) in &blobs {
+        assert_eq!(&head[..4], b"FCB1", "{id}");
+        assert_eq!(head[5] & 1, 0, "{id} is zstd-compressed");
     }
 
     // Hourly retention: of the points committed (five more, one small write each), the master
@@ -1887,8 +1886,8 @@ fn a_machine_with_lz4_compression_stores_lz4_chunks_that_read_back_equal() {
     let last = dr.caught_up();
     // Blob header, flags byte (docs/formats.md, "Chunk blob"): 2 is LZ4, 0 stored plain; never
     // zstd. The text's 32 blocks are LZ4 blobs; the random ones stay plain.
-    let blobs = support::walk(&dr.lab.repo.join("chunks"));
-    let flags: Vec<u8> = blobs.iter().map(|b| std::fs::read(b).unwrap()[5]).collect();
+    let blobs = support::stored_chunks(&dr.lab);
+    let flags: Vec<u8> = blobs.iter().map(|(_, b)| b[5]).collect();
     assert!(flags.iter().all(|f| *f == 0 || *f == 2), "flags {flags:?}");
     let lz4 = flags.iter().filter(|f| **f == 2).count();
     assert!(lz4 >= 32, "{lz4} LZ4 chunks of {}", blobs.len());

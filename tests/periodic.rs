@@ -599,18 +599,10 @@ fn a_damaged_replica_is_repaired_by_an_operator_resync() {
     let s0 = wait_point(&lab, 0, Duration::from_secs(60));
 
     // Damage 1% of the recovery site's chunks (10 of 1024).
-    let mut files: Vec<_> = std::fs::read_dir(lab.repo.join("chunks"))
-        .unwrap()
-        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    assert_eq!(files.len(), 1024);
-    for f in files.iter().step_by(100).take(10) {
-        let mut b = std::fs::read(f).unwrap();
-        let i = b.len() / 3;
-        b[i] ^= 0x80;
-        std::fs::write(f, b).unwrap();
+    let chunks = stored_chunks(&lab);
+    assert_eq!(chunks.len(), 1024);
+    for (id, blob) in chunks.iter().step_by(100).take(10) {
+        damage_chunk(&lab, id, blob.len() as u64 / 3, 0x80);
     }
     assert!(!lab.ferry(&["verify"]).unwrap().status.success());
     let before = lab.status(DISK).unwrap();

@@ -404,6 +404,42 @@ pub fn assert_no_plaintext(dir: &std::path::Path, needle: &[u8]) {
 }
 
 /// Every file under `dir`, recursively.
+/// Every chunk the lab's repository stores, sorted by id: (id, sealed blob). Chunks live in pack
+/// files; the repository says where each blob lies ([`ferry_repository::Repository::chunk_location`]).
+pub fn stored_chunks(lab: &Lab) -> Vec<(ferry_repository::ChunkId, Vec<u8>)> {
+    use std::os::unix::fs::FileExt;
+    let repo = lab.repository().unwrap();
+    let mut ids = repo.chunk_ids().unwrap();
+    ids.sort_by_key(|id| id.0);
+    ids.into_iter()
+        .map(|id| {
+            let (file, off, len) = repo.chunk_location(&id).unwrap().expect("listed chunk");
+            let mut blob = vec![0u8; len as usize];
+            std::fs::File::open(file)
+                .unwrap()
+                .read_exact_at(&mut blob, off)
+                .unwrap();
+            (id, blob)
+        })
+        .collect()
+}
+
+/// Flip bits of one byte of a chunk's sealed blob where it lies on disk (storage rot).
+pub fn damage_chunk(lab: &Lab, id: &ferry_repository::ChunkId, at: u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    let repo = lab.repository().unwrap();
+    let (file, off, len) = repo.chunk_location(id).unwrap().expect("stored chunk");
+    let at = off + at.min(len as u64 - 1);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ mask], at).unwrap();
+}
+
 pub fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {

@@ -18,6 +18,7 @@
 mod export;
 mod holds;
 mod map;
+mod pack;
 mod reader;
 mod retention;
 mod root;
@@ -38,7 +39,7 @@ use root::PointRecord;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use store::{Kind, Store};
 
@@ -191,7 +192,7 @@ impl Repository {
         let store = if lock.is_some() {
             Store::open(root)?
         } else {
-            Store::open_existing(root)
+            Store::open_existing(root)?
         };
         match fs::read(&meta_path) {
             Ok(bytes) => {
@@ -421,17 +422,32 @@ impl Repository {
     /// then; the damaged bytes are kept for inspection.
     pub fn quarantine_chunk(&self, id: &ChunkId) -> Result<(), RepoError> {
         self.writable()?;
-        let from = self.inner.store.path(Kind::Chunk, id);
-        let dir = self.inner.store.root().join("quarantine");
-        fs::create_dir_all(&dir)?;
-        match fs::rename(&from, dir.join(id.to_hex())) {
-            Ok(()) => {
-                tracing::warn!(chunk = %id, "damaged chunk quarantined");
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
+        if self.inner.store.quarantine(id)? {
+            tracing::warn!(chunk = %id, "damaged chunk quarantined");
         }
+        Ok(())
+    }
+
+    /// Where a chunk's sealed blob lies on disk: (file, offset of the blob in it, length). For
+    /// tests and tools that inspect or damage the stored bytes; the layout is the store's own.
+    pub fn chunk_location(&self, id: &ChunkId) -> Result<Option<(PathBuf, u64, u32)>, RepoError> {
+        self.inner.store.chunk_location(id)
+    }
+
+    /// How many chunks the store holds (tests and tools).
+    pub fn chunk_count(&self) -> Result<usize, RepoError> {
+        Ok(self.inner.store.list(Kind::Chunk)?.len())
+    }
+
+    /// The id of every chunk the store holds, in no order (tests and tools).
+    pub fn chunk_ids(&self) -> Result<Vec<ChunkId>, RepoError> {
+        Ok(self
+            .inner
+            .store
+            .list(Kind::Chunk)?
+            .into_iter()
+            .map(|c| c.0)
+            .collect())
     }
 
     /// A read-only view of one point; it owns what it needs and may outlive this borrow.

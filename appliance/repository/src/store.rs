@@ -1,23 +1,29 @@
-//! The object store: sealed chunks and sealed map pages, each a file named by its 32-byte id.
+//! The object store: sealed chunks in append-only pack files, sealed map pages one file each,
+//! both named by their 32-byte id.
 //!
-//! Why: content addressing makes dedup a file-existence test and makes every object
-//! self-checking (the name is a keyed hash of the plaintext, and the blob's AEAD binds the name),
-//! so the store itself never has to be trusted. Objects are immutable: a write goes to a temp file
-//! in `tmp/` and is renamed into place, so a crash leaves either nothing or a whole object, and
-//! an object that already exists is never rewritten.
+//! Why: content addressing makes dedup an index lookup and makes every object self-checking
+//! (the name is a keyed hash of the plaintext, and the blob's AEAD binds the name), so the store
+//! itself never has to be trusted. Objects are immutable: a crash leaves either nothing or a
+//! whole object that is checked before it is trusted, and a stored object is never rewritten.
+//! Chunks are many (a seed stores ~12,000 per GiB of disk) and go to pack files ([`crate::pack`]):
+//! as one file each, inode and directory-entry creation cost the master target more CPU than
+//! the data itself. Map pages are few and stay one file each.
 //!
-//! How: `chunks/<first byte hex>/<64 hex>` and `maps/<first byte hex>/<64 hex>`. A new object
-//! is written as an unnamed file (`O_TMPFILE`) in its directory and linked to its name when
+//! How: `packs/<8 hex>.pack` + `.idx` for chunks (see `pack.rs`), `maps/<first byte hex>/<64 hex>`
+//! for pages. Repositories written before packs keep their `chunks/<first byte hex>/<64 hex>`
+//! files: they are still read (only when the store saw such files at open, so a new repository
+//! never looks there), listed and removed by gc; new chunks always go to packs. A new page is
+//! written as an unnamed file (`O_TMPFILE`) in its directory and linked to its name when
 //! whole (so a crash leaves no temp file at all); where that is not available, through a temp
 //! file in `tmp/` (removed at the next open after a crash) and a rename. Durability is
 //! not per object: a checkpoint commit calls `syncfs` once on the repository filesystem before
-//! writing its root (see `root.rs`), which covers every object and directory entry written before.
+//! writing its root (see `root.rs`), which covers every pack append, page and directory entry
+//! written before; then the packs record how far they are synced (`packs/synced`).
 //! So that this flush is spread over the checkpoint rather than paid at its commit, a flusher
 //! thread calls `syncfs` whenever another [`FLUSH_EVERY`] bytes of chunks were written (the
-//! writers never wait for it). One filesystem-wide flush per 64 MiB costs the machine much less
-//! than starting each chunk's writeback on its own (`POSIX_FADV_DONTNEED` per chunk, as before:
-//! about a quarter more CPU over 60,000 chunk files, in small writes).
+//! writers never wait for it).
 
+use crate::pack::{Packs, PACK_MAX};
 use crate::RepoError;
 use ferry_chunk::ChunkId;
 use std::fs::{self, File};
@@ -58,13 +64,25 @@ pub(crate) struct Store {
     unflushed: AtomicU64,
     /// Wakes the flusher thread (writable stores only); it ends when the store is dropped.
     flush: Option<std::sync::mpsc::SyncSender<()>>,
+    packs: Packs,
+    /// Whether `chunks/` held files at open (a repository written before packs).
+    legacy: bool,
+}
+
+fn has_legacy_chunks(root: &Path) -> bool {
+    fs::read_dir(root.join("chunks")).is_ok_and(|mut d| d.next().is_some())
 }
 
 impl Store {
     /// Open the store under `root`, creating its directories and removing temp files left by a
     /// crash (the caller holds the repository's exclusive lock, so no one else is writing them).
     pub(crate) fn open(root: &Path) -> Result<Store, RepoError> {
-        for d in ["chunks", "maps", "disks", "tmp"] {
+        Self::open_sized(root, PACK_MAX)
+    }
+
+    /// [`Store::open`] with packs of at most about `pack_max` bytes (small in tests).
+    pub(crate) fn open_sized(root: &Path, pack_max: u64) -> Result<Store, RepoError> {
+        for d in ["maps", "disks", "tmp"] {
             fs::create_dir_all(root.join(d))?;
         }
         for e in fs::read_dir(root.join("tmp"))? {
@@ -91,19 +109,23 @@ impl Store {
             link_by_fd: AtomicBool::new(true),
             unflushed: AtomicU64::new(0),
             flush: Some(flush),
+            packs: Packs::open(root, true, pack_max)?,
+            legacy: has_legacy_chunks(root),
         })
     }
 
     /// Open the store of an existing repository without touching it (read-only handles).
-    pub(crate) fn open_existing(root: &Path) -> Store {
-        Store {
+    pub(crate) fn open_existing(root: &Path) -> Result<Store, RepoError> {
+        Ok(Store {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
             linked: AtomicBool::new(true),
             link_by_fd: AtomicBool::new(true),
             unflushed: AtomicU64::new(0),
             flush: None,
-        }
+            packs: Packs::open(root, false, PACK_MAX)?,
+            legacy: has_legacy_chunks(root),
+        })
     }
 
     /// Count a chunk's bytes toward the next background flush, and wake the flusher when
@@ -134,12 +156,22 @@ impl Store {
         self.root.join(kind.dir()).join(&h[..2]).join(h)
     }
 
-    /// Whether an object of that name is stored. A file too short to be any blob (a power loss
-    /// can leave an unsynced object empty: ext4 allocates a renamed file's blocks late) does not
-    /// count, so it is asked for and written again. A file torn to some other length still
-    /// counts here (the expected length is not known without the blob); `ferry verify` finds
-    /// it, and `put` replaces it when the blob arrives again.
+    /// Whether an object of that name is stored. A chunk: an index lookup (packs recover torn
+    /// records at open, so an indexed chunk is whole). A page (or a chunk file of a repository
+    /// written before packs): a file too short to be any blob (a power loss can leave an unsynced
+    /// object empty: ext4 allocates a renamed file's blocks late) does not count, so it is asked
+    /// for and written again. A file torn to some other length still counts here (the expected
+    /// length is not known without the blob); `ferry verify` finds it, and `put` replaces it
+    /// when the blob arrives again.
     pub(crate) fn exists(&self, kind: Kind, id: &ChunkId) -> bool {
+        if kind == Kind::Chunk {
+            if self.packs.contains(id).unwrap_or(false) {
+                return true;
+            }
+            if !self.legacy {
+                return false;
+            }
+        }
         fs::metadata(self.path(kind, id))
             .is_ok_and(|m| m.is_file() && m.len() >= ferry_chunk::MIN_BLOB_LEN as u64)
     }
@@ -161,7 +193,23 @@ impl Store {
     /// zstd version may compress differently, so the existing object may also be a committed,
     /// good one: the replacement is made durable (fsync) before it is renamed over it, so a
     /// power loss leaves one whole object or the other, never an empty one.
+    ///
+    /// Chunks go to packs (see [`Packs::put`] for the same rule there); a chunk of a
+    /// repository written before packs that is stored as a file of the same length is kept.
     pub(crate) fn put(&self, kind: Kind, id: &ChunkId, blob: &[u8]) -> Result<bool, RepoError> {
+        if kind == Kind::Chunk {
+            if self.legacy
+                && !self.packs.contains(id)?
+                && fs::metadata(self.path(kind, id)).is_ok_and(|m| m.len() == blob.len() as u64)
+            {
+                return Ok(false);
+            }
+            let written = self.packs.put(id, blob)?;
+            if written {
+                self.written(kind, blob.len());
+            }
+            return Ok(written);
+        }
         let dest = self.path(kind, id);
         let mut replace = false;
         if let Ok(m) = fs::metadata(&dest) {
@@ -264,6 +312,14 @@ impl Store {
 
     /// Read an object; `Ok(None)` when it does not exist.
     pub(crate) fn get(&self, kind: Kind, id: &ChunkId) -> Result<Option<Vec<u8>>, RepoError> {
+        if kind == Kind::Chunk {
+            if let Some(blob) = self.packs.get(id)? {
+                return Ok(Some(blob));
+            }
+            if !self.legacy {
+                return Ok(None);
+            }
+        }
         match fs::read(self.path(kind, id)) {
             Ok(v) => Ok(Some(v)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -271,10 +327,22 @@ impl Store {
         }
     }
 
-    /// Every object of a kind: (id, path, size). Files whose names are not ids are ignored.
-    pub(crate) fn list(&self, kind: Kind) -> Result<Vec<(ChunkId, PathBuf, u64)>, RepoError> {
+    /// Every object of a kind: (id, size). Files whose names are not ids are ignored.
+    pub(crate) fn list(&self, kind: Kind) -> Result<Vec<(ChunkId, u64)>, RepoError> {
         let mut out = Vec::new();
-        for sub in fs::read_dir(self.root.join(kind.dir()))? {
+        if kind == Kind::Chunk {
+            out = self.packs.list()?;
+            if !self.legacy {
+                return Ok(out);
+            }
+        }
+        let packed: std::collections::HashSet<ChunkId> = out.iter().map(|c| c.0).collect();
+        let dir = match fs::read_dir(self.root.join(kind.dir())) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e.into()),
+        };
+        for sub in dir {
             let sub = sub?;
             if !sub.file_type()?.is_dir() {
                 continue;
@@ -285,16 +353,86 @@ impl Store {
                 let Some(id) = name.to_str().and_then(|s| s.parse::<ChunkId>().ok()) else {
                     continue;
                 };
-                out.push((id, e.path(), e.metadata()?.len()));
+                if !packed.contains(&id) {
+                    out.push((id, e.metadata()?.len()));
+                }
             }
         }
         Ok(out)
     }
 
+    /// Remove objects (gc): pages' files; chunks' pack records (tombstoned, synced) and any
+    /// file a repository written before packs holds for them.
+    pub(crate) fn remove(&self, kind: Kind, ids: &[ChunkId]) -> Result<(), RepoError> {
+        if kind == Kind::Chunk {
+            self.packs.delete(ids)?;
+            if !self.legacy {
+                return Ok(());
+            }
+        }
+        for id in ids {
+            match fs::remove_file(self.path(kind, id)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrite packs that are mostly garbage after a gc. Returns (packs removed, bytes freed).
+    pub(crate) fn compact(&self) -> Result<(u64, u64), RepoError> {
+        self.packs.compact()
+    }
+
+    /// Move a chunk's bytes to `quarantine/<id hex>` and out of the store. False when the
+    /// chunk was not stored.
+    pub(crate) fn quarantine(&self, id: &ChunkId) -> Result<bool, RepoError> {
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir)?;
+        let dest = dir.join(id.to_hex());
+        if let Some(blob) = self.packs.get(id)? {
+            let mut f = File::create(&dest)?;
+            f.write_all(&blob)?;
+            f.sync_all()?;
+            self.packs.delete(&[*id])?;
+            return Ok(true);
+        }
+        if !self.legacy {
+            return Ok(false);
+        }
+        match fs::rename(self.path(Kind::Chunk, id), &dest) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Where a chunk's blob lies on disk: (file, offset of the blob, length).
+    pub(crate) fn chunk_location(
+        &self,
+        id: &ChunkId,
+    ) -> Result<Option<(PathBuf, u64, u32)>, RepoError> {
+        if let Some(l) = self.packs.lookup(id)? {
+            return Ok(Some((self.packs.pack_file(l.pack), l.blob_offset(), l.len)));
+        }
+        if self.legacy {
+            let p = self.path(Kind::Chunk, id);
+            if let Ok(m) = fs::metadata(&p) {
+                return Ok(Some((p, 0, m.len() as u32)));
+            }
+        }
+        Ok(None)
+    }
+
     /// Make everything written so far durable: one `syncfs` on the repository's filesystem.
+    /// Then the packs record how far that covers them (`packs/synced`).
     pub(crate) fn sync_all(&self) -> Result<(), RepoError> {
+        let point = self.packs.sync_point();
         let dir = File::open(&self.root)?;
         rustix::fs::syncfs(&dir).map_err(io::Error::from)?;
+        if self.flush.is_some() {
+            self.packs.mark_synced(point)?;
+        }
         Ok(())
     }
 }
@@ -322,67 +460,4 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_object_left_short_by_a_crash_is_written_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let id = ChunkId([7; 32]);
-        let blob = vec![0x5a; 1000];
-        assert!(store.put(Kind::Chunk, &id, &blob).unwrap());
-        assert!(!store.put(Kind::Chunk, &id, &blob).unwrap(), "deduplicated");
-        // Power loss after the rename, before any sync: an empty file under the name.
-        std::fs::write(store.path(Kind::Chunk, &id), b"").unwrap();
-        assert!(
-            !store.exists(Kind::Chunk, &id),
-            "an empty object counts as stored"
-        );
-        assert!(
-            store.put(Kind::Chunk, &id, &blob).unwrap(),
-            "the empty object was trusted"
-        );
-        assert_eq!(store.get(Kind::Chunk, &id).unwrap().unwrap(), blob);
-    }
-
-    #[test]
-    fn new_objects_leave_no_temp_files_and_a_name_taken_meanwhile_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        for i in 0..20u8 {
-            let blob = vec![i; 100 + i as usize];
-            assert!(store.put(Kind::Chunk, &ChunkId([i; 32]), &blob).unwrap());
-            assert!(store.put(Kind::Page, &ChunkId([i; 32]), &blob).unwrap());
-            assert_eq!(
-                store.get(Kind::Chunk, &ChunkId([i; 32])).unwrap().unwrap(),
-                blob
-            );
-        }
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
-        assert_eq!(store.list(Kind::Chunk).unwrap().len(), 20);
-        // Where a descriptor cannot be linked by itself, through /proc: the same objects.
-        store.link_by_fd.store(false, Ordering::Relaxed);
-        for i in 20..24u8 {
-            let blob = vec![i; 100 + i as usize];
-            assert!(store.put(Kind::Chunk, &ChunkId([i; 32]), &blob).unwrap());
-            assert_eq!(
-                store.get(Kind::Chunk, &ChunkId([i; 32])).unwrap().unwrap(),
-                blob
-            );
-        }
-        assert_eq!(store.list(Kind::Chunk).unwrap().len(), 24);
-        // Another writer stored the object between the check and the link: its copy stays.
-        let id = ChunkId([99; 32]);
-        let dest = store.path(Kind::Chunk, &id);
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::write(&dest, vec![1u8; 64]).unwrap();
-        if let Some(written) = store.put_linked(Kind::Chunk, &dest, &[2u8; 64]).unwrap() {
-            assert!(!written);
-        }
-        assert_eq!(std::fs::read(&dest).unwrap(), vec![1u8; 64]);
-    }
-}
+mod tests;

@@ -62,6 +62,9 @@ pub struct GcReport {
     pub pages_kept: u64,
     pub pages_removed: u64,
     pub bytes_freed: u64,
+    /// Packs rewritten because they were mostly garbage, and the bytes that gave back.
+    pub packs_compacted: u64,
+    pub pack_bytes_reclaimed: u64,
     /// Pages that could not be read while marking (their subtrees were unrecoverable anyway).
     pub unreadable_pages: u64,
 }
@@ -241,16 +244,21 @@ impl Repository {
                 &mut report.pages_removed,
             ),
         ] {
-            for (id, path, size) in inner.store.list(kind)? {
+            let mut dead = Vec::new();
+            for (id, size) in inner.store.list(kind)? {
                 if live.contains(&id) {
                     *kept += 1;
                 } else {
-                    std::fs::remove_file(&path)?;
+                    dead.push(id);
                     *removed += 1;
                     report.bytes_freed += size;
                 }
             }
+            inner.store.remove(kind, &dead)?;
         }
+        let (packs, reclaimed) = inner.store.compact()?;
+        report.packs_compacted = packs;
+        report.pack_bytes_reclaimed = reclaimed;
         inner.pages.lock().expect("page cache").clear();
         tracing::info!(?report, "gc finished");
         Ok(report)

@@ -4,22 +4,36 @@ mod common;
 
 use common::*;
 use ferry_chunk::ChunkId;
-use ferry_repository::{RepoError, RetentionPolicy, RetentionTier};
-use std::path::{Path, PathBuf};
+use ferry_repository::{RepoError, Repository, RetentionPolicy, RetentionTier};
+use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 const BS: u32 = 4096;
 
-fn chunk_path(root: &Path, id: &ChunkId) -> PathBuf {
-    let h = id.to_hex();
-    root.join("chunks").join(&h[..2]).join(h)
+/// Overwrite a chunk's stored bytes from `at` (as far as the blob goes), where they lie on disk.
+fn overwrite(repo: &Repository, id: &ChunkId, at: u64, bytes: &[u8]) {
+    let (file, off, len) = repo.chunk_location(id).unwrap().expect("chunk stored");
+    let n = bytes.len().min(len as usize - at as usize);
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.write_all_at(&bytes[..n], off + at).unwrap();
 }
 
-fn flip(path: &Path, at: usize) {
+fn flip_file(path: &std::path::Path, at: usize) {
     let mut b = std::fs::read(path).unwrap();
     let i = at.min(b.len() - 1);
     b[i] ^= 0x20;
     std::fs::write(path, b).unwrap();
+}
+
+fn flip(repo: &Repository, id: &ChunkId, at: u64) {
+    let (file, off, len) = repo.chunk_location(id).unwrap().expect("chunk stored");
+    let at = at.min(len as u64 - 1);
+    let mut b = [0u8];
+    std::fs::File::open(file)
+        .unwrap()
+        .read_exact_at(&mut b, off + at)
+        .unwrap();
+    overwrite(repo, id, at, &[b[0] ^ 0x20]);
 }
 
 #[test]
@@ -45,10 +59,10 @@ fn flipped_and_swapped_chunks_are_reported_and_never_served() {
     let k = key();
     let (ida, idb) = (k.chunk_id(&a), k.chunk_id(&b));
     // Flip one byte of chunk a: used by points 1 and 2.
-    flip(&chunk_path(dir.path(), &ida), 40);
+    flip(&repo, &ida, 40);
     // Put a's (intact, older) sealed content under b's name: a swap.
     let sealed_a = k.seal_chunk(&ida, &a);
-    std::fs::write(chunk_path(dir.path(), &idb), &sealed_a).unwrap();
+    overwrite(&repo, &idb, 0, &sealed_a);
 
     let rep = repo.verify();
     assert_eq!(rep.bad.len(), 2, "{rep:?}");
@@ -86,7 +100,7 @@ fn flipped_and_swapped_chunks_are_reported_and_never_served() {
     ));
     drop(w);
     // Missing chunk.
-    std::fs::remove_file(chunk_path(dir.path(), &idb)).unwrap();
+    repo.quarantine_chunk(&idb).unwrap();
     let rep = repo.verify();
     assert!(rep.bad.iter().any(|x| x.id == idb && x.reason == "missing"));
     assert!(matches!(
@@ -157,7 +171,7 @@ fn tampered_roots_and_pages_are_detected() {
 
     // A flipped byte in a page of a.
     for p in &pages_a {
-        flip(p, 30);
+        flip_file(p, 30);
     }
     let repo2 = {
         drop(repo);
@@ -226,7 +240,7 @@ fn retention_keeps_the_expected_points_and_gc_keeps_them_readable() {
     let del = repo.apply_retention("d", &none, 1_000_000 * s).unwrap();
     assert_eq!(del.deleted, [10]);
     assert_eq!(repo.points("d").unwrap().len(), 1);
-    let chunks_before = files_under(dir.path(), "chunks").len();
+    let chunks_before = repo.chunk_count().unwrap();
     let g = repo.gc().unwrap();
     assert_eq!(g.points_marked, 1);
     assert_eq!(g.chunks_kept, 4);

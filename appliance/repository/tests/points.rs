@@ -151,7 +151,7 @@ fn identical_blocks_are_stored_once() {
     let pa2 = w.commit().unwrap();
     assert!(pa.stored_bytes > 0);
     assert_eq!((pb.stored_bytes, pa2.stored_bytes), (0, 0));
-    assert_eq!(files_under(dir.path(), "chunks").len(), 1);
+    assert_eq!(repo.chunk_count().unwrap(), 1);
     assert!(repo.has_chunk(&key().chunk_id(&data)));
     check_point(&repo, "a", 2, &ma);
     check_point(&repo, "b", 1, &mb);
