@@ -403,7 +403,6 @@ pub fn assert_no_plaintext(dir: &std::path::Path, needle: &[u8]) {
     }
 }
 
-/// Every file under `dir`, recursively.
 /// Every chunk the lab's repository stores, sorted by id: (id, sealed blob). Chunks live in pack
 /// files; the repository says where each blob lies ([`ferry_repository::Repository::chunk_location`]).
 pub fn stored_chunks(lab: &Lab) -> Vec<(ferry_repository::ChunkId, Vec<u8>)> {
@@ -440,6 +439,7 @@ pub fn damage_chunk(lab: &Lab, id: &ferry_repository::ChunkId, at: u64, mask: u8
     f.write_all_at(&[b[0] ^ mask], at).unwrap();
 }
 
+/// Every file under `dir`, recursively.
 pub fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {

@@ -429,6 +429,33 @@ mod tests {
         (0..SIZE).map(|i| (i % 251) as u8 ^ seed).collect()
     }
 
+    /// The master target's side of a resync of tenant acme's disk d0 (plan dr, machine web)
+    /// below `work`, served on `rd`/`wr` as it would be after the hello.
+    fn master_target<R, W>(
+        mut rd: R,
+        mut wr: W,
+        work: &Path,
+    ) -> tokio::task::JoinHandle<std::result::Result<(), String>>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let w = work.to_path_buf();
+        tokio::spawn(async move {
+            let h = Hello {
+                tenant: "acme".into(),
+                plan: "dr".into(),
+                machine: "web".into(),
+                disk: "d0".into(),
+                disk_size: SIZE,
+                block_size: BLOCK as u32,
+            };
+            serve(&mut rd, &mut wr, h, Some((&w, Some("acme"))), key())
+                .await
+                .map_err(|e| format!("{e:#}"))
+        })
+    }
+
     #[tokio::test]
     async fn only_the_blocks_whose_names_differ_come_and_the_original_ends_equal() {
         let dir = tempfile::tempdir().unwrap();
@@ -444,19 +471,8 @@ mod tests {
         std::fs::write(&path, &live).unwrap();
         let (mut c, export) = original(pattern(0)).await;
         let (ours, theirs) = tokio::io::duplex(1 << 20);
-        let (mut srd, mut swr) = tokio::io::split(theirs);
-        let (k, w) = (key(), dir.path().to_path_buf());
-        let master = tokio::spawn(async move {
-            let h = Hello {
-                tenant: "acme".into(),
-                plan: "dr".into(),
-                machine: "web".into(),
-                disk: "d0".into(),
-                disk_size: SIZE,
-                block_size: BLOCK as u32,
-            };
-            serve(&mut srd, &mut swr, h, Some((&w, Some("acme"))), k).await
-        });
+        let (srd, swr) = tokio::io::split(theirs);
+        let master = master_target(srd, swr, dir.path());
         let (mut rd, mut wr) = tokio::io::split(ours);
         match answer(&mut rd).await.unwrap() {
             Msg::ResyncWelcome { disk_size, .. } => assert_eq!(disk_size, SIZE),
@@ -503,19 +519,8 @@ mod tests {
             .await
             .unwrap();
         let (theirs, _) = l.accept().await.unwrap();
-        let (mut srd, mut swr) = tokio::io::split(theirs);
-        let (k, w) = (key(), dir.path().to_path_buf());
-        let master = tokio::spawn(async move {
-            let h = Hello {
-                tenant: "acme".into(),
-                plan: "dr".into(),
-                machine: "web".into(),
-                disk: "d0".into(),
-                disk_size: SIZE,
-                block_size: BLOCK as u32,
-            };
-            serve(&mut srd, &mut swr, h, Some((&w, Some("acme"))), k).await
-        });
+        let (srd, swr) = tokio::io::split(theirs);
+        let master = master_target(srd, swr, dir.path());
         let t = Throttle::new(
             "web",
             Schedule {

@@ -521,16 +521,21 @@ mod tests {
         assert!(Schedule::default().is_unlimited());
     }
 
+    /// A machine's throttle with a flat limit.
+    fn limited(mbit: u32) -> Arc<Throttle> {
+        Throttle::new(
+            "m",
+            Schedule {
+                default_mbit: Some(mbit),
+                windows: Vec::new(),
+            },
+        )
+    }
+
     /// Bytes through a limited stream arrive no faster than the limit (plus one burst).
     #[tokio::test(flavor = "current_thread")]
     async fn a_limited_stream_delivers_at_the_limit() {
-        let t = Throttle::new(
-            "m",
-            Schedule {
-                default_mbit: Some(16), // 2 MB/s
-                windows: Vec::new(),
-            },
-        );
+        let t = limited(16); // 2 MB/s
         let (a, mut b) = tokio::io::duplex(1 << 20);
         let mut w = Throttled::new(a, Some(t.clone()));
         let total = 1_000_000usize;
@@ -566,13 +571,7 @@ mod tests {
     /// and writes of one machine draw from its one bucket. Unlimited, reads are not slowed.
     #[tokio::test(flavor = "current_thread")]
     async fn a_stream_limited_both_ways_reads_at_the_limit() {
-        let t = Throttle::new(
-            "m",
-            Schedule {
-                default_mbit: Some(16), // 2 MB/s
-                windows: Vec::new(),
-            },
-        );
+        let t = limited(16); // 2 MB/s
         let total = 1_000_000usize;
         let (a, mut b) = tokio::io::duplex(1 << 21);
         // The sender is not limited: everything is in the pipe before the first read.
