@@ -618,28 +618,29 @@ mod tests {
         );
 
         // Writes alone limited (a replication connection): reads come at once.
-        let (a, mut b) = tokio::io::duplex(1 << 21);
-        b.write_all(&vec![3u8; total]).await.unwrap();
-        b.shutdown().await.unwrap();
-        let mut r = Throttled::new(a, Some(t));
-        let started = Instant::now();
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got.len(), total);
-        let took = started.elapsed().as_secs_f64();
+        let took = read_waiting(total, |a| Throttled::new(a, Some(t))).await;
         assert!(took < 0.2, "unlimited reads took {took:.2} s");
 
         // Unlimited: no throttle at all, nothing slowed.
+        let took = read_waiting(total, |a| Throttled::both_ways(a, None)).await;
+        assert!(took < 0.2, "unlimited reads took {took:.2} s");
+    }
+
+    /// Seconds to read `total` bytes already waiting in a duplex, through the stream `wrap`
+    /// makes of its end.
+    async fn read_waiting(
+        total: usize,
+        wrap: impl FnOnce(tokio::io::DuplexStream) -> Throttled<tokio::io::DuplexStream>,
+    ) -> f64 {
         let (a, mut b) = tokio::io::duplex(1 << 21);
-        b.write_all(&vec![4u8; total]).await.unwrap();
+        b.write_all(&vec![3u8; total]).await.unwrap();
         b.shutdown().await.unwrap();
-        let mut r = Throttled::both_ways(a, None);
+        let mut r = wrap(a);
         let started = Instant::now();
         let mut got = Vec::new();
         r.read_to_end(&mut got).await.unwrap();
         assert_eq!(got.len(), total);
-        let took = started.elapsed().as_secs_f64();
-        assert!(took < 0.2, "unlimited reads took {took:.2} s");
+        started.elapsed().as_secs_f64()
     }
 
     /// Two machines' streams on one uplink, both always with data waiting: the bytes that get
