@@ -209,19 +209,26 @@ fn holds_placed_while_retention_runs_never_lose_their_point() {
     write_points(&repo, n);
     let ro = Repository::open_read_only(dir.path(), key()).unwrap();
     let held: Vec<u64> = std::thread::scope(|sc| {
-        let holder = sc.spawn(|| {
+        // The holder tells when its first hold (the newest point but the latest) is placed, so
+        // the race always has one hold in it however the two threads are scheduled.
+        let (first, placed) = std::sync::mpsc::channel();
+        let holder = sc.spawn(move || {
             (1..n)
                 .rev()
                 .filter(|&seq| {
-                    ro.hold(&format!("h{seq}"), "race", &[at(seq)])
+                    let ok = ro
+                        .hold(&format!("h{seq}"), "race", &[at(seq)])
                         .map(|_| true)
                         .unwrap_or_else(|e| {
                             assert!(matches!(e, RepoError::NotFound(_)), "{e}");
                             false
-                        })
+                        });
+                    let _ = first.send(());
+                    ok
                 })
                 .collect()
         });
+        placed.recv().unwrap();
         // Retention a point at a time, oldest first, racing the holder coming down.
         for t in 2..=n {
             let policy = RetentionPolicy {
