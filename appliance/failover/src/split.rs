@@ -120,6 +120,10 @@ fn link_error(what: String, e: std::io::Error) -> FailoverError {
         .and_then(|inner| inner.downcast_ref::<tokio_rustls::rustls::Error>());
     match tls {
         Some(t) => refused(format!("{what}: TLS: {t}")),
+        // (rustls's own words for it point at its manual.)
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => lost(format!(
+            "{what}: the connection was closed (did the master target stop?)"
+        )),
         None => lost(format!("{what}: {e}")),
     }
 }
