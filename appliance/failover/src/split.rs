@@ -645,11 +645,13 @@ mod tests {
     }
 
     /// The master target's side of a resync of tenant acme's disk d0 (plan dr, machine web)
-    /// below `work`, served on `rd`/`wr` as it would be after the hello.
+    /// below `work`, served on `rd`/`wr` as it would be after the hello; `idle` without a
+    /// request ends it.
     fn master_target<R, W>(
         mut rd: R,
         mut wr: W,
         work: &Path,
+        idle: Duration,
     ) -> tokio::task::JoinHandle<std::result::Result<(), String>>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -657,15 +659,16 @@ mod tests {
     {
         let w = work.to_path_buf();
         tokio::spawn(async move {
+            let live = live_path(&w, "acme", "dr", "web", "d0");
             let h = Hello {
                 tenant: "acme".into(),
                 plan: "dr".into(),
                 machine: "web".into(),
                 disk: "d0".into(),
-                disk_size: SIZE,
+                disk_size: std::fs::metadata(live).unwrap().len(),
                 block_size: BLOCK as u32,
             };
-            serve(&mut rd, &mut wr, h, Some((&w, Some("acme"))), key())
+            serve(&mut rd, &mut wr, h, Some((&w, Some("acme"))), key(), idle)
                 .await
                 .map_err(|e| format!("{e:#}"))
         })
@@ -687,7 +690,7 @@ mod tests {
         let (mut c, export) = original(pattern(0)).await;
         let (ours, theirs) = tokio::io::duplex(1 << 20);
         let (srd, swr) = tokio::io::split(theirs);
-        let master = master_target(srd, swr, dir.path());
+        let master = master_target(srd, swr, dir.path(), ferry_master_target::IDLE_TIMEOUT);
         let (mut rd, mut wr) = tokio::io::split(ours);
         match answer(&mut rd).await.unwrap() {
             Msg::ResyncWelcome { disk_size, .. } => assert_eq!(disk_size, SIZE),
@@ -715,46 +718,63 @@ mod tests {
         assert!(export.contents() == live);
     }
 
-    /// Over a connection limited by the machine's throttle (both ways, as [`connect`] makes
-    /// it), the blocks come no faster than the limit, and the original still ends equal.
-    #[tokio::test]
-    async fn a_limited_resync_fetches_at_the_limit_and_the_original_ends_equal() {
+    /// How a resync over a limited connection went: its outcome, the seconds it took, the
+    /// master target's end, how often progress was told, and whether the original ends equal.
+    struct Limited {
+        r: Result<ResyncReport>,
+        took: f64,
+        master: std::result::Result<(), String>,
+        seen: u64,
+        equal: bool,
+    }
+
+    /// `n` bytes that do not compress (a xorshift stream).
+    fn noise(n: u64) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Resync `orig` from `live` over loopback TCP limited by the machine's throttle at `mbit`
+    /// (both ways, as [`connect`] makes it), from a master target that takes the connection
+    /// for gone after `idle` without a request; this side keeps it alive after `keepalive`.
+    async fn limited(
+        orig: Vec<u8>,
+        live: Vec<u8>,
+        mbit: u32,
+        idle: Duration,
+        keepalive: Duration,
+    ) -> Limited {
         use ferry_process_server::throttle::{Schedule, Throttle, Throttled};
         let dir = tempfile::tempdir().unwrap();
         let path = live_path(dir.path(), "acme", "dr", "web", "d0");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        // Every block differs: 6.5 MB that do not compress much come, at 40 Mbit/s (5 MB/s).
-        let live: Vec<u8> = {
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
-            (0..SIZE)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect()
-        };
         std::fs::write(&path, &live).unwrap();
-        let (mut c, export) = original(pattern(0)).await;
+        let (mut c, export) = original(orig).await;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ours = tokio::net::TcpStream::connect(l.local_addr().unwrap())
             .await
             .unwrap();
         let (theirs, _) = l.accept().await.unwrap();
         let (srd, swr) = tokio::io::split(theirs);
-        let master = master_target(srd, swr, dir.path());
+        let master = master_target(srd, swr, dir.path(), idle);
         let t = Throttle::new(
             "web",
             Schedule {
-                default_mbit: Some(40),
+                default_mbit: Some(mbit),
                 windows: Vec::new(),
             },
         );
         let ours = Throttled::both_ways(ours, Some(t));
         let (mut rd, mut wr) = tokio::io::split(ours);
         match answer(&mut rd).await.unwrap() {
-            Msg::ResyncWelcome { disk_size, .. } => assert_eq!(disk_size, SIZE),
+            Msg::ResyncWelcome { disk_size, .. } => assert_eq!(disk_size, live.len() as u64),
             other => panic!("{other:?}"),
         }
         let began = std::time::Instant::now();
@@ -764,20 +784,79 @@ mod tests {
             &mut wr,
             &mut c,
             &key(),
-            Retry::default().keepalive,
+            keepalive,
             &mut Resume::default(),
             &mut |_| seen += 1,
         )
-        .await
-        .unwrap();
+        .await;
         let took = began.elapsed().as_secs_f64();
         drop((rd, wr));
-        master.await.unwrap().unwrap();
+        Limited {
+            r,
+            took,
+            master: master.await.unwrap(),
+            seen,
+            equal: export.contents() == live,
+        }
+    }
+
+    /// Over a connection limited by the machine's throttle (both ways, as [`connect`] makes
+    /// it), the blocks come no faster than the limit, and the original still ends equal.
+    #[tokio::test]
+    async fn a_limited_resync_fetches_at_the_limit_and_the_original_ends_equal() {
+        // Every block differs: 6.5 MB that do not compress much come, at 40 Mbit/s (5 MB/s).
+        let idle = ferry_master_target::IDLE_TIMEOUT;
+        let l = limited(
+            pattern(0),
+            noise(SIZE),
+            40,
+            idle,
+            Retry::default().keepalive,
+        )
+        .await;
+        let (r, took) = (l.r.unwrap(), l.took);
+        l.master.unwrap();
         assert_eq!(r.bytes_sent, SIZE);
         // 6.5 MB at 5 MB/s, less the bucket's burst (0.1 s).
         assert!(took >= 1.2, "{} bytes came in {took:.2} s", r.bytes_sent);
-        assert_eq!(seen, SIZE.div_ceil(BLOCK).div_ceil(BATCH) + r.blocks_sent);
-        assert!(export.contents() == live);
+        assert_eq!(l.seen, SIZE.div_ceil(BLOCK).div_ceil(BATCH) + r.blocks_sent);
+        assert!(l.equal);
+    }
+
+    /// At a low limit, the blocks the master target has written into the connection take
+    /// long to come through, and it hears nothing meanwhile: it would take the connection for
+    /// idle (120 s) and close it, but this side asks for something whenever it sent nothing
+    /// for a while (30 s), so a slow but healthy resync is not cut. (Here both are shorter.)
+    #[tokio::test]
+    async fn a_slow_resync_is_not_taken_for_idle_by_the_master_target() {
+        // Eight batches: the first differs whole (4 MiB), the seventh in one block. At
+        // 8 Mbit/s the first batch's blocks take 4 s to come through; the master target has
+        // answered all it was asked (the names of the batches after, which are equal) and
+        // hears nothing until they came and the seventh batch's block is asked for.
+        let blocks = 8 * BATCH;
+        // (The stream a byte on, so that the first batch differs from the live disk's.)
+        let orig = noise(blocks * BLOCK + 1)[1..].to_vec();
+        let mut live = orig.clone();
+        live[..(BATCH * BLOCK) as usize].copy_from_slice(&noise(BATCH * BLOCK));
+        live[(6 * BATCH * BLOCK) as usize] ^= 1;
+        let idle = Duration::from_millis(300);
+        let l = limited(
+            orig.clone(),
+            live.clone(),
+            8,
+            idle,
+            Duration::from_millis(100),
+        )
+        .await;
+        let r = l.r.unwrap();
+        l.master.unwrap();
+        assert_eq!(r.blocks_sent, BATCH + 1);
+        assert!(l.equal);
+        // Asking nothing meanwhile, the same resync is cut.
+        let l = limited(orig, live, 8, idle, Duration::from_secs(30)).await;
+        let e = l.master.unwrap_err();
+        assert!(e.contains("idle for"), "{e}");
+        assert!(matches!(l.r, Err(FailoverError::Lost(_))), "{:?}", l.r);
     }
 
     /// Resync an original of [`SIZE`] bytes against a peer that answers with `answers` (after
@@ -987,14 +1066,10 @@ mod tests {
     fn disks(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
         let original: Vec<u8> = (0..BIG * BLOCK).map(|i| (i % 251) as u8).collect();
         let mut live = original.clone();
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for b in (0..BIG).step_by(4) {
-            for byte in &mut live[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize] {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *byte = x as u8;
-            }
+        let changed = noise(DIFFER * BLOCK);
+        for (i, b) in (0..BIG).step_by(4).enumerate() {
+            let (at, from) = ((b * BLOCK) as usize, i * BLOCK as usize);
+            live[at..at + BLOCK as usize].copy_from_slice(&changed[from..from + BLOCK as usize]);
         }
         let live_at = live_path(&dir.join("work"), "acme", "dr", "web", "d0");
         std::fs::create_dir_all(live_at.parent().unwrap()).unwrap();
