@@ -23,8 +23,9 @@
 //! connection would not change: TLS refusing either side's certificate, the master target
 //! refusing the resync (no such live disk, another size), an answer that does not fit (another
 //! block, a malformed or unauthentic one), the original disk failing. A resync whose process
-//! dies, or that gives up, leaves the step unfinished; running it again sends only what still
-//! differs. The job says the disk is resynced only when a run reached its end.
+//! dies leaves the step unfinished (the order runs again), a failed one runs again with its
+//! job; either way only what still differs is sent. The job says the disk is resynced only
+//! when a run reached its end.
 
 use crate::resync::{format_of, nbd, quit_leftover, BLOCK};
 use crate::{io, FailoverError, Result};
@@ -64,9 +65,10 @@ pub struct Retry {
     pub first_wait: Duration,
     pub longest_wait: Duration,
     /// While an answer is awaited and no request has gone out for this long, block 0's name is
-    /// asked for (the answer is dropped): the master target closes a resync connection on which nothing arrives
-    /// for 120 s (`ferry_master_target::IDLE_TIMEOUT`), and at a low bandwidth limit the blocks
-    /// it has already written into the connection can take longer than that to come through.
+    /// asked for (the answer is dropped): the master target closes a resync connection on
+    /// which nothing arrives for 120 s (`ferry_master_target::IDLE_TIMEOUT`), and at a low
+    /// bandwidth limit the blocks it has already written into the connection can take longer
+    /// than that to come through.
     pub keepalive: Duration,
 }
 
