@@ -36,7 +36,9 @@ mod harness;
 mod support;
 
 use ferry::lab::{sh, wait_port, Lab};
-use ferry_api::{AuditResult, Job, JobState, PlanPhase, PlanStatus, StepState, TokenCreated};
+use ferry_api::{
+    AuditResult, Job, JobState, PlanPhase, PlanStatus, ResyncReport, StepState, TokenCreated,
+};
 use ferry_config_server::client::{Client, Method};
 use ferry_qemu::{StorageDaemon, MIRROR_FILTER};
 use ferry_repository::HeldPoint;
@@ -1341,33 +1343,41 @@ fn split_resync_never_opens_the_original_at_the_master_target_and_survives_eithe
     assert_eq!(dr.status().phase, PlanPhase::Reprotected);
 
     // The master target killed in the middle of failback's resync (the recovery site goes
-    // away, its link too: what the link still held is lost): the step fails saying the master
-    // target went away, the plan stays reprotected, and failback run again completes.
+    // away, its link too: what the link still held is lost): the step says the process server
+    // is reconnecting, and once the master target is back (within the retry budget) the same
+    // job goes on from where it was and completes, fetching each block that differs once and
+    // asking again only for the names of the blocks that were in flight.
     scribble(&live[0], 40 * MIB, 8 * MIB, 3);
     let j = dr.start_job(&op, json!({"kind": "failback"}));
-    dr.wait_job(&op, j.id, midway);
+    let at = dr.wait_job(&op, j.id, midway);
+    let before = sent_so_far(&resync(&at).unwrap().detail);
     dr.stop_master();
     dr.rt
         .block_on(dr.link.as_ref().unwrap().cut(Duration::from_millis(100)));
-    let fb = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
-    assert_eq!(fb.state, JobState::Failed, "{fb:#?}");
-    let e = fb.error.unwrap();
-    assert!(
-        e.contains("'resync web'") && e.contains("master target"),
-        "{e}"
-    );
-    assert_eq!(dr.status().phase, PlanPhase::Reprotected);
+    let away = dr.wait_job(&op, j.id, |j| {
+        j.state != JobState::Running
+            || resync(j).is_some_and(|s| s.detail.contains("reconnecting (attempt"))
+    });
+    assert_eq!(away.state, JobState::Running, "{away:#?}");
+    let detail = resync(&away).unwrap().detail;
+    assert!(detail.contains("master target"), "{detail}");
+    eprintln!("failback while the master target was away: {detail}");
+    std::thread::sleep(Duration::from_secs(2));
     dr.start_master();
     dr.link.as_ref().unwrap().limit(0);
-    let fb = dr.run_job(&op, json!({"kind": "failback"}));
-    let sent: Vec<u64> = fb
-        .disks
-        .iter()
-        .map(|d| d.resync.unwrap().bytes_sent)
-        .collect();
-    eprintln!("failback after the master target's restart sent {sent:?}");
-    assert!(sent[0] > 0 && sent[0] < 8 * MIB, "{sent:?}");
-    assert_eq!(sent[1], 0);
+    let fb = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(fb.state, JobState::Succeeded, "{fb:#?}");
+    let r: Vec<ResyncReport> = fb.disks.iter().map(|d| d.resync.unwrap()).collect();
+    eprintln!(
+        "failback across the master target's restart ({before} bytes of d0 before it): {r:?}"
+    );
+    assert_eq!(r[0].bytes_sent, 8 * MIB, "{r:?}");
+    assert!(r[0].reconnects >= 1, "{r:?}");
+    let blocks = SIZE / ferry_failover::resync::BLOCK;
+    let window = (ferry_failover::split::AHEAD + 1) * ferry_failover::split::BATCH;
+    assert_eq!(r[0].blocks_compared, blocks, "{r:?}");
+    assert!(r[0].hash_bytes <= 32 * (blocks + window), "{r:?}");
+    assert_eq!((r[1].bytes_sent, r[1].reconnects), (0, 0), "{r:?}");
     for i in 0..2 {
         assert!(same(&live[i], "raw", &orig[i], "qcow2"), "{}", DISKS[i]);
     }

@@ -1,6 +1,7 @@
 //! A TCP proxy the test controls, standing in for the WAN link between process server and
 //! master target: `cut` drops every connection at once and refuses new ones for a while;
-//! `limit` makes the link slow (each direction of each connection at most that rate).
+//! `limit` makes the link slow (each direction of each connection at most that rate);
+//! `carried` counts the bytes it carried from the target to its clients.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,13 +15,21 @@ pub struct Proxy {
     generation: watch::Sender<u64>,
     down: Arc<AtomicBool>,
     pub accepted: Arc<AtomicU64>,
+    /// Bytes carried from the target to the clients, over all connections.
+    pub carried: Arc<AtomicU64>,
     /// Bytes per second each direction of a connection may carry (0: no limit).
     rate: Arc<AtomicU64>,
     _task: tokio::task::JoinHandle<()>,
 }
 
-/// Copy `r` to `w` until either ends, at most `rate` bytes a second (0: as fast as they go).
-async fn pump(mut r: impl AsyncRead + Unpin, mut w: impl AsyncWrite + Unpin, rate: &AtomicU64) {
+/// Copy `r` to `w` until either ends, at most `rate` bytes a second (0: as fast as they go),
+/// adding what was copied to `count`.
+async fn pump(
+    mut r: impl AsyncRead + Unpin,
+    mut w: impl AsyncWrite + Unpin,
+    rate: &AtomicU64,
+    count: Option<&AtomicU64>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match r.read(&mut buf).await {
@@ -29,6 +38,9 @@ async fn pump(mut r: impl AsyncRead + Unpin, mut w: impl AsyncWrite + Unpin, rat
         };
         if w.write_all(&buf[..n]).await.is_err() {
             return;
+        }
+        if let Some(c) = count {
+            c.fetch_add(n as u64, Ordering::SeqCst);
         }
         let bps = rate.load(Ordering::SeqCst);
         if bps > 0 {
@@ -46,7 +58,13 @@ impl Proxy {
         let down = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let rate = Arc::new(AtomicU64::new(0));
-        let (d, a, r) = (down.clone(), accepted.clone(), rate.clone());
+        let carried = Arc::new(AtomicU64::new(0));
+        let (d, a, r, k) = (
+            down.clone(),
+            accepted.clone(),
+            rate.clone(),
+            carried.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -59,7 +77,7 @@ impl Proxy {
                 a.fetch_add(1, Ordering::SeqCst);
                 let mut rx = rx.clone();
                 rx.borrow_and_update();
-                let (target, rate) = (target.clone(), r.clone());
+                let (target, rate, carried) = (target.clone(), r.clone(), k.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&target).await else {
                         return;
@@ -67,8 +85,8 @@ impl Proxy {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     tokio::select! {
-                        _ = pump(&mut cr, &mut sw, &rate) => {}
-                        _ = pump(&mut sr, &mut cw, &rate) => {}
+                        _ = pump(&mut cr, &mut sw, &rate, None) => {}
+                        _ = pump(&mut sr, &mut cw, &rate, Some(&carried)) => {}
                         _ = rx.changed() => {}
                     }
                 });
@@ -79,6 +97,7 @@ impl Proxy {
             generation: tx,
             down,
             accepted,
+            carried,
             rate,
             _task: task,
         }

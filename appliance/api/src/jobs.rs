@@ -170,6 +170,10 @@ pub struct ResyncReport {
     /// Bytes of block names compared across the sites, 32 a block (in the split resync, the
     /// live disk's names the master target sent).
     pub hash_bytes: u64,
+    /// Times the split resync tried to connect to the master target again after its
+    /// connection was lost (each attempt, whether it got through or not).
+    #[serde(default)]
+    pub reconnects: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -24,15 +24,25 @@ use std::time::Duration;
 pub type Progress = Arc<dyn Fn(OrderProgress) + Send + Sync>;
 
 /// A resync's progress in words and numbers: bytes of the disk compared, blocks, bytes sent.
-pub fn resync_progress(r: &ResyncReport) -> OrderProgress {
+/// `now`: what the resync is doing besides (a split resync that lost its connection:
+/// `reconnecting (attempt 3) after: ...`).
+pub fn resync_progress(r: &ResyncReport, now: Option<&str>) -> OrderProgress {
     let blocks = r.disk_bytes.div_ceil(resync::BLOCK);
+    let mut detail = format!(
+        "compared {} of {blocks} blocks, sent {} bytes ({} blocks)",
+        r.blocks_compared, r.bytes_sent, r.blocks_sent
+    );
+    match now {
+        Some(now) => detail.push_str(&format!("; {now}")),
+        None if r.reconnects > 0 => {
+            detail.push_str(&format!("; {} attempts to reconnect", r.reconnects))
+        }
+        None => {}
+    }
     OrderProgress {
         done: (r.blocks_compared * resync::BLOCK).min(r.disk_bytes),
         total: r.disk_bytes,
-        detail: format!(
-            "compared {} of {blocks} blocks, sent {} bytes ({} blocks)",
-            r.blocks_compared, r.bytes_sent, r.blocks_sent
-        ),
+        detail,
     }
 }
 
@@ -290,7 +300,9 @@ impl Agent {
                     };
                     let original = target.clone();
                     let report = blocking(move || {
-                        split::run(&p, &at, &original, &mut |r| progress(resync_progress(r)))
+                        split::run(&p, &at, &original, &mut |r, now| {
+                            progress(resync_progress(r, now))
+                        })
                     })
                     .await?;
                     return Ok(SiteAnswer::Resync { report });
@@ -304,7 +316,7 @@ impl Agent {
                 let report = blocking(move || {
                     let k = site.key()?;
                     resync::run(&src, &dst, &k, &scratch_dir, &mut |r| {
-                        progress(resync_progress(r))
+                        progress(resync_progress(r, None))
                     })
                 })
                 .await?;

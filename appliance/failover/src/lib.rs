@@ -30,6 +30,12 @@ pub mod resync;
 pub mod scratch;
 pub mod split;
 
+/// The fault-injecting TCP proxy of the end-to-end tests (one proxy, used by both), for the
+/// split resync's tests of lost connections.
+#[cfg(test)]
+#[path = "../../../tests/support/proxy.rs"]
+mod proxy;
+
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +49,10 @@ pub enum FailoverError {
     },
     #[error("{0}")]
     Refused(String),
+    /// The connection to the other site went away (a link down, the peer restarted, silence):
+    /// connecting again may get through, unlike a refusal.
+    #[error("{0}")]
+    Lost(String),
     #[error("{program} failed: {why}")]
     Command { program: String, why: String },
     #[error("NBD: {0}")]

@@ -15,10 +15,17 @@
 //! (`ferry_process_server::throttle`), both ways: the blocks come from the master target, so
 //! this side reads them no faster than the machine's limit and TCP slows the master target.
 //!
-//! Running it again sends only what still differs, so an interrupted resync (either side
-//! killed) completes when the order or the job runs again; the job says the disk is resynced
-//! only when a run reached its end. Any answer that does not fit (another size, another
-//! block, a malformed or unauthentic block) ends the resync with an error that says so.
+//! A connection that is lost (a link flap, a NAT that forgot it, the master target restarted:
+//! [`FailoverError::Lost`]) is opened again with a growing wait ([`Retry`]), and the resync
+//! goes on from the first block it had not settled (compared, and written if it differed), not
+//! from the start: the blocks before it are not asked about or fetched again. The step fails
+//! when the master target stays out of reach for the retry budget, or at once for what another
+//! connection would not change: TLS refusing either side's certificate, the master target
+//! refusing the resync (no such live disk, another size), an answer that does not fit (another
+//! block, a malformed or unauthentic one), the original disk failing. A resync whose process
+//! dies leaves the step unfinished (the order runs again), a failed one runs again with its
+//! job; either way only what still differs is sent. The job says the disk is resynced only
+//! when a run reached its end.
 
 use crate::resync::{format_of, nbd, quit_leftover, BLOCK};
 use crate::{io, FailoverError, Result};
@@ -31,7 +38,7 @@ use ferry_wire::{read_msg, BlockBody, Msg, VERSION};
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Blocks compared per batch (and at most fetched per request).
@@ -43,8 +50,39 @@ pub const AHEAD: u64 = 4;
 /// machine's bandwidth limit in half a second at the lowest limit a policy sets (1 Mbit/s), so
 /// a limited resync is not taken for a silent master target. A batch whose 64 blocks all
 /// differ takes half a minute at that limit; progress is told after each block written, not
-/// only after each batch, so the step's detail keeps moving meanwhile.
+/// only after each batch, so the step's detail keeps moving meanwhile. A master target silent
+/// for this long (a link that drops everything) is taken for a lost connection.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How a resync rides out losing its connection to the master target.
+#[derive(Clone, Debug)]
+pub struct Retry {
+    /// How long the master target may stay out of reach before the step fails: counted from
+    /// the loss of a connection, and from zero again once a new connection made progress.
+    pub budget: Duration,
+    /// The wait before the first attempt to connect again; it doubles after each attempt that
+    /// fails, up to `longest_wait`.
+    pub first_wait: Duration,
+    pub longest_wait: Duration,
+    /// While an answer is awaited and no request has gone out for this long, block 0's name is
+    /// asked for (the answer is dropped): the master target closes a resync connection on
+    /// which nothing arrives for 120 s (`ferry_master_target::IDLE_TIMEOUT`), and at a low
+    /// bandwidth limit the blocks it has already written into the connection can take longer
+    /// than that to come through.
+    pub keepalive: Duration,
+}
+
+impl Default for Retry {
+    /// Five minutes of trying, first after 1 s, then 2, 4, 8, 16 and every 30 s.
+    fn default() -> Retry {
+        Retry {
+            budget: Duration::from_secs(300),
+            first_wait: Duration::from_secs(1),
+            longest_wait: Duration::from_secs(30),
+            keepalive: Duration::from_secs(30),
+        }
+    }
+}
 
 /// What the protected site's role needs to resync from the recovery site.
 pub struct Protected {
@@ -54,6 +92,8 @@ pub struct Protected {
     pub key: Arc<TenantKey>,
     /// Where the daemons that open original disks keep their sockets while they run.
     pub work: std::path::PathBuf,
+    /// How a lost connection to the master target is opened again.
+    pub retry: Retry,
 }
 
 /// Which live disk at the recovery site: failover `plan` of `tenant`, `machine`'s `disk`.
@@ -69,15 +109,37 @@ fn refused(m: impl Into<String>) -> FailoverError {
     FailoverError::Refused(m.into())
 }
 
+fn lost(m: impl Into<String>) -> FailoverError {
+    FailoverError::Lost(m.into())
+}
+
+/// An I/O error on the resync connection, `what` doing: TLS refusing (a certificate either side
+/// does not trust, an alert) is for good; anything else (reset, cut, closed) is a lost
+/// connection.
+fn link_error(what: String, e: std::io::Error) -> FailoverError {
+    let tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<tokio_rustls::rustls::Error>());
+    match tls {
+        Some(t) => refused(format!("{what}: TLS: {t}")),
+        // (rustls's own words for it point at its manual.)
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => lost(format!(
+            "{what}: the connection was closed (did the master target stop?)"
+        )),
+        None => lost(format!("{what}: {e}")),
+    }
+}
+
 /// Bring the original disk `original` (an image path at this site) up to date from `live` at
 /// the recovery site. `progress` is told after each batch, as [`crate::resync::run`] tells it,
-/// and after each block written (a limited resync fetches a batch's blocks slowly).
-/// Blocking: call it off the runtime.
+/// and after each block written (a limited resync fetches a batch's blocks slowly); while the
+/// connection is being opened again, with what is being done (`reconnecting (attempt 3)
+/// after: ...`). Blocking: call it off the runtime.
 pub fn run(
     p: &Protected,
     live: &LiveDisk,
     original: &str,
-    progress: &mut dyn FnMut(&ResyncReport),
+    progress: &mut dyn FnMut(&ResyncReport, Option<&str>),
 ) -> Result<ResyncReport> {
     if original.split(',').any(|part| part.starts_with("qmp=")) {
         return Err(refused(format!(
@@ -107,12 +169,7 @@ pub fn run(
             .map_err(io("starting a runtime"))?;
         rt.block_on(async {
             let mut c = Client::connect_unix(&sock, "target").await.map_err(nbd)?;
-            let (mut rd, mut wr) = connect(p, live, c.size()).await?;
-            let r = compare_and_fetch(&mut rd, &mut wr, &mut c, &p.key, progress).await;
-            // Bounded: TLS's goodbye goes through the machine's throttle, and a master target
-            // that stopped reading must not hold the resync's end (or its error) forever.
-            let _ = tokio::time::timeout(Duration::from_secs(5), wr.shutdown()).await;
-            let r = r?;
+            let r = resync(p, live, &mut c, progress).await?;
             c.flush().await.map_err(nbd)?;
             let _ = c.disconnect().await;
             Ok(r)
@@ -120,6 +177,104 @@ pub fn run(
     });
     qsd.stop();
     r
+}
+
+/// How far a resync has come, over however many connections: every block before `from` was
+/// compared and, if it differed, written; `report` counts what was done.
+#[derive(Default)]
+struct Resume {
+    from: u64,
+    report: ResyncReport,
+}
+
+/// The resync of the original disk `c` from `live`, over as many connections as it takes:
+/// each lost one is opened again after a wait that grows ([`Retry`]), and the resync goes on
+/// from where it was; an outage longer than the budget, or any other error, ends it.
+async fn resync<S>(
+    p: &Protected,
+    live: &LiveDisk,
+    c: &mut Client<S>,
+    progress: &mut dyn FnMut(&ResyncReport, Option<&str>),
+) -> Result<ResyncReport>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let retry = &p.retry;
+    let mut at = Resume::default();
+    // Since when the master target has been out of reach, and how many attempts were made.
+    let mut outage: Option<(Instant, u64)> = None;
+    let mut wait = retry.first_wait;
+    loop {
+        let before = (at.from, at.report.blocks_sent);
+        let why = match session(p, live, c, &mut at, progress).await {
+            Ok(()) => return Ok(at.report),
+            Err(FailoverError::Lost(why)) => why,
+            Err(e) => return Err(e),
+        };
+        if (at.from, at.report.blocks_sent) != before {
+            // The connection got somewhere: a new outage begins, with the whole budget.
+            outage = None;
+            wait = retry.first_wait;
+        }
+        let (since, attempts) = outage.get_or_insert((Instant::now(), 0));
+        let out_for = since.elapsed();
+        if out_for >= retry.budget {
+            return Err(refused(format!(
+                "gave up on the master target {} after {attempts} attempts to reconnect \
+                 in {} s (the retry budget): {why}",
+                p.link.addr,
+                out_for.as_secs()
+            )));
+        }
+        *attempts += 1;
+        at.report.reconnects += 1;
+        let note = format!(
+            "reconnecting (attempt {attempts}) after: {}",
+            clip(&why, 300)
+        );
+        tracing::warn!(tenant = %live.tenant, plan = %live.plan, machine = %live.machine, disk = %live.disk, attempt = *attempts, error = %why, "resync connection lost; reconnecting");
+        progress(&at.report, Some(&note));
+        // The last attempt is made when the budget ends.
+        tokio::time::sleep(wait.min(retry.budget - out_for)).await;
+        wait = (wait * 2).min(retry.longest_wait);
+    }
+}
+
+/// `s` cut to at most `n` characters.
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() > n {
+        format!("{}...", s.chars().take(n).collect::<String>())
+    } else {
+        s.to_string()
+    }
+}
+
+/// One connection's part of the resync: connect, and compare and fetch from `at`.
+async fn session<S>(
+    p: &Protected,
+    live: &LiveDisk,
+    c: &mut Client<S>,
+    at: &mut Resume,
+    progress: &mut dyn FnMut(&ResyncReport, Option<&str>),
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut rd, mut wr) = connect(p, live, c.size()).await?;
+    let r = compare_and_fetch(
+        &mut rd,
+        &mut wr,
+        c,
+        &p.key,
+        p.retry.keepalive,
+        at,
+        &mut |r| progress(r, None),
+    )
+    .await;
+    // Bounded: TLS's goodbye goes through the machine's throttle, and a master target that
+    // stopped reading must not hold the resync's end (or its error) forever.
+    let _ = tokio::time::timeout(Duration::from_secs(5), wr.shutdown()).await;
+    r.map(|_| ())
 }
 
 /// The TCP connection under the resync's TLS, limited both ways by the machine's bandwidth
@@ -131,14 +286,14 @@ type Writer = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<Wire>>;
 /// Open a resync connection for `live`, whose original is `size` bytes.
 async fn connect(p: &Protected, live: &LiveDisk, size: u64) -> Result<(Reader, Writer)> {
     let addr = &p.link.addr;
-    let at = |what: String| refused(format!("master target {addr}: {what}"));
+    let at = |what: &str| format!("master target {addr}: {what}");
     let tcp = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::net::TcpStream::connect(addr),
     )
     .await
-    .map_err(|_| at("connecting timed out".into()))?
-    .map_err(|e| at(format!("cannot connect: {e}")))?;
+    .map_err(|_| lost(at("connecting timed out")))?
+    .map_err(|e| lost(at(&format!("cannot connect: {e}"))))?;
     let _ = tcp.set_nodelay(true);
     // The machine's own throttle, the one its replication draws from (its disks share it), so
     // the limit (and the uplink's share) holds for shipping and resync together.
@@ -149,8 +304,8 @@ async fn connect(p: &Protected, live: &LiveDisk, size: u64) -> Result<(Reader, W
         connector.connect(p.link.server_name.clone(), tcp),
     )
     .await
-    .map_err(|_| at("TLS handshake timed out".into()))?
-    .map_err(|e| at(format!("TLS handshake: {e}")))?;
+    .map_err(|_| lost(at("TLS handshake timed out")))?
+    .map_err(|e| link_error(at("TLS handshake"), e))?;
     let (mut rd, mut wr) = tokio::io::split(tls);
     let hello = Msg::ResyncHello {
         version: VERSION,
@@ -162,37 +317,32 @@ async fn connect(p: &Protected, live: &LiveDisk, size: u64) -> Result<(Reader, W
         block_size: BLOCK as u32,
     };
     send(&mut wr, &hello).await?;
-    match answer(&mut rd).await? {
-        Msg::ResyncWelcome {
+    match answer(&mut rd).await {
+        Ok(Msg::ResyncWelcome {
             disk_size,
             block_size,
             ..
-        } if disk_size == size && u64::from(block_size) == BLOCK => Ok((rd, wr)),
-        Msg::ResyncWelcome {
+        }) if disk_size == size && u64::from(block_size) == BLOCK => Ok((rd, wr)),
+        Ok(Msg::ResyncWelcome {
             disk_size,
             block_size,
             ..
-        } => Err(refused(format!(
+        }) => Err(refused(format!(
             "the master target answered for a live disk of {disk_size} bytes in blocks of \
              {block_size}, but {}'s original is {size} bytes in blocks of {BLOCK}: not the same disk",
             live.disk
         ))),
-        Msg::Rejected { message, .. } => Err(at(format!("refused the resync: {message}"))),
-        other => Err(malformed(format!(
+        Ok(other) => Err(malformed(format!(
             "{} in answer to the resync's hello",
             brief(&other)
         ))),
+        Err(e) => Err(e),
     }
 }
 
 /// A message in a few words (a block's blob is not worth printing).
 fn brief(m: &Msg) -> String {
-    let s = format!("{m:?}");
-    if s.chars().count() > 120 {
-        format!("{}...", s.chars().take(120).collect::<String>())
-    } else {
-        s
-    }
+    clip(&format!("{m:?}"), 120)
 }
 
 fn malformed(what: String) -> FailoverError {
@@ -200,7 +350,7 @@ fn malformed(what: String) -> FailoverError {
 }
 
 /// Send a request. Bounded like an answer: a master target that stops reading (or a link that
-/// stops taking anything) ends the resync with an error instead of holding it forever.
+/// stops taking anything) is taken for a lost connection instead of holding the resync forever.
 async fn send<W: AsyncWrite + Unpin>(wr: &mut W, m: &Msg) -> Result<()> {
     let sent = tokio::time::timeout(ANSWER_TIMEOUT, async {
         wr.write_all(&m.encode()).await?;
@@ -208,23 +358,26 @@ async fn send<W: AsyncWrite + Unpin>(wr: &mut W, m: &Msg) -> Result<()> {
     })
     .await;
     match sent {
-        Err(_) => Err(refused(format!(
+        Err(_) => Err(lost(format!(
             "the master target took no request for {} s",
             ANSWER_TIMEOUT.as_secs()
         ))),
-        Ok(r) => r.map_err(io("writing to the master target")),
+        Ok(r) => r.map_err(|e| link_error("writing to the master target".into(), e)),
     }
 }
 
 async fn answer<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Msg> {
     match tokio::time::timeout(ANSWER_TIMEOUT, read_msg(rd)).await {
-        Err(_) => Err(refused(format!(
+        Err(_) => Err(lost(format!(
             "the master target did not answer within {} s",
             ANSWER_TIMEOUT.as_secs()
         ))),
-        Ok(Err(ferry_wire::WireError::Closed)) => Err(refused(
+        Ok(Err(ferry_wire::WireError::Closed)) => Err(lost(
             "the master target closed the resync connection (did it stop?)",
         )),
+        Ok(Err(ferry_wire::WireError::Io(e))) => {
+            Err(link_error("reading from the master target".into(), e))
+        }
         Ok(Err(e)) => Err(malformed(e.to_string())),
         Ok(Ok(Msg::Rejected { message, .. })) => Err(refused(format!(
             "the master target ended the resync: {message}"
@@ -239,17 +392,81 @@ enum Asked {
     Ids { first: u64, count: u64 },
     /// Block `index`, of `len` bytes.
     Block { index: u64, len: usize },
+    /// The name of block 0 again, asked only so that the connection is not idle (the
+    /// smallest request the master target answers); the answer is dropped.
+    Alive,
 }
 
-/// Compare the whole disk batch by batch, fetching and writing the blocks that differ. The
-/// names of the next [`AHEAD`] batches are asked for before a batch's blocks are fetched, so a
-/// long round trip costs once, not per batch; the answers come in the order asked, and what is
-/// asked and not answered stays small (a few requests), so neither side blocks the other.
+/// The resync connection as this side drives it: what was asked and is not answered yet, in
+/// the order asked (the order the master target answers in), and when a request last went out.
+struct Peer<'a, R, W> {
+    rd: &'a mut R,
+    wr: &'a mut W,
+    asked: VecDeque<Asked>,
+    sent: Instant,
+    keepalive: Duration,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Peer<'_, R, W> {
+    /// Send `m`, whose answers will be `answers`.
+    async fn ask(&mut self, m: &Msg, answers: impl IntoIterator<Item = Asked>) -> Result<()> {
+        send(self.wr, m).await?;
+        self.asked.extend(answers);
+        self.sent = Instant::now();
+        Ok(())
+    }
+
+    /// The next answer, with what it answers. While it is awaited, a request for block 0's
+    /// name goes out whenever nothing else went out for [`Retry::keepalive`], so that the
+    /// master target sees the connection alive while its earlier answers come through a slow
+    /// link.
+    async fn next(&mut self) -> Result<(Asked, Msg)> {
+        let Some(want) = self.asked.pop_front() else {
+            return Err(malformed("an answer to nothing asked".into()));
+        };
+        // (An answer to a keepalive is not worth keeping the connection alive for.)
+        let keep = !matches!(want, Asked::Alive);
+        let read = answer(self.rd);
+        tokio::pin!(read);
+        loop {
+            let due = tokio::time::Instant::from_std(self.sent + self.keepalive);
+            tokio::select! {
+                m = &mut read => return Ok((want, m?)),
+                () = tokio::time::sleep_until(due), if keep => {
+                    send(self.wr, &Msg::IdsRequest { first: 0, count: 1 }).await?;
+                    self.asked.push_back(Asked::Alive);
+                    self.sent = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// The first block not settled when the next batch to compare begins at `first`: the
+    /// first block asked for and not written yet, or `first`.
+    fn settled(&self, first: u64) -> u64 {
+        self.asked
+            .iter()
+            .find_map(|a| match a {
+                Asked::Block { index, .. } => Some(*index),
+                _ => None,
+            })
+            .map_or(first, |i| i.min(first))
+    }
+}
+
+/// Compare the disk from block `at.from` batch by batch, fetching and writing the blocks that
+/// differ, counting in `at.report`. The names of the next [`AHEAD`] batches are asked for
+/// before a batch's blocks are fetched, so a long round trip costs once, not per batch; the
+/// answers come in the order asked, and what is asked and not answered stays small (a few
+/// requests), so neither side blocks the other. `at.from` follows the blocks settled, so that
+/// after an error a new connection can go on from there.
 async fn compare_and_fetch<R, W, S>(
     rd: &mut R,
     wr: &mut W,
     c: &mut Client<S>,
     key: &TenantKey,
+    keepalive: Duration,
+    at: &mut Resume,
     progress: &mut dyn FnMut(&ResyncReport),
 ) -> Result<ResyncReport>
 where
@@ -258,33 +475,33 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let size = c.size();
-    let mut r = ResyncReport {
-        disk_bytes: size,
-        ..Default::default()
-    };
+    at.report.disk_bytes = size;
     let blocks = size.div_ceil(BLOCK);
-    let mut asked: VecDeque<Asked> = VecDeque::new();
+    let mut peer = Peer {
+        rd,
+        wr,
+        asked: VecDeque::new(),
+        sent: Instant::now(),
+        keepalive,
+    };
     let mut names: VecDeque<(u64, Vec<ChunkId>)> = VecDeque::new();
-    let (mut first, mut next) = (0u64, 0u64);
+    let (mut first, mut next) = (at.from, at.from);
     while first < blocks {
         // Ask ahead for the names of the next batches.
         while next < blocks && next - first < AHEAD * BATCH {
             let count = BATCH.min(blocks - next);
-            send(
-                wr,
-                &Msg::IdsRequest {
-                    first: next,
-                    count: count as u32,
-                },
-            )
-            .await?;
-            asked.push_back(Asked::Ids { first: next, count });
+            let ids = Msg::IdsRequest {
+                first: next,
+                count: count as u32,
+            };
+            peer.ask(&ids, [Asked::Ids { first: next, count }]).await?;
             next += count;
         }
         // Take answers (writing the blocks of earlier batches) until this batch's names came.
         while names.front().is_none_or(|(f, _)| *f != first) {
-            if take_answer(rd, &mut asked, &mut names, c, key, &mut r).await? {
-                progress(&r);
+            if take_answer(&mut peer, &mut names, c, key, &mut at.report).await? {
+                at.from = peer.settled(first);
+                progress(&at.report);
             }
         }
         let Some((_, theirs)) = names.pop_front() else {
@@ -301,38 +518,37 @@ where
         let differ: Vec<u64> = (0..count)
             .filter(|&i| block_name(key, block(i)) != theirs[i as usize])
             .collect();
-        r.blocks_compared += count;
-        r.hash_bytes += 32 * count;
+        // Blocks compared again after a reconnection are not counted twice.
+        at.report.blocks_compared = at.report.blocks_compared.max(first + count);
+        at.report.hash_bytes += 32 * count;
         if !differ.is_empty() {
-            send(
-                wr,
-                &Msg::FetchRequest {
-                    indices: differ.iter().map(|i| first + i).collect(),
-                },
-            )
-            .await?;
-            asked.extend(differ.iter().map(|&i| Asked::Block {
+            let fetch = Msg::FetchRequest {
+                indices: differ.iter().map(|i| first + i).collect(),
+            };
+            let blocks = differ.iter().map(|&i| Asked::Block {
                 index: first + i,
                 len: block(i).len(),
-            }));
+            });
+            peer.ask(&fetch, blocks).await?;
         }
         first += count;
-        progress(&r);
+        at.from = peer.settled(first);
+        progress(&at.report);
     }
-    while !asked.is_empty() {
-        if take_answer(rd, &mut asked, &mut names, c, key, &mut r).await? {
-            progress(&r);
+    while !peer.asked.is_empty() {
+        if take_answer(&mut peer, &mut names, c, key, &mut at.report).await? {
+            at.from = peer.settled(first);
+            progress(&at.report);
         }
     }
-    Ok(r)
+    at.from = blocks;
+    Ok(at.report)
 }
 
-/// Take the master target's next answer, checked against what it answers (the front of
-/// `asked`): names are kept in `names`, a block is opened and written. True: a block was
-/// written.
-async fn take_answer<R, S>(
-    rd: &mut R,
-    asked: &mut VecDeque<Asked>,
+/// Take the master target's next answer, checked against what it answers: names are kept in
+/// `names`, a block is opened and written. True: a block was written.
+async fn take_answer<R, W, S>(
+    peer: &mut Peer<'_, R, W>,
     names: &mut VecDeque<(u64, Vec<ChunkId>)>,
     c: &mut Client<S>,
     key: &TenantKey,
@@ -340,12 +556,10 @@ async fn take_answer<R, S>(
 ) -> Result<bool>
 where
     R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let Some(want) = asked.pop_front() else {
-        return Err(malformed("an answer to nothing asked".into()));
-    };
-    match (want, answer(rd).await?) {
+    match peer.next().await? {
         (Asked::Ids { first, count }, Msg::Ids { first: f, ids })
             if f == first && ids.len() as u64 == count =>
         {
@@ -357,6 +571,8 @@ where
             ids.len()
         ))),
         (Asked::Ids { .. }, other) => Err(malformed(format!("{} for block names", brief(&other)))),
+        (Asked::Alive, Msg::Ids { first: 0, ids }) if ids.len() == 1 => Ok(false),
+        (Asked::Alive, other) => Err(malformed(format!("{} for block 0's name", brief(&other)))),
         (Asked::Block { index, len }, Msg::Block { index: i, body }) if i == index => {
             let data = open_block(key, index, body)?.unwrap_or_else(|| vec![0; len]);
             if data.len() != len {
@@ -403,6 +619,7 @@ mod tests {
     use ferry_master_target::resync::{live_path, serve, Hello};
     use ferry_nbd::{MemExport, ServerConfig};
     use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
 
     const SIZE: u64 = 100 * BLOCK + 4096;
 
@@ -430,11 +647,13 @@ mod tests {
     }
 
     /// The master target's side of a resync of tenant acme's disk d0 (plan dr, machine web)
-    /// below `work`, served on `rd`/`wr` as it would be after the hello.
+    /// below `work`, served on `rd`/`wr` as it would be after the hello; `idle` without a
+    /// request ends it.
     fn master_target<R, W>(
         mut rd: R,
         mut wr: W,
         work: &Path,
+        idle: Duration,
     ) -> tokio::task::JoinHandle<std::result::Result<(), String>>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -442,15 +661,16 @@ mod tests {
     {
         let w = work.to_path_buf();
         tokio::spawn(async move {
+            let live = live_path(&w, "acme", "dr", "web", "d0");
             let h = Hello {
                 tenant: "acme".into(),
                 plan: "dr".into(),
                 machine: "web".into(),
                 disk: "d0".into(),
-                disk_size: SIZE,
+                disk_size: std::fs::metadata(live).unwrap().len(),
                 block_size: BLOCK as u32,
             };
-            serve(&mut rd, &mut wr, h, Some((&w, Some("acme"))), key())
+            serve(&mut rd, &mut wr, h, Some((&w, Some("acme"))), key(), idle)
                 .await
                 .map_err(|e| format!("{e:#}"))
         })
@@ -472,16 +692,24 @@ mod tests {
         let (mut c, export) = original(pattern(0)).await;
         let (ours, theirs) = tokio::io::duplex(1 << 20);
         let (srd, swr) = tokio::io::split(theirs);
-        let master = master_target(srd, swr, dir.path());
+        let master = master_target(srd, swr, dir.path(), ferry_master_target::IDLE_TIMEOUT);
         let (mut rd, mut wr) = tokio::io::split(ours);
         match answer(&mut rd).await.unwrap() {
             Msg::ResyncWelcome { disk_size, .. } => assert_eq!(disk_size, SIZE),
             other => panic!("{other:?}"),
         }
         let mut seen = 0;
-        let r = compare_and_fetch(&mut rd, &mut wr, &mut c, &key(), &mut |_| seen += 1)
-            .await
-            .unwrap();
+        let r = compare_and_fetch(
+            &mut rd,
+            &mut wr,
+            &mut c,
+            &key(),
+            Retry::default().keepalive,
+            &mut Resume::default(),
+            &mut |_| seen += 1,
+        )
+        .await
+        .unwrap();
         drop((rd, wr));
         master.await.unwrap().unwrap();
         assert_eq!(r.blocks_compared, SIZE.div_ceil(BLOCK));
@@ -492,61 +720,145 @@ mod tests {
         assert!(export.contents() == live);
     }
 
-    /// Over a connection limited by the machine's throttle (both ways, as [`connect`] makes
-    /// it), the blocks come no faster than the limit, and the original still ends equal.
-    #[tokio::test]
-    async fn a_limited_resync_fetches_at_the_limit_and_the_original_ends_equal() {
+    /// How a resync over a limited connection went: its outcome, the seconds it took, the
+    /// master target's end, how often progress was told, and whether the original ends equal.
+    struct Limited {
+        r: Result<ResyncReport>,
+        took: f64,
+        master: std::result::Result<(), String>,
+        seen: u64,
+        equal: bool,
+    }
+
+    /// `n` bytes that do not compress (a xorshift stream).
+    fn noise(n: u64) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Resync `orig` from `live` over loopback TCP limited by the machine's throttle at `mbit`
+    /// (both ways, as [`connect`] makes it), from a master target that takes the connection
+    /// for gone after `idle` without a request; this side keeps it alive after `keepalive`.
+    async fn limited(
+        orig: Vec<u8>,
+        live: Vec<u8>,
+        mbit: u32,
+        idle: Duration,
+        keepalive: Duration,
+    ) -> Limited {
         use ferry_process_server::throttle::{Schedule, Throttle, Throttled};
         let dir = tempfile::tempdir().unwrap();
         let path = live_path(dir.path(), "acme", "dr", "web", "d0");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        // Every block differs: 6.5 MB that do not compress much come, at 40 Mbit/s (5 MB/s).
-        let live: Vec<u8> = {
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
-            (0..SIZE)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect()
-        };
         std::fs::write(&path, &live).unwrap();
-        let (mut c, export) = original(pattern(0)).await;
+        let (mut c, export) = original(orig).await;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ours = tokio::net::TcpStream::connect(l.local_addr().unwrap())
             .await
             .unwrap();
         let (theirs, _) = l.accept().await.unwrap();
         let (srd, swr) = tokio::io::split(theirs);
-        let master = master_target(srd, swr, dir.path());
+        let master = master_target(srd, swr, dir.path(), idle);
         let t = Throttle::new(
             "web",
             Schedule {
-                default_mbit: Some(40),
+                default_mbit: Some(mbit),
                 windows: Vec::new(),
             },
         );
         let ours = Throttled::both_ways(ours, Some(t));
         let (mut rd, mut wr) = tokio::io::split(ours);
         match answer(&mut rd).await.unwrap() {
-            Msg::ResyncWelcome { disk_size, .. } => assert_eq!(disk_size, SIZE),
+            Msg::ResyncWelcome { disk_size, .. } => assert_eq!(disk_size, live.len() as u64),
             other => panic!("{other:?}"),
         }
         let began = std::time::Instant::now();
         let mut seen = 0;
-        let r = compare_and_fetch(&mut rd, &mut wr, &mut c, &key(), &mut |_| seen += 1)
-            .await
-            .unwrap();
+        let r = compare_and_fetch(
+            &mut rd,
+            &mut wr,
+            &mut c,
+            &key(),
+            keepalive,
+            &mut Resume::default(),
+            &mut |_| seen += 1,
+        )
+        .await;
         let took = began.elapsed().as_secs_f64();
         drop((rd, wr));
-        master.await.unwrap().unwrap();
+        Limited {
+            r,
+            took,
+            master: master.await.unwrap(),
+            seen,
+            equal: export.contents() == live,
+        }
+    }
+
+    /// Over a connection limited by the machine's throttle (both ways, as [`connect`] makes
+    /// it), the blocks come no faster than the limit, and the original still ends equal.
+    #[tokio::test]
+    async fn a_limited_resync_fetches_at_the_limit_and_the_original_ends_equal() {
+        // Every block differs: 6.5 MB that do not compress much come, at 40 Mbit/s (5 MB/s).
+        let idle = ferry_master_target::IDLE_TIMEOUT;
+        let l = limited(
+            pattern(0),
+            noise(SIZE),
+            40,
+            idle,
+            Retry::default().keepalive,
+        )
+        .await;
+        let (r, took) = (l.r.unwrap(), l.took);
+        l.master.unwrap();
         assert_eq!(r.bytes_sent, SIZE);
         // 6.5 MB at 5 MB/s, less the bucket's burst (0.1 s).
         assert!(took >= 1.2, "{} bytes came in {took:.2} s", r.bytes_sent);
-        assert_eq!(seen, SIZE.div_ceil(BLOCK).div_ceil(BATCH) + r.blocks_sent);
-        assert!(export.contents() == live);
+        assert_eq!(l.seen, SIZE.div_ceil(BLOCK).div_ceil(BATCH) + r.blocks_sent);
+        assert!(l.equal);
+    }
+
+    /// At a low limit, the blocks the master target has written into the connection take
+    /// long to come through, and it hears nothing meanwhile: it would take the connection for
+    /// idle (120 s) and close it, but this side asks for something whenever it sent nothing
+    /// for a while (30 s), so a slow but healthy resync is not cut. (Here both are shorter.)
+    #[tokio::test]
+    async fn a_slow_resync_is_not_taken_for_idle_by_the_master_target() {
+        // Eight batches: the first differs whole (4 MiB), the seventh in one block. At
+        // 8 Mbit/s the first batch's blocks take 4 s to come through; the master target has
+        // answered all it was asked (the names of the batches after, which are equal) and
+        // hears nothing until they came and the seventh batch's block is asked for.
+        let blocks = 8 * BATCH;
+        // (The stream a byte on, so that the first batch differs from the live disk's.)
+        let orig = noise(blocks * BLOCK + 1)[1..].to_vec();
+        let mut live = orig.clone();
+        live[..(BATCH * BLOCK) as usize].copy_from_slice(&noise(BATCH * BLOCK));
+        live[(6 * BATCH * BLOCK) as usize] ^= 1;
+        let idle = Duration::from_millis(300);
+        let l = limited(
+            orig.clone(),
+            live.clone(),
+            8,
+            idle,
+            Duration::from_millis(100),
+        )
+        .await;
+        let r = l.r.unwrap();
+        l.master.unwrap();
+        assert_eq!(r.blocks_sent, BATCH + 1);
+        assert!(l.equal);
+        // Asking nothing meanwhile, the same resync is cut.
+        let l = limited(orig, live, 8, idle, Duration::from_secs(30)).await;
+        let e = l.master.unwrap_err();
+        assert!(e.contains("idle for"), "{e}");
+        assert!(matches!(l.r, Err(FailoverError::Lost(_))), "{:?}", l.r);
     }
 
     /// Resync an original of [`SIZE`] bytes against a peer that answers with `answers` (after
@@ -567,10 +879,18 @@ mod tests {
             let _ = read_msg(&mut rd).await;
         });
         let (mut rd, mut wr) = tokio::io::split(ours);
-        let e = compare_and_fetch(&mut rd, &mut wr, &mut c, &key(), &mut |_| {})
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = compare_and_fetch(
+            &mut rd,
+            &mut wr,
+            &mut c,
+            &key(),
+            Retry::default().keepalive,
+            &mut Resume::default(),
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         drop((rd, wr));
         let _ = peer.await;
         e
@@ -683,5 +1003,317 @@ mod tests {
             let e = against(answers).await;
             assert!(e.contains(want), "{want:?}: {e}");
         }
+    }
+
+    /// The real master target (mutual TLS with the site CA in `pki`, its repository, its
+    /// resync answers) keeping live disks below `dir`/work, on a loopback port: its address.
+    async fn real_master_target(pki: &Path, dir: &Path) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listen = listener.local_addr().unwrap();
+        let repo =
+            ferry_repository::Repository::open(&dir.join("repo"), TenantKey::from_secret(&[7; 32]))
+                .unwrap();
+        let cfg = ferry_master_target::Config {
+            listen,
+            tls: ferry_pki::server_config(pki, true).unwrap(),
+            repo: Arc::new(repo),
+            key: key(),
+            retention: None,
+            work: Some(dir.join("work")),
+            tenant: Some("acme".into()),
+        };
+        let task = tokio::spawn(async move {
+            let _ = ferry_master_target::serve(listener, cfg).await;
+        });
+        (listen.to_string(), task)
+    }
+
+    /// The protected site's role, with the TLS identity `tls`, reaching the master target at
+    /// `addr`.
+    fn protected(
+        tls: Arc<tokio_rustls::rustls::ClientConfig>,
+        addr: String,
+        dir: &Path,
+        retry: Retry,
+    ) -> Protected {
+        Protected {
+            link: ferry_process_server::Link {
+                addr,
+                server_name: tokio_rustls::rustls::pki_types::ServerName::try_from("localhost")
+                    .unwrap(),
+                tls,
+                throttles: HashMap::new(),
+            },
+            key: key(),
+            work: dir.join("resync"),
+            retry,
+        }
+    }
+
+    fn web_d0() -> LiveDisk {
+        LiveDisk {
+            tenant: "acme".into(),
+            plan: "dr".into(),
+            machine: "web".into(),
+            disk: "d0".into(),
+        }
+    }
+
+    /// Blocks of the disks [`disks`] makes (64 MiB), and how many of them differ.
+    const BIG: u64 = 1024;
+    const DIFFER: u64 = BIG / 4;
+
+    /// The original disk (a raw image) and the live disk below `dir`/work: equal but for every
+    /// fourth block, which holds data that does not compress at the recovery site.
+    fn disks(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let original: Vec<u8> = (0..BIG * BLOCK).map(|i| (i % 251) as u8).collect();
+        let mut live = original.clone();
+        let changed = noise(DIFFER * BLOCK);
+        for (i, b) in (0..BIG).step_by(4).enumerate() {
+            let (at, from) = ((b * BLOCK) as usize, i * BLOCK as usize);
+            live[at..at + BLOCK as usize].copy_from_slice(&changed[from..from + BLOCK as usize]);
+        }
+        let live_at = live_path(&dir.join("work"), "acme", "dr", "web", "d0");
+        std::fs::create_dir_all(live_at.parent().unwrap()).unwrap();
+        std::fs::write(&live_at, &live).unwrap();
+        let orig_at = dir.join("original.raw");
+        std::fs::write(&orig_at, &original).unwrap();
+        (orig_at, live_at)
+    }
+
+    /// What a resync told its progress: the report, and what it was doing besides.
+    type Told = tokio::sync::mpsc::UnboundedReceiver<(ResyncReport, Option<String>)>;
+
+    /// Run the resync of [`web_d0`] into `original` off the runtime.
+    fn start(
+        p: Protected,
+        live: LiveDisk,
+        original: &Path,
+    ) -> (tokio::task::JoinHandle<Result<ResyncReport>>, Told) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let original = original.display().to_string();
+        let run = tokio::task::spawn_blocking(move || {
+            run(&p, &live, &original, &mut |r, now| {
+                let _ = tx.send((*r, now.map(str::to_string)));
+            })
+        });
+        (run, rx)
+    }
+
+    /// Everything told until the resync ended.
+    fn all_told(mut rx: Told) -> Vec<(ResyncReport, Option<String>)> {
+        let mut out = Vec::new();
+        while let Ok(t) = rx.try_recv() {
+            out.push(t);
+        }
+        out
+    }
+
+    /// The connection to the master target is cut in the middle of the resync (by a TCP proxy
+    /// between the sites, which refuses connections for a second): the resync connects again
+    /// by itself, goes on from where it was, and the original ends equal to the live disk.
+    #[tokio::test]
+    async fn a_cut_connection_is_opened_again_and_the_resync_goes_on_from_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        ferry_pki::init(&pki, &[]).unwrap();
+        let (original, live) = disks(dir.path());
+        let (addr, mt) = real_master_target(&pki, dir.path()).await;
+        let proxy = crate::proxy::Proxy::start(addr).await;
+        // 16 MiB of blocks that differ come at 8 MiB/s: the cut falls in the middle.
+        proxy.limit(8 << 20);
+        let retry = Retry {
+            budget: Duration::from_secs(20),
+            first_wait: Duration::from_millis(100),
+            longest_wait: Duration::from_secs(1),
+            // Often enough that the master target answers requests for no names meanwhile.
+            keepalive: Duration::from_millis(20),
+        };
+        let tls = ferry_pki::client_config(&pki).unwrap();
+        let to = format!("127.0.0.1:{}", proxy.port);
+        let (run, mut rx) = start(protected(tls, to, dir.path(), retry), web_d0(), &original);
+        let cut_at = 10 << 20;
+        let seen = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut seen = Vec::new();
+            loop {
+                let t = rx.recv().await.expect("the resync ended before the cut");
+                let at = t.0.bytes_sent;
+                seen.push(t);
+                if at >= cut_at {
+                    return seen;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        proxy.cut(Duration::from_secs(1)).await;
+        let carried_before = proxy.carried.load(Ordering::SeqCst);
+        let r = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let carried_after = proxy.carried.load(Ordering::SeqCst) - carried_before;
+        mt.abort();
+        let told: Vec<_> = seen.into_iter().chain(all_told(rx)).collect();
+        assert!(
+            std::fs::read(&original).unwrap() == std::fs::read(&live).unwrap(),
+            "the original differs from the live disk"
+        );
+        // Each block that differed was written once, and the whole disk was compared.
+        assert_eq!(r.bytes_sent, DIFFER * BLOCK, "{r:?}");
+        assert_eq!(r.blocks_compared, BIG, "{r:?}");
+        assert!(r.reconnects >= 1, "{r:?}");
+        assert!(proxy.accepted.load(Ordering::SeqCst) >= 2);
+        let notes: Vec<&String> = told.iter().filter_map(|(_, n)| n.as_ref()).collect();
+        assert!(
+            notes
+                .first()
+                .is_some_and(|n| n.starts_with("reconnecting (attempt 1) after: ")),
+            "{notes:?}"
+        );
+        // Not a resync from the start: the names asked again after the reconnection are at
+        // most those of the batches in flight at the cut, not those of the ~640 blocks
+        // settled before it.
+        let first_run = told.iter().find(|(_, n)| n.is_some()).unwrap().0;
+        assert!(first_run.bytes_sent >= cut_at, "{first_run:?} {notes:?}");
+        let asked_again = r.hash_bytes / 32 - BIG;
+        assert!(
+            asked_again <= (AHEAD + 1) * BATCH && asked_again < 4 * first_run.blocks_sent,
+            "names of {asked_again} blocks asked again after {first_run:?}"
+        );
+        // What came after the reconnection is about what remained: the blocks not written
+        // before the cut (sealed, TLS), and the names.
+        let remained = r.bytes_sent - first_run.bytes_sent;
+        eprintln!(
+            "cut after {} of {} bytes written; {carried_after} bytes came after it for the \
+             {remained} that remained; names of {asked_again} blocks asked again; {} attempts \
+             to reconnect",
+            first_run.bytes_sent, r.bytes_sent, r.reconnects
+        );
+        assert!(
+            carried_after >= remained && carried_after <= remained + remained / 50 + 64 * 1024,
+            "{carried_after} bytes came after the cut for {remained}"
+        );
+    }
+
+    /// A master target out of reach for longer than the retry budget: the resync tries again
+    /// (saying so) and then fails, saying it gave up and why.
+    #[tokio::test]
+    async fn a_master_target_out_of_reach_past_the_budget_fails_the_resync_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        ferry_pki::init(&pki, &[]).unwrap();
+        let (original, _) = disks(dir.path());
+        // A port nothing listens on.
+        let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = gone.local_addr().unwrap().to_string();
+        drop(gone);
+        let retry = Retry {
+            budget: Duration::from_millis(1500),
+            first_wait: Duration::from_millis(100),
+            longest_wait: Duration::from_millis(400),
+            keepalive: Duration::from_secs(30),
+        };
+        let tls = ferry_pki::client_config(&pki).unwrap();
+        let began = Instant::now();
+        let (run, rx) = start(protected(tls, to, dir.path(), retry), web_d0(), &original);
+        let e = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        let took = began.elapsed();
+        let notes: Vec<String> = all_told(rx).into_iter().filter_map(|(_, n)| n).collect();
+        assert!(
+            e.starts_with("gave up on the master target") && e.contains("cannot connect"),
+            "{e}"
+        );
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+        // 100, 200, 400, 400, 400 ms and the budget's end.
+        assert!(notes.len() >= 4, "{notes:?}");
+        assert!(
+            notes[2].starts_with("reconnecting (attempt 3) after: master target")
+                && notes[2].contains("cannot connect"),
+            "{notes:?}"
+        );
+    }
+
+    /// What another connection would not change fails the resync at once, without trying
+    /// again: a master target whose certificate this role does not trust, one that does not
+    /// trust this role's, one that has no such live disk.
+    #[tokio::test]
+    async fn refusals_fail_the_resync_at_once_without_reconnecting() {
+        use tokio_rustls::rustls;
+        let dir = tempfile::tempdir().unwrap();
+        let (pki, other) = (dir.path().join("pki"), dir.path().join("other"));
+        ferry_pki::init(&pki, &[]).unwrap();
+        ferry_pki::init(&other, &[]).unwrap();
+        let (original, _) = disks(dir.path());
+        let (addr, mt) = real_master_target(&pki, dir.path()).await;
+        // Trusts the master target, but holds a certificate of another site's CA.
+        let stranger = {
+            use rustls::pki_types::pem::PemObject;
+            use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(pki.join("ca-cert.pem")).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let chain = CertificateDer::pem_file_iter(other.join("client-cert.pem"))
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(other.join("client-key.pem")).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .unwrap()
+        };
+        let no_such_disk = LiveDisk {
+            machine: "db".into(),
+            ..web_d0()
+        };
+        let cases = [
+            (
+                ferry_pki::client_config(&other).unwrap(),
+                web_d0(),
+                "TLS handshake: TLS: invalid peer certificate",
+            ),
+            (Arc::new(stranger), web_d0(), "TLS: received fatal alert"),
+            (
+                ferry_pki::client_config(&pki).unwrap(),
+                no_such_disk,
+                "no live disk d0 of machine db",
+            ),
+        ];
+        let retry = Retry {
+            budget: Duration::from_secs(20),
+            first_wait: Duration::from_secs(5),
+            ..Retry::default()
+        };
+        for (tls, live, want) in cases {
+            let began = Instant::now();
+            let p = protected(tls, addr.clone(), dir.path(), retry.clone());
+            let (run, rx) = start(p, live, &original);
+            let e = tokio::time::timeout(Duration::from_secs(30), run)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap_err();
+            let notes: Vec<String> = all_told(rx).into_iter().filter_map(|(_, n)| n).collect();
+            assert!(matches!(e, FailoverError::Refused(_)), "{want}: {e:?}");
+            let e = e.to_string();
+            assert!(e.contains(want), "{want}: {e}");
+            assert!(notes.is_empty(), "{want}: {notes:?}");
+            assert!(began.elapsed() < Duration::from_secs(5), "{want}: {e}");
+        }
+        mt.abort();
     }
 }

@@ -1084,6 +1084,8 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
             },
             key: Arc::new(load_key(&a.key)?),
             work: a.bootstrap.state.join("resync"),
+            // A lost connection to the master target is opened again for up to 5 minutes.
+            retry: Default::default(),
         };
         let agent = ferry_failover::agent::Agent::with_protected(
             None,

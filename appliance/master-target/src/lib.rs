@@ -187,6 +187,7 @@ async fn session(
             h,
             work.as_deref().map(|(p, t)| (p.as_path(), t.as_deref())),
             key,
+            IDLE_TIMEOUT,
         )
         .await;
     }

@@ -18,6 +18,7 @@ use ferry_wire::{read_msg, BlockBody, Msg, RejectReason, WireError, MAX_IDS, VER
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Where failover `plan` of `tenant` keeps `machine`'s live `disk` below the work directory.
@@ -51,13 +52,16 @@ pub struct Hello {
 
 /// Answer a resync connection until the peer closes it. `work`: where this master target keeps
 /// live disks and, when it knows it, the one tenant it serves (none: it keeps none, and
-/// refuses).
+/// refuses). A peer that sends no request for `idle` is gone: the connection is closed (the
+/// protected side asks for something at least every 30 s while it waits for answers, however
+/// slowly they come through its bandwidth limit).
 pub async fn serve<R, W>(
     rd: &mut R,
     wr: &mut W,
     hello: Hello,
     work: Option<(&Path, Option<&str>)>,
     key: Arc<TenantKey>,
+    idle: Duration,
 ) -> anyhow::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -89,8 +93,8 @@ where
     let live = Arc::new(live);
     let blocks = size.div_ceil(bs);
     loop {
-        let m = match tokio::time::timeout(crate::IDLE_TIMEOUT, read_msg(rd)).await {
-            Err(_) => bail!("idle for {:?}", crate::IDLE_TIMEOUT),
+        let m = match tokio::time::timeout(idle, read_msg(rd)).await {
+            Err(_) => bail!("idle for {idle:?}"),
             Ok(Err(WireError::Closed)) => return Ok(()),
             Ok(r) => r?,
         };
@@ -218,7 +222,7 @@ mod tests {
         let work = work.map(|(w, t)| (w.to_path_buf(), t.map(str::to_string)));
         let served = tokio::spawn(async move {
             let work = work.as_ref().map(|(w, t)| (w.as_path(), t.as_deref()));
-            let r = serve(&mut rd, &mut wr, h, work, key).await;
+            let r = serve(&mut rd, &mut wr, h, work, key, crate::IDLE_TIMEOUT).await;
             (r, rd, wr)
         });
         let first = read_msg(&mut ord).await.unwrap();

@@ -176,8 +176,13 @@ fn job_table(j: &Job) {
     );
     for d in &j.disks {
         if let Some(r) = &d.resync {
+            let again = if r.reconnects > 0 {
+                format!(", {} attempts to reconnect", r.reconnects)
+            } else {
+                String::new()
+            };
             println!(
-                "{}/{}: sent {} of {} bytes ({} of {} blocks differed), {} bytes of block names",
+                "{}/{}: sent {} of {} bytes ({} of {} blocks differed), {} bytes of block names{again}",
                 d.machine,
                 d.disk,
                 r.bytes_sent,
