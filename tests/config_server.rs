@@ -865,6 +865,32 @@ fn certificates_are_revoked_and_renewed() {
         assert_eq!(sites.len(), 1, "{sites:?}");
         let e = audited(&admin, "POST /v1/certificates/revoke").await;
         assert_eq!((e.who.as_str(), e.status), ("tara", 200));
+        // A renewal does not outlive the certificate it came from: vic renews (the server
+        // makes the key) but has not used the new one when its old one is revoked.
+        let vic_sha = listed[3]["sha256"].as_str().unwrap();
+        let fresh: ferry_api::Enrolled = vic
+            .call(Method::POST, "/v1/self/renew", Some(&json!({})))
+            .await
+            .unwrap();
+        ferry_config_server::serve::write_identity(
+            &d.join("vic2"),
+            &fresh.ca_cert_pem,
+            &fresh.certificate_pem,
+            &fresh.private_key_pem.unwrap(),
+        )
+        .unwrap();
+        let r: Vec<ferry_api::IssuedCertificate> = tara
+            .call(
+                Method::POST,
+                "/v1/certificates/revoke",
+                Some(&json!({"sha256": vic_sha})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.len(), 2, "{r:?}");
+        let vic2 = Client::from_cert_dir(&s.url, &d.join("vic2")).unwrap();
+        let (st, _, _) = refused(&vic2, Method::GET, "/v1/whoami", None).await;
+        assert_eq!(st, 401);
         // Again: nothing left to revoke.
         let (st, _, _) = refused(
             &tara,
