@@ -568,6 +568,10 @@ fn a_revoked_process_server_is_refused_by_the_master_target() {
     // interval (1 s here) and its restart.
     let (st, code, _) = rt.block_on(harness::refused(&ps1, Method::GET, "/v1/whoami", None));
     assert_eq!((st, code.as_str()), (401, "revoked-certificate"));
+    // It has left the tenant's appliances.
+    let left: Vec<ferry_api::Appliance> = rt.block_on(admin.get("/v1/appliances")).unwrap();
+    let names: Vec<&str> = left.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["mt1", "ps2"], "{left:?}");
     // Refused while the master target serves: ps2 let in by the same process.
     wait_for(
         "the master target to refuse ps1",

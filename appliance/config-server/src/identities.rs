@@ -9,9 +9,9 @@
 //!
 //! Revoking a certificate also revokes the certificates renewed from it, so that a stolen
 //! certificate cannot outlive its revocation by having been renewed. Revoking the last valid
-//! certificate of a process server also revokes its replication client certificates (issued by
-//! the tenant's data CA): the tenant's master target gets their fingerprints with its
-//! configuration and refuses them at the handshake.
+//! certificate of an appliance removes it from the appliances and revokes its data-link
+//! certificates (issued by the tenant's data CA): the tenant's master target gets their
+//! fingerprints with its configuration and refuses them at the handshake.
 
 use crate::app::{now_unix, Caller, ConnInfo, Shared};
 use crate::ca::Issued;
@@ -155,16 +155,23 @@ fn revoke(
     for c in &done {
         let p = &c.principal;
         if p.appliance.is_some() && !certs.iter().any(|o| o.valid() && o.principal == *p) {
-            revoke_data_certs(store, p)?;
+            appliance_left(store, p)?;
         }
     }
     Ok(done)
 }
 
-/// An appliance that holds no valid certificate any more: its data-link certificates go to the
-/// tenant's revoked list (which its master target refuses), and are forgotten, so that an
-/// appliance enrolled again under the name gets new ones.
-fn revoke_data_certs(store: &Store, p: &Principal) -> Result<(), StoreError> {
+/// An appliance that holds no valid certificate any more has left: it is no longer enrolled
+/// (`GET /v1/appliances`, a tenant's master target or process servers, alerts), and its
+/// data-link certificates go to the tenant's revoked list (which its master target refuses) and
+/// are forgotten, so that an appliance enrolled again under the name gets new ones.
+fn appliance_left(store: &Store, p: &Principal) -> Result<(), StoreError> {
+    if let Some(a) = store.get::<Appliance>(trees::APPLIANCES, &p.name)? {
+        if a.tenant == p.tenant {
+            store.remove(trees::APPLIANCES, &p.name)?;
+            crate::alerts::forget_appliance(store, p.tenant.as_deref(), &p.name)?;
+        }
+    }
     let Some(tenant) = &p.tenant else {
         return Ok(());
     };
@@ -213,21 +220,14 @@ pub async fn first_use(app: &Shared, c: &IssuedCertificate) -> Result<(), ApiErr
     Ok(())
 }
 
-/// Whether the caller may see (and so be told about) an identity of `tenant`.
-fn in_scope(p: &Principal, tenant: Option<&str>) -> bool {
-    match tenant {
-        Some(t) => p.sees(t),
-        None => p.tenant.is_none(),
-    }
-}
-
 pub async fn list(
     State(app): State<Shared>,
     Caller(p): Caller,
 ) -> Result<Json<Vec<IssuedCertificate>>, ApiError> {
     p.may(Action::ListIdentities, p.tenant.as_deref())?;
     let mut v = all(&app.store)?;
-    v.retain(|c| in_scope(&p, c.principal.tenant.as_deref()));
+    // As appliances are listed: a tenant's principal sees its tenant's only.
+    v.retain(|c| p.tenant.is_none() || c.principal.tenant == p.tenant);
     v.sort_by(|a, b| {
         (&a.principal.tenant, &a.principal.name, a.issued_unix).cmp(&(
             &b.principal.tenant,
