@@ -586,5 +586,40 @@ fn a_revoked_process_server_is_refused_by_the_master_target() {
     assert!(kept.contains("revoked_client_sha256"), "{kept}");
     assert!(!link_accepted(lab.master_port, &acme_ca, &ps1_pki, d));
     assert!(link_accepted(lab.master_port, &acme_ca, &ps2_pki, d));
+
+    // An appliance renews its identity with `ferry ctl renew` while it runs: its next poll
+    // uses the new certificate (which revokes the old one), and nothing is refused.
+    let out = Command::new(support::exe())
+        .args(["ctl", "--json", "--server", &server.url, "--cert-dir"])
+        .arg(d.join("mt-state/identity"))
+        .arg("renew")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let certs = wait_for("mt1's next poll", Duration::from_secs(20), || {
+        let v: Vec<ferry_api::IssuedCertificate> =
+            rt.block_on(admin.get("/v1/certificates")).unwrap();
+        let mt1: Vec<_> = v
+            .into_iter()
+            .filter(|c| c.principal.name == "mt1")
+            .collect();
+        (mt1.len() == 2 && mt1.iter().all(|c| c.replaces.is_none())).then_some(mt1)
+    });
+    assert_eq!(
+        certs.iter().filter(|c| c.revoked.is_some()).count(),
+        1,
+        "{certs:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let audit: Vec<AuditEntry> = rt.block_on(admin.get("/v1/audit?limit=1000")).unwrap();
+    let refused: Vec<_> = audit
+        .iter()
+        .filter(|e| e.who == "mt1" && e.status >= 400)
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
     assert!(began.elapsed() < Duration::from_secs(90));
 }

@@ -29,7 +29,7 @@ pub enum IdentityCmd {
     },
     /// Trade this identity's certificate (--cert-dir) for a fresh one, without a token: the
     /// new key is made here, the new certificate replaces the old in --cert-dir, and the old
-    /// one is revoked as soon as the new one is used (done here, before replacing it).
+    /// one is revoked as soon as the new one is used (done here, right after replacing it).
     Renew,
 }
 
@@ -111,9 +111,9 @@ pub async fn run(
     }
 }
 
-/// Renew the identity in `cert_dir` with the server: a new key made here, the new certificate
-/// tried (its first use revokes the old one), then swapped in for the old directory in one
-/// rename, so that `cert_dir` always holds a matching key and certificate. Appliances renew
+/// Renew the identity in `cert_dir` with the server: a new key made here, the new identity
+/// swapped in for the old directory in one rename (so that `cert_dir` always holds a matching
+/// key and certificate), then tried (its first use revokes the old one). Appliances renew
 /// theirs with this too (`--cert-dir {state}/identity`): a running role reads its identity
 /// again for every poll. Returns the answer, without the key.
 pub(crate) async fn renew(c: &Client, server: &str, cert_dir: &Path) -> anyhow::Result<Enrolled> {
@@ -133,30 +133,28 @@ pub(crate) async fn renew(c: &Client, server: &str, cert_dir: &Path) -> anyhow::
     ));
     ferry_config_server::serve::write_identity(&fresh, &e.ca_cert_pem, &e.certificate_pem, &key)
         .with_context(|| format!("writing {}", fresh.display()))?;
-    let works: Result<Principal, _> = Client::from_cert_dir(server, &fresh)?
-        .get("/v1/whoami")
-        .await;
+    // Swapped in before it is tried, so that a role using this directory never holds the old
+    // certificate after the new one's first use revoked it; swapped back if it does not work.
+    let swap = || {
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &fresh,
+            rustix::fs::CWD,
+            &dir,
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .with_context(|| format!("swapping {} and {}", dir.display(), fresh.display()))
+    };
+    swap()?;
+    let works: Result<Principal, _> = Client::from_cert_dir(server, &dir)?.get("/v1/whoami").await;
     if let Err(err) = works {
+        swap()?;
         bail!(
-            "the renewed certificate (in {}) was not accepted: {err}; {} still holds the old one",
+            "the renewed certificate (now in {}) was not accepted: {err}; {} holds the old one again",
             fresh.display(),
             dir.display()
         );
     }
-    rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        &fresh,
-        rustix::fs::CWD,
-        &dir,
-        rustix::fs::RenameFlags::EXCHANGE,
-    )
-    .with_context(|| {
-        format!(
-            "swapping {} for {} (the new identity is in the former)",
-            dir.display(),
-            fresh.display()
-        )
-    })?;
     // `fresh` holds the old, now revoked, identity.
     std::fs::remove_dir_all(&fresh).with_context(|| format!("removing {}", fresh.display()))?;
     Ok(Enrolled {
