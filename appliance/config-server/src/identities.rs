@@ -93,9 +93,9 @@ pub fn refusal(c: &IssuedCertificate) -> ApiError {
 }
 
 /// Revoke `roots` and every certificate renewed from a revoked one (except `keep`, the one a
-/// request is using), recording who and why; then the data-link certificates of appliances
-/// left without a valid certificate. Returns what was revoked now. The caller holds the write
-/// lock and flushes.
+/// request is using), recording who and why; appliances left without a valid certificate
+/// leave ([`appliance_left`]). Returns what was revoked now. The caller holds the write lock
+/// and flushes.
 fn revoke(
     store: &Store,
     roots: &[String],
