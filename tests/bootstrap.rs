@@ -50,6 +50,11 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 /// Whether acme's master target keeps a replication link open for a client presenting the
 /// certificate in `client_pki` (and trusting `ca`).
 fn link_accepted(port: u16, ca: &Path, client_pki: &Path, scratch: &Path) -> bool {
+    try_link(port, ca, client_pki, scratch).expect("the master target is not listening")
+}
+
+/// [`link_accepted`], or none when nothing listens on `port` (a master target restarting).
+fn try_link(port: u16, ca: &Path, client_pki: &Path, scratch: &Path) -> Option<bool> {
     use std::io::Read;
     let owner = client_pki.parent().unwrap().file_name().unwrap();
     let dir = scratch.join("link").join(owner);
@@ -60,17 +65,17 @@ fn link_accepted(port: u16, ca: &Path, client_pki: &Path, scratch: &Path) -> boo
     }
     let cfg = ferry_pki::client_config(&dir).unwrap();
     let mut conn = rustls::ClientConnection::new(cfg, "127.0.0.1".try_into().unwrap()).unwrap();
-    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     let mut b = [0u8; 1];
-    match tls.read(&mut b) {
+    Some(match tls.read(&mut b) {
         Ok(n) => n > 0,
         Err(e) => matches!(
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ),
-    }
+    })
 }
 
 #[test]
@@ -471,4 +476,150 @@ fn roles_take_their_configuration_from_the_configuration_server() {
     assert!(err.contains("token"), "{err}");
     q.stop();
     assert!(began.elapsed() < Duration::from_secs(240));
+}
+
+/// A revoked process server loses its replication link (docs/api.md, "Revocation and
+/// renewal"): its data-link client certificate, which the tenant's data CA signed, goes to the
+/// master target's configuration, and the master target refuses it at the handshake within a
+/// poll interval; a process server that was not revoked keeps its link.
+#[test]
+fn a_revoked_process_server_is_refused_by_the_master_target() {
+    let began = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-revoke-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = harness::Server::start(&d.join("cs"));
+    let admin = server.admin();
+    rt.block_on(harness::ok(
+        &admin,
+        Method::POST,
+        "/v1/tenants",
+        Some(json!({"name": "acme"})),
+    ));
+    let lab = Lab::new(&support::exe(), d, &[]).unwrap();
+    let mt_token = appliance_token(&admin, &rt, "acme", "mt1", "master-target");
+    let s = |v: &str| v.to_string();
+    let _mt = support::Kill::spawn(
+        d,
+        "master-target",
+        &[
+            s("master-target"),
+            s("--repo"),
+            lab.repo.display().to_string(),
+            s("--listen"),
+            format!("127.0.0.1:{}", lab.master_port),
+            s("--config-server"),
+            server.url.clone(),
+            s("--token"),
+            mt_token.token.clone(),
+            s("--ca-sha256"),
+            mt_token.ca_sha256.clone(),
+            s("--state"),
+            d.join("mt-state").display().to_string(),
+            s("--config-poll-secs"),
+            s("1"),
+        ],
+    );
+    wait_port(lab.master_port, Duration::from_secs(20)).unwrap();
+
+    // Two process servers of acme, each with its data-link client certificate for its own key,
+    // as a process server asks for it.
+    let data_pki = |name: &str| {
+        let t = appliance_token(&admin, &rt, "acme", name, "process-server");
+        let c = rt.block_on(harness::enroll(&server, &t.token, &d.join(name)));
+        let pki = d.join(format!("{name}-state")).join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let key = pki.join("client-key.pem");
+        let (_, csr) = ferry_pki::own_key_request(&key).unwrap();
+        let cfg: ferry_api::RoleConfig = rt
+            .block_on(c.call(
+                Method::POST,
+                "/v1/self/config",
+                Some(&json!({"data_csr_pem": csr})),
+            ))
+            .unwrap();
+        let ferry_api::RoleConfig::ProcessServer(cfg) = cfg else {
+            panic!("not a process server's configuration");
+        };
+        std::fs::write(pki.join("client-cert.pem"), &cfg.client.cert_pem).unwrap();
+        (c, pki)
+    };
+    let (ps1, ps1_pki) = data_pki("ps1");
+    let (_, ps2_pki) = data_pki("ps2");
+    let acme_ca = d.join("mt-state/pki/ca-cert.pem");
+    assert!(link_accepted(lab.master_port, &acme_ca, &ps1_pki, d));
+
+    let revoked: Vec<ferry_api::IssuedCertificate> =
+        serde_json::from_value(rt.block_on(harness::ok(
+            &admin,
+            Method::POST,
+            "/v1/certificates/revoke",
+            Some(json!({"name": "ps1", "tenant": "acme", "reason": "decommissioned"})),
+        )))
+        .unwrap();
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    // Its API calls are refused at once; its replication link within the master target's poll
+    // interval (1 s here) and its restart.
+    let (st, code, _) = rt.block_on(harness::refused(&ps1, Method::GET, "/v1/whoami", None));
+    assert_eq!((st, code.as_str()), (401, "revoked-certificate"));
+    // It has left the tenant's appliances.
+    let left: Vec<ferry_api::Appliance> = rt.block_on(admin.get("/v1/appliances")).unwrap();
+    let names: Vec<&str> = left.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["mt1", "ps2"], "{left:?}");
+    // Refused while the master target serves: ps2 let in by the same process.
+    wait_for(
+        "the master target to refuse ps1",
+        Duration::from_secs(30),
+        || {
+            let ps1 = try_link(lab.master_port, &acme_ca, &ps1_pki, d);
+            let ps2 = try_link(lab.master_port, &acme_ca, &ps2_pki, d);
+            (ps1 == Some(false) && ps2 == Some(true)).then_some(())
+        },
+    );
+    let kept = std::fs::read_to_string(d.join("mt-state/config.json")).unwrap();
+    assert!(kept.contains("revoked_client_sha256"), "{kept}");
+    assert!(!link_accepted(lab.master_port, &acme_ca, &ps1_pki, d));
+    assert!(link_accepted(lab.master_port, &acme_ca, &ps2_pki, d));
+
+    // An appliance renews its identity with `ferry ctl renew` while it runs: its next poll
+    // uses the new certificate (which revokes the old one), and nothing is refused.
+    let out = Command::new(support::exe())
+        .args(["ctl", "--json", "--server", &server.url, "--cert-dir"])
+        .arg(d.join("mt-state/identity"))
+        .arg("renew")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let certs = wait_for("mt1's next poll", Duration::from_secs(20), || {
+        let v: Vec<ferry_api::IssuedCertificate> =
+            rt.block_on(admin.get("/v1/certificates")).unwrap();
+        let mt1: Vec<_> = v
+            .into_iter()
+            .filter(|c| c.principal.name == "mt1")
+            .collect();
+        (mt1.len() == 2 && mt1.iter().all(|c| c.replaces.is_none())).then_some(mt1)
+    });
+    assert_eq!(
+        certs.iter().filter(|c| c.revoked.is_some()).count(),
+        1,
+        "{certs:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let audit: Vec<AuditEntry> = rt.block_on(admin.get("/v1/audit?limit=1000")).unwrap();
+    let refused: Vec<_> = audit
+        .iter()
+        .filter(|e| e.who == "mt1" && e.status >= 400)
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
+    assert!(began.elapsed() < Duration::from_secs(90));
 }

@@ -2,7 +2,8 @@
 //! identities of several roles and tenants, and every refusal the control plane promises
 //! (issue 4): refused with a clear error, an audit entry, and nothing changed. Bad bodies get
 //! 4xx answers while the server keeps serving; the OpenAPI document matches the routes; state
-//! survives a crash of the server.
+//! survives a crash of the server. Certificates are revoked (refused at once, audited, across
+//! a restart, only by who may) and renewed without a token.
 
 #[path = "support/config_server.rs"]
 mod harness;
@@ -562,6 +563,10 @@ fn example_body(method: &Method, path: &str) -> Value {
         // A person is not the role an order is addressed to: refused, 403, as documented.
         "result" => json!({"error": "no such step"}),
         "progress" => json!({"done": 1, "total": 2, "detail": "compared 1 of 2 blocks"}),
+        // No such identity: 404, as documented (the caller's own certificate stays valid).
+        "revoke" => json!({"name": "nobody", "tenant": "acme"}),
+        // The caller's renewal: the old certificate stays valid until the new one is used.
+        "renew" => json!({}),
         other => panic!("no example body for {other} ({path})"),
     }
 }
@@ -706,4 +711,223 @@ fn state_survives_a_crash_of_the_server() {
             .iter()
             .any(|e| e.what == "POST /v1/tenants/acme/plans" && e.result == AuditResult::Ok));
     });
+}
+
+/// `ferry ctl` as the identity in `dir`, JSON out; the output, or the error it printed.
+fn ctl(s: &Server, dir: &std::path::Path, args: &[&str]) -> Result<Value, String> {
+    let out = Command::new(exe())
+        .args(["ctl", "--json", "--server", &s.url, "--cert-dir"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn certificates_are_revoked_and_renewed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let s = Server::start(&state);
+    let d = dir.path();
+    let (alice_dir, old_alice) = (d.join("alice"), d.join("alice-old"));
+    run(async {
+        let admin = s.admin();
+        inventory(&admin).await;
+        let ta = token(&admin, "tara", "tenant-admin", Some("acme"), 600).await;
+        let tara = enroll(&s, &ta.token, &d.join("tara")).await;
+        let t = token(&admin, "gus", "tenant-admin", Some("globex"), 600).await;
+        let gus = enroll(&s, &t.token, &d.join("gus")).await;
+        let t = token(&admin, "vic", "viewer", Some("acme"), 600).await;
+        let vic = enroll(&s, &t.token, &d.join("vic")).await;
+        let t = token(&admin, "ps1", "operator", Some("acme"), 600).await;
+        let ps1 = enroll(&s, &t.token, &d.join("ps1")).await;
+        // Alice, a CLI user of acme who may change its configuration.
+        let t = token(&admin, "alice", "tenant-admin", Some("acme"), 600).await;
+        ctl(
+            &s,
+            &alice_dir,
+            &["enroll", "--token", &t.token, "--ca-sha256", &t.ca_sha256],
+        )
+        .unwrap();
+
+        // Tenant admins list their tenant's identities only.
+        let listed = ctl(&s, &d.join("tara"), &["certs"]).unwrap();
+        let names: Vec<&str> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["alice", "ps1", "tara", "vic"], "{listed}");
+        let alice_sha = listed[0]["sha256"].as_str().unwrap().to_string();
+        assert!(listed[0]["expires_unix"].as_u64().unwrap() > 300 * 86_400);
+
+        // A viewer and an operator may not revoke, nor list; another tenant's admin may not
+        // revoke acme's identities, by certificate or by name; each refusal is audited and
+        // alice keeps working.
+        let by_sha = json!({"sha256": &alice_sha[..12], "reason": "test"});
+        for (who, c) in [("vic", &vic), ("ps1", &ps1)] {
+            let (st, code, msg) = refused(
+                c,
+                Method::POST,
+                "/v1/certificates/revoke",
+                Some(by_sha.clone()),
+            )
+            .await;
+            assert_eq!((st, code.as_str()), (403, "forbidden"), "{who}: {msg}");
+            assert!(msg.contains("may not revoke"), "{msg}");
+            let (st, _, _) = refused(c, Method::GET, "/v1/certificates", None).await;
+            assert_eq!(st, 403);
+        }
+        let (st, _, msg) = refused(
+            &gus,
+            Method::POST,
+            "/v1/certificates/revoke",
+            Some(by_sha.clone()),
+        )
+        .await;
+        assert!(
+            st == 403 && msg.contains("globex") && msg.contains("acme"),
+            "{msg}"
+        );
+        let by_name = json!({"name": "alice", "tenant": "acme"});
+        let (st, _, msg) =
+            refused(&gus, Method::POST, "/v1/certificates/revoke", Some(by_name)).await;
+        assert!(st == 403 && msg.contains("globex"), "{msg}");
+        let e = audited(&admin, "POST /v1/certificates/revoke").await;
+        assert_eq!(
+            (e.who.as_str(), e.status, e.result),
+            ("gus", 403, AuditResult::Refused)
+        );
+        let gus_sees: Vec<Value> = gus.get("/v1/certificates").await.unwrap();
+        assert_eq!(gus_sees.len(), 1, "{gus_sees:?}");
+        // Nobody revokes the certificate they are calling with.
+        let tara_sha = listed[2]["sha256"].as_str().unwrap();
+        let (st, _, msg) = refused(
+            &tara,
+            Method::POST,
+            "/v1/certificates/revoke",
+            Some(json!({"sha256": tara_sha})),
+        )
+        .await;
+        assert!(st == 409 && msg.contains("this request came with"), "{msg}");
+        ctl(&s, &alice_dir, &["whoami"]).unwrap();
+
+        // Renewal: a fresh certificate without a token; the old one is refused once the new
+        // one has been used (the CLI tries it before it swaps it in).
+        copy_dir(&alice_dir, &old_alice);
+        let renewed = ctl(&s, &alice_dir, &["renew"]).unwrap();
+        assert_eq!(renewed["principal"]["name"], "alice", "{renewed}");
+        assert!(renewed["private_key_pem"].is_null(), "{renewed}");
+        let me = ctl(&s, &alice_dir, &["whoami"]).unwrap();
+        assert_eq!(me["role"], "tenant-admin", "{me}");
+        let old = Client::from_cert_dir(&s.url, &old_alice).unwrap();
+        let (st, code, msg) = refused(&old, Method::GET, "/v1/whoami", None).await;
+        assert_eq!((st, code.as_str()), (401, "revoked-certificate"), "{msg}");
+        assert!(msg.contains("renewal") && msg.contains(&alice_sha), "{msg}");
+        assert!(!d.join(".alice.renewed").exists());
+
+        // Tara revokes alice (a lost laptop): alice's next call is refused, says why, changes
+        // nothing, and is audited under alice's name.
+        let r = ctl(
+            &s,
+            &d.join("tara"),
+            &["revoke", "--name", "alice", "--reason", "lost laptop"],
+        )
+        .unwrap();
+        assert_eq!(r.as_array().unwrap().len(), 1, "{r}");
+        let err = ctl(&s, &alice_dir, &["tenant", "initech"]).unwrap_err();
+        assert!(
+            err.contains("revoked") && err.contains("lost laptop") && err.contains("tara"),
+            "{err}"
+        );
+        let alice = Client::from_cert_dir(&s.url, &alice_dir).unwrap();
+        let (st, code, _) = refused(
+            &alice,
+            Method::POST,
+            "/v1/tenants/acme/sites",
+            Some(json!({"name": "dr", "kind": "recovery"})),
+        )
+        .await;
+        assert_eq!((st, code.as_str()), (401, "revoked-certificate"));
+        let e = audited(&admin, "POST /v1/tenants/acme/sites").await;
+        assert_eq!(
+            (e.who.as_str(), e.status, e.result),
+            ("alice", 401, AuditResult::Refused)
+        );
+        assert!(e.detail.contains("lost laptop"), "{e:?}");
+        let sites: Vec<Value> = admin.get("/v1/tenants/acme/sites").await.unwrap();
+        assert_eq!(sites.len(), 1, "{sites:?}");
+        let e = audited(&admin, "POST /v1/certificates/revoke").await;
+        assert_eq!((e.who.as_str(), e.status), ("tara", 200));
+        // A renewal does not outlive the certificate it came from: vic renews (the server
+        // makes the key) but has not used the new one when its old one is revoked.
+        let vic_sha = listed[3]["sha256"].as_str().unwrap();
+        let fresh: ferry_api::Enrolled = vic
+            .call(Method::POST, "/v1/self/renew", Some(&json!({})))
+            .await
+            .unwrap();
+        ferry_config_server::serve::write_identity(
+            &d.join("vic2"),
+            &fresh.ca_cert_pem,
+            &fresh.certificate_pem,
+            &fresh.private_key_pem.unwrap(),
+        )
+        .unwrap();
+        let r: Vec<ferry_api::IssuedCertificate> = tara
+            .call(
+                Method::POST,
+                "/v1/certificates/revoke",
+                Some(&json!({"sha256": vic_sha})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.len(), 2, "{r:?}");
+        let vic2 = Client::from_cert_dir(&s.url, &d.join("vic2")).unwrap();
+        let (st, _, _) = refused(&vic2, Method::GET, "/v1/whoami", None).await;
+        assert_eq!(st, 401);
+        // Again: nothing left to revoke.
+        let (st, _, _) = refused(
+            &tara,
+            Method::POST,
+            "/v1/certificates/revoke",
+            Some(json!({"name": "alice"})),
+        )
+        .await;
+        assert_eq!(st, 409);
+    });
+    // A restart keeps the revocations.
+    s.crash();
+    let s = Server::start(&state);
+    run(async {
+        let alice = Client::from_cert_dir(&s.url, &alice_dir).unwrap();
+        let (st, code, _) = refused(&alice, Method::GET, "/v1/whoami", None).await;
+        assert_eq!((st, code.as_str()), (401, "revoked-certificate"));
+        let old = Client::from_cert_dir(&s.url, &old_alice).unwrap();
+        let (st, _, _) = refused(&old, Method::GET, "/v1/whoami", None).await;
+        assert_eq!(st, 401);
+        let tara = Client::from_cert_dir(&s.url, &d.join("tara")).unwrap();
+        let me: Principal = tara.get("/v1/whoami").await.unwrap();
+        assert_eq!(me.name, "tara");
+        let all: Vec<ferry_api::IssuedCertificate> =
+            s.admin().get("/v1/certificates").await.unwrap();
+        let alices: Vec<_> = all.iter().filter(|c| c.principal.name == "alice").collect();
+        assert!(
+            alices.len() == 2 && alices.iter().all(|c| c.revoked.is_some()),
+            "{alices:?}"
+        );
+    });
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
 }

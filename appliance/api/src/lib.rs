@@ -10,6 +10,7 @@
 //! `/v1/tenants/{tenant}/...` so that the tenant of every object is visible in its path.
 //! Times are Unix seconds (`*_unix`).
 
+pub mod identities;
 pub mod inventory;
 pub mod jobs;
 pub mod orders;
@@ -21,6 +22,7 @@ pub mod security;
 pub mod system;
 pub mod validate;
 
+pub use identities::*;
 pub use inventory::*;
 pub use jobs::*;
 pub use orders::*;

@@ -108,6 +108,11 @@ pub struct MasterTargetConfig {
     /// the master target's own tiers).
     #[serde(default)]
     pub retention: Vec<DiskRetention>,
+    /// SHA-256 (DER, hex) of the replication client certificates of the tenant's process
+    /// servers whose identity was revoked: refused at the handshake although the tenant's data
+    /// CA signed them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_client_sha256: Vec<String>,
 }
 
 /// The retention tiers a disk's points are thinned by.

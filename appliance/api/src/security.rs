@@ -61,6 +61,10 @@ pub enum Action {
     ReadAudit,
     /// Issue an enrollment token for a principal with this role.
     Enroll(Role),
+    /// List the identities and certificates the server issued (in the caller's scope).
+    ListIdentities,
+    /// Revoke a certificate of an identity with this role.
+    Revoke(Role),
     /// Report what an appliance observes (disk state, RPO).
     Report,
     /// Manage the appliance itself: its network, password, maintenance (the local console).
@@ -122,10 +126,14 @@ impl Principal {
             ),
             // Nobody hands out more than they hold; a tenant's admin enrolls only inside it.
             Action::Enroll(r) => (
-                self.role >= Role::TenantAdmin
-                    && r <= self.role
-                    && (tenant.is_some() || self.tenant.is_none()),
+                self.manages(r, tenant),
                 "issue an enrollment token for that role",
+            ),
+            // Who may issue an identity may take it back, and nobody else.
+            Action::Revoke(r) => (self.manages(r, tenant), "revoke a certificate of that role"),
+            Action::ListIdentities => (
+                self.role >= Role::TenantAdmin,
+                "list identities and their certificates",
             ),
         };
         if allowed {
@@ -137,6 +145,14 @@ impl Principal {
                 what,
             })
         }
+    }
+
+    /// Whether the principal administers identities of role `r` in `tenant` (none: provider
+    /// scope): an administrator, up to its own role, inside its own tenant.
+    fn manages(&self, r: Role, tenant: Option<&str>) -> bool {
+        self.role >= Role::TenantAdmin
+            && r <= self.role
+            && (tenant.is_some() || self.tenant.is_none())
     }
 
     /// Whether the principal may see objects of `tenant` at all (used to filter listings).
@@ -247,6 +263,14 @@ mod tests {
         ta.may(Action::Enroll(Role::Viewer), Some("acme")).unwrap();
         assert!(ta.may(Action::Enroll(Role::ProviderAdmin), None).is_err());
         assert!(ta.may(Action::Enroll(Role::Viewer), None).is_err());
+        ta.may(Action::Revoke(Role::Operator), Some("acme"))
+            .unwrap();
+        assert!(ta
+            .may(Action::Revoke(Role::Operator), Some("globex"))
+            .is_err());
+        assert!(ta.may(Action::Revoke(Role::Viewer), None).is_err());
+        assert!(op.may(Action::Revoke(Role::Viewer), Some("acme")).is_err());
+        assert!(viewer.may(Action::ListIdentities, Some("acme")).is_err());
         assert!(op.may(Action::Report, Some("acme")).is_err());
         let ps = Principal {
             appliance: Some(ApplianceRole::ProcessServer),

@@ -108,6 +108,16 @@ fn subject(name: &str, what: &str) -> String {
     format!("appliances/{name}/{what}")
 }
 
+/// An appliance that left (its identity revoked): its alerts clear and it is no longer watched.
+/// The caller flushes.
+pub fn forget_appliance(store: &Store, tenant: Option<&str>, name: &str) -> Result<(), StoreError> {
+    for what in ["cache", "backlog", "reachable"] {
+        set(store, tenant, &subject(name, what), None)?;
+    }
+    store.remove(trees::APPLIANCE_SEEN, name)?;
+    Ok(())
+}
+
 pub async fn report(
     State(app): State<Shared>,
     Caller(p): Caller,

@@ -75,19 +75,25 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let fp = conn.as_ref().and_then(|c| c.cert_sha256.clone());
-    let principal = match fp
+    let cert = match fp
         .as_deref()
-        .map(|fp| app.store.get::<Principal>(trees::CERTS, fp))
+        .map(|fp| crate::identities::lookup(&app.store, fp))
     {
-        Some(Ok(p)) => p,
+        Some(Ok(c)) => c,
         Some(Err(e)) => return ApiError::internal(e).into_response(),
         None => None,
     };
-    let resp = match (&principal, fp.is_some()) {
-        (Some(p), _) => {
-            req.extensions_mut().insert(Caller(p.clone()));
-            next.run(req).await
-        }
+    // A revoked certificate's requests are audited under the identity it stood for.
+    let principal = cert.as_ref().map(|c| c.principal.clone());
+    let resp = match (&cert, fp.is_some()) {
+        (Some(c), _) if !c.valid() => crate::identities::refusal(c).into_response(),
+        (Some(c), _) => match crate::identities::first_use(&app, c).await {
+            Ok(()) => {
+                req.extensions_mut().insert(Caller(c.principal.clone()));
+                next.run(req).await
+            }
+            Err(e) => e.into_response(),
+        },
         (None, _) if path == ENROLL_PATH => next.run(req).await,
         (None, false) => ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -100,8 +106,7 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
             StatusCode::UNAUTHORIZED,
             "unknown-certificate",
             format!(
-                "client certificate {} is not registered here (revoked, or not issued by \
-                 enrollment)",
+                "client certificate {} is not registered here (not issued by enrollment)",
                 fp.as_deref().unwrap_or_default()
             ),
         )

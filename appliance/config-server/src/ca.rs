@@ -5,7 +5,8 @@
 //! A client certificate's subject carries the principal for humans and other tools
 //! (CN = name, OU = role, O = tenant or `provider`), but the server does not trust the subject:
 //! it records each certificate it issues by SHA-256 and authorizes by that record. So a
-//! certificate can be revoked by deleting its record, and nothing depends on parsing X.509.
+//! certificate is revoked by marking its record (`crate::identities`), and nothing depends on
+//! parsing X.509.
 
 use ferry_api::Principal;
 use rcgen::{
@@ -49,7 +50,7 @@ pub struct Authority {
 
 /// Hex SHA-256 of a DER certificate: how certificates are recorded and pinned.
 pub fn fingerprint(der: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+    ferry_pki::sha256_hex(der)
 }
 
 /// The fingerprint of the first certificate in a PEM text.
@@ -63,6 +64,8 @@ pub struct Issued {
     pub certificate_pem: String,
     pub private_key_pem: Option<String>,
     pub sha256: String,
+    pub issued_unix: u64,
+    pub expires_unix: u64,
 }
 
 impl Authority {
@@ -149,6 +152,8 @@ impl Authority {
             sha256: fingerprint(cert.der()),
             certificate_pem: cert.pem(),
             private_key_pem: key_pem,
+            issued_unix: u64::try_from(now.unix_timestamp()).unwrap_or(0),
+            expires_unix: u64::try_from(params.not_after.unix_timestamp()).unwrap_or(0),
         })
     }
 }

@@ -4,7 +4,6 @@
 //! does not hold usable tokens.
 
 use crate::app::{now_unix, AuditWho, Caller, ConnInfo, Shared};
-use crate::ca::CaError;
 use crate::error::{ApiError, Body};
 use crate::store::trees;
 use axum::extract::State;
@@ -142,16 +141,8 @@ pub async fn enroll(
         tenant: rec.request.tenant.clone(),
         appliance: rec.request.appliance,
     };
-    let issued = app
-        .ca
-        .issue(&principal, req.csr_pem.as_deref())
-        .map_err(|e| match e {
-            CaError::Csr(_) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad-csr", e.to_string())
-            }
-            e => ApiError::internal(e),
-        })?;
-    app.store.put(trees::CERTS, &issued.sha256, &principal)?;
+    let issued = app.ca.issue(&principal, req.csr_pem.as_deref())?;
+    crate::identities::record(&app.store, &issued, &principal, None)?;
     rec.used = Some(Used {
         at_unix: now,
         from: conn.peer.to_string(),

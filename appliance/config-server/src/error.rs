@@ -67,6 +67,18 @@ impl From<Invalid> for ApiError {
     }
 }
 
+/// Issuing a client certificate: a request that is not a valid CSR is the caller's fault.
+impl From<crate::ca::CaError> for ApiError {
+    fn from(e: crate::ca::CaError) -> Self {
+        match e {
+            crate::ca::CaError::Csr(_) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "bad-csr", e.to_string())
+            }
+            e => Self::internal(e),
+        }
+    }
+}
+
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         Self::internal(e)

@@ -6,7 +6,8 @@
 //! every refusal.
 //!
 //! Rooms: [`store`] (sled), [`ca`] (issuing), [`app`] (the authentication and audit gate),
-//! [`objects`] (CRUD for every kind), [`enroll`], [`reports`] (audit, events, metrics),
+//! [`objects`] (CRUD for every kind), [`enroll`], [`identities`] (issued certificates,
+//! revocation, renewal), [`reports`] (audit, events, metrics),
 //! [`report`] (what appliances observe), [`alerts`], [`jobs`] (failover jobs), [`system`],
 //! [`network`] and [`diagnose`] (the appliance itself, for the local console),
 //! [`routes`] (the table) and [`openapi`] (the document made from it), [`serve`] (TLS and
@@ -19,6 +20,7 @@ pub mod client;
 pub mod diagnose;
 pub mod enroll;
 pub mod error;
+pub mod identities;
 pub mod jobs;
 pub mod network;
 pub mod objects;

@@ -96,6 +96,7 @@ pub async fn config(
                     req.data_csr_pem.as_deref(),
                 )?,
                 retention: retention(&app, &tenant)?,
+                revoked_client_sha256: crate::identities::revoked_data_certs(&app.store, &tenant)?,
                 tenant,
                 tenant_key_hex: key,
             })
@@ -251,6 +252,18 @@ fn tenant_key(app: &Shared, tenant: &str) -> Result<String, ApiError> {
     let k = hex::encode(b);
     app.store.put(trees::TENANT_KEYS, tenant, &k)?;
     Ok(k)
+}
+
+/// Every data-link certificate issued to `appliance`: (its key in `DATA_CERTS`, its PEM).
+pub fn data_certs_of(
+    store: &crate::store::Store,
+    appliance: &str,
+) -> Result<Vec<(String, String)>, crate::store::StoreError> {
+    Ok(store
+        .list_keyed::<IssuedCert>(trees::DATA_CERTS, &format!("{appliance}/"))?
+        .into_iter()
+        .map(|(k, c)| (k, c.cert_pem))
+        .collect())
 }
 
 /// The appliance's certificate of `kind` from its tenant's data CA, for the key of its signing

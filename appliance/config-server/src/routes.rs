@@ -5,7 +5,7 @@
 use crate::app::{gate, Caller, Shared, ENROLL_PATH};
 use crate::error::ApiError;
 use crate::objects::{self, Stored};
-use crate::{diagnose, enroll, network, openapi, report, reports, system};
+use crate::{diagnose, enroll, identities, network, openapi, report, reports, system};
 use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler;
 use axum::http::{Method, StatusCode};
@@ -13,10 +13,11 @@ use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use ferry_api::{
     ActionDone, Appliance, ApplianceReport, AuditEntry, ConfigRequest, CreateToken, Dashboard,
-    Diagnostics, Disk, DiskReport, EnrollRequest, Enrolled, Event, Health, LoggedIn, Login, Logs,
-    Machine, Maintenance, NetworkConfig, NetworkState, PendingNetwork, Plan, Policy, Principal,
-    Registered, Registration, RoleConfig, SetPassword, Settings, SetupStatus, Site, SupportBundle,
-    Tenant, TenantStatus, TokenCreated, UpdateSlot,
+    Diagnostics, Disk, DiskReport, EnrollRequest, Enrolled, Event, Health, IssuedCertificate,
+    LoggedIn, Login, Logs, Machine, Maintenance, NetworkConfig, NetworkState, PendingNetwork, Plan,
+    Policy, Principal, Registered, Registration, RenewRequest, RevokeRequest, RoleConfig,
+    SetPassword, Settings, SetupStatus, Site, SupportBundle, Tenant, TenantStatus, TokenCreated,
+    UpdateSlot,
 };
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
@@ -386,6 +387,41 @@ pub fn router(app: Shared) -> Router {
                 .ok(201)
             },
             enroll::enroll,
+        )
+        .add(
+            Op::new(
+                Method::GET,
+                "/v1/certificates",
+                "Issued client certificates: whom each stands for, expiry, revocation",
+            )
+            .answers::<Vec<IssuedCertificate>>()
+            .who("tenant-admin (its tenant's identities), provider-admin")
+            .errors(&[403]),
+            identities::list,
+        )
+        .add(
+            Op::new(
+                Method::POST,
+                "/v1/certificates/revoke",
+                "Revoke a certificate (by SHA-256) or an identity's certificates (by name)",
+            )
+            .body::<RevokeRequest>()
+            .answers::<Vec<IssuedCertificate>>()
+            .who(admins)
+            .errors(&[403, 404, 409]),
+            identities::revoke_route,
+        )
+        .add(
+            Op::new(
+                Method::POST,
+                "/v1/self/renew",
+                "A fresh certificate for the caller's identity (the old one is revoked when the new one is first used)",
+            )
+            .body::<RenewRequest>()
+            .answers::<Enrolled>()
+            .ok(201)
+            .who("any enrolled identity, with its valid certificate"),
+            identities::renew,
         )
         .add(
             Op::new(Method::GET, "/v1/appliances", "Enrolled appliances")

@@ -189,7 +189,7 @@ async fn bootstrap_admin(store: &Store, ca: &Authority, dir: &Path) -> Result<()
         appliance: None,
     };
     let issued = ca.issue(&admin, None)?;
-    store.put(trees::CERTS, &issued.sha256, &admin)?;
+    crate::identities::record(store, &issued, &admin, None)?;
     store.flush().await?;
     write_identity(
         dir,

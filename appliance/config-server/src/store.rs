@@ -35,7 +35,8 @@ pub mod trees {
     pub const APPLIANCES: &str = "appliances";
     /// Enrollment tokens by id (only a hash of the secret).
     pub const TOKENS: &str = "tokens";
-    /// Issued client certificates: SHA-256 of the DER (hex) → principal.
+    /// Issued client certificates: SHA-256 of the DER (hex) → `ferry_api::IssuedCertificate`
+    /// (the principal, times, revocation; records of earlier versions hold the principal alone).
     pub const CERTS: &str = "certs";
     pub const AUDIT: &str = "audit";
     pub const EVENTS: &str = "events";
@@ -55,6 +56,9 @@ pub mod trees {
     pub const TENANT_KEYS: &str = "tenant-keys";
     /// Certificates issued from the data CA: `{appliance}/{kind}` → names, certificate, key.
     pub const DATA_CERTS: &str = "data-certs";
+    /// Data-link certificates of appliances whose identity was revoked:
+    /// `{tenant}/{sha256}` → the `DATA_CERTS` key they had.
+    pub const REVOKED_DATA_CERTS: &str = "revoked-data-certs";
     /// Step orders to the recovery-site roles: `{id:020}` → order and its result.
     pub const ORDERS: &str = "orders";
     /// A job step's order: `{tenant}/{job:020}/{step:04}/{part}` → order id.

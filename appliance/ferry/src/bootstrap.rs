@@ -66,6 +66,15 @@ impl BootstrapArgs {
             .with_context(|| format!("loading this role's identity in {}", l.identity.display()))
     }
 
+    /// What identifies the identity's certificate file as it is now (inode, modification
+    /// time): a long-lived client loads the identity again when this changes, as after
+    /// `ferry ctl renew` swapped a renewed one in.
+    pub fn identity_stamp(&self) -> Option<(u64, std::time::SystemTime)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(self.layout().identity.join("client-cert.pem")).ok()?;
+        Some((m.ino(), m.modified().ok()?))
+    }
+
     /// Enroll when there is no identity yet, then ask for the configuration (reporting
     /// `address`) and write what it holds to the state directory. When the server cannot be
     /// reached, the configuration kept from the last answer is used.

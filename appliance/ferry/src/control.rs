@@ -12,6 +12,7 @@ use ferry_config_server::client::{Client, ClientError};
 use serde::{de::DeserializeOwned, Serialize};
 use std::net::SocketAddr;
 
+mod identity;
 mod operate;
 use std::path::PathBuf;
 
@@ -222,6 +223,8 @@ enum CtlCmd {
     },
     #[command(flatten)]
     Operate(operate::OperateCmd),
+    #[command(flatten)]
+    Identity(identity::IdentityCmd),
     /// Any API call: `ctl call POST /v1/tenants/acme/sites --file site.json`.
     Call {
         method: String,
@@ -610,6 +613,7 @@ async fn ctl_async(a: CtlArgs) -> anyhow::Result<()> {
             })
         }
         CtlCmd::Operate(cmd) => operate::run(&c, json, cmd).await,
+        CtlCmd::Identity(cmd) => identity::run(&c, json, cmd, &a.server, &a.cert_dir).await,
         CtlCmd::Call { method, path, file } => {
             let m: Method = method.to_uppercase().parse().context("bad method")?;
             let body = file

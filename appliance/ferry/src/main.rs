@@ -457,6 +457,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 disks: Default::default(),
             };
             let mut configured = None;
+            let mut revoked = Vec::new();
             let address = advertise.unwrap_or_else(|| listen.to_string());
             if bootstrap.config_server.is_some()
                 && listen.ip().is_unspecified()
@@ -483,6 +484,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         },
                     );
                 }
+                revoked.clone_from(&c.revoked_client_sha256);
                 let l = bootstrap.layout();
                 pki = l.pki;
                 repo.key = l.key;
@@ -495,7 +497,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("opening the repository {}", repo.repo.display()))?;
             let cfg = ferry_master_target::Config {
                 listen,
-                tls: ferry_pki::server_config(&pki, true)?,
+                // A revoked process server's certificate is refused from the answer that
+                // lists it on: a changed list restarts this role (bootstrap's watch).
+                tls: ferry_pki::server_config_refusing(&pki, &revoked)?,
                 repo: Arc::new(r),
                 key: Arc::new(load_key(&repo.key)?),
                 retention: (retention_interval_secs > 0)

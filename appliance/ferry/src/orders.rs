@@ -68,9 +68,16 @@ async fn run(args: BootstrapArgs, agent: Arc<Agent>) {
     serve_again(&dir, &agent).await;
     let running: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let mut client: Option<Client> = None;
+    let mut stamp = args.identity_stamp();
     let mut pruned: Option<std::time::Instant> = None;
     let pruning = Arc::new(AtomicBool::new(false));
     loop {
+        // A renewed identity (`ferry ctl renew`) is used from the next poll on.
+        let now = args.identity_stamp();
+        if now != stamp {
+            stamp = now;
+            client = None;
+        }
         if client.is_none() {
             client = args
                 .client()

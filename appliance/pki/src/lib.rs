@@ -115,8 +115,7 @@ pub fn issue_for_request(
 pub fn public_key_sha256(csr_pem: &str) -> Result<String, PkiError> {
     use rcgen::PublicKeyData;
     let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, csr.public_key.der_bytes());
-    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(sha256_hex(csr.public_key.der_bytes()))
 }
 
 /// A role's own data-link key at `path` (made on first use, readable by its owner only) and a
@@ -267,7 +266,17 @@ pub fn server_config(
     } else {
         ClientAuth::None
     };
-    server_config_with(dir, auth)
+    server_config_with(dir, auth, &[])
+}
+
+/// The replication link's server side: like [`server_config`] with client certificates
+/// required, and refusing the certificates whose SHA-256 (DER, hex) is in `revoked` although
+/// the site CA signed them (the configuration server lists those of revoked process servers).
+pub fn server_config_refusing(
+    dir: &Path,
+    revoked: &[String],
+) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    server_config_with(dir, ClientAuth::Required, revoked)
 }
 
 /// Server side that verifies a client certificate when one is presented but also admits clients
@@ -275,7 +284,7 @@ pub fn server_config(
 /// server's enrollment, and its refusals, which it audits): the caller checks for a certificate.
 /// The server also sends the CA certificate, for clients that pin it by hash.
 pub fn server_config_client_optional(dir: &Path) -> Result<Arc<rustls::ServerConfig>, PkiError> {
-    server_config_with(dir, ClientAuth::Optional)
+    server_config_with(dir, ClientAuth::Optional, &[])
 }
 
 enum ClientAuth {
@@ -284,7 +293,11 @@ enum ClientAuth {
     Required,
 }
 
-fn server_config_with(dir: &Path, auth: ClientAuth) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+fn server_config_with(
+    dir: &Path,
+    auth: ClientAuth,
+    revoked: &[String],
+) -> Result<Arc<rustls::ServerConfig>, PkiError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
     let builder = match auth {
@@ -300,7 +313,14 @@ fn server_config_with(dir: &Path, auth: ClientAuth) -> Result<Arc<rustls::Server
                 v
             };
             let verifier = v.build().map_err(|e| PkiError::Verifier(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
+            if revoked.is_empty() {
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                builder.with_client_cert_verifier(Arc::new(Refusing {
+                    inner: verifier,
+                    revoked: revoked.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                }))
+            }
         }
     };
     let mut chain = certs(&dir.join("server-cert.pem"))?;
@@ -311,6 +331,67 @@ fn server_config_with(dir: &Path, auth: ClientAuth) -> Result<Arc<rustls::Server
     }
     let cfg = builder.with_single_cert(chain, key(&dir.join("server-key.pem"))?)?;
     Ok(Arc::new(cfg))
+}
+
+/// A client verifier that refuses listed certificates after the CA's verifier accepted them.
+#[derive(Debug)]
+struct Refusing {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    revoked: std::collections::BTreeSet<String>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for Refusing {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if self.revoked.contains(&sha256_hex(end_entity)) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Hex SHA-256 of `der`: how certificates and keys are named and pinned.
+pub fn sha256_hex(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The CA of `dir` as an issuer, for a service that signs certificates (the configuration
