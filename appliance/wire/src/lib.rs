@@ -748,8 +748,13 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, WireError>
     if len == 0 || len > MAX_FRAME {
         return Err(WireError::FrameTooLarge(len));
     }
-    let mut frame = vec![0u8; len as usize];
-    r.read_exact(&mut frame).await?;
+    // Read into the Vec's spare capacity (not zeroed first: every chunk frame would be
+    // written twice); a frame cut short is an early end of the stream, as with `read_exact`.
+    let mut frame = Vec::with_capacity(len as usize);
+    let got = r.take(u64::from(len)).read_to_end(&mut frame).await?;
+    if got != len as usize {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Msg::decode(&frame)
 }
 
