@@ -1654,6 +1654,41 @@ fn config_server_killed_mid_job_resumes_or_fails_clearly() {
         read_log(&dr.path("hooks.log")),
         "pre test-failover\npre planned-failover\npost planned-failover\n"
     );
+
+    // Failback's protect resumes too: the configuration server dies while the process server
+    // protects the disks again; the resumed step sends the same orders (each run once) and the
+    // job ends with each disk protected at a new point, its machine started once.
+    for h in &mut dr.hosts {
+        h.take().unwrap().stop();
+    }
+    dr.run_job(&op, json!({"kind": "commit"}));
+    dr.run_job(&op, json!({"kind": "reprotect"}));
+    let j = dr.start_job(&op, json!({"kind": "failback"}));
+    dr.wait_job(&op, j.id, |j| {
+        j.steps
+            .iter()
+            .any(|s| s.name == "protect web" && s.state == StepState::Running)
+    });
+    dr.restart_server();
+    let op = dr.again("olivia");
+    let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(j.state, JobState::Succeeded, "{j:#?}");
+    assert_eq!(j.resumed, 1);
+    let step = j.steps.iter().find(|s| s.name == "protect web").unwrap();
+    assert_eq!((step.done, step.total), (2 * SIZE, 2 * SIZE), "{step:#?}");
+    for d in &j.disks {
+        assert!(d.protect.is_some() && d.point_seq.is_some(), "{d:?}");
+    }
+    assert_eq!(dr.status().phase, PlanPhase::Protected);
+    assert_eq!(
+        read_log(&dr.path("starts.log")).lines().last().unwrap(),
+        format!(
+            "failback {} {} protected dr-net",
+            dr.images[0].display(),
+            dr.images[1].display()
+        )
+    );
+    assert!(read_log(&dr.path("hooks.log")).ends_with("pre failback\npost failback\n"));
 }
 
 /// `ferry ARGS` on the lab's repository; stdout, or a panic with stderr.

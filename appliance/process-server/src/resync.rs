@@ -269,3 +269,27 @@ fn export_live(host: &HostDisk, export: &str) -> anyhow::Result<Qmp> {
     )?;
     Ok(qmp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_names_a_host_for_its_resync_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(REQUEST);
+        assert_eq!(requested_host(&path), None);
+        // `ferry resync`: through the disk's configured host.
+        request(dir.path(), None).unwrap();
+        assert!(path.exists());
+        assert_eq!(requested_host(&path), None);
+        // Failback's `protect`: through the daemon it started, for this resync only.
+        let host = HostDisk {
+            qmp: "/run/p/qsd-mgmt.sock".into(),
+            node: "disk0".into(),
+            nbd_socket: "/run/p/nbd.sock".into(),
+        };
+        request(dir.path(), Some(&host)).unwrap();
+        assert_eq!(requested_host(&path), Some(host));
+    }
+}

@@ -679,7 +679,8 @@ fn machine_step_disks(
         .flat_map(|(_, ds)| ds)
         .collect();
     let total: u64 = disks.iter().map(|d| d.size_bytes).sum();
-    job.steps[i].total = total;
+    // (A step resumed after a restart starts counting again: its orders answer again.)
+    (job.steps[i].done, job.steps[i].total) = (0, total);
     app.store
         .put(trees::JOBS, &job_key(&job.tenant, job.id), &*job)
         .map_err(|e| e.to_string())?;
