@@ -1244,7 +1244,18 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
     // More writes at the recovery site, then fail back: the final pass sends only those, and
     // the machine starts on its original disks at the protected site.
     qemu_io("raw", &live[0], &["write -P 0x77 30M 64k"]);
-    let fb = dr.run_job(&op, json!({"kind": "failback"}));
+    let (fb, seen) = dr.run_job_watching(&op, json!({"kind": "failback"}), "protect web");
+    // While `protect web` ran it showed bytes of the machine's disks compared, never going back.
+    assert!(
+        seen.iter()
+            .all(|(d, t, _)| *t == total || (*t, *d) == (0, 0)),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].0 <= w[1].0),
+        "progress went back: {seen:#?}"
+    );
+    eprintln!("protect progress seen while it ran: {seen:?}");
     let sent: Vec<u64> = fb
         .disks
         .iter()
