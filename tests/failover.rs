@@ -12,7 +12,11 @@
 //! - A planned failover loses nothing; reprotect sends back only what the recovery site
 //!   changed (split between the sites: the process server opens the original disk and fetches
 //!   from the master target only the blocks whose names differ; the configuration server only
-//!   orders it), and failback leaves the original disks equal to the recovery site's.
+//!   orders it), and failback leaves the original disks equal to the recovery site's, then
+//!   protects them again towards the recovery site: the process server drops the
+//!   pre-failover journal and sends only what the machine wrote there (its checksum resync)
+//!   into a new point equal to the original disk, and the machine's next writes at the
+//!   protected site reach newer points.
 //! - The resync runs at the protected site: with the original disks' directories hidden from
 //!   the master target's process (a mount namespace of its own), reprotect and failback still
 //!   bring them up to date; a live disk of another size fails the step saying so; over a slow
@@ -40,7 +44,7 @@ use ferry_api::{
     AuditResult, Job, JobState, PlanPhase, PlanStatus, ResyncReport, StepState, TokenCreated,
 };
 use ferry_config_server::client::{Client, Method};
-use ferry_qemu::{StorageDaemon, MIRROR_FILTER};
+use ferry_qemu::{StorageDaemon, MIRROR_FILTER, MIRROR_JOB};
 use ferry_repository::HeldPoint;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -523,6 +527,38 @@ impl Dr {
                 )
             })
             .collect()
+    }
+
+    /// The machine started again on its original disks after failback: each disk's host
+    /// mirrors only the writes from now on to the process server (`sync=none`: failback's
+    /// `protect` step left the recovery site holding the disk).
+    fn start_hosts_again(&mut self) {
+        for (i, disk) in DISKS.iter().enumerate() {
+            let image = host_image(self.dir.path(), disk);
+            let h = image.parent().unwrap();
+            let mut q = StorageDaemon::start(&image, "qcow2", h).unwrap();
+            let target = json!({"driver": "nbd", "node-name": "ferry-target",
+                "server": {"type": "inet", "host": "127.0.0.1",
+                           "port": self.lab.nbd_port.to_string()},
+                "export": disk});
+            q.qmp.execute("blockdev-add", target).unwrap();
+            let mirror = ferry_qemu::mirror::mirror_arguments(
+                MIRROR_JOB,
+                "disk0",
+                "ferry-target",
+                "none",
+                MIRROR_FILTER,
+                0,
+            );
+            q.qmp.execute("blockdev-mirror", mirror).unwrap();
+            q.qmp
+                .wait_event("BLOCK_JOB_READY", Duration::from_secs(30))
+                .unwrap();
+            let sock = h.join("guest.sock");
+            q.export(MIRROR_FILTER, "guest", &sock).unwrap();
+            self.hosts[i] = Some(q);
+            self.socks[i] = sock;
+        }
     }
 
     /// Stop the enrolled master target (`roles[0]`).
@@ -1106,6 +1142,7 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
     }
 
     let job = dr.run_job(&op, json!({"kind": "planned-failover"}));
+    let failover_points: Vec<u64> = job.disks.iter().map(|d| d.point_seq.unwrap()).collect();
     let names: Vec<&str> = job.steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
@@ -1209,7 +1246,18 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
     // More writes at the recovery site, then fail back: the final pass sends only those, and
     // the machine starts on its original disks at the protected site.
     qemu_io("raw", &live[0], &["write -P 0x77 30M 64k"]);
-    let fb = dr.run_job(&op, json!({"kind": "failback"}));
+    let (fb, seen) = dr.run_job_watching(&op, json!({"kind": "failback"}), "protect web");
+    // While `protect web` ran it showed bytes of the machine's disks compared, never going back.
+    assert!(
+        seen.iter()
+            .all(|(d, t, _)| *t == total || (*t, *d) == (0, 0)),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].0 <= w[1].0),
+        "progress went back: {seen:#?}"
+    );
+    eprintln!("protect progress seen while it ran: {seen:?}");
     let sent: Vec<u64> = fb
         .disks
         .iter()
@@ -1239,6 +1287,77 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
         read_log(&dr.path("hooks.log")),
         "pre planned-failover\npre planned-failover\npost planned-failover\npre failback\npost failback\n"
     );
+
+    // Failback protected the machine again towards the recovery site before starting it: the
+    // process server dropped each disk's pre-failover journal and brought the recovery site
+    // up to date by its checksum resync, sending only what the machine wrote there, into a new
+    // point that is the original disk.
+    let names: Vec<&str> = fb.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "pre-hooks",
+            "resync web",
+            "protect web",
+            "start web",
+            "post-hooks"
+        ]
+    );
+    let step = fb.steps.iter().find(|s| s.name == "protect web").unwrap();
+    assert_eq!((step.done, step.total), (2 * SIZE, 2 * SIZE), "{step:#?}");
+    assert!(
+        step.detail.starts_with("protected again: sent "),
+        "{step:#?}"
+    );
+    let block = u64::from(ferry_chunk::DEFAULT_BLOCK_SIZE);
+    // What the machine wrote at the recovery site: 2 MiB and 64 KiB on d0, 1 MiB on d1.
+    let changed = [2 * MIB + 64 * 1024, MIB];
+    let mut protected = Vec::new();
+    for (i, d) in fb.disks.iter().enumerate() {
+        let (r, seq) = (d.protect.unwrap(), d.point_seq.unwrap());
+        eprintln!(
+            "protect {}: sent {} of {} bytes ({} blocks), {} bytes of block names, point {seq}",
+            d.disk, r.bytes_sent, r.disk_bytes, r.blocks_sent, r.hash_bytes
+        );
+        assert_eq!(
+            (r.disk_bytes, r.blocks_compared, r.blocks_sent),
+            (SIZE, SIZE / block, changed[i] / block),
+            "{r:?}"
+        );
+        assert!(
+            r.bytes_sent > 0 && r.bytes_sent * 16 < r.disk_bytes,
+            "{r:?}"
+        );
+        assert!(seq > failover_points[i], "{d:?}");
+        let point = dr.path(&format!("point-{i}.raw"));
+        std::fs::write(&point, dr.point_image(DISKS[i], seq)).unwrap();
+        let orig = dr.images[i].display().to_string();
+        assert!(
+            same(&point.display().to_string(), "raw", &orig, "qcow2"),
+            "the point protect made of {} is not the original disk",
+            DISKS[i]
+        );
+        std::fs::remove_file(&point).unwrap();
+        protected.push(seq);
+    }
+
+    // The machine runs on its original disks at the protected site, their hosts mirroring its
+    // new writes: they reach new points at the recovery site, equal to the disks.
+    dr.start_hosts_again();
+    for (i, sock) in dr.socks.iter().enumerate() {
+        let uri = format!("nbd+unix:///guest?socket={}", sock.display());
+        let w = format!("write -P {} {}M 1M", 0x61 + i, 40 + 2 * i);
+        qemu_io("raw", &uri, &[&w, "write -P 0x62 60M 64k"]);
+    }
+    let after = dr.caught_up();
+    for i in 0..2 {
+        assert!(after[i] > protected[i], "{after:?} {protected:?}");
+        assert!(
+            dr.point_image(DISKS[i], after[i]) == dr.guest_image(i),
+            "the newest point of {} is not the original disk",
+            DISKS[i]
+        );
+    }
 }
 
 /// Bytes sent so far, as a resync step's detail says (`d0: compared .., sent N bytes (..)`).
@@ -1556,6 +1675,41 @@ fn config_server_killed_mid_job_resumes_or_fails_clearly() {
         read_log(&dr.path("hooks.log")),
         "pre test-failover\npre planned-failover\npost planned-failover\n"
     );
+
+    // Failback's protect resumes too: the configuration server dies while the process server
+    // protects the disks again; the resumed step sends the same orders (each run once) and the
+    // job ends with each disk protected at a new point, its machine started once.
+    for h in &mut dr.hosts {
+        h.take().unwrap().stop();
+    }
+    dr.run_job(&op, json!({"kind": "commit"}));
+    dr.run_job(&op, json!({"kind": "reprotect"}));
+    let j = dr.start_job(&op, json!({"kind": "failback"}));
+    dr.wait_job(&op, j.id, |j| {
+        j.steps
+            .iter()
+            .any(|s| s.name == "protect web" && s.state == StepState::Running)
+    });
+    dr.restart_server();
+    let op = dr.again("olivia");
+    let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
+    assert_eq!(j.state, JobState::Succeeded, "{j:#?}");
+    assert_eq!(j.resumed, 1);
+    let step = j.steps.iter().find(|s| s.name == "protect web").unwrap();
+    assert_eq!((step.done, step.total), (2 * SIZE, 2 * SIZE), "{step:#?}");
+    for d in &j.disks {
+        assert!(d.protect.is_some() && d.point_seq.is_some(), "{d:?}");
+    }
+    assert_eq!(dr.status().phase, PlanPhase::Protected);
+    assert_eq!(
+        read_log(&dr.path("starts.log")).lines().last().unwrap(),
+        format!(
+            "failback {} {} protected dr-net",
+            dr.images[0].display(),
+            dr.images[1].display()
+        )
+    );
+    assert!(read_log(&dr.path("hooks.log")).ends_with("pre failback\npost failback\n"));
 }
 
 /// `ferry ARGS` on the lab's repository; stdout, or a panic with stderr.

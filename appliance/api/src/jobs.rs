@@ -150,7 +150,8 @@ pub struct Step {
 pub struct DiskOutcome {
     pub machine: String,
     pub disk: String,
-    /// The recovery point used (test, planned and unplanned failover).
+    /// The recovery point used (test, planned and unplanned failover), or the one failback's
+    /// `protect` step committed.
     pub point_seq: Option<u64>,
     pub point_created_unix_ns: Option<u64>,
     /// Where the disk is now: a scratch overlay, a live disk, the original disk.
@@ -158,6 +159,11 @@ pub struct DiskOutcome {
     /// Reprotect and failback: blocks compared, blocks and bytes sent, bytes of block names.
     #[serde(default)]
     pub resync: Option<ResyncReport>,
+    /// Failback's `protect` step: what the process server's checksum resync sent to the
+    /// recovery site to protect the disk again (bytes of block frames, compressed and
+    /// sealed); `point_seq` is then the recovery point it committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protect: Option<ResyncReport>,
 }
 
 /// A checksum resync: only blocks whose names differ are sent.

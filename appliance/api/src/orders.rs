@@ -85,6 +85,19 @@ pub enum SiteStep {
         live: String,
         target: String,
     },
+    /// Protect `disk` again in the original direction once failback made its original disk
+    /// (`source`, the image the inventory names) the machine's disk again: the machine's
+    /// process server drops the disk's pre-failover journal and brings the recovery site up to
+    /// date by its checksum resync (only blocks whose names differ cross), which commits a new
+    /// recovery point; replication continues from there. `tenant`, `plan` and `machine` name
+    /// where the role keeps the daemon that opens the image meanwhile.
+    Protect {
+        tenant: String,
+        plan: String,
+        machine: String,
+        disk: String,
+        source: String,
+    },
     /// Wait until each disk's journal has reached the recovery site and stands still
     /// (process server).
     Drain {
@@ -107,6 +120,7 @@ impl SiteStep {
             SiteStep::ListPoints { .. } => "list-points",
             SiteStep::Release { .. } => "release",
             SiteStep::Resync { .. } => "resync",
+            SiteStep::Protect { .. } => "protect",
             SiteStep::Drain { .. } => "drain",
         }
     }
@@ -162,6 +176,12 @@ pub enum SiteAnswer {
     },
     Resync {
         report: ResyncReport,
+    },
+    /// A disk protected again: what its checksum resync sent to the recovery site (bytes of
+    /// block frames, compressed and sealed), and the recovery point it committed.
+    Protected {
+        report: ResyncReport,
+        point_seq: u64,
     },
     /// Each disk's journal sequence the recovery site holds.
     Drained {

@@ -2,7 +2,8 @@
 //! on its own repository, key and work directory when the configuration server orders them
 //! (`ferry_api::orders`), and a process server runs the drain check on its own journals and
 //! the resync of reprotect and failback beside the original disks ([`split`], asking the
-//! master target for the live disks' names and differing blocks). A configuration server
+//! master target for the live disks' names and differing blocks), and failback's `protect`
+//! of each disk ([`protect`], through its cache directory). A configuration server
 //! started with the recovery site's paths (`--recovery-repo ...`) runs the same code in its
 //! own process (the resync there reads both disks itself: [`resync`]).
 //!
@@ -10,7 +11,7 @@
 //! job's holder (holding again replaces), overlays and live disks are written whole again,
 //! cleanup of what is gone is no error.
 
-use crate::{drain, live, points, resync, scratch, split, FailoverError, Result, Site};
+use crate::{drain, live, points, protect, resync, scratch, split, FailoverError, Result, Site};
 use ferry_api::{
     ChosenDisk, ChosenMachine, DiskAt, HoldInfo, OrderProgress, ResyncReport, SiteAnswer, SiteStep,
 };
@@ -321,6 +322,38 @@ impl Agent {
                 })
                 .await?;
                 Ok(SiteAnswer::Resync { report })
+            }
+            SiteStep::Protect {
+                tenant,
+                plan,
+                machine,
+                disk,
+                source,
+            } => {
+                let cache = self.process_cache.clone().ok_or_else(|| {
+                    refused("this role has no process server cache: the process server protects its disks")
+                })?;
+                // Where the daemon that opens the original disk keeps its sockets: beside the
+                // resync's (a process server's role), or in the site's work directory (a
+                // configuration server beside the site).
+                let work = match (&self.protected, &self.site) {
+                    (Some(p), _) => p.work.clone(),
+                    (None, Some(s)) => s.work.clone(),
+                    (None, None) => return Err(refused("this role has no work directory")),
+                };
+                let scratch = work
+                    .join(tenant)
+                    .join(plan)
+                    .join("protect")
+                    .join(format!("{machine}.{disk}"));
+                let (d, s) = (disk.clone(), source.clone());
+                let done =
+                    blocking(move || protect::run(&cache, &d, &s, &scratch, &mut |p| progress(p)))
+                        .await?;
+                Ok(SiteAnswer::Protected {
+                    report: done.report,
+                    point_seq: done.point_seq,
+                })
             }
             SiteStep::Drain {
                 disks,

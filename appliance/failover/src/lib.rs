@@ -17,6 +17,8 @@
 //! - [`split`]: the same resync split between the sites, run by the protected site's role
 //!   beside the original disk: the master target sends the live disk's names and only the
 //!   blocks that differ, sealed.
+//! - [`protect`]: failback's last word on a disk: the process server drops its pre-failover
+//!   journal and protects the disk again towards the recovery site by its checksum resync.
 //!
 //! The site is reached through its directories ([`Site`]): the master target's repository
 //! (opened read-only beside it), and the process server's cache (its status files).
@@ -26,6 +28,7 @@ pub mod drain;
 pub mod hooks;
 pub mod live;
 pub mod points;
+pub mod protect;
 pub mod resync;
 pub mod scratch;
 pub mod split;

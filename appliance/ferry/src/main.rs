@@ -764,8 +764,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                      on its host; give it to the process server as --disk {disk}=SIZE,qmp=SOCKET,node=NODE,nbd=SOCKET"
                 );
             }
-            let flag = dir.join(ferry_process_server::periodic::RESYNC_REQUEST);
-            std::fs::write(&flag, b"").with_context(|| format!("writing {}", flag.display()))?;
+            ferry_process_server::resync::request(&dir, None).with_context(|| {
+                format!(
+                    "writing {}",
+                    dir.join(ferry_process_server::resync::REQUEST).display()
+                )
+            })?;
             println!("resync of {disk} requested; it starts at the next cut (watch: ferry status --watch)");
             Ok(())
         }

@@ -76,16 +76,13 @@ impl Disk {
         let _ = std::fs::remove_file(&self.grow_path);
     }
 
-    /// Ask for a checksum resync (as `ferry resync` does).
-    /// Ask for a checksum resync, durably (the file and its directory entry are synced).
+    /// Ask for a checksum resync through the disk's host, durably (as `ferry resync` does).
     pub fn request_resync(&self) -> std::io::Result<()> {
-        std::fs::write(&self.request_path, b"")?;
-        std::fs::File::open(&self.request_path)?.sync_all()?;
         let dir = self
             .request_path
             .parent()
             .expect("a request file has a directory");
-        std::fs::File::open(dir)?.sync_all()
+        resync::request(dir, None)
     }
 
     /// Change the status and write it out.
@@ -106,9 +103,18 @@ impl Disk {
         self.status.lock().expect("status lock").clone()
     }
 
-    /// `ferry resync` asked for a checksum resync.
+    /// A checksum resync was asked for (`ferry resync`, or failback's `protect` step) and there
+    /// is a host to read the disk through.
     pub fn resync_requested(&self) -> bool {
-        self.host.is_some() && self.request_path.exists()
+        self.request_path.exists() && self.resync_host().is_some()
+    }
+
+    /// Where a checksum resync reads the disk: its configured host, else the host the
+    /// request names for this resync ([`resync::request`]).
+    pub fn resync_host(&self) -> Option<resync::HostDisk> {
+        self.host
+            .clone()
+            .or_else(|| resync::requested_host(&self.request_path))
     }
 
     pub fn clear_resync_request(&self) {

@@ -27,13 +27,13 @@ use ferry_nbd::client::{Client, ClientOptions};
 use ferry_qemu::Qmp;
 use ferry_wire::{Checkpoint, Consistency, Msg};
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 /// Where a continuous disk lives on its host, for reading it in a resync.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HostDisk {
     /// A QMP socket of the host's QEMU.
     pub qmp: PathBuf,
@@ -45,6 +45,29 @@ pub struct HostDisk {
 
 /// The request file `ferry resync` writes into the disk's cache directory.
 pub use crate::periodic::RESYNC_REQUEST as REQUEST;
+
+/// Ask for a checksum resync of the disk whose cache directory is `dir`, durably (the file and
+/// its directory entry are synced). Empty, it asks for one through the disk's configured host
+/// (`ferry resync`); naming `host` (as JSON), through that host for this resync only: failback's
+/// `protect` step opens an original disk that has no configured host with a daemon of its own
+/// (`ferry_failover::protect`). The resync removes the file once its point is committed.
+pub fn request(dir: &Path, host: Option<&HostDisk>) -> std::io::Result<()> {
+    let path = dir.join(REQUEST);
+    let body = match host {
+        Some(h) => serde_json::to_vec(h)?,
+        None => Vec::new(),
+    };
+    std::fs::write(&path, body)?;
+    std::fs::File::open(&path)?.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The host a request file at `path` names for its resync ([`request`]); none when there is no
+/// request, or it names none.
+pub fn requested_host(path: &Path) -> Option<HostDisk> {
+    let body = std::fs::read(path).ok()?;
+    serde_json::from_slice(&body).ok()
+}
 
 /// One resync: what it works on and the checkpoint it makes.
 pub struct Resync<'a> {
@@ -84,6 +107,10 @@ impl Resync<'_> {
         tracing::info!(disk = %disk.name, seq = self.seq, s2, blocks = report.blocks, bytes = report.bytes, hash_bytes = report.hash_bytes, "checksum resync committed");
         disk.update(|s| {
             s.resyncs += 1;
+            // Committed: said before the request is cleared, so that whoever waits for the
+            // request to go finds the point and what it sent here.
+            s.acked_seq = self.seq;
+            s.acked_journal_seq = s2;
             s.last_cut_blocks = report.blocks;
             s.last_cut_bytes = report.bytes;
             s.last_cut_hash_bytes = report.hash_bytes;
@@ -241,4 +268,28 @@ fn export_live(host: &HostDisk, export: &str) -> anyhow::Result<Qmp> {
         json!({"type": "nbd", "id": export, "node-name": host.node, "name": export}),
     )?;
     Ok(qmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_names_a_host_for_its_resync_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(REQUEST);
+        assert_eq!(requested_host(&path), None);
+        // `ferry resync`: through the disk's configured host.
+        request(dir.path(), None).unwrap();
+        assert!(path.exists());
+        assert_eq!(requested_host(&path), None);
+        // Failback's `protect`: through the daemon it started, for this resync only.
+        let host = HostDisk {
+            qmp: "/run/p/qsd-mgmt.sock".into(),
+            node: "disk0".into(),
+            nbd_socket: "/run/p/nbd.sock".into(),
+        };
+        request(dir.path(), Some(&host)).unwrap();
+        assert_eq!(requested_host(&path), Some(host));
+    }
 }

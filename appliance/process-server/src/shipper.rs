@@ -179,7 +179,7 @@ async fn session(
     );
     let asked = disk.resync_requested();
     if gap || full || asked {
-        let Some(host) = &disk.host else {
+        let Some(host) = &disk.resync_host() else {
             disk.update(|s| s.state = State::ResyncRequired);
             bail!(
                 "the recovery site holds journal position {journal_end} but this cache holds {}..={}: \
@@ -297,7 +297,7 @@ async fn session(
                     tracing::info!(disk = %disk.name, "ending the session for a growth");
                     return Ok(());
                 }
-                if disk.host.is_some() && (disk.resync_requested() || matches!(disk.journal.state(), ferry_journal::JournalState::ResyncRequired { .. })) {
+                if disk.resync_requested() || (disk.host.is_some() && matches!(disk.journal.state(), ferry_journal::JournalState::ResyncRequired { .. })) {
                     bail!("a checksum resync is due; starting it on a fresh connection");
                 }
                 (pos, next_seq, more) = ship(disk, tuning, shared, &mut wr, &mut inflight, (pos, next_seq), &mut sent).await?;

@@ -137,6 +137,9 @@ pub fn steps(kind: JobKind, plan: &Plan) -> Vec<Step> {
         JobKind::Failback => {
             v.push("pre-hooks".into());
             v.extend(each("resync"));
+            // Before the machines start: their disks are quiescent, so each new recovery point
+            // is the disk its machine starts from, and its journal takes what it writes next.
+            v.extend(each("protect"));
             v.extend(each("start"));
             v.push("post-hooks".into());
         }
@@ -515,6 +518,9 @@ mod tests {
                 "resync db",
                 "resync web",
                 "resync app",
+                "protect db",
+                "protect web",
+                "protect app",
                 "start db",
                 "start web",
                 "start app",
@@ -525,6 +531,7 @@ mod tests {
         // What starts or stops things outside Ferry never runs twice.
         assert!(!retry_safe("start db") && !retry_safe("pre-hooks") && !retry_safe("post-hooks"));
         assert!(retry_safe("drain db") && retry_safe("resync db") && retry_safe("scratch db"));
+        assert!(retry_safe("protect db"));
         assert!(retry_safe("release-points"));
         assert_eq!(
             names(JobKind::Cleanup),

@@ -340,6 +340,7 @@ async fn step(app: &Shared, job: &mut Job, i: usize) -> Result<String, String> {
                         point_created_unix_ns: Some(d.created_unix_ns),
                         path: d.path,
                         resync: None,
+                        protect: None,
                     });
                 }
             }
@@ -504,18 +505,7 @@ async fn step(app: &Shared, job: &mut Job, i: usize) -> Result<String, String> {
             // master target for the live disks' block names and the blocks that differ.
             let target = orders::process_server(app, &tenant, &m)?;
             let st = plan_status(&app.store, &tenant, &plan_name).map_err(|e| e.to_string())?;
-            let machines = plan_disks(&app.store, &tenant, &plan).map_err(|e| e.message)?;
-            let disks: Vec<ferry_api::Disk> = machines
-                .into_iter()
-                .filter(|(mm, _)| mm.name == m)
-                .flat_map(|(_, ds)| ds)
-                .collect();
-            let total: u64 = disks.iter().map(|d| d.size_bytes).sum();
-            job.steps[i].total = total;
-            // Shown at once: nothing compared yet of the machine's disks' bytes.
-            app.store
-                .put(trees::JOBS, &job_key(&tenant, job.id), &*job)
-                .map_err(|e| e.to_string())?;
+            let (disks, total) = machine_step_disks(app, job, i, &plan, &m)?;
             let mut sent = 0;
             job.disks.retain(|d| d.machine != m);
             for d in disks {
@@ -536,35 +526,11 @@ async fn step(app: &Shared, job: &mut Job, i: usize) -> Result<String, String> {
                     live: live.clone(),
                     target: target_disk.clone(),
                 };
-                let part = format!("resync-{}", d.name);
-                // What the role reports while it compares and sends shows on the step: bytes of
-                // the machine's disks compared, and this disk's blocks and bytes sent so far.
-                let (base, jid) = (job.steps[i].done, job.id);
-                let jkey = job_key(&tenant, jid);
-                let mut shown = |p: &ferry_api::OrderProgress| {
-                    job.steps[i].done = base + p.done.min(d.size_bytes);
-                    job.steps[i].detail = format!("{}: {}", d.name, p.detail);
-                    job.updated_unix = now_unix();
-                    if let Err(e) = app.store.put(trees::JOBS, &jkey, &*job) {
-                        tracing::warn!(job = jid, error = %e, "cannot record a step's progress");
-                    }
-                };
-                let report = match orders::run_reporting(
-                    app,
-                    &target,
-                    &tenant,
-                    Some(jid),
-                    okey(&part),
-                    &name,
-                    order,
-                    &mut shown,
-                )
-                .await?
-                {
+                let key = okey(&format!("resync-{}", d.name));
+                let report = match order_disk(app, job, i, &target, key, &d, order).await? {
                     SiteAnswer::Resync { report } => report,
                     other => return Err(unexpected(other)),
                 };
-                job.steps[i].done = base + d.size_bytes;
                 sent += report.bytes_sent;
                 job.disks.push(DiskOutcome {
                     machine: m.clone(),
@@ -578,10 +544,59 @@ async fn step(app: &Shared, job: &mut Job, i: usize) -> Result<String, String> {
                         live
                     },
                     resync: Some(report),
+                    protect: None,
                 });
             }
             Ok(format!(
                 "sent {sent} bytes of {total} (only blocks whose names differ)"
+            ))
+        }
+        ("protect", Some(m)) => {
+            // Failback's original disks protected again towards the recovery site: the
+            // machine's process server drops each disk's pre-failover journal and brings the
+            // recovery site up to date by its checksum resync, committing a new point.
+            let target = orders::process_server(app, &tenant, &m)?;
+            let (disks, total) = machine_step_disks(app, job, i, &plan, &m)?;
+            let (mut sent, mut points) = (0, Vec::new());
+            for d in disks {
+                let order = SiteStep::Protect {
+                    tenant: tenant.clone(),
+                    plan: plan_name.clone(),
+                    machine: m.clone(),
+                    disk: d.name.clone(),
+                    source: d.source.clone(),
+                };
+                let key = okey(&format!("protect-{}", d.name));
+                let (report, seq) = match order_disk(app, job, i, &target, key, &d, order).await? {
+                    SiteAnswer::Protected { report, point_seq } => (report, point_seq),
+                    other => return Err(unexpected(other)),
+                };
+                sent += report.bytes_sent;
+                points.push(format!("{}@{seq}", d.name));
+                match job
+                    .disks
+                    .iter_mut()
+                    .find(|o| o.machine == m && o.disk == d.name)
+                {
+                    Some(o) => {
+                        o.point_seq = Some(seq);
+                        o.protect = Some(report);
+                    }
+                    None => job.disks.push(DiskOutcome {
+                        machine: m.clone(),
+                        disk: d.name.clone(),
+                        point_seq: Some(seq),
+                        point_created_unix_ns: None,
+                        path: d.source.clone(),
+                        resync: None,
+                        protect: Some(report),
+                    }),
+                }
+            }
+            Ok(format!(
+                "protected again: sent {sent} bytes for {total} bytes of disks to the recovery \
+                 site (only blocks whose names differ), new points {}",
+                points.join(", ")
             ))
         }
         ("commit", _) => {
@@ -646,6 +661,70 @@ async fn step(app: &Shared, job: &mut Job, i: usize) -> Result<String, String> {
         }
         _ => Err(format!("unknown step {name}")),
     }
+}
+
+/// The inventory disks of machine `m` for step `i`, whose total is their bytes (recorded at
+/// once: nothing of them is done yet), and that total.
+fn machine_step_disks(
+    app: &Shared,
+    job: &mut Job,
+    i: usize,
+    plan: &Plan,
+    m: &str,
+) -> Result<(Vec<ferry_api::Disk>, u64), String> {
+    let machines = plan_disks(&app.store, &job.tenant, plan).map_err(|e| e.message)?;
+    let disks: Vec<ferry_api::Disk> = machines
+        .into_iter()
+        .filter(|(mm, _)| mm.name == m)
+        .flat_map(|(_, ds)| ds)
+        .collect();
+    let total: u64 = disks.iter().map(|d| d.size_bytes).sum();
+    // (A step resumed after a restart starts counting again: its orders answer again.)
+    (job.steps[i].done, job.steps[i].total) = (0, total);
+    app.store
+        .put(trees::JOBS, &job_key(&job.tenant, job.id), &*job)
+        .map_err(|e| e.to_string())?;
+    Ok((disks, total))
+}
+
+/// Send `order` about disk `d` to `target` for step `i` (a step of a machine's disks, counted
+/// in bytes) and wait for the answer. While the role reports its progress, the step shows
+/// it: `done` moves on from what the machine's disks before this one made it, by the bytes of
+/// this disk compared; `detail` names the disk.
+#[allow(clippy::too_many_arguments)]
+async fn order_disk(
+    app: &Shared,
+    job: &mut Job,
+    i: usize,
+    target: &Target,
+    key: Option<String>,
+    d: &ferry_api::Disk,
+    order: SiteStep,
+) -> Result<SiteAnswer, String> {
+    let (tenant, name) = (job.tenant.clone(), job.steps[i].name.clone());
+    let (base, jid) = (job.steps[i].done, job.id);
+    let jkey = job_key(&tenant, jid);
+    let mut shown = |p: &ferry_api::OrderProgress| {
+        job.steps[i].done = base + p.done.min(d.size_bytes);
+        job.steps[i].detail = format!("{}: {}", d.name, p.detail);
+        job.updated_unix = now_unix();
+        if let Err(e) = app.store.put(trees::JOBS, &jkey, &*job) {
+            tracing::warn!(job = jid, error = %e, "cannot record a step's progress");
+        }
+    };
+    let answer = orders::run_reporting(
+        app,
+        target,
+        &tenant,
+        Some(jid),
+        key,
+        &name,
+        order,
+        &mut shown,
+    )
+    .await?;
+    job.steps[i].done = base + d.size_bytes;
+    Ok(answer)
 }
 
 /// The job's disks of machine `m`.
