@@ -129,6 +129,7 @@ fn wait(
                 blocks_sent: st.last_cut_blocks,
                 bytes_sent: st.last_cut_bytes,
                 hash_bytes: st.last_cut_hash_bytes,
+                reconnects: 0,
             };
             progress(OrderProgress {
                 done: st.disk_size,
