@@ -41,6 +41,8 @@ pub struct SystemConfig {
     pub cache_dir: Option<PathBuf>,
     /// The recovery site's replication endpoint (HOST:PORT), for reachability and TLS checks.
     pub recovery_site: Option<String>,
+    /// Who the recovery plans' hooks and start commands run as.
+    pub hooks_as: ferry_failover::hooks::Confine,
 }
 
 impl Default for SystemConfig {
@@ -52,6 +54,7 @@ impl Default for SystemConfig {
             hooks: BTreeMap::new(),
             cache_dir: None,
             recovery_site: None,
+            hooks_as: Default::default(),
         }
     }
 }

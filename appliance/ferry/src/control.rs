@@ -68,6 +68,12 @@ pub struct ServerArgs {
     /// An appliance that has not reported for this many seconds raises an "unreachable" alert.
     #[arg(long, default_value_t = 300)]
     unreachable_secs: u64,
+    /// Run the recovery plans' hooks and start commands as this account (a name or uid of
+    /// /etc/passwd): its uid and gid, no supplementary groups, its home as working directory.
+    /// Without it they run as the server (always with a clean environment and their own
+    /// process group).
+    #[arg(long)]
+    plan_hook_user: Option<String>,
 }
 
 const HOOKS: &[&str] = &[
@@ -103,6 +109,15 @@ pub fn server(a: ServerArgs) -> anyhow::Result<()> {
         hooks,
         cache_dir: a.cache_dir.clone(),
         recovery_site: a.recovery_site.clone(),
+        hooks_as: ferry_failover::hooks::Confine {
+            user: match &a.plan_hook_user {
+                Some(u) => Some(
+                    ferry_failover::hooks::Account::lookup(u)
+                        .with_context(|| format!("--plan-hook-user {u}"))?,
+                ),
+                None => None,
+            },
+        },
     };
     rt.block_on(async {
         let cfg = ferry_config_server::Config {

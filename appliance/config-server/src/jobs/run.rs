@@ -274,7 +274,8 @@ async fn step(app: &Shared, job: &mut Job, i: usize) -> Result<String, String> {
                     hook_env(job, None),
                     Duration::from_secs(h.timeout_secs.into()),
                 );
-                out.push(blocking(move || hooks::run(&argv, &env, t)).await?);
+                let confine = app.system.config.hooks_as.clone();
+                out.push(blocking(move || hooks::run(&argv, &env, t, &confine)).await?);
                 job.steps[i].done += 1;
             }
             Ok(format!("{} hooks ran {}", hs.len(), out.join(" | "))
@@ -496,7 +497,8 @@ async fn step(app: &Shared, job: &mut Job, i: usize) -> Result<String, String> {
                 Duration::from_secs(h.timeout_secs.into()),
             );
             job.steps[i].total = 1;
-            let out = blocking(move || hooks::run(&argv, &env, t)).await?;
+            let confine = app.system.config.hooks_as.clone();
+            let out = blocking(move || hooks::run(&argv, &env, t, &confine)).await?;
             job.steps[i].done = 1;
             Ok(format!("started {out}").trim().to_string())
         }
