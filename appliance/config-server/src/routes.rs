@@ -25,6 +25,45 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 /// anything bigger is refused before it is parsed.
 pub const BODY_LIMIT: usize = 128 * 1024;
 
+/// The most of an oversized body read (and dropped) before it is refused. A server that answers
+/// and closes while the client is still sending resets the connection, and the client may see
+/// the reset instead of the answer; so a body declared too large, up to this size, is read to
+/// its end first (within [`DRAIN_TIME`]), and the client gets the `413`. Past it the connection
+/// is closed after the answer.
+const DRAIN_LIMIT: u64 = 4 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `413 too-large` for a body whose `Content-Length` is over [`BODY_LIMIT`], before any handler
+/// (bodies without a length are cut at the limit by `DefaultBodyLimit`).
+async fn refuse_oversized(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use http_body_util::BodyExt;
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(n) = declared.filter(|&n| n > BODY_LIMIT as u64) else {
+        return next.run(req).await;
+    };
+    if n <= DRAIN_LIMIT {
+        let mut body = req.into_body();
+        let _ = tokio::time::timeout(DRAIN_TIME, async {
+            while let Some(Ok(_)) = body.frame().await {}
+        })
+        .await;
+    }
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        format!("the request body is {n} bytes, over the length limit of {BODY_LIMIT}"),
+    )
+    .into_response()
+}
+
 pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
 
 pub enum Answer {
@@ -527,6 +566,7 @@ pub fn router(app: Shared) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(refuse_oversized))
         .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
         .with_state(app)
 }
