@@ -767,7 +767,7 @@ async fn a_resync_through_the_host_removes_its_export_even_when_it_fails_midway(
     .unwrap();
     let id = export_id(&web_d0());
     let note = dir.path().join("resync/acme/dr/web.d0").join(HOST_EXPORT);
-    assert_eq!(resync_exports(&mut host.qmp), [id.clone()]);
+    assert_eq!(resync_exports(&mut host.qmp), std::slice::from_ref(&id));
     assert!(note.exists());
     proxy.cut(Duration::from_secs(3)).await;
     let e = tokio::time::timeout(Duration::from_secs(30), run)
