@@ -1,8 +1,13 @@
 //! The protected site's side of a checksum resync split between the sites (reprotect,
 //! failback): the role that has the original disk (the process server of its machine) runs it.
 //!
-//! The original disk is opened here, where it is (an image path, opened by a local
-//! qemu-storage-daemon and written over NBD, as [`crate::resync`] does); the live disk stays at
+//! The original disk is opened here, where it is, and written over NBD: an image path is
+//! opened by a local qemu-storage-daemon, as [`crate::resync`] does; a disk given by its host
+//! (`qmp=SOCKET,node=NODE,nbd=SOCKET`, the inventory's host form) is written through that host,
+//! over a writable NBD export of its node that the resync adds on the host's NBD server and
+//! removes at the end, whatever the end ([`HOST_EXPORT`] says how one left by a process that
+//! died is removed). Either way the guest is stopped meanwhile (the jobs' pre-hooks). The live
+//! disk stays at
 //! the recovery site, and the master target answers for it on a replication connection
 //! (`ferry_wire`, mutually authenticated TLS, opened with `ResyncHello`; its side is
 //! `ferry_master_target::resync`). For each batch of [`BATCH`] blocks the live disk's names are
@@ -131,7 +136,8 @@ fn link_error(what: String, e: std::io::Error) -> FailoverError {
     }
 }
 
-/// Bring the original disk `original` (an image path at this site) up to date from `live` at
+/// Bring the original disk `original` (an image path at this site, or the disk on its host in
+/// the inventory's host form) up to date from `live` at
 /// the recovery site. `progress` is told after each batch, as [`crate::resync::run`] tells it,
 /// and after each block written (a limited resync fetches a batch's blocks slowly); while the
 /// connection is being opened again, with what is being done (`reconnecting (attempt 3)
