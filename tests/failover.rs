@@ -1414,9 +1414,8 @@ fn a_disk_given_by_its_host_is_reprotected_and_failed_back_through_the_host() {
         assert!(d.point_seq.unwrap() >= before[i], "{d:?}");
     }
     let live: Vec<String> = dr.status().disks.iter().map(|d| d.path.clone()).collect();
-    for i in 0..2 {
-        let orig = dr.images[i].display().to_string();
-        assert!(same(&live[i], "raw", &orig, "qcow2"));
+    for (l, image) in live.iter().zip(&dr.images) {
+        assert!(same(l, "raw", &image.display().to_string(), "qcow2"));
     }
     // The machine runs at the recovery site and writes.
     qemu_io("raw", &live[0], &["write -P 0x5a 4M 2M"]);
