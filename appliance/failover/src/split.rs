@@ -257,7 +257,7 @@ impl HostExport {
             done: false,
         };
         // (Should this fail, dropping `e` removes whatever was made.)
-        let mut q = ferry_qemu::Qmp::connect(&host.qmp, QMP_WAIT)?;
+        let mut q = connect_host(&host.qmp)?;
         ferry_qemu::fleece::add_export(&mut q, &host.nbd_socket, &host.node, id, true)?;
         Ok(e)
     }
@@ -278,10 +278,24 @@ impl Drop for HostExport {
     }
 }
 
+/// Connect to the host's QMP socket `qmp`, saying what a socket that does not answer means.
+fn connect_host(qmp: &Path) -> Result<ferry_qemu::Qmp> {
+    ferry_qemu::Qmp::connect(qmp, QMP_WAIT).map_err(|e| match e {
+        ferry_qemu::QemuError::Timeout(_) => refused(format!(
+            "the host's QMP socket {} did not answer within {} s: another client holds it (a \
+             QMP socket serves one at a time; a periodically protected disk's process server \
+             holds its host's)",
+            qmp.display(),
+            QMP_WAIT.as_secs()
+        )),
+        e => e.into(),
+    })
+}
+
 /// Remove export `id` from the host whose QMP socket is `qmp` (dropping its connections), then
 /// its note `note`.
 fn remove_export(qmp: &Path, id: &str, note: &Path) -> Result<()> {
-    let mut q = ferry_qemu::Qmp::connect(qmp, QMP_WAIT)?;
+    let mut q = connect_host(qmp)?;
     ferry_qemu::fleece::remove_export(&mut q, id)?;
     drop(q);
     let _ = std::fs::remove_file(note);
