@@ -248,6 +248,7 @@ struct HostExport {
 impl HostExport {
     /// Add the export `id` of `host`'s node, noted in `note` first.
     fn add(host: &HostDisk, id: &str, note: PathBuf) -> Result<HostExport> {
+        let mut q = connect_host(&host.qmp)?;
         let body = serde_json::json!({"qmp": host.qmp, "id": id}).to_string();
         std::fs::write(&note, body).map_err(io(format!("writing {}", note.display())))?;
         let e = HostExport {
@@ -256,9 +257,11 @@ impl HostExport {
             note,
             done: false,
         };
-        // (Should this fail, dropping `e` removes whatever was made.)
-        let mut q = connect_host(&host.qmp)?;
-        ferry_qemu::fleece::add_export(&mut q, &host.nbd_socket, &host.node, id, true)?;
+        let added = ferry_qemu::fleece::add_export(&mut q, &host.nbd_socket, &host.node, id, true);
+        // (The socket serves one client at a time: free it before anything else asks.)
+        drop(q);
+        // Should that have failed, dropping `e` removes whatever was made.
+        added?;
         Ok(e)
     }
 
