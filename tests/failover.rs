@@ -147,14 +147,21 @@ impl Dr {
         master_args: &[&str],
         order_timeout_secs: u64,
     ) -> Dr {
-        Dr::start_enrolled_opts(policy, master_args, order_timeout_secs, false)
+        Dr::start_enrolled_opts(policy, master_args, order_timeout_secs, false, false)
     }
 
     /// [`Dr::start_enrolled`] with two sites apart: the master target's process cannot see the
     /// host's directories (where the original disks are), and the process server reaches it
     /// through a proxy the test can slow down ([`Dr::link`]).
     fn start_enrolled_apart() -> Dr {
-        Dr::start_enrolled_opts(None, &[], 60, true)
+        Dr::start_enrolled_opts(None, &[], 60, true, false)
+    }
+
+    /// [`Dr::start_enrolled`] with each disk's `source` in the host form ([`host_source`]):
+    /// the process server is given the disk's host, and reprotect and failback write the
+    /// original disk through it.
+    fn start_enrolled_host_form() -> Dr {
+        Dr::start_enrolled_opts(None, &[], 60, false, true)
     }
 
     fn start_enrolled_opts(
@@ -162,6 +169,7 @@ impl Dr {
         master_args: &[&str],
         order_timeout_secs: u64,
         apart: bool,
+        host_form: bool,
     ) -> Dr {
         let began = Instant::now();
         let dir = tempfile::Builder::new()
@@ -173,7 +181,7 @@ impl Dr {
         let mut lab = Lab::new(&support::exe(), &d, &[]).unwrap();
         lab.key = d.join("mt-state/tenant.key");
         let mut dr = Dr::around(began, dir, lab, order_timeout_secs);
-        dr.inventory();
+        dr.inventory(host_form);
         if let Some(p) = policy {
             let a = dr.admin();
             dr.ok(&a, Method::PUT, "/v1/tenants/acme/policies/gold", Some(p));
@@ -281,8 +289,9 @@ impl Dr {
     }
 
     /// Tenant acme's protected machine `web` (disks d0 and d1, each with its image on the host
-    /// as its source: what reprotect and failback write) and its plan `dr`.
-    fn inventory(&self) {
+    /// as its source: what reprotect and failback write; or, `host_form`, the disk on its host)
+    /// and its plan `dr`.
+    fn inventory(&self, host_form: bool) {
         let a = self.admin();
         let post = |path: &str, body: Value| self.ok(&a, Method::POST, path, Some(body));
         post("/v1/tenants", json!({"name": "acme"}));
@@ -296,7 +305,11 @@ impl Dr {
             json!({"name": "web", "site": "hq", "policy": "gold"}),
         );
         for d in DISKS {
-            let source = host_image(self.dir.path(), d).display().to_string();
+            let source = if host_form {
+                host_source(self.dir.path(), d)
+            } else {
+                host_image(self.dir.path(), d).display().to_string()
+            };
             post(
                 "/v1/tenants/acme/machines/web/disks",
                 json!({"name": d, "size_bytes": SIZE, "source": source}),
@@ -630,6 +643,17 @@ fn host_image(dir: &Path, disk: &str) -> PathBuf {
         .join(format!("{disk}.qcow2"))
 }
 
+/// Guest disk `disk`'s `source` in the host form: the daemon's second monitor ([`host_disk`]
+/// starts it), its node, and the socket its NBD server listens on (the guest's export's).
+fn host_source(dir: &Path, disk: &str) -> String {
+    let h = host_image(dir, disk).parent().unwrap().to_path_buf();
+    format!(
+        "qmp={},node=disk0,nbd={}",
+        h.join(ferry_qemu::MGMT_QMP_SOCKET).display(),
+        h.join("guest.sock").display()
+    )
+}
+
 /// Guest disk `i` of the machine on its host: a qcow2 image (its first 8 MiB written), a
 /// qemu-storage-daemon mirroring it to the process server's export `disk`, and the guest's
 /// NBD socket. Returns (daemon, image, socket).
@@ -659,10 +683,11 @@ fn qemu_io(format: &str, image: &str, cmds: &[&str]) {
     sh(&mut c).unwrap();
 }
 
-/// `qemu-img compare`: true when the guest-visible contents are equal.
+/// `qemu-img compare`: true when the guest-visible contents are equal (`-U`: an image its
+/// host's daemon holds, idle, is read too).
 fn same(a: &str, fa: &str, b: &str, fb: &str) -> bool {
     Command::new("qemu-img")
-        .args(["compare", "-q", "-f", fa, "-F", fb, a, b])
+        .args(["compare", "-U", "-q", "-f", fa, "-F", fb, a, b])
         .status()
         .unwrap()
         .success()
@@ -1357,6 +1382,116 @@ fn planned_failover_loses_nothing_then_reprotect_and_failback_send_only_changes(
             "the newest point of {} is not the original disk",
             DISKS[i]
         );
+    }
+}
+
+/// The block exports on the host whose daemon is `q` (`query-block-exports`).
+fn host_exports(q: &mut StorageDaemon) -> Vec<String> {
+    ferry_qemu::fleece::export_ids(&mut q.qmp).unwrap()
+}
+
+/// A disk whose `source` is in the host form (`qmp=...,node=...,nbd=...`) is failed over,
+/// changed at the recovery site, reprotected and failed back: the resync writes the original
+/// disk through a writable NBD export of its node that it adds on the host and removes at the
+/// end, sending only the blocks that differ; failback's `protect` reads the disk through the
+/// same host (the process server's own read-only export, removed too). The original ends
+/// equal to the recovery site's disk, and no export is left on the host.
+#[test]
+fn a_disk_given_by_its_host_is_reprotected_and_failed_back_through_the_host() {
+    let mut dr = Dr::start_enrolled_host_form();
+    let op = dr.person("olivia", "operator");
+    let before = dr.caught_up();
+    // The guest shuts down (what the jobs' pre-hooks do); its hosts keep serving the disks'
+    // nodes (daemons without the guest's mirror and export, as a hypervisor's with the VM
+    // stopped).
+    for (i, disk) in DISKS.iter().enumerate() {
+        dr.hosts[i].take().unwrap().stop();
+        let image = host_image(dr.dir.path(), disk);
+        dr.hosts[i] = Some(StorageDaemon::start(&image, "qcow2", image.parent().unwrap()).unwrap());
+    }
+    let job = dr.run_job(&op, json!({"kind": "planned-failover"}));
+    for (i, d) in job.disks.iter().enumerate() {
+        assert!(d.point_seq.unwrap() >= before[i], "{d:?}");
+    }
+    let live: Vec<String> = dr.status().disks.iter().map(|d| d.path.clone()).collect();
+    for (l, image) in live.iter().zip(&dr.images) {
+        assert!(same(l, "raw", &image.display().to_string(), "qcow2"));
+    }
+    // The machine runs at the recovery site and writes.
+    qemu_io("raw", &live[0], &["write -P 0x5a 4M 2M"]);
+    qemu_io("raw", &live[1], &["write -P 0x5b 20M 1M"]);
+    dr.run_job(&op, json!({"kind": "commit"}));
+
+    let rp = dr.run_job(&op, json!({"kind": "reprotect"}));
+    let sent: Vec<u64> = rp
+        .disks
+        .iter()
+        .map(|d| d.resync.unwrap().bytes_sent)
+        .collect();
+    assert_eq!(sent, [2 * MIB, MIB], "{rp:#?}");
+    for (i, d) in rp.disks.iter().enumerate() {
+        let r = d.resync.unwrap();
+        eprintln!(
+            "reprotect through the host {}: sent {} of {} bytes, {} bytes of block names",
+            d.disk, r.bytes_sent, r.disk_bytes, r.hash_bytes
+        );
+        assert_eq!(r.blocks_compared, SIZE / ferry_failover::resync::BLOCK);
+        let orig = dr.images[i].display().to_string();
+        assert!(same(&live[i], "raw", &orig, "qcow2"), "{}", DISKS[i]);
+        let q = dr.hosts[i].as_mut().unwrap();
+        assert_eq!(host_exports(q), Vec::<String>::new(), "{}", DISKS[i]);
+    }
+    assert_eq!(dr.status().phase, PlanPhase::Reprotected);
+
+    // More writes at the recovery site, then fail back.
+    qemu_io("raw", &live[0], &["write -P 0x77 30M 64k"]);
+    let fb = dr.run_job(&op, json!({"kind": "failback"}));
+    let sent: Vec<u64> = fb
+        .disks
+        .iter()
+        .map(|d| d.resync.unwrap().bytes_sent)
+        .collect();
+    assert_eq!(sent, [64 * 1024, 0], "{fb:#?}");
+    let block = u64::from(ferry_chunk::DEFAULT_BLOCK_SIZE);
+    // What the machine wrote at the recovery site: 2 MiB and 64 KiB on d0, 1 MiB on d1.
+    let changed = [2 * MIB + 64 * 1024, MIB];
+    let mut protected = Vec::new();
+    for (i, d) in fb.disks.iter().enumerate() {
+        let (r, seq) = (d.protect.unwrap(), d.point_seq.unwrap());
+        eprintln!(
+            "failback through the host {}: resync sent {} bytes; protect sent {} of {} bytes \
+             ({} blocks), {} bytes of block names, point {seq}",
+            d.disk,
+            d.resync.unwrap().bytes_sent,
+            r.bytes_sent,
+            r.disk_bytes,
+            r.blocks_sent,
+            r.hash_bytes
+        );
+        assert_eq!(
+            (r.disk_bytes, r.blocks_compared, r.blocks_sent),
+            (SIZE, SIZE / block, changed[i] / block),
+            "{r:?}"
+        );
+        let q = dr.hosts[i].as_mut().unwrap();
+        assert_eq!(host_exports(q), Vec::<String>::new(), "{}", DISKS[i]);
+        protected.push(seq);
+    }
+    assert_eq!(dr.status().phase, PlanPhase::Protected);
+    // The hosts stopped: the original disks are the recovery site's, and so are the points
+    // protect made.
+    for i in 0..2 {
+        dr.hosts[i].take().unwrap().stop();
+        let orig = dr.images[i].display().to_string();
+        assert!(
+            same(&live[i], "raw", &orig, "qcow2"),
+            "the original {} differs from the recovery site's",
+            DISKS[i]
+        );
+        let point = dr.path(&format!("point-{i}.raw"));
+        std::fs::write(&point, dr.point_image(DISKS[i], protected[i])).unwrap();
+        assert!(same(&point.display().to_string(), "raw", &orig, "qcow2"));
+        std::fs::remove_file(&point).unwrap();
     }
 }
 

@@ -77,7 +77,7 @@ pub fn run(
     let host = if before.host_access {
         None
     } else {
-        if source.split(',').any(|part| part.starts_with("qmp=")) {
+        if !matches!(HostDisk::from_source(source), Ok(None)) {
             return Err(refused(format!(
                 "disk {disk}'s source names its host ({source}) but the process server was not \
                  given it: nothing to read the disk through"

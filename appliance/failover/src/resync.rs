@@ -16,6 +16,7 @@ use crate::{io, FailoverError, Result};
 use ferry_api::ResyncReport;
 use ferry_chunk::TenantKey;
 use ferry_nbd::client::Client;
+use ferry_process_server::resync::HostDisk;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -62,6 +63,14 @@ pub fn run(
     scratch: &Path,
     progress: &mut dyn FnMut(&ResyncReport),
 ) -> Result<ResyncReport> {
+    let given = target.to_string_lossy();
+    if !matches!(HostDisk::from_source(&given), Ok(None)) {
+        return Err(FailoverError::Refused(format!(
+            "the original disk is given by its host ({given}): a resync run beside the recovery \
+             site writes an original disk given by its image path only (the process server of \
+             its machine writes one through its host)"
+        )));
+    }
     let src = std::fs::File::open(source).map_err(io(format!("opening {}", source.display())))?;
     let size = src
         .metadata()
@@ -154,4 +163,25 @@ where
         progress(&r);
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Beside the recovery site, an original disk given by its host is refused, saying so
+    /// (the process server of its machine writes one through its host).
+    #[test]
+    fn an_original_given_by_its_host_is_refused_beside_the_recovery_site() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live.raw");
+        std::fs::write(&live, vec![0u8; 4096]).unwrap();
+        let key = TenantKey::from_secret(&[7; 32]);
+        let host = Path::new("qmp=/nowhere/q.sock,node=disk0,nbd=/nowhere/nbd.sock");
+        let e = run(&live, host, &key, &dir.path().join("s"), &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(e, FailoverError::Refused(_)) && e.to_string().contains("image path only"),
+            "{e}"
+        );
+    }
 }

@@ -1,8 +1,13 @@
 //! The protected site's side of a checksum resync split between the sites (reprotect,
 //! failback): the role that has the original disk (the process server of its machine) runs it.
 //!
-//! The original disk is opened here, where it is (an image path, opened by a local
-//! qemu-storage-daemon and written over NBD, as [`crate::resync`] does); the live disk stays at
+//! The original disk is opened here, where it is, and written over NBD: an image path is
+//! opened by a local qemu-storage-daemon, as [`crate::resync`] does; a disk given by its host
+//! (`qmp=SOCKET,node=NODE,nbd=SOCKET`, the inventory's host form) is written through that host,
+//! over a writable NBD export of its node that the resync adds on the host's NBD server and
+//! removes at the end, whatever the end ([`HOST_EXPORT`] says how one left by a process that
+//! died is removed). Either way the guest is stopped meanwhile (the jobs' pre-hooks). The live
+//! disk stays at
 //! the recovery site, and the master target answers for it on a replication connection
 //! (`ferry_wire`, mutually authenticated TLS, opened with `ResyncHello`; its side is
 //! `ferry_master_target::resync`). For each batch of [`BATCH`] blocks the live disk's names are
@@ -33,10 +38,11 @@ use ferry_api::ResyncReport;
 use ferry_chunk::{ChunkId, TenantKey};
 use ferry_master_target::resync::block_name;
 use ferry_nbd::client::Client;
+use ferry_process_server::resync::HostDisk;
 use ferry_process_server::throttle::Throttled;
 use ferry_wire::{read_msg, BlockBody, Msg, VERSION};
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -130,7 +136,8 @@ fn link_error(what: String, e: std::io::Error) -> FailoverError {
     }
 }
 
-/// Bring the original disk `original` (an image path at this site) up to date from `live` at
+/// Bring the original disk `original` (an image path at this site, or the disk on its host in
+/// the inventory's host form) up to date from `live` at
 /// the recovery site. `progress` is told after each batch, as [`crate::resync::run`] tells it,
 /// and after each block written (a limited resync fetches a batch's blocks slowly); while the
 /// connection is being opened again, with what is being done (`reconnecting (attempt 3)
@@ -141,42 +148,230 @@ pub fn run(
     original: &str,
     progress: &mut dyn FnMut(&ResyncReport, Option<&str>),
 ) -> Result<ResyncReport> {
-    if original.split(',').any(|part| part.starts_with("qmp=")) {
-        return Err(refused(format!(
-            "disk {}'s source names its host ({original}): a resync writes an original disk \
-             given by its image path (the host form is not supported for reprotect and failback yet)",
+    let host = HostDisk::from_source(original).map_err(|e| {
+        refused(format!(
+            "disk {}'s original cannot be written: {e}",
             live.disk
-        )));
-    }
-    let image = Path::new(original);
-    let scratch = p
-        .work
-        .join(&live.tenant)
-        .join(&live.plan)
-        .join(format!("{}.{}", live.machine, live.disk));
+        ))
+    })?;
+    let scratch = scratch_dir(&p.work, live);
     std::fs::create_dir_all(&scratch).map_err(io(format!("creating {}", scratch.display())))?;
     quit_leftover(&scratch);
+    remove_leftover_export(&scratch);
+    if let Some(host) = host {
+        return run_on_host(p, live, &host, &scratch, progress);
+    }
+    let image = Path::new(original);
     let format = format_of(image)?;
     let mut qsd = ferry_qemu::StorageDaemon::start(image, &format, &scratch)?;
     let sock = scratch.join("target.sock");
     let r = qsd
         .export("disk0", "target", &sock)
         .map_err(FailoverError::from);
-    let r = r.and_then(|()| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(io("starting a runtime"))?;
-        rt.block_on(async {
-            let mut c = Client::connect_unix(&sock, "target").await.map_err(nbd)?;
-            let r = resync(p, live, &mut c, progress).await?;
-            c.flush().await.map_err(nbd)?;
-            let _ = c.disconnect().await;
-            Ok(r)
-        })
-    });
+    let r = r.and_then(|()| resync_into(p, live, &sock, "target", progress));
     qsd.stop();
     r
+}
+
+/// Where the resync of `live` keeps what it runs with (a daemon's sockets, the note of its
+/// export on a host), below the role's resync work directory `work`.
+fn scratch_dir(work: &Path, live: &LiveDisk) -> PathBuf {
+    work.join(&live.tenant)
+        .join(&live.plan)
+        .join(format!("{}.{}", live.machine, live.disk))
+}
+
+/// Resync the original disk served as NBD export `export` on the unix socket `sock`, and
+/// flush it.
+fn resync_into(
+    p: &Protected,
+    live: &LiveDisk,
+    sock: &Path,
+    export: &str,
+    progress: &mut dyn FnMut(&ResyncReport, Option<&str>),
+) -> Result<ResyncReport> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("starting a runtime"))?;
+    rt.block_on(async {
+        let mut c = Client::connect_unix(sock, export).await.map_err(nbd)?;
+        let r = resync(p, live, &mut c, progress).await?;
+        c.flush().await.map_err(nbd)?;
+        let _ = c.disconnect().await;
+        Ok(r)
+    })
+}
+
+/// The file in a resync's scratch directory that names the writable export it added on the
+/// original disk's host, while that export may exist (it is written before the export is
+/// added and removed after the export is): a resync whose process died leaves it, and the
+/// export is removed at the next start ([`remove_leftover_export`]).
+pub const HOST_EXPORT: &str = "host-export.json";
+/// How long the host's QMP socket may take to answer (it serves one client at a time).
+const QMP_WAIT: Duration = Duration::from_secs(10);
+
+/// The id (and NBD name) of the writable export a resync of `live` adds on the original
+/// disk's host: one per tenant, plan, machine and disk, so that it meets no other export there
+/// (the guest's, the process server's `ferry-live-*`), and a leftover one is replaced. QEMU
+/// takes letters, digits, `-`, `.` and `_` in an id.
+pub fn export_id(live: &LiveDisk) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!(
+        "ferry-resync.{}.{}.{}.{}",
+        clean(&live.tenant),
+        clean(&live.plan),
+        clean(&live.machine),
+        clean(&live.disk)
+    )
+}
+
+/// A writable export of the original disk's node on its host, removed when dropped (a failed
+/// or panicking resync) or by [`HostExport::remove`], which says whether that worked.
+struct HostExport {
+    qmp: PathBuf,
+    id: String,
+    note: PathBuf,
+    done: bool,
+}
+
+impl HostExport {
+    /// Add the export `id` of `host`'s node, noted in `note` first.
+    fn add(host: &HostDisk, id: &str, note: PathBuf) -> Result<HostExport> {
+        let mut q = connect_host(&host.qmp)?;
+        let body = serde_json::json!({"qmp": host.qmp, "id": id}).to_string();
+        std::fs::write(&note, body).map_err(io(format!("writing {}", note.display())))?;
+        let e = HostExport {
+            qmp: host.qmp.clone(),
+            id: id.to_string(),
+            note,
+            done: false,
+        };
+        let added = ferry_qemu::fleece::add_export(&mut q, &host.nbd_socket, &host.node, id, true);
+        // (The socket serves one client at a time: free it before anything else asks.)
+        drop(q);
+        // Should that have failed, dropping `e` removes whatever was made.
+        added?;
+        Ok(e)
+    }
+
+    fn remove(mut self) -> Result<()> {
+        self.done = true;
+        remove_export(&self.qmp, &self.id, &self.note)
+    }
+}
+
+impl Drop for HostExport {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Err(e) = remove_export(&self.qmp, &self.id, &self.note) {
+                tracing::warn!(export = %self.id, qmp = %self.qmp.display(), error = %e, "could not remove the resync's export from the host; the next resync of the disk (or the role's next start) removes it");
+            }
+        }
+    }
+}
+
+/// Connect to the host's QMP socket `qmp`, saying what a socket that does not answer means.
+fn connect_host(qmp: &Path) -> Result<ferry_qemu::Qmp> {
+    ferry_qemu::Qmp::connect(qmp, QMP_WAIT).map_err(|e| match e {
+        ferry_qemu::QemuError::Timeout(_) => refused(format!(
+            "the host's QMP socket {} did not answer within {} s: another client holds it (a \
+             QMP socket serves one at a time; a periodically protected disk's process server \
+             holds its host's)",
+            qmp.display(),
+            QMP_WAIT.as_secs()
+        )),
+        e => e.into(),
+    })
+}
+
+/// Remove export `id` from the host whose QMP socket is `qmp` (dropping its connections), then
+/// its note `note`.
+fn remove_export(qmp: &Path, id: &str, note: &Path) -> Result<()> {
+    let mut q = connect_host(qmp)?;
+    ferry_qemu::fleece::remove_export(&mut q, id)?;
+    drop(q);
+    let _ = std::fs::remove_file(note);
+    Ok(())
+}
+
+/// Remove the export that an interrupted resync whose scratch directory is `scratch` left on
+/// a host (its note says which, [`HOST_EXPORT`]). Best effort: a host out of reach keeps the
+/// note for the next time.
+pub fn remove_leftover_export(scratch: &Path) {
+    let note = scratch.join(HOST_EXPORT);
+    let Ok(body) = std::fs::read(&note) else {
+        return;
+    };
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let (Some(qmp), Some(id)) = (v["qmp"].as_str(), v["id"].as_str()) else {
+        let _ = std::fs::remove_file(&note);
+        return;
+    };
+    tracing::warn!(export = %id, qmp = %qmp, "removing an export an interrupted resync left on the host");
+    if let Err(e) = remove_export(Path::new(qmp), id, &note) {
+        tracing::warn!(export = %id, qmp = %qmp, error = %e, "could not remove the export an interrupted resync left on the host");
+    }
+}
+
+/// At a role's start: remove the exports that the resyncs of a process that died left on
+/// hosts, below the role's resync work directory `work` (`{tenant}/{plan}/{machine}.{disk}`).
+pub fn remove_leftover_exports(work: &Path) {
+    let dirs = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for tenant in dirs(work) {
+        for plan in dirs(&tenant) {
+            for disk in dirs(&plan) {
+                if disk.join(HOST_EXPORT).exists() {
+                    remove_leftover_export(&disk);
+                }
+            }
+        }
+    }
+}
+
+/// The resync of an original disk given by its host (`qmp=...`): a writable NBD export of the
+/// disk's node is added on the host's NBD server, the resync writes through it, and the export
+/// is removed at the end, whatever the end (the guest must be stopped meanwhile, as for an
+/// image: the jobs' pre-hooks do it).
+fn run_on_host(
+    p: &Protected,
+    live: &LiveDisk,
+    host: &HostDisk,
+    scratch: &Path,
+    progress: &mut dyn FnMut(&ResyncReport, Option<&str>),
+) -> Result<ResyncReport> {
+    let id = export_id(live);
+    let export = HostExport::add(host, &id, scratch.join(HOST_EXPORT))?;
+    tracing::info!(disk = %live.disk, export = %id, qmp = %host.qmp.display(), "resync: writing the original disk through its host");
+    let r = resync_into(p, live, &host.nbd_socket, &id, progress);
+    let removed = export.remove();
+    let r = r?;
+    removed.map_err(|e| {
+        refused(format!(
+            "the resync of {} ended, but its export {id} could not be removed from the host:              {e} (the next resync of the disk removes it)",
+            live.disk
+        ))
+    })?;
+    Ok(r)
 }
 
 /// How far a resync has come, over however many connections: every block before `from` was

@@ -1095,6 +1095,10 @@ fn process_server(mut a: ProcessServerArgs) -> anyhow::Result<()> {
             // A lost connection to the master target is opened again for up to 5 minutes.
             retry: Default::default(),
         };
+        // A resync that wrote an original disk through its host and died left a writable
+        // export there: removed now (off the start: a host out of reach takes a while to say so).
+        let work = protected.work.clone();
+        std::thread::spawn(move || ferry_failover::split::remove_leftover_exports(&work));
         let agent = ferry_failover::agent::Agent::with_protected(
             None,
             Some(cfg.cache_dir.clone()),

@@ -43,6 +43,44 @@ pub struct HostDisk {
     pub nbd_socket: PathBuf,
 }
 
+impl HostDisk {
+    /// A disk's `source` (the inventory's) as its host, when it is in the host form
+    /// (`qmp=PATH,node=NODE,nbd=PATH[,fleece=PATH]`; `fleece=` is periodic protection's, not
+    /// the host's); none when it is not (an image path). The host form with a key missing, or
+    /// one it does not know, is an error saying so.
+    pub fn from_source(source: &str) -> Result<Option<HostDisk>, String> {
+        if !source.split(',').any(|part| part.starts_with("qmp=")) {
+            return Ok(None);
+        }
+        let (mut qmp, mut node, mut nbd) = (None, None, None);
+        for part in source.split(',') {
+            match part.split_once('=') {
+                Some(("qmp", v)) => qmp = Some(v),
+                Some(("node", v)) => node = Some(v),
+                Some(("nbd", v)) => nbd = Some(v),
+                Some(("fleece", _)) => {}
+                _ => {
+                    return Err(format!(
+                        "source {source:?}: {part:?} is not one of qmp=, node=, nbd=, fleece="
+                    ))
+                }
+            }
+        }
+        match (qmp, node, nbd) {
+            (Some(q), Some(n), Some(s)) if !q.is_empty() && !n.is_empty() && !s.is_empty() => {
+                Ok(Some(HostDisk {
+                    qmp: q.into(),
+                    node: n.to_string(),
+                    nbd_socket: s.into(),
+                }))
+            }
+            _ => Err(format!(
+                "source {source:?} names a host but not all of qmp=, node= and nbd="
+            )),
+        }
+    }
+}
+
 /// The request file `ferry resync` writes into the disk's cache directory.
 pub use crate::periodic::RESYNC_REQUEST as REQUEST;
 
@@ -260,19 +298,32 @@ impl Resync<'_> {
 
 fn export_live(host: &HostDisk, export: &str) -> anyhow::Result<Qmp> {
     let mut qmp = Qmp::connect(&host.qmp, Duration::from_secs(10))?;
-    ferry_qemu::fleece::ensure_nbd_server(&mut qmp, &host.nbd_socket)?;
     // One left by an interrupted resync is replaced.
-    let _ = qmp.execute("block-export-del", json!({"id": export}));
-    qmp.execute(
-        "block-export-add",
-        json!({"type": "nbd", "id": export, "node-name": host.node, "name": export}),
-    )?;
+    ferry_qemu::fleece::add_export(&mut qmp, &host.nbd_socket, &host.node, export, false)?;
     Ok(qmp)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_in_the_host_form_is_its_host() {
+        let h = HostDisk::from_source("qmp=/h/q.sock,node=drive0,nbd=/h/nbd.sock,fleece=/h/f")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            h,
+            HostDisk {
+                qmp: "/h/q.sock".into(),
+                node: "drive0".into(),
+                nbd_socket: "/h/nbd.sock".into(),
+            }
+        );
+        assert_eq!(HostDisk::from_source("/srv/d0.qcow2"), Ok(None));
+        assert!(HostDisk::from_source("qmp=/q,node=n").is_err());
+        assert!(HostDisk::from_source("qmp=/q,node=n,nbd=/s,/srv/d0.qcow2").is_err());
+    }
 
     #[test]
     fn a_request_names_a_host_for_its_resync_or_none() {

@@ -72,6 +72,55 @@ pub fn ensure_nbd_server(qmp: &mut Qmp, socket: &std::path::Path) -> Result<()> 
     }
 }
 
+/// Export `node` over the host's NBD server as `id` (its NBD export name too), writable or
+/// not, starting the server on the unix socket `socket` when it is not running. An export of
+/// that id left by an interrupted user (a resync whose process died) is replaced.
+pub fn add_export(
+    qmp: &mut Qmp,
+    socket: &std::path::Path,
+    node: &str,
+    id: &str,
+    writable: bool,
+) -> Result<()> {
+    ensure_nbd_server(qmp, socket)?;
+    remove_export(qmp, id)?;
+    qmp.execute(
+        "block-export-add",
+        json!({"type": "nbd", "id": id, "node-name": node, "name": id, "writable": writable}),
+    )?;
+    Ok(())
+}
+
+/// Remove the export `id`, dropping its clients' connections (`mode: hard`), and wait (10 s at
+/// most) until QEMU says it is gone. False: there was no such export.
+pub fn remove_export(qmp: &mut Qmp, id: &str) -> Result<bool> {
+    if !export_ids(qmp)?.iter().any(|e| e == id) {
+        return Ok(false);
+    }
+    qmp.execute("block-export-del", json!({"id": id, "mode": "hard"}))?;
+    // Deleted once its last connection is gone: asynchronously, so ask until it is.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while export_ids(qmp)?.iter().any(|e| e == id) {
+        if std::time::Instant::now() > deadline {
+            return Err(QemuError::Timeout(format!("the removal of export {id}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(true)
+}
+
+/// The ids of the host's block exports (`query-block-exports`).
+pub fn export_ids(qmp: &mut Qmp) -> Result<Vec<String>> {
+    let v = qmp.execute("query-block-exports", json!({}))?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 fn run_job(qmp: &mut Qmp, job: &str, command: &str, args: Value) -> Result<()> {
     qmp.execute(command, args)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -284,12 +284,7 @@ impl StorageDaemon {
     /// The NBD server may be running already (another management client, such as Ferry's
     /// resync, may have started it on the same socket).
     pub fn export(&mut self, node: &str, name: &str, socket: &Path) -> Result<()> {
-        fleece::ensure_nbd_server(&mut self.qmp, socket)?;
-        self.qmp.execute(
-            "block-export-add",
-            json!({"type": "nbd", "id": name, "node-name": node, "name": name, "writable": true}),
-        )?;
-        Ok(())
+        fleece::add_export(&mut self.qmp, socket, node, name, true)
     }
 
     /// The state of the mirror job as QEMU reports it (`ready`, `running`, `concluded`, ...).

@@ -475,8 +475,16 @@ fn start(
     live: LiveDisk,
     original: &Path,
 ) -> (tokio::task::JoinHandle<Result<ResyncReport>>, Told) {
+    start_source(p, live, original.display().to_string())
+}
+
+/// [`start`] into the original disk given as its inventory `source` says it.
+fn start_source(
+    p: Protected,
+    live: LiveDisk,
+    original: String,
+) -> (tokio::task::JoinHandle<Result<ResyncReport>>, Told) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let original = original.display().to_string();
     let run = tokio::task::spawn_blocking(move || {
         run(&p, &live, &original, &mut |r, now| {
             let _ = tx.send((*r, now.map(str::to_string)));
@@ -700,4 +708,114 @@ async fn refusals_fail_the_resync_at_once_without_reconnecting() {
         assert!(began.elapsed() < Duration::from_secs(5), "{want}: {e}");
     }
     mt.abort();
+}
+
+/// The resync's exports on the host whose QMP connection is `qmp`.
+fn resync_exports(qmp: &mut ferry_qemu::Qmp) -> Vec<String> {
+    ferry_qemu::fleece::export_ids(qmp)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.starts_with("ferry-resync."))
+        .collect()
+}
+
+/// An original disk given by its host (`qmp=...,node=...,nbd=...`, here a
+/// qemu-storage-daemon that owns the image): the resync writes it through a writable export
+/// of the disk's node that it adds on the host's NBD server. One that fails midway (the master
+/// target out of reach past the budget) leaves no export there, nor its note; one left by a
+/// process that died is removed at the role's next start; and a resync run again ends with the
+/// original equal to the live disk, having written only what still differed.
+#[tokio::test]
+async fn a_resync_through_the_host_removes_its_export_even_when_it_fails_midway() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    ferry_pki::init(&pki, &[]).unwrap();
+    let (original, live) = disks(dir.path());
+    let h = dir.path().join("host");
+    std::fs::create_dir_all(&h).unwrap();
+    let mut host = ferry_qemu::StorageDaemon::start(&original, "raw", &h).unwrap();
+    let source = format!(
+        "qmp={},node=disk0,nbd={}",
+        h.join(ferry_qemu::MGMT_QMP_SOCKET).display(),
+        h.join("nbd.sock").display()
+    );
+    let (addr, mt) = real_master_target(&pki, dir.path()).await;
+    let proxy = crate::proxy::Proxy::start(addr).await;
+    // 16 MiB of blocks that differ come at 8 MiB/s: the failure falls in the middle.
+    proxy.limit(8 << 20);
+    let retry = Retry {
+        budget: Duration::from_secs(1),
+        first_wait: Duration::from_millis(100),
+        longest_wait: Duration::from_millis(300),
+        keepalive: Duration::from_secs(30),
+    };
+    let tls = ferry_pki::client_config(&pki).unwrap();
+    let to = format!("127.0.0.1:{}", proxy.port);
+    let p = protected(tls.clone(), to.clone(), dir.path(), retry);
+    let (run, mut rx) = start_source(p, web_d0(), source.clone());
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while rx
+            .recv()
+            .await
+            .expect("the resync ended early")
+            .0
+            .bytes_sent
+            < 4 << 20
+        {}
+    })
+    .await
+    .unwrap();
+    let id = export_id(&web_d0());
+    let note = dir.path().join("resync/acme/dr/web.d0").join(HOST_EXPORT);
+    assert_eq!(resync_exports(&mut host.qmp), std::slice::from_ref(&id));
+    assert!(note.exists());
+    proxy.cut(Duration::from_secs(3)).await;
+    let e = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("gave up on the master target"), "{e}");
+    assert!(resync_exports(&mut host.qmp).is_empty());
+    assert!(!note.exists());
+    // Midway indeed: the original is neither as it was nor the live disk yet.
+    let written = std::fs::read(&original).unwrap();
+    assert!(written != std::fs::read(&live).unwrap());
+
+    // A process that died in the middle left its export and its note: the role's next start
+    // removes the export.
+    ferry_qemu::fleece::add_export(&mut host.qmp, &h.join("nbd.sock"), "disk0", &id, true).unwrap();
+    let body = serde_json::json!({"qmp": h.join(ferry_qemu::MGMT_QMP_SOCKET), "id": id});
+    std::fs::write(&note, body.to_string()).unwrap();
+    remove_leftover_exports(&dir.path().join("resync"));
+    assert!(resync_exports(&mut host.qmp).is_empty());
+    assert!(!note.exists());
+
+    // Run again: only what still differs is written, and no export is left.
+    proxy.limit(0);
+    let p = protected(tls, to, dir.path(), Retry::default());
+    let (run, _rx) = start_source(p, web_d0(), source);
+    let r = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    mt.abort();
+    assert!(resync_exports(&mut host.qmp).is_empty());
+    host.stop();
+    assert!(
+        std::fs::read(&original).unwrap() == std::fs::read(&live).unwrap(),
+        "the original differs from the live disk"
+    );
+    assert_eq!(r.blocks_compared, BIG, "{r:?}");
+    assert!(
+        r.bytes_sent > 0 && r.bytes_sent < DIFFER * BLOCK - (2 << 20),
+        "{r:?}"
+    );
+    eprintln!(
+        "through the host: {} of {} bytes written again after the failure",
+        r.bytes_sent,
+        DIFFER * BLOCK
+    );
 }

@@ -34,7 +34,8 @@ pub enum OperateCmd {
         policy: String,
         /// NAME=SIZE (bytes, K/M/G/T suffixes), with `,source=...` (everything after it: an
         /// image for reprotect, or `qmp=..,node=..,nbd=..[,fleece=..]`, the disk on its host, for
-        /// a process server configured by this server). Repeatable.
+        /// a process server configured by this server, which reprotect also writes through).
+        /// Repeatable.
         #[arg(long = "disk", required = true)]
         disks: Vec<String>,
         /// The process server (an enrolled appliance of the tenant) that protects the machine;
