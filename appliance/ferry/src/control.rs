@@ -68,6 +68,15 @@ pub struct ServerArgs {
     /// An appliance that has not reported for this many seconds raises an "unreachable" alert.
     #[arg(long, default_value_t = 300)]
     unreachable_secs: u64,
+    /// Refused requests (401, 403) a client (a certificate, or an address without one) may get
+    /// within a minute; past this it is answered 429 too-many-refusals until the minute ends
+    /// (0: no limit).
+    #[arg(long, default_value_t = ferry_config_server::refusals::DEFAULT_PER_WINDOW)]
+    refusal_limit: u32,
+    /// For testing the roles' own renewal: appliances' certificates live this many seconds
+    /// instead of a year.
+    #[arg(long, hide = true)]
+    appliance_cert_secs: Option<u64>,
 }
 
 const HOOKS: &[&str] = &[
@@ -121,6 +130,11 @@ pub fn server(a: ServerArgs) -> anyhow::Result<()> {
             },
             order_timeout: std::time::Duration::from_secs(a.order_timeout_secs.max(1)),
             unreachable_after: std::time::Duration::from_secs(a.unreachable_secs.max(1)),
+            refusals: ferry_config_server::refusals::Limits {
+                per_window: a.refusal_limit,
+                ..Default::default()
+            },
+            appliance_cert_validity: a.appliance_cert_secs.map(std::time::Duration::from_secs),
         };
         let s = ferry_config_server::Server::bind(&cfg)
             .await
