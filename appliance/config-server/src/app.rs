@@ -298,4 +298,12 @@ mod tests {
         assert_eq!(super::target_tenant("/v1/tenants"), None);
         assert_eq!(super::target_tenant("/v1/audit"), None);
     }
+
+    #[test]
+    fn too_many_refusals_says_when_to_come_back() {
+        let client = crate::refusals::Client::of(None, [127, 0, 0, 1].into());
+        let r = super::too_many_refusals(&client, 42, crate::refusals::Limits::default());
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "42");
+    }
 }
