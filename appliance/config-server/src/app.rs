@@ -1,6 +1,8 @@
-//! The shared state of a running server, and the gate every request passes: it finds the
-//! principal of the client certificate, refuses requests without one, and writes the audit
-//! entry for every mutating call and every refusal.
+//! The shared state of a running server, and the gate every request passes: it answers a
+//! client over its limit of refusals `429` before anything else (`crate::refusals`), finds the
+//! principal of the client certificate, refuses requests without one, counts refusals, and
+//! writes the audit entry for every mutating call and every refusal (and one summary per
+//! window for a limited client).
 
 use crate::ca::Authority;
 use crate::error::{ApiError, AuditDetail};
