@@ -5,7 +5,8 @@
 //! while the configuration server is unreachable, and asks again every poll interval: a changed
 //! answer restarts the role in place (the journal and repository are crash-safe; QEMU's NBD
 //! client reconnects). A process server also reports each disk's state and RPO, its cache use and its upload
-//! backlog on every poll.
+//! backlog on every poll. On every poll, too, a role whose certificate has less than a third
+//! of its life left renews it ([`renewal_due`]; `docs/api.md`, "Revocation and renewal").
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -275,7 +276,7 @@ impl BootstrapArgs {
                     .map_or(0, |(_, until)| until);
                 tracing::info!(
                     name = %e.principal.name,
-                    expired_in_secs = until.saturating_sub(now),
+                    old_expires_in_secs = until.saturating_sub(now),
                     new_expires = %ferry_config_server::app::format_time(new),
                     "renewed this role's certificate before it expires"
                 );
