@@ -623,3 +623,112 @@ fn a_revoked_process_server_is_refused_by_the_master_target() {
     assert!(refused.is_empty(), "{refused:#?}");
     assert!(began.elapsed() < Duration::from_secs(90));
 }
+
+#[test]
+fn a_role_renews_its_own_certificate_before_it_expires() {
+    // Appliances' certificates live 20 s here: the master target renews its own when less than
+    // a third of that is left, from its configuration poll, and keeps working past the first
+    // certificate's expiry.
+    let began = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-renew-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = harness::Server::start_with(
+        &d.join("cs"),
+        &["--appliance-cert-secs".into(), "20".into()],
+    );
+    let admin = server.admin();
+    rt.block_on(harness::ok(
+        &admin,
+        Method::POST,
+        "/v1/tenants",
+        Some(json!({"name": "acme"})),
+    ));
+    let lab = Lab::new(&support::exe(), d, &[]).unwrap();
+    let mt_token = appliance_token(&admin, &rt, "acme", "mt1", "master-target");
+    let s = |v: &str| v.to_string();
+    let _mt = support::Kill::spawn(
+        d,
+        "master-target",
+        &[
+            s("master-target"),
+            s("--repo"),
+            lab.repo.display().to_string(),
+            s("--listen"),
+            format!("127.0.0.1:{}", lab.master_port),
+            s("--config-server"),
+            server.url.clone(),
+            s("--token"),
+            mt_token.token.clone(),
+            s("--ca-sha256"),
+            mt_token.ca_sha256.clone(),
+            s("--state"),
+            d.join("mt-state").display().to_string(),
+            s("--config-poll-secs"),
+            s("1"),
+        ],
+    );
+    wait_port(lab.master_port, Duration::from_secs(20)).unwrap();
+    let certs = || -> Vec<ferry_api::IssuedCertificate> {
+        let v: Vec<ferry_api::IssuedCertificate> =
+            rt.block_on(admin.get("/v1/certificates")).unwrap();
+        let mut v: Vec<_> = v
+            .into_iter()
+            .filter(|c| c.principal.name == "mt1")
+            .collect();
+        v.sort_by_key(|c| c.issued_unix);
+        v
+    };
+    let first = certs().into_iter().next().expect("mt1 enrolled");
+    let expires = first.expires_unix.unwrap();
+    assert!(expires <= first.issued_unix.unwrap() + 20, "{first:?}");
+    // Past the first certificate's expiry: renewed (twice, the second time with the renewed
+    // certificate), the old ones revoked by their renewals.
+    let now = || ferry_config_server::app::now_unix();
+    let v = wait_for("mt1 to renew twice", Duration::from_secs(60), || {
+        let v = certs();
+        (now() > expires + 1 && v.len() >= 3).then_some(v)
+    });
+    let valid: Vec<_> = v.iter().filter(|c| c.revoked.is_none()).collect();
+    assert_eq!(valid.len(), 1, "{v:#?}");
+    for c in v.iter().filter(|c| c.revoked.is_some()) {
+        assert_eq!(c.revoked.as_ref().unwrap().by, "renewal", "{c:?}");
+    }
+    // Its identity works, and nothing of it was refused.
+    let c = ferry_config_server::client::Client::from_cert_dir(
+        &server.url,
+        &d.join("mt-state/identity"),
+    )
+    .unwrap();
+    let me: ferry_api::Principal = rt.block_on(c.get("/v1/whoami")).unwrap();
+    assert_eq!(me.name, "mt1");
+    let audit: Vec<AuditEntry> = rt.block_on(admin.get("/v1/audit?limit=1000")).unwrap();
+    let mine: Vec<_> = audit.iter().filter(|e| e.who == "mt1").collect();
+    assert!(mine.iter().all(|e| e.status < 400), "{mine:#?}");
+    assert!(
+        mine.iter()
+            .filter(|e| e.what == "POST /v1/self/renew" && e.status == 201)
+            .count()
+            >= 2,
+        "{mine:#?}"
+    );
+    let events: Vec<ferry_api::Event> = rt.block_on(admin.get("/v1/events?limit=1000")).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.subject == "identities/mt1" && e.message.contains("renewed certificate")),
+        "{events:#?}"
+    );
+    let log = std::fs::read_to_string(d.join("master-target.log")).unwrap();
+    assert!(
+        log.contains("renewed this role's certificate before it expires"),
+        "{log}"
+    );
+    assert!(began.elapsed() < Duration::from_secs(90));
+}

@@ -8,7 +8,7 @@
 #[path = "support/config_server.rs"]
 mod harness;
 
-use ferry_api::{AuditEntry, AuditResult, EnrollRequest, Principal};
+use ferry_api::{AuditEntry, AuditResult, EnrollRequest, Enrolled, Principal};
 use ferry_config_server::client::{Client, ClientError, Method, StatusCode};
 use harness::*;
 use serde_json::{json, Value};
@@ -930,4 +930,142 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+/// The newest audit entries (up to 1000).
+async fn audit_log(admin: &Client) -> Vec<AuditEntry> {
+    admin.get("/v1/audit?limit=1000").await.unwrap()
+}
+
+#[test]
+fn refused_clients_are_answered_429_and_summed_up_in_the_audit_log() {
+    const LIMIT: usize = ferry_config_server::refusals::DEFAULT_PER_WINDOW as usize;
+    const WINDOW: Duration = Duration::from_secs(15);
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        &dir.path().join("state"),
+        &["--refusal-window-secs".into(), WINDOW.as_secs().to_string()],
+    );
+    run(async {
+        let admin = s.admin();
+        inventory(&admin).await;
+        let t = token(&admin, "carol", "viewer", Some("acme"), 600).await;
+        let viewer = enroll(&s, &t.token, &dir.path().join("viewer")).await;
+        let good = token(&admin, "dave", "viewer", Some("acme"), 600).await;
+        let before = audit_log(&admin).await.last().unwrap().seq;
+        let started = std::time::Instant::now();
+
+        // Guessing enrollment tokens (no certificate: counted by address, 127.0.0.1).
+        let anon = s.anonymous();
+        let guess = |i: usize| Some(json!({"token": format!("{:016x}.{i:064x}", i)}));
+        for i in 0..LIMIT {
+            let (st, code, _) = refused(&anon, Method::POST, "/v1/enroll", guess(i)).await;
+            assert_eq!((st, code.as_str()), (401, "bad-token"), "guess {i}");
+        }
+        let (st, code, msg) = refused(&anon, Method::POST, "/v1/enroll", guess(LIMIT)).await;
+        assert_eq!((st, code.as_str()), (429, "too-many-refusals"), "{msg}");
+        assert!(
+            msg.contains("127.0.0.1") && msg.contains("try again in"),
+            "{msg}"
+        );
+        // Even a right token waits for the window's end: nothing is looked at.
+        let right = Some(json!({"token": good.token}));
+        let (st, _, _) = refused(&anon, Method::POST, "/v1/enroll", right.clone()).await;
+        assert_eq!(st, 429);
+
+        // Hammering the API without a certificate: 429s, while an enrolled administrator on the
+        // same loopback address (counted by its certificate) is served throughout.
+        for i in 0..300 {
+            let (st, code, _) = refused(&anon, Method::GET, "/v1/tenants", None).await;
+            assert_eq!(
+                (st, code.as_str()),
+                (429, "too-many-refusals"),
+                "request {i}"
+            );
+            if i % 50 == 0 {
+                let me: Principal = admin.get("/v1/whoami").await.unwrap();
+                assert_eq!(me.name, "admin");
+            }
+        }
+        // An enrolled identity that keeps being refused (another tenant's objects) is limited
+        // by its certificate: the others are not.
+        let viewer_started = std::time::Instant::now();
+        for i in 0..LIMIT {
+            let (st, _, _) =
+                refused(&viewer, Method::GET, "/v1/tenants/globex/machines", None).await;
+            assert_eq!(st, 403, "request {i}");
+        }
+        let (st, code, _) = refused(&viewer, Method::GET, "/v1/whoami", None).await;
+        assert_eq!((st, code.as_str()), (429, "too-many-refusals"));
+        ok(&admin, Method::GET, "/v1/tenants/acme/machines", None).await;
+        assert!(
+            started.elapsed() < WINDOW,
+            "the refusals took longer than the window ({:?}); the test cannot tell",
+            started.elapsed()
+        );
+
+        // Each refusal up to the limit was audited; the 429s were not, one by one.
+        let log = audit_log(&admin).await;
+        let new: Vec<&AuditEntry> = log.iter().filter(|e| e.seq > before).collect();
+        assert!(new.iter().all(|e| e.status != 429), "{new:?}");
+        let count = |who: &str, status: u16| {
+            new.iter()
+                .filter(|e| e.who == who && e.status == status)
+                .count()
+        };
+        assert_eq!(count("anonymous", 401), LIMIT);
+        assert_eq!(count("carol", 403), LIMIT);
+
+        // The window ends: each limited client gets one summary entry, and is served again.
+        // (The viewer's window began last.)
+        tokio::time::sleep(
+            WINDOW.saturating_sub(viewer_started.elapsed()) + Duration::from_secs(1),
+        )
+        .await;
+        let e: Enrolled = anon
+            .call(Method::POST, "/v1/enroll", right.as_ref())
+            .await
+            .unwrap();
+        assert_eq!(e.principal.name, "dave");
+        let me: Principal = viewer.get("/v1/whoami").await.unwrap();
+        assert_eq!(me.name, "carol");
+        let log = audit_log(&admin).await;
+        let new: Vec<&AuditEntry> = log.iter().filter(|e| e.seq > before).collect();
+        assert!(new.len() < 3 * LIMIT, "{} audit entries", new.len());
+        let summaries: Vec<&&AuditEntry> = new.iter().filter(|e| e.status == 429).collect();
+        assert_eq!(summaries.len(), 2, "{summaries:?}");
+        let anon_sum = summaries.iter().find(|e| e.who == "anonymous").unwrap();
+        assert_eq!(anon_sum.what, "too many refusals");
+        assert_eq!(anon_sum.result, AuditResult::Refused);
+        let n = LIMIT + 2 + 300;
+        assert!(
+            anon_sum
+                .detail
+                .starts_with(&format!("{n} requests refused from 127.0.0.1 since ")),
+            "{}",
+            anon_sum.detail
+        );
+        let carol = summaries.iter().find(|e| e.who == "carol").unwrap();
+        assert_eq!(carol.tenant.as_deref(), Some("acme"));
+        assert!(
+            carol
+                .detail
+                .starts_with(&format!("{} requests refused from certificate ", LIMIT + 1)),
+            "{}",
+            carol.detail
+        );
+
+        // Metrics: refusals and 429s counted.
+        let (_, m) = admin.raw(Method::GET, "/metrics", None).await.unwrap();
+        let m = String::from_utf8_lossy(&m);
+        let value = |name: &str| -> u64 {
+            m.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("no {name} in {m}"))
+                .parse()
+                .unwrap()
+        };
+        assert!(value("ferry_refusals_total") >= 2 * LIMIT as u64, "{m}");
+        assert_eq!(value("ferry_refusals_limited_total"), 303, "{m}");
+    });
 }

@@ -1,9 +1,12 @@
-//! The shared state of a running server, and the gate every request passes: it finds the
-//! principal of the client certificate, refuses requests without one, and writes the audit
-//! entry for every mutating call and every refusal.
+//! The shared state of a running server, and the gate every request passes: it answers a
+//! client over its limit of refusals `429` before anything else (`crate::refusals`), finds the
+//! principal of the client certificate, refuses requests without one, counts refusals, and
+//! writes the audit entry for every mutating call and every refusal (and one summary per
+//! window for a limited client).
 
 use crate::ca::Authority;
 use crate::error::{ApiError, AuditDetail};
+use crate::refusals::{Client, Summary, Verdict};
 use crate::store::{trees, Store};
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -13,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use ferry_api::{AuditEntry, AuditResult, Principal};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub struct App {
     pub store: Store,
@@ -26,6 +30,8 @@ pub struct App {
     pub state_dir: std::path::PathBuf,
     /// The recovery site jobs drive, and the servers test failovers run.
     pub jobs: crate::jobs::Runtime,
+    /// Refusals counted per client, and the `429`s past the limit (`crate::refusals`).
+    pub refusals: crate::refusals::Refusals,
 }
 
 pub type Shared = Arc<App>;
@@ -75,6 +81,19 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let fp = conn.as_ref().and_then(|c| c.cert_sha256.clone());
+    // A client refused too often is answered before anything is looked at: the table only.
+    let client = conn
+        .as_ref()
+        .map(|c| Client::of(c.cert_sha256.as_deref(), c.peer.ip()));
+    if let Some(client) = &client {
+        let (verdict, ended) = app.refusals.check(client, Instant::now());
+        if let Err(e) = audit_summaries(&app, ended.into_iter().collect()).await {
+            return e.into_response();
+        }
+        if let Verdict::Limited { retry_after_secs } = verdict {
+            return too_many_refusals(client, retry_after_secs, app.refusals.limits());
+        }
+    }
     let cert = match fp
         .as_deref()
         .map(|fp| crate::identities::lookup(&app.store, fp))
@@ -113,6 +132,18 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
         .into_response(),
     };
     let status = resp.status();
+    if let (Some(client), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) = (&client, status) {
+        let from = conn
+            .as_ref()
+            .map(|c| c.peer.to_string())
+            .unwrap_or_default();
+        let evicted = app
+            .refusals
+            .refused(client, &from, Instant::now(), now_unix());
+        if let Err(e) = audit_summaries(&app, evicted).await {
+            return e.into_response();
+        }
+    }
     let reads = method == Method::GET || method == Method::HEAD;
     // What a role sends by itself every poll interval (its configuration request, its disks'
     // state and RPO) is an observation, not a change someone made: audited only when refused,
@@ -153,19 +184,82 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
             },
             detail,
         };
-        let written = app.store.append(trees::AUDIT, entry);
         // The answer waits for the audit entry to be durable, as it waits for the change.
-        if let Err(e) = match written {
-            Ok(_) => app.store.flush().await,
-            Err(e) => Err(e),
-        } {
-            tracing::error!(error = %e, %method, %path, "cannot write the audit entry");
-            return ApiError::internal(format!("the audit log cannot be written: {e}"))
-                .into_response();
+        if let Err(e) = audit(&app, entry).await {
+            tracing::error!(error = %e.message, %method, %path, "cannot write the audit entry");
+            return e.into_response();
         }
         tracing::info!(%method, %path, status = status.as_u16(), "audited");
     }
     resp
+}
+
+/// Append an audit entry and flush it.
+async fn audit(app: &App, entry: impl FnOnce(u64) -> AuditEntry) -> Result<(), ApiError> {
+    let written = app.store.append(trees::AUDIT, entry);
+    match written {
+        Ok(_) => app.store.flush().await,
+        Err(e) => Err(e),
+    }
+    .map_err(|e| ApiError::internal(format!("the audit log cannot be written: {e}")))
+}
+
+/// The answer to a client over its limit of refusals: nothing was looked at, nothing audited
+/// (its window's summary is).
+fn too_many_refusals(
+    client: &Client,
+    retry_after_secs: u64,
+    limits: crate::refusals::Limits,
+) -> Response {
+    let mut r = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too-many-refusals",
+        format!(
+            "too many refused requests from {client} ({} within {} s): not looked at until that \
+             window ends; try again in {retry_after_secs} s",
+            limits.per_window,
+            limits.window.as_secs()
+        ),
+    )
+    .into_response();
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from(retry_after_secs),
+    );
+    r
+}
+
+/// One audit entry per client and window that got `429`s (`crate::refusals`). A client known
+/// by its certificate is audited under the identity it was issued to.
+pub async fn audit_summaries(app: &App, summaries: Vec<Summary>) -> Result<(), ApiError> {
+    for s in summaries {
+        let who = match &s.client {
+            Client::Certificate(fp) => crate::identities::lookup(&app.store, fp)
+                .ok()
+                .flatten()
+                .map(|c| c.principal),
+            Client::Address(_) => None,
+        };
+        let message = s.message();
+        tracing::warn!(client = %s.client, limited = s.limited, "{message}");
+        audit(app, |seq| AuditEntry {
+            seq,
+            at_unix: now_unix(),
+            who: who
+                .as_ref()
+                .map_or_else(|| "anonymous".to_string(), |p| p.name.clone()),
+            role: who.as_ref().map(|p| p.role),
+            tenant: who.as_ref().and_then(|p| p.tenant.clone()),
+            from: s.from.clone(),
+            what: "too many refusals".into(),
+            target_tenant: None,
+            status: StatusCode::TOO_MANY_REQUESTS.as_u16(),
+            result: AuditResult::Refused,
+            detail: message,
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC), for logs and screens.
@@ -205,5 +299,13 @@ mod tests {
         );
         assert_eq!(super::target_tenant("/v1/tenants"), None);
         assert_eq!(super::target_tenant("/v1/audit"), None);
+    }
+
+    #[test]
+    fn too_many_refusals_says_when_to_come_back() {
+        let client = crate::refusals::Client::of(None, [127, 0, 0, 1].into());
+        let r = super::too_many_refusals(&client, 42, crate::refusals::Limits::default());
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "42");
     }
 }

@@ -46,6 +46,8 @@ pub struct Authority {
     ca_pem: String,
     ca_sha256: String,
     server_tls: Arc<rustls::ServerConfig>,
+    /// How long appliances' certificates live, when not [`CLIENT_CERT_DAYS`] (tests).
+    appliance_validity: Option<time::Duration>,
 }
 
 /// Hex SHA-256 of a DER certificate: how certificates are recorded and pinned.
@@ -58,6 +60,17 @@ pub fn pem_fingerprint(pem: &str) -> Option<String> {
     CertificateDer::from_pem_slice(pem.as_bytes())
         .ok()
         .map(|d| fingerprint(&d))
+}
+
+/// When the first certificate in a PEM text starts and stops being valid (Unix seconds).
+pub fn pem_validity(pem: &str) -> Option<(u64, u64)> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let v = cert.validity();
+    Some((
+        u64::try_from(v.not_before.timestamp()).ok()?,
+        u64::try_from(v.not_after.timestamp()).ok()?,
+    ))
 }
 
 pub struct Issued {
@@ -92,9 +105,18 @@ impl Authority {
                 ca_sha256: fingerprint(&der),
                 ca_pem,
                 server_tls: ferry_pki::server_config_client_optional(dir)?,
+                appliance_validity: None,
             },
             created,
         ))
+    }
+
+    /// Issue appliances' certificates (enrollment and renewal) for `v` rather than a year:
+    /// for tests of the roles' own renewal.
+    pub fn set_appliance_validity(&mut self, v: std::time::Duration) {
+        self.appliance_validity = Some(time::Duration::seconds(
+            i64::try_from(v.as_secs()).unwrap_or(i64::MAX).max(1),
+        ));
     }
 
     pub fn ca_pem(&self) -> &str {
@@ -131,9 +153,14 @@ impl Authority {
         serial[0] &= 0x7f; // a positive INTEGER
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let now = time::OffsetDateTime::now_utc();
-        // A little slack for clocks that run behind ours.
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::days(CLIENT_CERT_DAYS);
+        let validity = match (p.appliance, self.appliance_validity) {
+            (Some(_), Some(v)) => v,
+            _ => time::Duration::days(CLIENT_CERT_DAYS),
+        };
+        // A little slack for clocks that run behind ours (a tenth of a short life at most, so
+        // that the share of the life left, which roles renew by, stays meaningful).
+        params.not_before = now - std::cmp::min(validity / 10_i32, time::Duration::minutes(5));
+        params.not_after = now + validity;
 
         let (cert, key_pem) = match csr_pem {
             Some(pem) => {
@@ -192,6 +219,20 @@ mod tests {
         let b = ca.issue(&p, Some(&csr)).unwrap();
         assert!(b.private_key_pem.is_none());
         assert_ne!(a.sha256, b.sha256);
+        let (from, until) = pem_validity(&b.certificate_pem).unwrap();
+        assert_eq!(until, b.expires_unix);
+        assert_eq!(until - from, 365 * 86400 + 300);
+        // Appliances' certificates can be made short-lived (tests of their renewal).
+        let mut ca = ca;
+        ca.set_appliance_validity(std::time::Duration::from_secs(20));
+        let mt = Principal {
+            appliance: Some(ferry_api::ApplianceRole::MasterTarget),
+            ..p.clone()
+        };
+        let (from, until) = pem_validity(&ca.issue(&mt, None).unwrap().certificate_pem).unwrap();
+        assert_eq!(until - from, 22);
+        let (from, until) = pem_validity(&ca.issue(&p, None).unwrap().certificate_pem).unwrap();
+        assert_eq!(until - from, 365 * 86400 + 300);
         assert!(matches!(
             ca.issue(&p, Some("not a csr")),
             Err(CaError::Csr(_))

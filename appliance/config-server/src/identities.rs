@@ -345,6 +345,21 @@ pub async fn renew(
             app.store.put(trees::APPLIANCES, &p.name, &a)?;
         }
     }
+    let now = now_unix();
+    app.store.append(trees::EVENTS, |seq| Event {
+        seq,
+        at_unix: now,
+        severity: Severity::Info,
+        tenant: p.tenant.clone(),
+        subject: format!("identities/{}", p.name),
+        message: format!(
+            "{} renewed certificate {old} as {} (valid until {} UTC)",
+            p.name,
+            issued.sha256,
+            crate::app::format_time(issued.expires_unix)
+        ),
+        active: false,
+    })?;
     app.store.flush().await?;
     tracing::info!(name = %p.name, old, new = %issued.sha256, "renewed a certificate");
     Ok((

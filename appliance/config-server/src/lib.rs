@@ -10,7 +10,7 @@
 //! revocation, renewal), [`reports`] (audit, events, metrics),
 //! [`report`] (what appliances observe), [`alerts`], [`jobs`] (failover jobs), [`system`],
 //! [`network`] and [`diagnose`] (the appliance itself, for the local console),
-//! [`routes`] (the table) and [`openapi`] (the document made from it), [`serve`] (TLS and
+//! [`refusals`] (rate limits for refused clients), [`routes`] (the table) and [`openapi`] (the document made from it), [`serve`] (TLS and
 //! HTTP), [`client`] (for the CLI and tests).
 
 pub mod alerts;
@@ -25,6 +25,7 @@ pub mod jobs;
 pub mod network;
 pub mod objects;
 pub mod openapi;
+pub mod refusals;
 pub mod report;
 pub mod reports;
 pub mod roles;

@@ -21,7 +21,7 @@ fn status_text(s: u16) -> &'static str {
         413 => "Body larger than the limit",
         415 => "Body is not JSON",
         422 => "Well-formed JSON with wrong types or invalid values",
-        429 => "Locked out after too many wrong passwords",
+        429 => "Too many refused requests from this client (too-many-refusals, with Retry-After), or locked out after too many wrong passwords",
         501 => "No command is configured for this action on this appliance",
         502 => "The provider refused or could not be reached",
         500 => "Server failure",

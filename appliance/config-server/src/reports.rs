@@ -208,6 +208,16 @@ pub async fn metrics(
     appliance_metrics(&app, &p, &mut out)?;
     crate::alerts::metrics(&app.store, &p, &mut out)?;
     crate::jobs::metrics(&app.store, &p, &mut out)?;
+    let r = &app.refusals;
+    let _ = writeln!(
+        out,
+        "# HELP ferry_refusals_total requests refused (401, 403) since the server started\n\
+         # TYPE ferry_refusals_total counter\nferry_refusals_total {}\n\
+         # HELP ferry_refusals_limited_total requests answered 429 too-many-refusals since the server started\n\
+         # TYPE ferry_refusals_limited_total counter\nferry_refusals_limited_total {}",
+        r.refused_total.load(std::sync::atomic::Ordering::Relaxed),
+        r.limited_total.load(std::sync::atomic::Ordering::Relaxed)
+    );
     let proc = ferry_api::own_process_stats();
     let _ = writeln!(
         out,

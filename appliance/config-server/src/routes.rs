@@ -101,8 +101,8 @@ impl Op {
             request: None,
             answer: Answer::Empty,
             ok: 200,
-            // Every route: no or unknown certificate, and a server failure.
-            errors: vec![401, 500],
+            // Every route: no or unknown certificate, too many refusals, a server failure.
+            errors: vec![401, 429, 500],
             token_auth: false,
         }
     }

@@ -52,6 +52,11 @@ pub struct Config {
     pub order_timeout: Duration,
     /// An appliance silent for this long is unreachable (an alert).
     pub unreachable_after: Duration,
+    /// Refusals a client may get per window before it is answered `429` (`crate::refusals`).
+    pub refusals: crate::refusals::Limits,
+    /// How long appliances' certificates live (default a year); shorter only for tests of
+    /// their renewal.
+    pub appliance_cert_validity: Option<Duration>,
 }
 
 /// Concurrent connections; more are closed at once rather than queued without bound.
@@ -71,7 +76,10 @@ impl Server {
     pub async fn bind(cfg: &Config) -> Result<Server, ServerError> {
         std::fs::create_dir_all(&cfg.state)
             .map_err(io(format!("creating {}", cfg.state.display())))?;
-        let (ca, _) = Authority::open_or_create(&cfg.state.join("pki"), &cfg.server_names)?;
+        let (mut ca, _) = Authority::open_or_create(&cfg.state.join("pki"), &cfg.server_names)?;
+        if let Some(v) = cfg.appliance_cert_validity {
+            ca.set_appliance_validity(v);
+        }
         let store = Store::open(&cfg.state.join("db"))?;
         bootstrap_admin(&store, &ca, &cfg.state.join("admin")).await?;
         let listener = TcpListener::bind(cfg.listen)
@@ -92,6 +100,7 @@ impl Server {
             system: crate::system::SystemState::new(cfg.system.clone()),
             state_dir: cfg.state.clone(),
             jobs: crate::jobs::Runtime::new(cfg.site.clone(), cfg.order_timeout),
+            refusals: crate::refusals::Refusals::new(cfg.refusals),
         });
         // A network change left pending by a stopped server still rolls back on time.
         crate::network::resume(&app).await;
@@ -116,6 +125,7 @@ impl Server {
             self.app.clone(),
             self.unreachable_after,
         ));
+        tokio::spawn(sweep_refusals(self.app.clone()));
         tracing::info!(addr = %self.local_addr, "configuration server listening");
         loop {
             let (tcp, peer) = tokio::select! {
@@ -172,6 +182,19 @@ impl Server {
         tracing::info!("configuration server stopping");
         self.app.store.flush().await?;
         Ok(())
+    }
+}
+
+/// Every window, forget the refused clients whose windows ended, auditing the summaries of
+/// those that were answered `429` (a client that stopped would otherwise never get one).
+async fn sweep_refusals(app: Shared) {
+    let every = app.refusals.limits().window.max(Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(every).await;
+        let ended = app.refusals.sweep(std::time::Instant::now());
+        if let Err(e) = crate::app::audit_summaries(&app, ended).await {
+            tracing::error!(error = %e.message, "cannot audit the refused clients' summaries");
+        }
     }
 }
 

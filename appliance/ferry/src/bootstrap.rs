@@ -5,7 +5,8 @@
 //! while the configuration server is unreachable, and asks again every poll interval: a changed
 //! answer restarts the role in place (the journal and repository are crash-safe; QEMU's NBD
 //! client reconnects). A process server also reports each disk's state and RPO, its cache use and its upload
-//! backlog on every poll.
+//! backlog on every poll. On every poll, too, a role whose certificate has less than a third
+//! of its life left renews it ([`renewal_due`]; `docs/api.md`, "Revocation and renewal").
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -187,13 +188,22 @@ impl BootstrapArgs {
                     std::thread::sleep(Duration::from_secs(me.config_poll_secs.max(1)));
                 }
                 first = false;
-                let client = match me.client() {
+                let mut client = match me.client() {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(error = %e, "configuration watch");
                         continue;
                     }
                 };
+                if rt.block_on(me.renew_if_due(&client)) {
+                    match me.client() {
+                        Ok(c) => client = c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "configuration watch");
+                            continue;
+                        }
+                    }
+                }
                 let disks = match (&cache, &current) {
                     (Some(cache), RoleConfig::ProcessServer(c)) => {
                         Some((c.tenant.as_str(), c.disks.as_slice(), cache.as_path()))
@@ -232,6 +242,55 @@ impl BootstrapArgs {
                 }
             }
         });
+    }
+}
+
+/// A role renews its certificate when less than this share of its life is left.
+pub const RENEW_WHEN_LEFT: (u64, u64) = (1, 3);
+
+/// Whether a certificate valid from `not_before` to `not_after` is due for renewal at `now`.
+pub fn renewal_due(not_before: u64, not_after: u64, now: u64) -> bool {
+    let (num, den) = RENEW_WHEN_LEFT;
+    let life = not_after.saturating_sub(not_before);
+    not_after.saturating_sub(now).saturating_mul(den) < life.saturating_mul(num)
+}
+
+impl BootstrapArgs {
+    /// Renew this role's identity (`ferry ctl renew`'s way: a new key made here, swapped in
+    /// atomically, tried) when less than [`RENEW_WHEN_LEFT`] of its certificate's life is
+    /// left. A failure is logged and tried again at the next poll; the role keeps its
+    /// identity meanwhile. Returns whether the identity was renewed.
+    async fn renew_if_due(&self, client: &Client) -> bool {
+        let dir = self.layout().identity;
+        let pem = std::fs::read_to_string(dir.join("client-cert.pem")).unwrap_or_default();
+        let Some((from, until)) = ferry_config_server::ca::pem_validity(&pem) else {
+            return false;
+        };
+        let now = ferry_config_server::app::now_unix();
+        if !renewal_due(from, until, now) {
+            return false;
+        }
+        match crate::control::identity::renew(client, self.server(), &dir).await {
+            Ok(e) => {
+                let new = ferry_config_server::ca::pem_validity(&e.certificate_pem)
+                    .map_or(0, |(_, until)| until);
+                tracing::info!(
+                    name = %e.principal.name,
+                    old_expires_in_secs = until.saturating_sub(now),
+                    new_expires = %ferry_config_server::app::format_time(new),
+                    "renewed this role's certificate before it expires"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    expires_in_secs = until.saturating_sub(now),
+                    "renewing this role's certificate failed; trying again at the next poll"
+                );
+                false
+            }
+        }
     }
 }
 
@@ -365,4 +424,19 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn renewal_is_due_in_the_last_third_of_the_life() {
+        use super::renewal_due;
+        assert!(!renewal_due(1000, 1300, 1000));
+        assert!(!renewal_due(1000, 1300, 1200));
+        assert!(renewal_due(1000, 1300, 1201));
+        assert!(renewal_due(1000, 1300, 5000)); // expired: still tried (and refused)
+        let year = 365 * 86400;
+        assert!(!renewal_due(0, year, year / 2));
+        assert!(renewal_due(0, year, year - 100 * 86400));
+    }
 }

@@ -12,7 +12,7 @@ use ferry_config_server::client::{Client, ClientError};
 use serde::{de::DeserializeOwned, Serialize};
 use std::net::SocketAddr;
 
-mod identity;
+pub(crate) mod identity;
 mod operate;
 use std::path::PathBuf;
 
@@ -74,6 +74,18 @@ pub struct ServerArgs {
     /// process group).
     #[arg(long)]
     plan_hook_user: Option<String>,
+    /// Refused requests (401, 403) a client (a certificate, or an address without one) may get
+    /// within --refusal-window-secs; past this it is answered 429 too-many-refusals until that
+    /// window ends (0: no limit).
+    #[arg(long, default_value_t = ferry_config_server::refusals::DEFAULT_PER_WINDOW)]
+    refusal_limit: u32,
+    /// The window refusals are counted in (and summed up in the audit log).
+    #[arg(long, default_value_t = ferry_config_server::refusals::WINDOW.as_secs())]
+    refusal_window_secs: u64,
+    /// For testing the roles' own renewal: appliances' certificates live this many seconds
+    /// instead of a year.
+    #[arg(long, hide = true)]
+    appliance_cert_secs: Option<u64>,
 }
 
 const HOOKS: &[&str] = &[
@@ -136,6 +148,12 @@ pub fn server(a: ServerArgs) -> anyhow::Result<()> {
             },
             order_timeout: std::time::Duration::from_secs(a.order_timeout_secs.max(1)),
             unreachable_after: std::time::Duration::from_secs(a.unreachable_secs.max(1)),
+            refusals: ferry_config_server::refusals::Limits {
+                per_window: a.refusal_limit,
+                window: std::time::Duration::from_secs(a.refusal_window_secs.max(1)),
+                ..Default::default()
+            },
+            appliance_cert_validity: a.appliance_cert_secs.map(std::time::Duration::from_secs),
         };
         let s = ferry_config_server::Server::bind(&cfg)
             .await
