@@ -36,6 +36,35 @@ fn appliance_token(
         .unwrap()
 }
 
+/// A master target enrolled with `token` at the configuration server `url`, on the lab's repository
+/// and port (state in `d/mt-state`, polling every second), listening when this returns.
+fn master_target(d: &Path, lab: &Lab, url: &str, token: &TokenCreated) -> support::Kill {
+    let s = |v: &str| v.to_string();
+    let mt = support::Kill::spawn(
+        d,
+        "master-target",
+        &[
+            s("master-target"),
+            s("--repo"),
+            lab.repo.display().to_string(),
+            s("--listen"),
+            format!("127.0.0.1:{}", lab.master_port),
+            s("--config-server"),
+            s(url),
+            s("--token"),
+            token.token.clone(),
+            s("--ca-sha256"),
+            token.ca_sha256.clone(),
+            s("--state"),
+            d.join("mt-state").display().to_string(),
+            s("--config-poll-secs"),
+            s("1"),
+        ],
+    );
+    wait_port(lab.master_port, Duration::from_secs(20)).unwrap();
+    mt
+}
+
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -144,29 +173,8 @@ fn roles_take_their_configuration_from_the_configuration_server() {
     let lab = Lab::new(&support::exe(), d, &[]).unwrap();
     let mt_token = appliance_token(&admin, &rt, "acme", "mt1", "master-target");
     let ps_token = appliance_token(&admin, &rt, "acme", "ps1", "process-server");
+    let _mt = master_target(d, &lab, &server.url, &mt_token);
     let s = |v: &str| v.to_string();
-    let _mt = support::Kill::spawn(
-        d,
-        "master-target",
-        &[
-            s("master-target"),
-            s("--repo"),
-            lab.repo.display().to_string(),
-            s("--listen"),
-            format!("127.0.0.1:{}", lab.master_port),
-            s("--config-server"),
-            server.url.clone(),
-            s("--token"),
-            mt_token.token.clone(),
-            s("--ca-sha256"),
-            mt_token.ca_sha256.clone(),
-            s("--state"),
-            d.join("mt-state").display().to_string(),
-            s("--config-poll-secs"),
-            s("1"),
-        ],
-    );
-    wait_port(lab.master_port, Duration::from_secs(20)).unwrap();
 
     let ps_args = |extra: &[String]| {
         let mut v = vec![
@@ -504,29 +512,7 @@ fn a_revoked_process_server_is_refused_by_the_master_target() {
     ));
     let lab = Lab::new(&support::exe(), d, &[]).unwrap();
     let mt_token = appliance_token(&admin, &rt, "acme", "mt1", "master-target");
-    let s = |v: &str| v.to_string();
-    let _mt = support::Kill::spawn(
-        d,
-        "master-target",
-        &[
-            s("master-target"),
-            s("--repo"),
-            lab.repo.display().to_string(),
-            s("--listen"),
-            format!("127.0.0.1:{}", lab.master_port),
-            s("--config-server"),
-            server.url.clone(),
-            s("--token"),
-            mt_token.token.clone(),
-            s("--ca-sha256"),
-            mt_token.ca_sha256.clone(),
-            s("--state"),
-            d.join("mt-state").display().to_string(),
-            s("--config-poll-secs"),
-            s("1"),
-        ],
-    );
-    wait_port(lab.master_port, Duration::from_secs(20)).unwrap();
+    let _mt = master_target(d, &lab, &server.url, &mt_token);
 
     // Two process servers of acme, each with its data-link client certificate for its own key,
     // as a process server asks for it.
@@ -652,29 +638,7 @@ fn a_role_renews_its_own_certificate_before_it_expires() {
     ));
     let lab = Lab::new(&support::exe(), d, &[]).unwrap();
     let mt_token = appliance_token(&admin, &rt, "acme", "mt1", "master-target");
-    let s = |v: &str| v.to_string();
-    let _mt = support::Kill::spawn(
-        d,
-        "master-target",
-        &[
-            s("master-target"),
-            s("--repo"),
-            lab.repo.display().to_string(),
-            s("--listen"),
-            format!("127.0.0.1:{}", lab.master_port),
-            s("--config-server"),
-            server.url.clone(),
-            s("--token"),
-            mt_token.token.clone(),
-            s("--ca-sha256"),
-            mt_token.ca_sha256.clone(),
-            s("--state"),
-            d.join("mt-state").display().to_string(),
-            s("--config-poll-secs"),
-            s("1"),
-        ],
-    );
-    wait_port(lab.master_port, Duration::from_secs(20)).unwrap();
+    let _mt = master_target(d, &lab, &server.url, &mt_token);
     let certs = || -> Vec<ferry_api::IssuedCertificate> {
         let v: Vec<ferry_api::IssuedCertificate> =
             rt.block_on(admin.get("/v1/certificates")).unwrap();

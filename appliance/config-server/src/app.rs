@@ -161,14 +161,13 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
             .get::<AuditDetail>()
             .map(|d| d.0.clone())
             .unwrap_or_default();
+        let (name, role, tenant) = audited_as(who.as_ref());
         let entry = |seq| AuditEntry {
             seq,
             at_unix: now_unix(),
-            who: who
-                .as_ref()
-                .map_or_else(|| "anonymous".to_string(), |p| p.name.clone()),
-            role: who.as_ref().map(|p| p.role),
-            tenant: who.as_ref().and_then(|p| p.tenant.clone()),
+            who: name,
+            role,
+            tenant,
             from: conn
                 .as_ref()
                 .map_or_else(|| "unknown".to_string(), |c| c.peer.to_string()),
@@ -192,6 +191,14 @@ pub async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Re
         tracing::info!(%method, %path, status = status.as_u16(), "audited");
     }
     resp
+}
+
+/// Who an audit entry names: the principal's name, role and tenant, or `anonymous`.
+fn audited_as(who: Option<&Principal>) -> (String, Option<ferry_api::Role>, Option<String>) {
+    match who {
+        Some(p) => (p.name.clone(), Some(p.role), p.tenant.clone()),
+        None => ("anonymous".to_string(), None, None),
+    }
 }
 
 /// Append an audit entry and flush it.
@@ -242,14 +249,13 @@ pub async fn audit_summaries(app: &App, summaries: Vec<Summary>) -> Result<(), A
         };
         let message = s.message();
         tracing::warn!(client = %s.client, limited = s.limited, "{message}");
+        let (name, role, tenant) = audited_as(who.as_ref());
         audit(app, |seq| AuditEntry {
             seq,
             at_unix: now_unix(),
-            who: who
-                .as_ref()
-                .map_or_else(|| "anonymous".to_string(), |p| p.name.clone()),
-            role: who.as_ref().map(|p| p.role),
-            tenant: who.as_ref().and_then(|p| p.tenant.clone()),
+            who: name,
+            role,
+            tenant,
             from: s.from.clone(),
             what: "too many refusals".into(),
             target_tenant: None,
