@@ -285,6 +285,20 @@ async fn against(answers: Vec<Msg>) -> String {
 async fn answers_that_do_not_fit_are_errors_that_say_so() {
     let k = key();
     let names = |n: usize| vec![ferry_chunk::ChunkId([1; 32]); n];
+    // Both batches' names (the next batch's are asked for before this one's blocks), then `m`.
+    let batches_then = |m: Msg| {
+        vec![
+            Msg::Ids {
+                first: 0,
+                ids: names(64),
+            },
+            Msg::Ids {
+                first: 64,
+                ids: names(37),
+            },
+            m,
+        ]
+    };
     let data = vec![5u8; BLOCK as usize];
     let id = k.chunk_id(&data);
     let other = k.chunk_id(&[6u8; BLOCK as usize]);
@@ -305,81 +319,37 @@ async fn answers_that_do_not_fit_are_errors_that_say_so() {
         ),
         (vec![Msg::Have { present: vec![] }], "for block names"),
         (
-            vec![
-                Msg::Ids {
-                    first: 0,
-                    ids: names(64),
-                },
-                // The next batch's names are asked for before this one's blocks.
-                Msg::Ids {
-                    first: 64,
-                    ids: names(37),
-                },
-                Msg::Block {
-                    index: 5,
-                    body: BlockBody::Zero,
-                },
-            ],
+            batches_then(Msg::Block {
+                index: 5,
+                body: BlockBody::Zero,
+            }),
             "for block 0",
         ),
         (
-            vec![
-                Msg::Ids {
-                    first: 0,
-                    ids: names(64),
+            batches_then(Msg::Block {
+                index: 0,
+                body: BlockBody::Chunk {
+                    id: other,
+                    blob: Some(k.seal_chunk(&id, &data)),
                 },
-                // The next batch's names are asked for before this one's blocks.
-                Msg::Ids {
-                    first: 64,
-                    ids: names(37),
-                },
-                Msg::Block {
-                    index: 0,
-                    body: BlockBody::Chunk {
-                        id: other,
-                        blob: Some(k.seal_chunk(&id, &data)),
-                    },
-                },
-            ],
+            }),
             "does not open as its name",
         ),
         (
-            vec![
-                Msg::Ids {
-                    first: 0,
-                    ids: names(64),
-                },
-                // The next batch's names are asked for before this one's blocks.
-                Msg::Ids {
-                    first: 64,
-                    ids: names(37),
-                },
-                Msg::Block {
-                    index: 0,
-                    body: BlockBody::Chunk { id, blob: None },
-                },
-            ],
+            batches_then(Msg::Block {
+                index: 0,
+                body: BlockBody::Chunk { id, blob: None },
+            }),
             "by reference",
         ),
         (
-            vec![
-                Msg::Ids {
-                    first: 0,
-                    ids: names(64),
+            batches_then(Msg::Block {
+                index: 0,
+                body: BlockBody::Chunk {
+                    id: k.chunk_id(&data[..100]),
+                    blob: Some(k.seal_chunk(&k.chunk_id(&data[..100]), &data[..100])),
                 },
-                // The next batch's names are asked for before this one's blocks.
-                Msg::Ids {
-                    first: 64,
-                    ids: names(37),
-                },
-                Msg::Block {
-                    index: 0,
-                    body: BlockBody::Chunk {
-                        id: k.chunk_id(&data[..100]),
-                        blob: Some(k.seal_chunk(&k.chunk_id(&data[..100]), &data[..100])),
-                    },
-                },
-            ],
+            }),
             "is 100 bytes",
         ),
         (vec![], "closed the resync connection"),
