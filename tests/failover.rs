@@ -628,6 +628,16 @@ impl Dr {
         wait_port(self.lab.nbd_port, self.left()).unwrap();
     }
 
+    /// Start a job and wait until its step `step` runs.
+    fn start_job_until(&self, c: &Client, body: Value, step: &str) -> Job {
+        let j = self.start_job(c, body);
+        self.wait_job(c, j.id, |j| {
+            j.steps
+                .iter()
+                .any(|s| s.name == step && s.state == StepState::Running)
+        })
+    }
+
     fn restart_server(&mut self) {
         self.server.take().unwrap().crash();
         self.server = Some(harness::Server::start_with(
@@ -1111,12 +1121,7 @@ fn an_order_in_flight_across_a_configuration_server_restart_runs_once() {
         sh(Command::new("kill").args([sig, mt.as_str()])).unwrap();
     };
     signal("-STOP");
-    let j = dr.start_job(&op, json!({"kind": "test-failover"}));
-    dr.wait_job(&op, j.id, |j| {
-        j.steps
-            .iter()
-            .any(|s| s.name == "points" && s.state == StepState::Running)
-    });
+    let j = dr.start_job_until(&op, json!({"kind": "test-failover"}), "points");
     std::thread::sleep(Duration::from_millis(500));
     dr.restart_server();
     signal("-CONT");
@@ -1724,12 +1729,7 @@ fn config_server_killed_mid_job_resumes_or_fails_clearly() {
     // machine's start, the job ends failed, naming the step and what was done.
     std::fs::write(dr.path("slow"), b"").unwrap();
     let op = dr.again("olivia");
-    let j = dr.start_job(&op, json!({"kind": "test-failover"}));
-    dr.wait_job(&op, j.id, |j| {
-        j.steps
-            .iter()
-            .any(|s| s.name == "start web" && s.state == StepState::Running)
-    });
+    let j = dr.start_job_until(&op, json!({"kind": "test-failover"}), "start web");
     dr.restart_server();
     let op = dr.again("olivia");
     let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
@@ -1788,12 +1788,7 @@ fn config_server_killed_mid_job_resumes_or_fails_clearly() {
     // server that is down; the configuration server dies meanwhile; after both are back, the
     // job goes on from the drain and ends as if nothing had happened.
     dr.stop_process();
-    let j = dr.start_job(&op, json!({"kind": "planned-failover"}));
-    dr.wait_job(&op, j.id, |j| {
-        j.steps
-            .iter()
-            .any(|s| s.name == "drain web" && s.state == StepState::Running)
-    });
+    let j = dr.start_job_until(&op, json!({"kind": "planned-failover"}), "drain web");
     dr.restart_server();
     dr.start_process();
     let op = dr.again("olivia");
@@ -1819,12 +1814,7 @@ fn config_server_killed_mid_job_resumes_or_fails_clearly() {
     }
     dr.run_job(&op, json!({"kind": "commit"}));
     dr.run_job(&op, json!({"kind": "reprotect"}));
-    let j = dr.start_job(&op, json!({"kind": "failback"}));
-    dr.wait_job(&op, j.id, |j| {
-        j.steps
-            .iter()
-            .any(|s| s.name == "protect web" && s.state == StepState::Running)
-    });
+    let j = dr.start_job_until(&op, json!({"kind": "failback"}), "protect web");
     dr.restart_server();
     let op = dr.again("olivia");
     let j = dr.wait_job(&op, j.id, |j| j.state != JobState::Running);
