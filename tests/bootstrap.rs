@@ -65,6 +65,16 @@ fn master_target(d: &Path, lab: &Lab, url: &str, token: &TokenCreated) -> suppor
     mt
 }
 
+/// A scratch directory named `prefix...` and a runtime for the test's API calls.
+fn scratch(prefix: &str) -> (tempfile::TempDir, tokio::runtime::Runtime) {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (dir, rt)
+}
+
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -110,15 +120,8 @@ fn try_link(port: u16, ca: &Path, client_pki: &Path, scratch: &Path) -> Option<b
 #[test]
 fn roles_take_their_configuration_from_the_configuration_server() {
     let began = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-bootstrap-")
-        .tempdir()
-        .unwrap();
+    let (dir, rt) = scratch("ferry-bootstrap-");
     let d = dir.path();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     // Appliances silent for 6 s are "unreachable": the roles' polls must keep them off that list.
     let server =
         harness::Server::start_with(&d.join("cs"), &["--unreachable-secs".into(), "6".into()]);
@@ -493,15 +496,8 @@ fn roles_take_their_configuration_from_the_configuration_server() {
 #[test]
 fn a_revoked_process_server_is_refused_by_the_master_target() {
     let began = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-revoke-")
-        .tempdir()
-        .unwrap();
+    let (dir, rt) = scratch("ferry-revoke-");
     let d = dir.path();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let server = harness::Server::start(&d.join("cs"));
     let admin = server.admin();
     rt.block_on(harness::ok(
@@ -616,15 +612,8 @@ fn a_role_renews_its_own_certificate_before_it_expires() {
     // a third of that is left, from its configuration poll, and keeps working past the first
     // certificate's expiry.
     let began = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-renew-")
-        .tempdir()
-        .unwrap();
+    let (dir, rt) = scratch("ferry-renew-");
     let d = dir.path();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let server = harness::Server::start_with(
         &d.join("cs"),
         &["--appliance-cert-secs".into(), "20".into()],

@@ -10,10 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use ferry_api::{
-    Action, Appliance, CreateToken, EnrollRequest, Enrolled, Event, Principal, Severity,
-    TokenCreated,
-};
+use ferry_api::{Action, Appliance, CreateToken, EnrollRequest, Enrolled, Principal, TokenCreated};
 use ring::rand::SecureRandom;
 use serde::{Deserialize, Serialize};
 
@@ -160,20 +157,17 @@ pub async fn enroll(
         };
         app.store.put(trees::APPLIANCES, &principal.name, &a)?;
     }
-    app.store.append(trees::EVENTS, |seq| Event {
-        seq,
-        at_unix: now,
-        severity: Severity::Info,
-        tenant: principal.tenant.clone(),
-        subject: format!("identities/{}", principal.name),
-        message: format!(
+    crate::identities::event(
+        &app.store,
+        &principal,
+        now,
+        format!(
             "{} enrolled as {} from {}",
             principal.name,
             principal.role.as_str(),
             conn.peer
         ),
-        active: false,
-    })?;
+    )?;
     app.store.flush().await?;
     tracing::info!(name = %principal.name, role = principal.role.as_str(), "enrolled");
     let body = Enrolled {

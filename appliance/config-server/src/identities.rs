@@ -25,6 +25,26 @@ use ferry_api::{
     RevokeRequest, Role, Severity,
 };
 
+/// An informational event about an identity (subject `identities/NAME`): enrolled, renewed,
+/// revoked.
+pub fn event(
+    store: &Store,
+    p: &Principal,
+    at_unix: u64,
+    message: String,
+) -> Result<(), StoreError> {
+    store.append(trees::EVENTS, |seq| Event {
+        seq,
+        at_unix,
+        severity: Severity::Info,
+        tenant: p.tenant.clone(),
+        subject: format!("identities/{}", p.name),
+        message,
+        active: false,
+    })?;
+    Ok(())
+}
+
 /// Record a certificate the CA just issued for `principal` (`renewed_from`: the certificate
 /// its holder renewed, which it replaces on first use). The caller flushes.
 pub fn record(
@@ -132,13 +152,11 @@ fn revoke(
         c.replaces = None;
         store.put(trees::CERTS, &c.sha256, &*c)?;
         let p = &c.principal;
-        store.append(trees::EVENTS, |seq| Event {
-            seq,
-            at_unix: now,
-            severity: Severity::Info,
-            tenant: p.tenant.clone(),
-            subject: format!("identities/{}", p.name),
-            message: format!(
+        event(
+            store,
+            p,
+            now,
+            format!(
                 "certificate {} of {} revoked by {by}{}",
                 c.sha256,
                 p.name,
@@ -148,8 +166,7 @@ fn revoke(
                     format!(": {reason}")
                 }
             ),
-            active: false,
-        })?;
+        )?;
         done.push(c.clone());
     }
     for c in &done {
@@ -345,21 +362,17 @@ pub async fn renew(
             app.store.put(trees::APPLIANCES, &p.name, &a)?;
         }
     }
-    let now = now_unix();
-    app.store.append(trees::EVENTS, |seq| Event {
-        seq,
-        at_unix: now,
-        severity: Severity::Info,
-        tenant: p.tenant.clone(),
-        subject: format!("identities/{}", p.name),
-        message: format!(
+    event(
+        &app.store,
+        &p,
+        now_unix(),
+        format!(
             "{} renewed certificate {old} as {} (valid until {} UTC)",
             p.name,
             issued.sha256,
             crate::app::format_time(issued.expires_unix)
         ),
-        active: false,
-    })?;
+    )?;
     app.store.flush().await?;
     tracing::info!(name = %p.name, old, new = %issued.sha256, "renewed a certificate");
     Ok((
