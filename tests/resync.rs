@@ -247,6 +247,9 @@ fn killing_either_side_during_a_resync_never_exposes_a_partial_point() {
     let new = site.guest_image();
     site.lab.start_master().unwrap();
 
+    // The resync committed: its point is the first after `before` (`resyncs` counts from the
+    // process server's start, so a kill just after the commit would hide it).
+    let committed = |st: &ferry_process_server::DiskStatus| st.resyncs > 0 || st.acked_seq > before;
     // Kill one side or the other while the resync runs, four times.
     let mut rng = Rng(0x4b11_4b11);
     let mut kills = 0;
@@ -254,7 +257,7 @@ fn killing_either_side_during_a_resync_never_exposes_a_partial_point() {
     while kills < 4 {
         assert!(Instant::now() < deadline, "no resync to interrupt");
         let st = site.lab.status(&site.disk).unwrap();
-        if st.resyncs > 0 {
+        if committed(&st) {
             break; // it finished before the last kill: fine, the rest is checked below
         }
         if st.state != State::Resyncing {
@@ -271,7 +274,15 @@ fn killing_either_side_during_a_resync_never_exposes_a_partial_point() {
         }
         kills += 1;
     }
-    wait_resyncs(&site, 1);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = site.lab.status(&site.disk).unwrap();
+        if committed(&st) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no resync committed: {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let last = site.caught_up();
     site.assert_point_equals_guest(last);
     // Every point since is the disk before the changes or after them, never something between
